@@ -1,0 +1,314 @@
+"""Command line: argument parsing, exit codes (2 = bad input, 130 = interrupted), and nothing else.
+
+    autokd search --budget 50       run/resume a study (digits, default space, CPU/GPU automatically)
+    autokd distill --family resnet  train one student against the cached teacher
+    autokd report                   Pareto front table + studies/<name>/report/
+    autokd export --pick knee       safetensors + config.json + ONNX (+ TorchScript)
+    autokd ui                       MLflow UI for the local store
+    autokd workers --machines 4     commands to run one study on several machines (PostgreSQL + MLflow server)
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from autokd.config import SAMPLERS, SearchSettings, studies_root
+from autokd.errors import UserError
+
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be >= 1")
+    return value
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", default="digits",
+                   help="digits (built in, default), cifar10, cifar100, mnist, fashion-mnist, or folder:PATH")
+    p.add_argument("--data-dir", help="where torchvision datasets are (or are downloaded to with --download)")
+    p.add_argument("--download", action="store_true", help="download a torchvision dataset if missing")
+    p.add_argument("--input-size", type=_positive_int, help="resize images to this side (default: dataset's)")
+    p.add_argument("--teacher", help="timm architecture of the teacher (default: per dataset)")
+    p.add_argument("--teacher-checkpoint", help="local teacher weights (.safetensors or .pt state dict)")
+    p.add_argument("--teacher-pretrained", action="store_true",
+                   help="start the teacher from timm pretrained weights (must already be in the local cache)")
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse tree of every subcommand."""
+    parser = argparse.ArgumentParser(prog="autokd", description="Search student architectures and KD settings "
+                                     "together; pick a student from the accuracy/latency Pareto front.")
+    parser.add_argument("--root", type=Path, default=None, help="outputs root (default: ./studies or $AUTOKD_STUDIES)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("search", help="run or resume a multi-objective study")
+    s.add_argument("--budget", type=_positive_int, default=50, help="total finished trials in the study (default 50)")
+    s.add_argument("--space", type=Path, default=None, help="search-space YAML (default search_spaces/default.yaml)")
+    _add_data_args(s)
+    s.add_argument("--study", help="study name (default: <dataset>-<space name>)")
+    s.add_argument("--storage", help="Optuna storage: a .journal path or postgresql://USER@HOST/DB "
+                   "(default studies/optuna.journal)")
+    s.add_argument("--sampler", choices=SAMPLERS, default="tpe")
+    s.add_argument("--max-latency-ms", type=_positive_float, help="reject students slower than this before training")
+    s.add_argument("--epochs", type=_positive_int, help="max epochs per trial (default: from the space)")
+    s.add_argument("--no-prune", action="store_true", help="train every trial to the max epochs")
+    s.add_argument("--jobs", type=_positive_int, default=1, help="worker processes on this machine (default 1)")
+    s.add_argument("--tracking-uri", help="MLflow tracking server URI (default: local store under studies/)")
+    s.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+    s.add_argument("--latency-threads", type=_positive_int, default=1, help="CPU threads for latency (default 1)")
+    s.add_argument("--latency-batch", type=_positive_int, default=1, help="batch size for latency (default 1)")
+    s.add_argument("--latency-device", help="device latency is measured on (default: the training device)")
+    s.add_argument("--allow-mixed-latency", action="store_true",
+                   help="let this worker join a study whose latencies were measured on another kind of device")
+    s.add_argument("--compile", action="store_true", help="torch.compile students (CUDA)")
+    s.add_argument("--train-limit", type=_positive_int, help=argparse.SUPPRESS)
+    s.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
+    s.add_argument("--jobs-total", type=int, default=None, help=argparse.SUPPRESS)
+
+    d = sub.add_parser("distill", help="distil one student from the (cached) teacher")
+    d.add_argument("--family", default="resnet")
+    d.add_argument("--width", type=_positive_float, default=0.5)
+    d.add_argument("--depth", type=_positive_float, default=0.5)
+    d.add_argument("--loss", default="kd")
+    d.add_argument("--temperature", type=float)
+    d.add_argument("--alpha", type=float)
+    d.add_argument("--beta", type=float)
+    d.add_argument("--warmup", type=float)
+    d.add_argument("--epochs", type=_positive_int, default=10)
+    d.add_argument("--batch-size", type=_positive_int, default=64)
+    d.add_argument("--lr", type=_positive_float, default=0.01)
+    d.add_argument("--weight-decay", type=float, default=5e-4)
+    d.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw")
+    d.add_argument("--out", type=Path, help="where to save the student (default studies/distill/<name>)")
+    _add_data_args(d)
+
+    r = sub.add_parser("report", help="Pareto front, recommendations and report files of a study")
+    r.add_argument("--study", help="study name (default: the only/most recent study)")
+    r.add_argument("--storage", help="Optuna storage of the study (default studies/optuna.journal)")
+    r.add_argument("--max-latency-ms", type=_positive_float, help="recommend the most accurate under this latency")
+    r.add_argument("--tolerance", type=float, default=1.0,
+                   help="fastest student within this many accuracy points of the best (default 1.0)")
+    r.add_argument("--hv-ref-ms", type=_positive_float, help="latency of the hypervolume reference point")
+    r.add_argument("--data-dir", help="data directory of the study's dataset (torchvision datasets)")
+
+    e = sub.add_parser("export", help="export a student: safetensors + config.json + ONNX/TorchScript")
+    e.add_argument("--study", help="study name (default: the only/most recent study)")
+    e.add_argument("--storage", help="Optuna storage of the study (default studies/optuna.journal)")
+    pick = e.add_mutually_exclusive_group(required=True)
+    pick.add_argument("--trial", type=int, help="trial number")
+    pick.add_argument("--pick", choices=("knee", "best", "fastest"), help="a recommendation of the front")
+    pick.add_argument("--max-latency-ms", type=_positive_float, help="most accurate student under this latency")
+    e.add_argument("--out", type=Path, required=True, help="output directory")
+    e.add_argument("--format", default="safetensors,onnx,torchscript",
+                   help="comma-separated: safetensors (always), onnx, torchscript")
+    e.add_argument("--data-dir", help="data directory of the study's dataset (for the parity check inputs)")
+
+    u = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1 for the local store")
+    u.add_argument("--port", type=int, default=5000)
+    u.add_argument("--tracking-uri", help="store to browse (default: the local store under studies/)")
+
+    w = sub.add_parser("workers", help="print the commands that run one study on several machines",
+                       description="Print the commands that run one study on several machines: the databases, "
+                       "the MLflow server, and one `autokd search` line per machine. Arguments after `--` are "
+                       "added to every search line.")
+    w.add_argument("--machines", type=_positive_int, default=2, help="number of machines (default 2)")
+    w.add_argument("--jobs", type=_positive_int, default=1, help="worker processes per machine (default 1)")
+    w.add_argument("--storage", help="postgresql://USER@HOST[:PORT]/DB of the study (default: a placeholder)")
+    w.add_argument("--tracking-uri", help="http://HOST:PORT of the MLflow server (default: a placeholder)")
+    w.add_argument("--study", default="digits-default", help="study name (default digits-default)")
+    w.add_argument("--budget", type=_positive_int, default=50, help="total finished trials (default 50)")
+    w.add_argument("--artifacts", default="/srv/mlflow-artifacts",
+                   help="folder of the MLflow server's artifacts (default /srv/mlflow-artifacts)")
+    w.add_argument("search_args", nargs=argparse.REMAINDER, help="-- then extra `autokd search` arguments")
+    return parser
+
+
+def _search(args: argparse.Namespace, root: Path) -> int:
+    from autokd.search import run_search
+
+    settings = SearchSettings(
+        budget=args.budget, space=args.space or _default_space(), dataset=args.dataset, data_dir=args.data_dir,
+        download=args.download, input_size=args.input_size, teacher=args.teacher,
+        teacher_checkpoint=args.teacher_checkpoint, teacher_pretrained=args.teacher_pretrained, study=args.study,
+        storage=args.storage, device=args.device, sampler=args.sampler, seed=args.seed,
+        max_latency_ms=args.max_latency_ms, epochs=args.epochs, prune=not args.no_prune, jobs=args.jobs,
+        tracking_uri=args.tracking_uri, mlflow=not args.no_mlflow, latency_threads=args.latency_threads,
+        latency_batch=args.latency_batch, latency_device=args.latency_device,
+        allow_mixed_latency=args.allow_mixed_latency, compile=args.compile,
+        train_limit=args.train_limit, root=root,
+    )
+    summary = run_search(settings, worker_index=args.worker_index)
+    if args.worker_index == 0:
+        print(f"done: {summary.finished_in_study}/{summary.budget} trials in study {summary.study_name!r}; "
+              f"files under {summary.study_dir}/")
+    return 0
+
+
+def _default_space() -> Path:
+    # The default space ships with the package's repository; fall back to the copy next to the package.
+    local = Path("search_spaces/default.yaml")
+    if local.is_file():
+        return local
+    return Path(__file__).resolve().parent.parent / "search_spaces" / "default.yaml"
+
+
+def _distill(args: argparse.Namespace, root: Path) -> int:
+    from autokd.distill_run import run_distill
+
+    hparams = {k: getattr(args, k) for k in ("temperature", "alpha", "beta", "warmup") if getattr(args, k) is not None}
+    run_distill(family=args.family, width=args.width, depth=args.depth, loss=args.loss, loss_params=hparams,
+                epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+                optimizer=args.optimizer, dataset=args.dataset, data_dir=args.data_dir, download=args.download,
+                input_size=args.input_size, teacher=args.teacher, teacher_checkpoint=args.teacher_checkpoint,
+                teacher_pretrained=args.teacher_pretrained, device=args.device, seed=args.seed, out=args.out,
+                root=root)
+    return 0
+
+
+def _report(args: argparse.Namespace, root: Path) -> int:
+    from autokd.study_report import report_command
+
+    report_command(study_name=args.study, storage=args.storage, root=root, max_latency_ms=args.max_latency_ms,
+                   tolerance_pp=args.tolerance, hv_ref_ms=args.hv_ref_ms, data_dir=args.data_dir)
+    return 0
+
+
+def _export(args: argparse.Namespace, root: Path) -> int:
+    from autokd.export import export_command
+
+    export_command(study_name=args.study, storage=args.storage, root=root, trial=args.trial, pick=args.pick,
+                   max_latency_ms=args.max_latency_ms, out=args.out, formats=args.format, data_dir=args.data_dir)
+    return 0
+
+
+def _ui(args: argparse.Namespace, root: Path) -> int:
+    import os
+    import signal
+    import subprocess
+
+    from autokd.tracking import default_tracking_uri, ui_command
+
+    if args.tracking_uri is None and not (Path(root) / "mlflow.db").is_file():
+        raise UserError(f"no MLflow store at {Path(root) / 'mlflow.db'}: run `autokd search` first (or pass --root "
+                        "/ $AUTOKD_STUDIES for another studies directory, or --tracking-uri)")
+    uri = args.tracking_uri or default_tracking_uri(root)
+    cmd = ui_command(uri, host="127.0.0.1", port=args.port)
+    print(f"MLflow UI for {uri}: http://127.0.0.1:{args.port}  (Ctrl-C to stop)", flush=True)
+    # The UI is a process tree (mlflow -> uvicorn). It gets its own process group, stopped below however we
+    # are stopped (Ctrl-C, SIGTERM from a service manager): otherwise it outlives us, holding the port.
+    posix = hasattr(os, "killpg")
+    proc = subprocess.Popen(cmd, start_new_session=posix)
+
+    def stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        _stop_process_group(proc, posix)
+
+
+def _stop_process_group(proc: Any, posix: bool) -> None:
+    """SIGTERM the process group led by `proc`, wait up to 15 s for all of it to go, then SIGKILL what is left."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    if not posix:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        proc.poll()  # reap the leader, or the group never looks empty
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def _workers(args: argparse.Namespace, root: Path) -> int:
+    from autokd.scaleout import worker_commands
+
+    extra = args.search_args[1:] if args.search_args[:1] == ["--"] else args.search_args
+    print(worker_commands(args.machines, args.storage, args.tracking_uri, args.study, args.budget, jobs=args.jobs,
+                          extra=extra, artifacts=args.artifacts))
+    return 0
+
+
+COMMANDS = {"search": _search, "distill": _distill, "report": _report, "export": _export, "ui": _ui,
+            "workers": _workers}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `autokd` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    root = args.root or studies_root()
+    try:
+        return COMMANDS[args.command](args, root)
+    except UserError as exc:
+        print(f"autokd {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print(f"autokd {args.command}: interrupted; finished trials are kept — rerun the same command to resume",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BaseException as exc:
+        from autokd.objective import FatalSearchError, Interrupted
+
+        if isinstance(exc, Interrupted):
+            print(f"autokd {args.command}: terminated ({exc}); finished trials are kept — rerun the same command "
+                  "to resume", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        if isinstance(exc, FatalSearchError):
+            print(f"autokd {args.command}: stopped: {exc}", file=sys.stderr)
+            return 1
+        if exc.__class__.__name__ == "ParityError":  # export wrote nothing: its own files disagree with PyTorch
+            print(f"autokd {args.command}: error: {exc}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

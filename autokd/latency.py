@@ -1,0 +1,267 @@
+"""Measured latency (plus params and MACs) of a student on a device, and a multi-process-safe cache.
+
+Latency is measured, not predicted: batch 1 by default, a fixed thread count, ``model.eval()`` under
+``torch.inference_mode()``, warm-up runs, then timed runs with ``time.perf_counter`` (CUDA synchronised
+around each run). The result is the median and the inter-quartile range in milliseconds. Defaults: 5 warm-up
+runs and 30 timed runs, enough for a median that repeats within a few percent on an idle CPU
+(benchmarks/latency_stability.py) while keeping measurement a small share of a trial.
+
+Adaptive run count: one measurement aims to take at most ``budget_s`` (2 s by default). The warm-up stops
+early once it has used a quarter of the budget (after at least 2 runs), and the number of timed runs is cut
+to what fits in the budget at the warm-up's per-run time, but never below 10 (or ``runs``, if smaller). A
+model slower than 0.2 s per run therefore takes longer than the budget: 10 runs are the floor for a
+median and IQR worth recording.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import os
+import platform
+import re
+import socket
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from autokd.errors import UserError
+from autokd.students import StudentSpec, build_from_spec
+
+MIN_RUNS = 10
+DEFAULT_BUDGET_S = 2.0
+
+
+@dataclass
+class LatencyResult:
+    """One latency measurement. ``params`` and ``macs`` are per model / per single image."""
+
+    median_ms: float
+    iqr_ms: float
+    runs: int
+    batch_size: int
+    threads: int
+    device: str
+    host: str
+    params: int
+    macs: int
+    key: str
+
+    def to_dict(self) -> dict:
+        """Plain JSON-serialisable dict."""
+        return asdict(self)
+
+    @staticmethod
+    def from_dict(d: dict) -> LatencyResult:
+        """Inverse of ``to_dict``; unknown keys are ignored."""
+        return LatencyResult(**{f.name: d[f.name] for f in fields(LatencyResult)})
+
+
+def _torch_device(device: str | torch.device) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise UserError(f"invalid device {device!r}: {e}; use e.g. 'cpu', 'cuda' or 'cuda:1'") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"device {str(device)!r} was requested but CUDA is not available here; use 'cpu'")
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def _device_name(dev: torch.device) -> str:
+    """Human-readable device, e.g. ``cpu:Intel(R) Xeon(R) ...`` or ``cuda:NVIDIA H100 80GB HBM3``."""
+    if dev.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(dev)}"
+    if dev.type == "cpu":
+        return f"cpu:{_cpu_model()}"
+    return dev.type
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:100] or "unknown"
+
+
+def device_signature(device: str | torch.device, threads: int) -> str:
+    """Filesystem-safe name of what latency depends on: ``cpu-<cpu model>-t<threads>`` or ``cuda-<gpu name>``."""
+    dev = _torch_device(device)
+    if dev.type == "cuda":  # the thread count barely matters once the work is on the GPU
+        return _slug(_device_name(dev))
+    return f"{_slug(_device_name(dev))}-t{int(threads)}"
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of parameters."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def count_macs(model: nn.Module, input_shape: tuple[int, int, int]) -> int:
+    """Multiply-accumulates for one image (``FlopCounterMode`` FLOPs / 2); 0 if they cannot be counted."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    try:
+        model.eval()
+        x = torch.zeros(1, *input_shape, device=_model_device(model))
+        counter = FlopCounterMode(display=False)
+        with torch.inference_mode(), counter:
+            model(x)
+        return int(counter.get_total_flops()) // 2
+    except Exception:  # noqa: BLE001 - MACs are informational; an op the counter chokes on must not fail a trial
+        return 0
+    finally:
+        model.train(was_training)
+
+
+def _iqr(samples: list[float]) -> float:
+    if len(samples) < 2:
+        return 0.0
+    q = statistics.quantiles(samples, n=4, method="inclusive")
+    return q[2] - q[0]
+
+
+def measure_latency(model: nn.Module, input_shape: tuple[int, int, int], device: str | torch.device = "cpu",
+                    batch_size: int = 1, threads: int = 1, warmup: int = 5, runs: int = 30, key: str = "",
+                    budget_s: float = DEFAULT_BUDGET_S) -> LatencyResult:
+    """Time ``model`` on ``[batch_size, *input_shape]`` inputs; see the module docstring for the procedure.
+
+    The model is put in eval mode and moved to ``device`` for the measurement; its training mode and device
+    are restored afterwards, as is torch's thread count.
+    """
+    if batch_size < 1 or threads < 1 or runs < 1 or warmup < 0:
+        raise UserError(f"latency measurement needs batch_size, threads, runs >= 1 and warmup >= 0; got "
+                        f"batch_size={batch_size}, threads={threads}, runs={runs}, warmup={warmup}")
+    dev = _torch_device(device)
+    orig_device, was_training = _model_device(model), model.training
+    prev_threads = torch.get_num_threads()
+    gc_was_enabled = gc.isenabled()
+    is_cuda = dev.type == "cuda"
+
+    def sync() -> None:
+        if is_cuda:
+            torch.cuda.synchronize(dev)
+
+    try:
+        torch.set_num_threads(threads)
+        model.to(dev).eval()
+        params = count_params(model)
+        macs = count_macs(model, input_shape)
+        x = torch.randn(batch_size, *input_shape, device=dev)
+        gc.disable()  # a collection in the middle of a timed run is noise, not model latency
+        with torch.inference_mode():
+            warm_times: list[float] = []
+            warm_start = time.perf_counter()
+            for i in range(warmup):
+                sync()
+                t0 = time.perf_counter()
+                model(x)
+                sync()
+                warm_times.append(time.perf_counter() - t0)
+                if i >= 1 and time.perf_counter() - warm_start > budget_s / 4:
+                    break
+            per_run = min(warm_times[-3:]) if warm_times else 0.0
+            n = runs
+            if per_run > 0:
+                n = min(runs, max(MIN_RUNS, int((budget_s - (time.perf_counter() - warm_start)) / per_run)))
+            times: list[float] = []
+            for _ in range(n):
+                sync()
+                t0 = time.perf_counter()
+                model(x)
+                sync()
+                times.append((time.perf_counter() - t0) * 1000.0)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+        torch.set_num_threads(prev_threads)
+        model.to(orig_device).train(was_training)
+    return LatencyResult(
+        median_ms=statistics.median(times), iqr_ms=_iqr(times), runs=len(times), batch_size=batch_size,
+        threads=threads, device=_device_name(dev), host=socket.gethostname(), params=params, macs=macs, key=key)
+
+
+class LatencyCache:
+    """Latency results on disk: ``root/<device signature>/<key>.json``, written atomically.
+
+    Several processes may share one cache: each write goes to a temporary file in the same directory and is
+    moved into place with ``os.replace``, so a reader sees either no file or a complete one.
+    """
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root)
+
+    def path(self, key: str, device_sig: str) -> Path:
+        """Where the result for ``key`` on ``device_sig`` lives."""
+        for name, value in (("key", key), ("device signature", device_sig)):
+            if not value or not re.fullmatch(r"[A-Za-z0-9._-]+", value) or value.startswith("."):
+                raise ValueError(f"latency cache {name} {value!r} is not a safe file name")
+        return self.root / device_sig / f"{key}.json"
+
+    def get(self, key: str, device_sig: str) -> LatencyResult | None:
+        """The cached result, or None (also for an unreadable or malformed file, which is re-measured)."""
+        try:
+            return LatencyResult.from_dict(json.loads(self.path(key, device_sig).read_text()))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def put(self, result: LatencyResult, device_sig: str) -> None:
+        """Store ``result`` under its ``key``."""
+        path = self.path(result.key, device_sig)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{result.key}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(result.to_dict(), f, indent=1, sort_keys=True)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+def _cache_key(spec: StudentSpec, batch_size: int) -> str:
+    # The architecture key alone for the default batch 1; other batch sizes are other measurements.
+    return spec.key if batch_size == 1 else f"{spec.key}-b{batch_size}"
+
+
+def measure_cached(spec: StudentSpec, cache: LatencyCache, device: str | torch.device = "cpu",
+                   batch_size: int = 1, threads: int = 1, **measure_kwargs: Any) -> tuple[LatencyResult, bool]:
+    """(result, cache_hit): the cached latency of ``spec`` on this device, measuring (and building) on a miss."""
+    sig = device_signature(device, threads)
+    key = _cache_key(spec, batch_size)
+    hit = cache.get(key, sig)
+    if hit is not None:
+        return hit, True
+    model = build_from_spec(spec)
+    result = measure_latency(model, (spec.in_chans, spec.input_size, spec.input_size), device=device,
+                             batch_size=batch_size, threads=threads, key=key, **measure_kwargs)
+    cache.put(result, sig)
+    return result, False
+
+
+__all__ = [
+    "LatencyCache", "LatencyResult", "count_macs", "count_params", "device_signature", "measure_cached",
+    "measure_latency",
+]

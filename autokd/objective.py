@@ -1,0 +1,330 @@
+"""Glue for one trial: sampled params -> student -> measured latency -> distillation with pruning -> values.
+
+Everything a trial needs that is shared across trials (data, teacher outputs, caches, tracker) lives in a
+`TrialContext` built once per worker. `run_trial` never lets an exception escape except an interrupt or a
+fatal storage error: every other failure becomes a FAIL with its reason, so the study goes on.
+"""
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import math
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import optuna
+import torch
+from optuna.trial import TrialState
+
+from autokd import pruning
+from autokd.checkpoint import write_checkpoint
+from autokd.data import DataSplits, TrainViews
+from autokd.latency import LatencyCache, LatencyResult, measure_cached
+from autokd.losses import build_loss
+from autokd.space import SearchSpace, TrialParams, sample
+from autokd.study import requeue_trial
+from autokd.students import StudentSpec, build_from_spec, resolve_student
+from autokd.teacher import TeacherOutputs
+from autokd.tracking import Tracker
+from autokd.train import EpochResult, NonFiniteLossError, TrainConfig, distill
+
+
+class FatalSearchError(RuntimeError):
+    """An error that would make every following trial fail too (e.g. the outputs directory is unwritable)."""
+
+
+class Interrupted(BaseException):
+    """Raised from the SIGTERM handler so that `finally` blocks run, like KeyboardInterrupt for Ctrl-C."""
+
+
+@dataclass
+class TrialOutcome:
+    """What happened to one trial, for the progress line and the tell."""
+
+    number: int
+    state: str  # COMPLETE | PRUNED | INFEASIBLE | FAIL | INTERRUPTED
+    params: TrialParams | None = None
+    val_acc: float | None = None
+    latency_ms: float | None = None
+    epochs_trained: int = 0
+    reason: str | None = None
+    seconds: float = 0.0
+    latency_cache_hit: bool = False
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class TrialContext:
+    """Per-worker state shared by all trials of a search."""
+
+    space: SearchSpace
+    data: DataSplits
+    teacher_outputs: TeacherOutputs | None
+    teacher_arch: str
+    views: TrainViews
+    latency_cache: LatencyCache
+    tracker: Tracker
+    parent_run_id: str | None
+    trials_dir: Path
+    device: str
+    latency_device: str = "cpu"
+    latency_threads: int = 1
+    latency_batch: int = 1
+    latency_lock: Callable[[], Any] | None = None  # context-manager factory serialising latency measurement
+    train_lock: Callable[[], Any] | None = None  # shared lock held while training an epoch
+    shared_latency: Any = None  # scaleout.StudyLatency: one measurement per architecture for all machines
+    max_latency_ms: float | None = None
+    max_epochs: int | None = None
+    prune: bool = True
+    seed: int = 0
+    compile: bool = False
+    log: Callable[[str], None] = print
+
+
+def _save_checkpoint(model: torch.nn.Module, spec: StudentSpec, params: TrialParams, meta: dict[str, Any],
+                     out_dir: Path) -> None:
+    """Write the trial's student (weights + rebuild config) atomically: a crash never leaves a torn file."""
+    write_checkpoint(model, {"student": spec.to_dict(), "params": params.flat(), **meta}, out_dir)
+
+
+def run_trial(study: optuna.Study, trial: optuna.Trial, ctx: TrialContext) -> TrialOutcome:
+    """Run one trial end to end and tell the study its result."""
+    started = time.perf_counter()
+    outcome = TrialOutcome(number=trial.number, state="FAIL")
+    run = None
+    timings: dict[str, float] = {}
+    try:
+        t0 = time.perf_counter()
+        params = sample(ctx.space, trial, ctx.max_epochs)
+        outcome.params = params
+        spec = resolve_student(params.family, params.width, params.depth, num_classes=ctx.data.num_classes,
+                               in_chans=ctx.data.in_chans, input_size=ctx.data.input_size)
+        for key, value in params.flat().items():
+            trial.set_user_attr(f"p.{key}", value)
+        trial.set_user_attr("arch_key", spec.key)
+        trial.set_user_attr("timm", {"model_name": spec.model_name, "kwargs": spec.kwargs})
+        timings["sample_s"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        latency = _measure(spec, ctx)
+        timings["latency_s"] = time.perf_counter() - t0
+        outcome.latency_ms = latency[0].median_ms
+        outcome.latency_cache_hit = latency[1]
+        _record_latency(trial, latency[0], latency[1])
+
+        t0 = time.perf_counter()
+        run = ctx.tracker.start_trial(ctx.parent_run_id, trial.number, _run_params(params, spec, ctx),
+                                      {"autokd.arch_key": spec.key, "autokd.family": params.family,
+                                       "autokd.loss": params.loss, "autokd.teacher": ctx.teacher_arch})
+        timings["tracking_s"] = time.perf_counter() - t0
+        run = _TimedRun(run, timings)
+        run.log_metrics({"latency_ms": latency[0].median_ms, "latency_iqr_ms": latency[0].iqr_ms,
+                         "params": float(latency[0].params), "macs": float(latency[0].macs)})
+
+        if ctx.max_latency_ms is not None and latency[0].median_ms > ctx.max_latency_ms:
+            outcome.state = "INFEASIBLE"
+            outcome.reason = f"latency {latency[0].median_ms:.3f} ms > --max-latency-ms {ctx.max_latency_ms}"
+            trial.set_user_attr("autokd_state", "INFEASIBLE")
+            trial.set_user_attr("infeasible_reason", outcome.reason)
+            study.tell(trial, state=TrialState.PRUNED)
+            run.end("INFEASIBLE", outcome.reason)
+            return outcome
+
+        outcome = _train(study, trial, ctx, params, spec, latency[0], run, outcome, timings)
+        return outcome
+    except optuna.TrialPruned:
+        outcome.state = "PRUNED"
+        trial.set_user_attr("autokd_state", "PRUNED")
+        study.tell(trial, state=TrialState.PRUNED)
+        if run is not None:
+            run.end("PRUNED", outcome.reason)
+        return outcome
+    except (KeyboardInterrupt, Interrupted):
+        outcome.state = "INTERRUPTED"
+        # Not the trial's fault: the same command resumes the study and runs these parameters again.
+        _fail(study, trial, "interrupted (Ctrl-C / SIGTERM)", "INTERRUPTED", requeue=True)
+        if run is not None:
+            run.end("INTERRUPTED", "interrupted")
+        raise
+    except FatalSearchError as exc:
+        _fail(study, trial, str(exc), "FAIL", requeue=True)  # e.g. a full disk: retried once it is fixed
+        if run is not None:
+            run.end("FAIL", str(exc))
+        raise
+    except Exception as exc:  # noqa: BLE001 - a trial's failure must not end the study
+        outcome.reason = _failure_reason(exc)
+        _fail(study, trial, outcome.reason, "FAIL", traceback.format_exc())
+        if run is not None:
+            run.set_tags({"autokd.traceback": traceback.format_exc()[-4500:]})
+            run.end("FAIL", outcome.reason)
+        return outcome
+    finally:
+        outcome.seconds = time.perf_counter() - started
+        outcome.timings = timings
+        _release_memory(ctx.device)
+
+
+class _TimedRun:
+    """A trial's tracker run that adds the time of every call to ``timings["tracking_s"]``.
+
+    So ``tracking_s`` is everything MLflow costs a trial (epoch logging, artifacts and the final status
+    included), and the other buckets (``epoch_bookkeeping_s``, ``save_s``) leave it out: they add up.
+    """
+
+    def __init__(self, run: Any, timings: dict[str, float]) -> None:
+        self._run = run
+        self._timings = timings
+        self.run_id = run.run_id
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._run, name)
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                self._timings["tracking_s"] = self._timings.get("tracking_s", 0.0) + time.perf_counter() - t0
+
+        return timed
+
+
+def _measure(spec: StudentSpec, ctx: TrialContext) -> tuple[LatencyResult, bool]:
+    shared = ctx.shared_latency
+    if shared is not None and (found := shared.get(spec.key)) is not None:
+        return found, True
+    # Latency is measured serialised: a measurement taken while other workers train on the same cores is wrong.
+    lock = ctx.latency_lock() if ctx.latency_lock else contextlib.nullcontext()
+    with lock:
+        result, hit = measure_cached(spec, ctx.latency_cache, device=ctx.latency_device,
+                                     batch_size=ctx.latency_batch, threads=ctx.latency_threads)
+    if shared is not None:
+        result = shared.put(spec.key, result)  # another machine's measurement of this architecture wins if first
+    return result, hit
+
+
+def _record_latency(trial: optuna.Trial, result: LatencyResult, hit: bool) -> None:
+    trial.set_user_attr("latency", {**result.to_dict(), "cache_hit": hit})
+
+
+def _run_params(params: TrialParams, spec: StudentSpec, ctx: TrialContext) -> dict[str, Any]:
+    out: dict[str, Any] = dict(params.flat())
+    out.update({f"timm.{k}": v for k, v in spec.kwargs.items()})
+    out["timm.model_name"] = spec.model_name
+    out["teacher"] = ctx.teacher_arch
+    out["arch_key"] = spec.key
+    return out
+
+
+def _train(study: optuna.Study, trial: optuna.Trial, ctx: TrialContext, params: TrialParams, spec: StudentSpec,
+           latency: LatencyResult, run: Any, outcome: TrialOutcome, timings: dict[str, float]) -> TrialOutcome:
+    loss_fn = build_loss(params.loss, **params.loss_params)
+    # Initial weights from the trial's seed, not from whatever this process drew before (earlier trials,
+    # latency inputs): the same command gives the same trials, also in-process and after a resume.
+    torch.manual_seed(ctx.seed + trial.number)
+    student = build_from_spec(spec)
+    cfg = TrainConfig(epochs=params.epochs, batch_size=params.batch_size, lr=params.lr,
+                      weight_decay=params.weight_decay, optimizer=params.optimizer, seed=ctx.seed + trial.number,
+                      device=ctx.device, compile=ctx.compile)
+    rungs = set(pruning.rung_epochs(params.epochs, ctx.space.pruning.min_epoch, ctx.space.pruning.eta))
+    curve: list[float] = []
+    bookkeeping = {"s": 0.0}
+
+    def on_epoch(result: EpochResult) -> None:
+        t0 = time.perf_counter()
+        curve.append(result.val_acc)
+        outcome.epochs_trained = result.epoch
+        trial.set_user_attr("curve", curve)
+        run.log_epoch(result.epoch, {"train_loss": result.train_loss, "val_acc": result.val_acc, "lr": result.lr,
+                                     "epoch_seconds": result.seconds})
+        if result.epoch in rungs:
+            record = pruning.RungRecord(trial=trial.number, epoch=result.epoch, accuracy=result.val_acc,
+                                        latency_ms=latency.median_ms)
+            trial.set_user_attr(*pruning.encode_rung(record))
+            if ctx.prune:
+                peers = pruning.records_at(result.epoch, ((t.number, t.user_attrs)
+                                                          for t in study.get_trials(deepcopy=False)), trial.number)
+                if pruning.should_prune(record, peers, eta=ctx.space.pruning.eta,
+                                        min_peers=ctx.space.pruning.min_peers):
+                    outcome.reason = f"dominated at epoch {result.epoch} among {len(peers) + 1} trials"
+                    trial.set_user_attr("pruned_at_epoch", result.epoch)
+                    run.set_tags({"autokd.prune_rung": str(result.epoch)})
+                    bookkeeping["s"] += time.perf_counter() - t0
+                    raise optuna.TrialPruned(outcome.reason)
+        bookkeeping["s"] += time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    tracked = timings.get("tracking_s", 0.0)
+    try:
+        # Shared CPU gate: a worker measuring latency on this machine waits until no one trains.
+        with ctx.train_lock() if ctx.train_lock else contextlib.nullcontext():
+            result = distill(student, loss_fn, ctx.data, cfg,
+                             teacher=ctx.teacher_outputs if loss_fn.uses_teacher else None, views=ctx.views,
+                             on_epoch=on_epoch)
+    finally:  # also for pruned trials, which leave from inside on_epoch
+        timings["train_s"] = time.perf_counter() - t0 - bookkeeping["s"]
+        timings["epoch_bookkeeping_s"] = bookkeeping["s"] - (timings.get("tracking_s", 0.0) - tracked)
+    val_acc = float(result.val_acc)
+    if not math.isfinite(val_acc):  # never let a non-finite value reach the study
+        raise NonFiniteLossError(f"validation accuracy is not finite ({val_acc})")
+
+    t0 = time.perf_counter()
+    tracked = timings.get("tracking_s", 0.0)
+    out_dir = ctx.trials_dir / str(trial.number)
+    meta = {"study": study.study_name, "trial": trial.number, "val_acc": val_acc, "latency_ms": latency.median_ms,
+            "teacher": ctx.teacher_arch, "dataset": ctx.data.name, "data_fingerprint": ctx.data.fingerprint}
+    try:
+        _save_checkpoint(student, spec, params, meta, out_dir)
+    except OSError as exc:
+        raise FatalSearchError(f"cannot write the checkpoint of trial {trial.number} to {out_dir}: {exc}. "
+                               "Free disk space or fix the permissions of the studies directory, then rerun the "
+                               "same command: finished trials are kept.") from exc
+    run.log_metrics({"final_val_acc": val_acc, "train_seconds": result.seconds})
+    run.log_artifacts(out_dir, "student")
+    trial.set_user_attr("autokd_state", "COMPLETE")
+    trial.set_user_attr("checkpoint", str(out_dir))
+    timings["save_s"] = time.perf_counter() - t0 - (timings.get("tracking_s", 0.0) - tracked)
+    study.tell(trial, [val_acc, latency.median_ms])
+    run.end("COMPLETE")
+    outcome.state = "COMPLETE"
+    outcome.val_acc = val_acc
+    del student, loss_fn, result
+    return outcome
+
+
+def _failure_reason(exc: BaseException) -> str:
+    if isinstance(exc, torch.OutOfMemoryError):
+        return "oom"
+    if isinstance(exc, NonFiniteLossError):
+        return f"nonfinite: {exc}"
+    return f"error: {exc.__class__.__name__}: {exc}"
+
+
+def _fail(study: optuna.Study, trial: optuna.Trial, reason: str, state: str, tb: str | None = None,
+          requeue: bool = False) -> None:
+    try:
+        trial.set_user_attr("fail_reason", reason)
+        trial.set_user_attr("autokd_state", state)
+        if tb:
+            trial.set_user_attr("traceback", tb[-8000:])
+        if requeue:
+            requeue_trial(study, trial)
+        study.tell(trial, state=TrialState.FAIL)
+    except Exception:  # noqa: BLE001 - already failing; the reaper fails it on the next start if this did not
+        pass
+
+
+def _release_memory(device: str) -> None:
+    # Models, optimizers and autograd graphs of the finished trial must not accumulate across 50 trials.
+    gc.collect()
+    if device.startswith("cuda") and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def trial_checkpoint_meta(trial_dir: Path) -> dict[str, Any]:
+    """Read the config a completed trial saved next to its weights."""
+    return json.loads((trial_dir / "config.json").read_text())

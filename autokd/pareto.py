@@ -1,0 +1,196 @@
+"""Pareto front of (validation accuracy maximize, latency minimize), its knee, hypervolume and picks.
+
+Accuracies are fractions in [0, 1] (as ``autokd.train.evaluate`` returns them); tolerances given in
+percentage points are divided by 100. Every function accepts either :class:`TrialPoint` objects or plain
+``(accuracy, latency_ms)`` pairs. Only COMPLETE trials with finite accuracy and latency enter a front (a
+pruned trial's partial accuracy is not comparable with a finished one); pairs enter when both are finite.
+
+Report files (HTML/PNG/CSV/Markdown) are written by :mod:`autokd.report`; ``write_report`` is re-exported
+here for the contract's sake.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+from autokd.errors import UserError
+
+__all__ = [
+    "STATES",
+    "TrialPoint",
+    "front_points",
+    "hypervolume",
+    "knee_index",
+    "pareto_front",
+    "recommend",
+    "write_report",
+]
+
+STATES = ("COMPLETE", "PRUNED", "FAIL", "INFEASIBLE", "RUNNING")
+RECOMMENDATION_KEYS = ("knee", "best_under_latency", "fastest_within_tolerance")
+
+
+@dataclass
+class TrialPoint:
+    """One trial as the front and the report see it.
+
+    ``state`` is one of :data:`STATES`. ``extra`` holds anything else worth showing; the report reads
+    ``extra["last_val_acc"]`` to plot a pruned trial at its last known accuracy.
+    """
+
+    number: int
+    state: str
+    val_acc: float | None
+    latency_ms: float | None
+    params: dict = field(default_factory=dict)
+    test_acc: float | None = None
+    extra: dict = field(default_factory=dict)
+
+
+PointLike = Union[TrialPoint, Sequence[float]]
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _coords(p: PointLike) -> tuple[float, float] | None:
+    """``(accuracy, latency)`` of a point eligible for a front, else None."""
+    if isinstance(p, TrialPoint):
+        if p.state != "COMPLETE" or not (_finite(p.val_acc) and _finite(p.latency_ms)):
+            return None
+        return float(p.val_acc), float(p.latency_ms)  # type: ignore[arg-type]
+    acc, lat = p
+    if not (_finite(acc) and _finite(lat)):
+        return None
+    return float(acc), float(lat)
+
+
+def _dominates(a: tuple[float, float], b: tuple[float, float]) -> bool:
+    return a[0] >= b[0] and a[1] <= b[1] and (a[0] > b[0] or a[1] < b[1])
+
+
+def pareto_front(points: Sequence[PointLike]) -> list[int]:
+    """Indices of the non-dominated eligible points, ordered by latency ascending (then accuracy descending).
+
+    A point is dominated if another is at least as accurate and at least as fast, and strictly better in
+    one. Exact duplicates do not dominate each other, so both are kept (they are different trials that
+    reached the same result; dropping one arbitrarily would hide it).
+    """
+    eligible = [(i, c) for i, p in enumerate(points) if (c := _coords(p)) is not None]
+    # Sweep by latency ascending (accuracy descending within a latency): a point is on the front iff it is
+    # strictly more accurate than every strictly faster point, and as accurate as the best at its latency.
+    eligible.sort(key=lambda ic: (ic[1][1], -ic[1][0], ic[0]))
+    front: list[int] = []
+    best_faster = -math.inf  # best accuracy among strictly faster points
+    k = 0
+    while k < len(eligible):
+        lat = eligible[k][1][1]
+        group = []
+        while k < len(eligible) and eligible[k][1][1] == lat:
+            group.append(eligible[k])
+            k += 1
+        top = group[0][1][0]
+        if top > best_faster:
+            front.extend(i for i, (acc, _) in group if acc == top)
+            best_faster = top
+    return front
+
+
+def front_points(points: Sequence[TrialPoint]) -> list[TrialPoint]:
+    """The front as TrialPoint objects, ordered by latency ascending."""
+    return [points[i] for i in pareto_front(points)]
+
+
+def knee_index(front_points: Sequence[PointLike]) -> int:
+    """Index (into ``front_points``) of the knee of a front.
+
+    Both axes are min-max normalised over the given points; the knee is the point with the largest
+    distance to the line joining the two extreme points (fastest, most accurate), measured towards the
+    ideal corner (high accuracy, low latency) so a concave dent is never chosen. Ties, and fronts of 1 or
+    2 points (where every distance is 0), resolve to the most accurate point, then the faster, then the
+    lower index: with no trade-off to read, accuracy is what distillation was run for.
+    Non-eligible points (non-COMPLETE or non-finite) are ignored; raises ValueError if none is eligible.
+    """
+    pts = [(i, c) for i, p in enumerate(front_points) if (c := _coords(p)) is not None]
+    if not pts:
+        raise ValueError("knee_index needs at least one COMPLETE point with finite accuracy and latency")
+    accs = [c[0] for _, c in pts]
+    lats = [c[1] for _, c in pts]
+    a_lo, a_span = min(accs), (max(accs) - min(accs)) or 1.0
+    l_lo, l_span = min(lats), (max(lats) - min(lats)) or 1.0
+    norm = [(i, ((acc - a_lo) / a_span, (lat - l_lo) / l_span)) for i, (acc, lat) in pts]
+    # x = normalised latency, y = normalised accuracy; extremes: fastest (ties: most accurate) and most
+    # accurate (ties: fastest)
+    fast = min(norm, key=lambda t: (t[1][1], -t[1][0]))[1]
+    acc_ = max(norm, key=lambda t: (t[1][0], -t[1][1]))[1]
+    dx, dy = acc_[1] - fast[1], acc_[0] - fast[0]
+    length = math.hypot(dx, dy)
+
+    def signed_distance(c: tuple[float, float]) -> float:
+        if length == 0.0:
+            return 0.0
+        # cross product of (extreme line) x (point - fast); positive on the ideal-corner side
+        px, py = c[1] - fast[1], c[0] - fast[0]
+        return (dx * py - dy * px) / length
+
+    best = max(norm, key=lambda t: (round(signed_distance(t[1]), 12), t[1][0], -t[1][1], -t[0]))
+    return best[0]
+
+
+def hypervolume(points: Sequence[PointLike], ref: tuple[float, float]) -> float:
+    """Exact 2-D hypervolume (area, in accuracy x ms) dominated by ``points`` and bounded by ``ref``.
+
+    ``ref = (ref_accuracy, ref_latency_ms)``; only the region with accuracy >= ref_accuracy and latency <=
+    ref_latency counts, so points beyond the reference add nothing. Dominated points add nothing either.
+    """
+    ref_acc, ref_lat = ref
+    if not (_finite(ref_acc) and _finite(ref_lat)):
+        raise ValueError(f"hypervolume reference must be finite (accuracy, latency_ms), got {ref!r}")
+    inside = [c for p in points if (c := _coords(p)) is not None and c[0] > ref_acc and c[1] < ref_lat]
+    front = [inside[i] for i in pareto_front(inside)]  # latency ascending => accuracy ascending
+    area = 0.0
+    for k, (acc, lat) in enumerate(front):
+        next_lat = front[k + 1][1] if k + 1 < len(front) else ref_lat
+        # between this point's latency and the next one's, this point is the most accurate available
+        area += (next_lat - lat) * (acc - ref_acc)
+    return area
+
+
+def recommend(front: Sequence[TrialPoint], max_latency_ms: float | None = None,
+              tolerance_pp: float = 1.0) -> dict[str, TrialPoint | None]:
+    """Picks from a front (non-front or non-eligible points passed in are filtered out first).
+
+    Returns a dict with keys:
+      ``knee``: see :func:`knee_index` (None for an empty front);
+      ``best_under_latency``: most accurate with latency <= ``max_latency_ms`` (None if not given or none fits);
+      ``fastest_within_tolerance``: fastest with accuracy >= best - ``tolerance_pp`` percentage points.
+    """
+    if max_latency_ms is not None and not (_finite(max_latency_ms) and max_latency_ms > 0):
+        raise UserError(f"max latency must be a positive number of milliseconds, got {max_latency_ms!r}")
+    if not (_finite(tolerance_pp) and tolerance_pp >= 0):
+        raise UserError(f"accuracy tolerance must be >= 0 percentage points, got {tolerance_pp!r}")
+    pts = front_points(list(front))
+    out: dict[str, TrialPoint | None] = dict.fromkeys(RECOMMENDATION_KEYS)
+    if not pts:
+        return out
+    out["knee"] = pts[knee_index(pts)]
+    acc_first = lambda p: (p.val_acc, -p.latency_ms, -p.number)  # noqa: E731
+    if max_latency_ms is not None:
+        fits = [p for p in pts if p.latency_ms <= max_latency_ms]  # type: ignore[operator]
+        out["best_under_latency"] = max(fits, key=acc_first) if fits else None
+    best = max(p.val_acc for p in pts)  # type: ignore[type-var]
+    # small epsilon: 0.93 - 1pp must admit 0.92 despite binary floating point
+    floor = best - tolerance_pp / 100.0 - 1e-12
+    within = [p for p in pts if p.val_acc >= floor]  # type: ignore[operator]
+    out["fastest_within_tolerance"] = min(within, key=lambda p: (p.latency_ms, -p.val_acc, p.number))
+    return out
+
+
+def write_report(*args: Any, **kwargs: Any) -> Any:
+    """Re-export of :func:`autokd.report.write_report` (imported lazily: plotting libraries are heavy)."""
+    from autokd.report import write_report as _write_report
+
+    return _write_report(*args, **kwargs)

@@ -1,0 +1,453 @@
+"""Study report: an offline interactive HTML page, a static PNG, the front as CSV, a Markdown summary.
+
+Every output states the hypervolume together with its reference point: the default reference is
+(accuracy 0.0, latency 1.1 x the largest latency among COMPLETE trials), which depends on the study, so
+hypervolumes of different studies are only comparable when the caller passes the same ``hv_ref``.
+Files are written atomically (temporary file in the same directory, then ``os.replace``) so a report being
+regenerated is never seen half-written.
+"""
+from __future__ import annotations
+
+import csv
+import html
+import io
+import json
+import math
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from autokd.atomic import atomic_write_bytes
+from autokd.errors import UserError
+from autokd.pareto import (
+    RECOMMENDATION_KEYS,
+    STATES,
+    TrialPoint,
+    front_points,
+    hypervolume,
+    recommend,
+)
+
+__all__ = ["ReportResult", "default_hv_ref", "format_front_table", "write_report"]
+
+STATE_COLORS = {
+    "COMPLETE": "#1f77b4",
+    "PRUNED": "#ff7f0e",
+    "FAIL": "#d62728",
+    "INFEASIBLE": "#7f7f7f",
+    "RUNNING": "#9467bd",
+}
+FRONT_COLOR = "#2ca02c"
+# plotly symbol, matplotlib marker, colour, size: distinct shapes and sizes so coinciding picks stay visible
+PICK_STYLE = {
+    "knee": ("star", "*", "#ffbf00", 22),
+    "best_under_latency": ("diamond-open", "D", "#e377c2", 22),
+    "fastest_within_tolerance": ("square-open", "s", "#17becf", 28),
+}
+PICK_LABEL = {
+    "knee": "knee",
+    "best_under_latency": "best under latency",
+    "fastest_within_tolerance": "fastest within tolerance",
+}
+
+
+@dataclass
+class ReportResult:
+    """What :func:`write_report` computed and wrote."""
+
+    front: list[TrialPoint]
+    recommendations: dict[str, TrialPoint | None]
+    hypervolume: float
+    hv_ref: tuple[float, float]
+    files: list[Path]
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- small helpers
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _fmt_value(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_fmt_value(x) for x in v) + "]"
+    return str(v)
+
+
+def _params_text(params: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k}={_fmt_value(v)}" for k, v in sorted(_flatten(params).items()))
+
+
+def _pct(x: float | None) -> str:
+    return f"{100 * x:.2f}" if _finite(x) else "-"
+
+
+def _ms(x: float | None) -> str:
+    return f"{x:.3f}" if _finite(x) else "-"
+
+
+def _tags(p: TrialPoint, recs: Mapping[str, TrialPoint | None]) -> list[str]:
+    return [k for k in RECOMMENDATION_KEYS if (r := recs.get(k)) is not None and r.number == p.number]
+
+
+def _plot_acc(p: TrialPoint) -> float | None:
+    """Where a trial is drawn on the accuracy axis: its value, else its last known accuracy, else not at all."""
+    if _finite(p.val_acc):
+        return float(p.val_acc)  # type: ignore[arg-type]
+    last = p.extra.get("last_val_acc")
+    return float(last) if _finite(last) else None
+
+
+def _counts(points: Sequence[TrialPoint]) -> dict[str, int]:
+    c = Counter(p.state for p in points)
+    out = {s: c.get(s, 0) for s in STATES}
+    out.update({s: n for s, n in sorted(c.items()) if s not in out})
+    return out
+
+
+def _counts_text(counts: Mapping[str, int]) -> str:
+    total = sum(counts.values())
+    return f"{total} trials: " + ", ".join(f"{n} {s}" for s, n in counts.items())
+
+
+def default_hv_ref(points: Sequence[TrialPoint]) -> tuple[float, float]:
+    """(0.0, 1.1 x max latency among COMPLETE trials with finite latency); (0.0, 0.0) if there are none."""
+    lats = [float(p.latency_ms) for p in points if p.state == "COMPLETE" and _finite(p.latency_ms)]  # type: ignore[arg-type]
+    return (0.0, 1.1 * max(lats)) if lats else (0.0, 0.0)
+
+
+def _hv_text(hv: float, ref: tuple[float, float], is_default: bool) -> str:
+    how = ("default: accuracy 0 and 1.1 x the largest latency among COMPLETE trials"
+           if is_default else "given by the caller")
+    return (f"hypervolume {hv:.6g} (accuracy x ms) w.r.t. reference point (accuracy {ref[0]:.4g}, "
+            f"latency {ref[1]:.4g} ms; {how}); compare hypervolumes across studies only at the same reference point")
+
+
+def _pick_text(key: str, p: TrialPoint | None, max_latency_ms: float | None, tolerance_pp: float,
+               best_acc: float | None) -> str:
+    if key == "best_under_latency":
+        cond = f"latency <= {max_latency_ms:g} ms" if max_latency_ms is not None else "no latency budget given"
+    elif key == "fastest_within_tolerance":
+        cond = f"within {tolerance_pp:g} pp of the best {_pct(best_acc)}%"
+    else:
+        cond = "largest distance to the line between the front's extremes"
+    if p is None:
+        why = "not requested" if key == "best_under_latency" and max_latency_ms is None else "none available"
+        return f"{PICK_LABEL[key]} ({cond}): {why}"
+    return (f"{PICK_LABEL[key]} ({cond}): trial {p.number}: val acc {_pct(p.val_acc)}%, "
+            f"test acc {_pct(p.test_acc)}%, latency {_ms(p.latency_ms)} ms; {_params_text(p.params)}")
+
+
+# ---------------------------------------------------------------- terminal table
+
+def format_front_table(front: Sequence[TrialPoint], recommendations: Mapping[str, TrialPoint | None]) -> str:
+    """The front as plain aligned text for the terminal (latency ascending), one trial per line."""
+    header = ["trial", "val acc %", "test acc %", "latency ms", "picks", "params"]
+    rows = [
+        [str(p.number), _pct(p.val_acc), _pct(p.test_acc), _ms(p.latency_ms),
+         ",".join(_tags(p, recommendations)) or "-", _params_text(p.params)]
+        for p in front
+    ]
+    if not rows:
+        return "Pareto front is empty: no COMPLETE trial with finite accuracy and latency."
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    right = {1, 2, 3}  # numbers right-aligned
+
+    def line(r: list[str]) -> str:
+        cells = [c.rjust(widths[i]) if i in right else c.ljust(widths[i]) for i, c in enumerate(r)]
+        return "  ".join(cells).rstrip()
+
+    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+# ---------------------------------------------------------------- figures
+
+def _hover(p: TrialPoint, tags: list[str]) -> str:
+    acc = f"val acc: {_pct(p.val_acc)}%"
+    if not _finite(p.val_acc) and _plot_acc(p) is not None:
+        acc += f" (last seen {_pct(_plot_acc(p))}%)"
+    lines = [f"<b>trial {p.number}</b> ({html.escape(p.state)})", acc,
+             f"test acc: {_pct(p.test_acc)}%", f"latency: {_ms(p.latency_ms)} ms"]
+    if tags:
+        lines.append("pick: " + ", ".join(PICK_LABEL[t] for t in tags))
+    lines += [html.escape(f"{k} = {_fmt_value(v)}") for k, v in sorted(_flatten(p.params).items())]
+    return "<br>".join(lines)
+
+
+def _plotly_figure(points: Sequence[TrialPoint], front: list[TrialPoint], recs: Mapping[str, TrialPoint | None],
+                   title: str, max_latency_ms: float | None) -> Any:
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    front_numbers = {p.number for p in front}
+    states = [s for s in STATES] + sorted({p.state for p in points} - set(STATES))
+    for state in states:
+        pts = [p for p in points if p.state == state and p.number not in front_numbers
+               and _finite(p.latency_ms) and _plot_acc(p) is not None]
+        if not pts:
+            continue
+        label = state if state != "PRUNED" else "PRUNED (at last accuracy)"
+        fig.add_trace(go.Scatter(
+            x=[p.latency_ms for p in pts], y=[_plot_acc(p) for p in pts], mode="markers", name=label,
+            marker={"color": STATE_COLORS.get(state, "#8c564b"), "size": 8,
+                    "opacity": 0.85 if state == "COMPLETE" else 0.55},
+            text=[_hover(p, []) for p in pts], hovertemplate="%{text}<extra></extra>",
+        ))
+    if front:
+        fig.add_trace(go.Scatter(
+            x=[p.latency_ms for p in front], y=[p.val_acc for p in front], mode="lines+markers",
+            line={"shape": "hv", "color": FRONT_COLOR, "width": 2}, name="Pareto front",
+            marker={"color": FRONT_COLOR, "size": 10, "line": {"color": "black", "width": 1}},
+            text=[_hover(p, _tags(p, recs)) for p in front], hovertemplate="%{text}<extra></extra>",
+        ))
+    for key in RECOMMENDATION_KEYS:
+        p = recs.get(key)
+        if p is None:
+            continue
+        symbol, _, color, size = PICK_STYLE[key]
+        fig.add_trace(go.Scatter(
+            x=[p.latency_ms], y=[p.val_acc], mode="markers", name=f"{PICK_LABEL[key]} (trial {p.number})",
+            marker={"symbol": symbol, "color": color, "size": size, "line": {"color": color if "open" in symbol else "black", "width": 2}},
+            text=[_hover(p, _tags(p, recs))], hovertemplate="%{text}<extra></extra>",
+        ))
+    if max_latency_ms is not None:
+        fig.add_vline(x=max_latency_ms, line={"dash": "dash", "color": "#555"},
+                      annotation_text=f"latency budget {max_latency_ms:g} ms", annotation_position="top")
+    fig.update_layout(
+        title={"text": html.escape(title)}, template="plotly_white", height=620,
+        xaxis_title="latency (ms, batch 1) - lower is better", yaxis_title="validation accuracy - higher is better",
+        yaxis_tickformat=".1%", legend={"orientation": "v"}, hovermode="closest",
+    )
+    return fig
+
+
+def _png(points: Sequence[TrialPoint], front: list[TrialPoint], recs: Mapping[str, TrialPoint | None],
+         title: str, max_latency_ms: float | None, hv_line: str) -> bytes:
+    # Figure + Agg canvas directly (not pyplot): no global backend switch inside the caller's process.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import PercentFormatter
+
+    fig = Figure(figsize=(11, 7), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    front_numbers = {p.number for p in front}
+    for state in [*STATES, *sorted({p.state for p in points} - set(STATES))]:
+        pts = [p for p in points if p.state == state and p.number not in front_numbers
+               and _finite(p.latency_ms) and _plot_acc(p) is not None]
+        if pts:
+            ax.scatter([p.latency_ms for p in pts], [_plot_acc(p) for p in pts], s=28,
+                       color=STATE_COLORS.get(state, "#8c564b"), alpha=0.85 if state == "COMPLETE" else 0.55,
+                       label=state if state != "PRUNED" else "PRUNED (at last accuracy)")
+    if front:
+        xs, ys = [p.latency_ms for p in front], [p.val_acc for p in front]
+        ax.step(xs, ys, where="post", color=FRONT_COLOR, lw=2)
+        ax.scatter(xs, ys, s=60, color=FRONT_COLOR, edgecolors="black", zorder=3, label="Pareto front")
+        for p in front:
+            ax.annotate(str(p.number), (p.latency_ms, p.val_acc), textcoords="offset points", xytext=(5, -11), fontsize=8)
+    for key in RECOMMENDATION_KEYS:
+        p = recs.get(key)
+        if p is None:
+            continue
+        _, marker, color, size = PICK_STYLE[key]
+        open_ = marker != "*"
+        ax.scatter([p.latency_ms], [p.val_acc], marker=marker, s=size * 14, zorder=4,
+                   facecolors="none" if open_ else color, edgecolors=color if open_ else "black", linewidths=2,
+                   label=f"{PICK_LABEL[key]} (trial {p.number})")
+    if max_latency_ms is not None:
+        ax.axvline(max_latency_ms, ls="--", color="#555", label=f"latency budget {max_latency_ms:g} ms")
+    ax.set_xlabel("latency (ms, batch 1) - lower is better")
+    ax.set_ylabel("validation accuracy - higher is better")
+    ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+    ax.grid(alpha=0.3)
+    ax.set_title(title)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="best", fontsize=8)
+    fig.text(0.01, 0.01, hv_line, fontsize=7, wrap=True)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------- HTML / CSV / Markdown
+
+_SORT_JS = """
+document.querySelectorAll('table.sortable th').forEach(function (th) {
+  th.addEventListener('click', function () {
+    var table = th.closest('table'), body = table.tBodies[0];
+    var col = Array.prototype.indexOf.call(th.parentNode.children, th);
+    var asc = th.getAttribute('data-dir') !== 'asc';
+    th.parentNode.querySelectorAll('th').forEach(function (h) { h.removeAttribute('data-dir'); });
+    th.setAttribute('data-dir', asc ? 'asc' : 'desc');
+    function key(row) { var c = row.cells[col]; return c ? (c.getAttribute('data-v') || c.textContent) : ''; }
+    var rows = Array.prototype.slice.call(body.rows);
+    rows.sort(function (a, b) {
+      var x = key(a), y = key(b), nx = parseFloat(x), ny = parseFloat(y);
+      if (x === '' || y === '') { return x === y ? 0 : (x === '' ? 1 : -1); }  // blanks last
+      var r = (!isNaN(nx) && !isNaN(ny)) ? nx - ny : x.localeCompare(y);
+      return asc ? r : -r;
+    });
+    rows.forEach(function (r) { body.appendChild(r); });
+  });
+});
+"""
+
+_CSS = """
+body { font-family: system-ui, -apple-system, Segoe UI, sans-serif; margin: 24px; color: #222; }
+table { border-collapse: collapse; font-size: 13px; margin: 8px 0 24px; }
+th, td { border: 1px solid #ddd; padding: 4px 8px; text-align: left; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+th { background: #f3f3f3; cursor: pointer; user-select: none; }
+th[data-dir=asc]::after { content: ' \\25B2'; } th[data-dir=desc]::after { content: ' \\25BC'; }
+.meta { color: #555; } code { background: #f6f6f6; padding: 1px 3px; }
+"""
+
+
+def _td(value: Any, text: str | None = None, num: bool = False) -> str:
+    v = "" if value is None or (isinstance(value, float) and not math.isfinite(value)) else str(value)
+    cls = ' class="num"' if num else ""
+    return f'<td{cls} data-v="{html.escape(v)}">{html.escape(text if text is not None else v)}</td>'
+
+
+def _html_table(points: Sequence[TrialPoint], recs: Mapping[str, TrialPoint | None], with_state: bool) -> str:
+    keys = sorted({k for p in points for k in _flatten(p.params)})
+    head = ["trial", *(["state"] if with_state else []), "val acc %", "test acc %", "latency ms", "picks", *keys]
+    out = ['<table class="sortable"><thead><tr>', *(f"<th>{html.escape(h)}</th>" for h in head), "</tr></thead><tbody>"]
+    for p in points:
+        flat = _flatten(p.params)
+        cells = [_td(p.number, num=True)]
+        if with_state:
+            cells.append(_td(p.state))
+        cells += [_td(p.val_acc, _pct(p.val_acc), True), _td(p.test_acc, _pct(p.test_acc), True),
+                  _td(p.latency_ms, _ms(p.latency_ms), True), _td(", ".join(PICK_LABEL[t] for t in _tags(p, recs)))]
+        cells += [_td(flat.get(k), _fmt_value(flat[k]) if k in flat else "") for k in keys]
+        out.append("<tr>" + "".join(cells) + "</tr>")
+    out.append("</tbody></table>")
+    return "".join(out)
+
+
+def _html(points: Sequence[TrialPoint], front: list[TrialPoint], recs: Mapping[str, TrialPoint | None], title: str,
+          plot_div: str, counts: Mapping[str, int], hv_line: str, pick_lines: list[str]) -> str:
+    unplotted = [p for p in points if not (_finite(p.latency_ms) and _plot_acc(p) is not None)]
+    unplotted_html = ("<p class=meta>Not plotted (no accuracy or latency): "
+                      + ", ".join(f"trial {p.number} ({html.escape(p.state)})" for p in unplotted) + "</p>"
+                      if unplotted else "")
+    picks = "".join(f"<li>{html.escape(t)}</li>" for t in pick_lines)
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<meta name="viewport" content="width=device-width, initial-scale=1"><style>{_CSS}</style></head>
+<body>
+<h1>{html.escape(title)}</h1>
+<p class="meta">{html.escape(_counts_text(counts))}</p>
+<p class="meta">{html.escape(hv_line)}</p>
+<h2>Recommendations</h2><ul>{picks}</ul>
+{plot_div}
+{unplotted_html}
+<h2>Pareto front ({len(front)} trials, click a header to sort)</h2>
+{_html_table(front, recs, with_state=False)}
+<details><summary>All trials ({len(points)})</summary>
+{_html_table(sorted(points, key=lambda p: p.number), recs, with_state=True)}
+</details>
+<script>{_SORT_JS}</script>
+</body></html>
+"""
+
+
+def _csv(front: list[TrialPoint], recs: Mapping[str, TrialPoint | None]) -> bytes:
+    pkeys = sorted({k for p in front for k in _flatten(p.params)})
+    ekeys = sorted({k for p in front for k, v in p.extra.items() if isinstance(v, (str, int, float, bool))})
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["number", "val_acc", "test_acc", "latency_ms", "recommendations",
+                *(f"param.{k}" for k in pkeys), *(f"extra.{k}" for k in ekeys)])
+
+    def cell(v: Any) -> Any:
+        if v is None or (isinstance(v, float) and not math.isfinite(v)):
+            return ""
+        return json.dumps(v) if isinstance(v, (list, tuple, dict)) else v
+
+    for p in front:
+        flat = _flatten(p.params)
+        w.writerow([p.number, cell(p.val_acc), cell(p.test_acc), cell(p.latency_ms), ";".join(_tags(p, recs)),
+                    *(cell(flat.get(k)) for k in pkeys), *(cell(p.extra.get(k)) for k in ekeys)])
+    return buf.getvalue().encode()
+
+
+def _md_cell(s: str) -> str:
+    return s.replace("|", "\\|").replace("\n", " ")
+
+
+def _markdown(front: list[TrialPoint], recs: Mapping[str, TrialPoint | None], title: str,
+              counts: Mapping[str, int], hv_line: str, pick_lines: list[str]) -> str:
+    lines = [f"# {title}", "", _counts_text(counts), "", "## Recommendations", ""]
+    lines += [f"- {_md_cell(t)}" for t in pick_lines]
+    lines += ["", "## Hypervolume", "", hv_line, "", f"## Pareto front ({len(front)} trials)", ""]
+    if front:
+        lines += ["| trial | val acc % | test acc % | latency ms | picks | params |",
+                  "|---:|---:|---:|---:|---|---|"]
+        for p in front:
+            lines.append(f"| {p.number} | {_pct(p.val_acc)} | {_pct(p.test_acc)} | {_ms(p.latency_ms)} | "
+                         f"{_md_cell(', '.join(_tags(p, recs)))} | {_md_cell(_params_text(p.params))} |")
+    else:
+        lines.append("Empty: no COMPLETE trial with finite accuracy and latency.")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- entry point
+
+def write_report(points: Sequence[TrialPoint], out_dir: Path, *, title: str, max_latency_ms: float | None = None,
+                 tolerance_pp: float = 1.0, hv_ref: tuple[float, float] | None = None) -> ReportResult:
+    """Compute the front, picks and hypervolume of ``points`` and write the report files under ``out_dir``.
+
+    Files: ``report.html`` (interactive, fully offline: plotly.js inlined), ``pareto.png``, ``front.csv``,
+    ``summary.md``. ``hv_ref = (accuracy, latency_ms)`` overrides the default reference point (see module doc).
+    """
+    points = list(points)
+    if hv_ref is None:
+        ref, ref_default = default_hv_ref(points), True
+    else:
+        if len(hv_ref) != 2 or not all(_finite(v) for v in hv_ref):
+            raise UserError(f"hypervolume reference must be two finite numbers (accuracy, latency_ms), got {hv_ref!r}")
+        ref, ref_default = (float(hv_ref[0]), float(hv_ref[1])), False
+    front = front_points(points)
+    recs = recommend(front, max_latency_ms=max_latency_ms, tolerance_pp=tolerance_pp)
+    hv = hypervolume(front, ref)
+    counts = _counts(points)
+    hv_line = _hv_text(hv, ref, ref_default)
+    best_acc = max((p.val_acc for p in front), default=None)  # type: ignore[type-var]
+    pick_lines = [_pick_text(k, recs[k], max_latency_ms, tolerance_pp, best_acc) for k in RECOMMENDATION_KEYS]
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fig = _plotly_figure(points, front, recs, title, max_latency_ms)
+    plot_div = fig.to_html(full_html=False, include_plotlyjs=True, div_id="pareto-plot",
+                           config={"displaylogo": False, "responsive": True})
+    outputs = {
+        "report.html": _html(points, front, recs, title, plot_div, counts, hv_line, pick_lines).encode(),
+        "pareto.png": _png(points, front, recs, title, max_latency_ms, hv_line),
+        "front.csv": _csv(front, recs),
+        "summary.md": _markdown(front, recs, title, counts, hv_line, pick_lines).encode(),
+    }
+    files = []
+    for name, data in outputs.items():
+        path = out_dir / name
+        atomic_write_bytes(path, data)
+        files.append(path)
+    return ReportResult(front=front, recommendations=recs, hypervolume=hv, hv_ref=ref, files=files, counts=counts)

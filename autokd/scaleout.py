@@ -1,0 +1,327 @@
+"""One study over many machines: the shared teacher, comparable latencies, and the commands to start workers.
+
+Workers on several machines share the Optuna study through PostgreSQL (`--storage postgresql://...`) and the
+MLflow runs through a tracking server (`--tracking-uri http://...`); their `studies/` folders are their own.
+What else they must agree on:
+
+* **The teacher is trained once per study.** The first worker, holding the study lock, trains it (or finds it
+  in its local cache) and publishes `model.safetensors` + `meta.json` as artifacts of the study's MLflow parent
+  run, under `teacher/<cache entry>/`; the study user attribute `teacher_artifact` records the run, the cache
+  entry's name, its host path and the weights' SHA-256. Every other worker, before it prepares its teacher,
+  downloads the entry into its own teacher cache (or copies it from the recorded path where a shared
+  filesystem makes it visible), verifies the SHA-256, and then `get_teacher` loads it from the cache as
+  usual. Other workers wait for the first one on the study lock. Teacher *outputs* (logits per training view)
+  are recomputed once per machine from those weights: cheap next to training, and deterministic.
+  With a local journal on one machine the teacher cache's file lock already does all this, so nothing is
+  published. A `--teacher-checkpoint` is not published either: every machine reads its own copy, and the
+  study's teacher id (architecture + file SHA-1) makes sure they are the same file.
+* **Latency is measured on one kind of device.** The study records the device signature of the first worker
+  (`latency_device`, e.g. `intel-xeon-platinum-8480-t1` or `nvidia-h100-80gb-hbm3`) and the latency batch
+  size; a worker whose device differs is refused (exit 2) unless it passes `--allow-mixed-latency`, so one
+  Pareto front never mixes milliseconds from different hardware by accident.
+"""
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+from urllib.parse import urlsplit, urlunsplit
+
+from autokd.atomic import file_digest
+from autokd.errors import UserError
+
+TEACHER_ATTR = "teacher_artifact"
+TEACHER_FILES = ("model.safetensors", "meta.json")  # meta.json last: its presence marks a complete cache entry
+LATENCY_ATTR = "latency_device"
+LATENCY_BATCH_ATTR = "latency_batch"
+
+
+def _quiet_mlflow() -> None:
+    # MLflow draws a progress bar per download: noise between a worker's progress lines.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+def is_shared_storage(storage: str | None) -> bool:
+    """True for a database URL (`--storage postgresql://...`), which workers on other machines may share."""
+    return bool(storage) and "://" in str(storage)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the shared teacher
+# ---------------------------------------------------------------------------------------------------------
+
+def publish_teacher(study: Any, weights: Path, arch: str, tracking_uri: str | None, parent_run_id: str | None,
+                    host: str, log: Callable[[str], None] = print) -> dict[str, Any] | None:
+    """Publish the teacher cache entry holding `weights` for the other workers of `study` (once per study).
+
+    Uploads it to the MLflow parent run when there is one and records `teacher_artifact` in the study. Call
+    under the study lock. Returns the record, or None when the study already has one.
+    """
+    if study.user_attrs.get(TEACHER_ATTR):
+        return None
+    entry = weights.parent
+    record: dict[str, Any] = {"arch": arch, "entry": entry.name, "sha256": file_digest(weights), "host": host,
+                              "path": str(entry.resolve())}
+    if tracking_uri and parent_run_id:
+        from mlflow.tracking import MlflowClient
+
+        artifact_path = f"teacher/{entry.name}"
+        try:
+            client = MlflowClient(tracking_uri=tracking_uri)
+            for name in TEACHER_FILES:
+                client.log_artifact(parent_run_id, str(entry / name), artifact_path)
+        except Exception as exc:  # noqa: BLE001 - any failure means the other workers could not get it
+            raise UserError(f"cannot publish the teacher {entry} to MLflow run {parent_run_id} at {tracking_uri}: "
+                            f"{exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. The other "
+                            "workers of the study need it; fix the tracking server (its --artifacts-destination "
+                            "must be writable) and rerun the same command.") from exc
+        record.update(run_id=parent_run_id, tracking_uri=tracking_uri, artifact_path=artifact_path)
+        where = f"MLflow run {parent_run_id} ({tracking_uri}), artifacts {artifact_path}/"
+    else:
+        where = f"{host}:{record['path']} (no MLflow server: other machines need that path on a shared filesystem)"
+    study.set_user_attr(TEACHER_ATTR, record)
+    log(f"teacher {arch}: published for the other workers of study {study.study_name!r}: {where}")
+    return record
+
+
+def fetch_teacher(study: Any, cache_root: Path, tracking_uris: list[str],
+                  log: Callable[[str], None] = print) -> Path | None:
+    """Put the study's published teacher into this machine's teacher cache (verified), unless it is there.
+
+    `tracking_uris`: MLflow URIs to try, in order, besides the one recorded by the publisher. Returns the
+    cache entry, or None when the study has published no teacher (this worker is the first).
+    """
+    record = study.user_attrs.get(TEACHER_ATTR)
+    if not record:
+        return None
+    from autokd.locks import file_lock
+
+    cache_root = Path(cache_root)
+    entry = cache_root / record["entry"]
+    if _entry_matches(entry, record["sha256"]):
+        return entry
+    # The same lock `get_teacher` holds on this cache entry: no local reader sees it half replaced.
+    with file_lock(cache_root / f".{entry.name}.lock"):
+        if _entry_matches(entry, record["sha256"]):
+            return entry
+        cache_root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=cache_root, prefix=".fetch-"))
+        try:
+            source, where, errors = _download(record, tmp, tracking_uris)
+            if source is None:
+                raise UserError(
+                    f"study {study.study_name!r}: its teacher was trained on {record.get('host')} and cannot be "
+                    f"fetched here ({'; '.join(errors)}). Start this worker with the study's MLflow server, "
+                    f"--tracking-uri {record.get('tracking_uri') or 'http://HOST:PORT'}, or make "
+                    f"{record['path']} visible on this machine (shared filesystem), or give every worker the same "
+                    "--teacher-checkpoint.")
+            got = file_digest(source / "model.safetensors")
+            if got != record["sha256"]:
+                raise UserError(f"study {study.study_name!r}: the teacher fetched from {source} is corrupt (SHA-256 "
+                                f"{got[:12]}..., published {record['sha256'][:12]}...); rerun to fetch it again")
+            entry.mkdir(parents=True, exist_ok=True)
+            for name in TEACHER_FILES:
+                os.replace(source / name, entry / name)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    log(f"teacher {record['arch']}: fetched the study's teacher from {where} into {entry} (SHA-256 verified)")
+    return entry
+
+
+def _entry_matches(entry: Path, sha256: str) -> bool:
+    weights = entry / "model.safetensors"
+    return weights.is_file() and (entry / "meta.json").is_file() and file_digest(weights) == sha256
+
+
+def _download(record: dict[str, Any], tmp: Path, tracking_uris: list[str]) -> tuple[Path | None, str, list[str]]:
+    """(folder holding the teacher files, where they came from, errors of the sources that failed)."""
+    errors: list[str] = []
+    if record.get("run_id"):
+        from mlflow.tracking import MlflowClient
+
+        _quiet_mlflow()
+        uris = list(dict.fromkeys([*tracking_uris, record["tracking_uri"]]))
+        for uri in uris:
+            try:
+                local = MlflowClient(tracking_uri=uri).download_artifacts(record["run_id"], record["artifact_path"],
+                                                                        str(tmp))
+            except Exception as exc:  # noqa: BLE001 - try the next source
+                first = str(exc).splitlines()[0][:200] if str(exc) else ""
+                errors.append(f"MLflow {uri}: {exc.__class__.__name__}: {first}")
+                continue
+            if all((Path(local) / name).is_file() for name in TEACHER_FILES):
+                return Path(local), f"MLflow run {record['run_id']} ({uri})", errors
+            errors.append(f"MLflow {uri}: run {record['run_id']} has no {record['artifact_path']}/ artifacts")
+    path = Path(record["path"])
+    if all((path / name).is_file() for name in TEACHER_FILES):
+        copy = tmp / "from-path"
+        copy.mkdir()
+        for name in TEACHER_FILES:
+            shutil.copyfile(path / name, copy / name)
+        return copy, str(path), errors
+    errors.append(f"{path} does not exist on this machine")
+    return None, "", errors
+
+
+def fetch_front_checkpoints(study: Any, trials_dir: Path, tracking_uri: str | None, parent_run_id: str | None,
+                            log: Callable[[str], None] = print) -> list[int]:
+    """Download the checkpoints of Pareto-front trials trained on other machines from their MLflow runs.
+
+    The report evaluates the front's students on the test split; each worker saved its students locally and
+    logged them to its trial's MLflow run (artifacts `student/`). Returns the trial numbers fetched.
+    """
+    from autokd.pareto import front_points
+    from autokd.study_report import trial_points
+
+    missing = [p.number for p in front_points(trial_points(study))
+               if not (Path(trials_dir) / str(p.number) / "model.safetensors").is_file()]
+    if not missing or not tracking_uri or not parent_run_id:
+        return []
+    from mlflow.tracking import MlflowClient
+
+    from autokd.tracking import PARENT_RUN_TAG, TRIAL_TAG
+
+    _quiet_mlflow()
+    client = MlflowClient(tracking_uri=tracking_uri)
+    fetched: list[int] = []
+    try:
+        experiment_id = client.get_run(parent_run_id).info.experiment_id
+        for number in missing:
+            runs = client.search_runs([experiment_id], max_results=1, filter_string=(
+                f"tags.`{PARENT_RUN_TAG}` = '{parent_run_id}' and tags.`{TRIAL_TAG}` = '{number}' "
+                "and attributes.status = 'FINISHED'"))
+            if not runs:
+                continue
+            out = Path(trials_dir) / str(number)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".fetch-{number}-"))
+            try:
+                local = Path(client.download_artifacts(runs[0].info.run_id, "student", str(tmp)))
+                out.mkdir(exist_ok=True)
+                for f in sorted(local.iterdir(), key=lambda f: f.name == "model.safetensors"):
+                    os.replace(f, out / f.name)  # the weights last: their presence marks a complete checkpoint
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+            fetched.append(number)
+    except Exception as exc:  # noqa: BLE001 - the report then names what is missing
+        log(f"warning: could not fetch front checkpoints from MLflow ({exc.__class__.__name__}: {exc})")
+    if fetched:
+        log(f"fetched the checkpoints of front trial(s) {', '.join(map(str, fetched))} from MLflow (trained on "
+            "other machines)")
+    return fetched
+
+
+# ---------------------------------------------------------------------------------------------------------
+# comparable latencies
+# ---------------------------------------------------------------------------------------------------------
+
+class StudyLatency:
+    """Latencies kept in the study itself (user attributes), so all machines use one measurement per architecture.
+
+    Each machine's own cache (`LatencyCache`) holds its own measurements; two machines of one kind still time the
+    same student a little differently (load, thermal state), which would put one architecture at two latencies
+    in the front. The first measurement recorded in the study wins.
+    """
+
+    def __init__(self, study: Any, device_sig: str, batch: int) -> None:
+        self.study = study
+        self.prefix = f"latency:{device_sig}:b{batch}:"
+
+    def get(self, arch_key: str) -> Any:
+        """The study's measurement of `arch_key` on this device kind, or None."""
+        from autokd.latency import LatencyResult
+
+        found = self.study.user_attrs.get(self.prefix + arch_key)
+        return LatencyResult.from_dict(found) if found else None
+
+    def put(self, arch_key: str, result: Any) -> Any:
+        """Record `result` unless another worker recorded this architecture first; returns the one that counts."""
+        first = self.get(arch_key)
+        if first is not None:
+            return first
+        self.study.set_user_attr(self.prefix + arch_key, result.to_dict())
+        return result
+
+
+def check_latency_device(study: Any, signature: str, batch: int, allow_mixed: bool,
+                         log: Callable[[str], None] = print) -> None:
+    """Pin the study's latency device on first use; refuse a worker that would time students on another one.
+
+    Call under the study lock. Raises UserError (exit 2) on a mismatch unless `allow_mixed`.
+    """
+    attrs = study.user_attrs
+    stored, stored_batch = attrs.get(LATENCY_ATTR), attrs.get(LATENCY_BATCH_ATTR)
+    if stored is None:
+        study.set_user_attr(LATENCY_ATTR, signature)
+        study.set_user_attr(LATENCY_BATCH_ATTR, batch)
+        return
+    if stored == signature and (stored_batch is None or stored_batch == batch):
+        return
+    what = (f"device {signature!r} (study: {stored!r})" if stored != signature
+            else f"batch size {batch} (study: {stored_batch})")
+    if allow_mixed:
+        log(f"warning: study {study.study_name!r}: this worker measures latency with {what}; mixed in one front "
+            "because --allow-mixed-latency was given")
+        study.set_user_attr("latency_mixed", True)
+        return
+    raise UserError(
+        f"study {study.study_name!r} measures latency on {stored!r} with batch {stored_batch}, but this worker "
+        f"would measure it with {what}. Latencies from different hardware are not comparable in one Pareto front. "
+        "Run this worker on the same kind of machine, or measure where the study does (--latency-device, "
+        "--latency-threads, --latency-batch), or pass --allow-mixed-latency to mix them knowingly.")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# commands for N machines
+# ---------------------------------------------------------------------------------------------------------
+
+def _with_database(url: str, database: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, f"/{database}", parts.query, parts.fragment))
+
+
+def worker_commands(machines: int, storage: str | None, tracking_uri: str | None, study: str, budget: int,
+                    jobs: int = 1, extra: list[str] | None = None, artifacts: str = "/srv/mlflow-artifacts") -> str:
+    """The shell recipe to run one study on `machines` machines: databases, MLflow server, one line per machine."""
+    if machines < 1 or jobs < 1 or budget < 1:
+        raise UserError(f"--machines {machines}, --jobs {jobs}, --budget {budget}: each must be at least 1")
+    storage = storage or "postgresql://USER@DBHOST/autokd"
+    if not storage.startswith(("postgresql://", "postgresql+psycopg2://")):
+        raise UserError(f"--storage {storage!r}: workers on several machines share the study through PostgreSQL; "
+                        "give postgresql://USER@HOST[:PORT]/DB (a .journal file or SQLite works on one machine only)")
+    tracking_uri = tracking_uri or "http://MLFLOW_HOST:5000"
+    if not tracking_uri.startswith(("http://", "https://")):
+        raise UserError(f"--tracking-uri {tracking_uri!r}: other machines cannot reach a local MLflow store; give "
+                        "the http://HOST:PORT of an `mlflow server`")
+    parts = urlsplit(storage.replace("postgresql+psycopg2://", "postgresql://"))
+    db = parts.path.lstrip("/") or "autokd"
+    user = parts.username or "USER"
+    host = parts.netloc.rsplit("@", 1)[-1].rsplit(":", 1)[0] or "DBHOST"  # .hostname would lower-case it
+    port = ["-p", str(parts.port)] if parts.port else []
+    mlflow_db = _with_database(storage.replace("postgresql+psycopg2://", "postgresql://"), "mlflow")
+    tport = urlsplit(tracking_uri).port or 5000
+    search = ["autokd", "search", "--storage", storage, "--tracking-uri", tracking_uri, "--study", study,
+              "--budget", str(budget), *(["--jobs", str(jobs)] if jobs > 1 else []), *(extra or [])]
+    lines = [
+        "# 1. Once, on the PostgreSQL server: a database for the Optuna study and one for MLflow",
+        shlex.join(["createdb", "-h", host, *port, "-U", user, db]),
+        shlex.join(["createdb", "-h", host, *port, "-U", user, "mlflow"]),
+        "# 2. Once, on the MLflow machine (pip install mlflow psycopg2-binary): the tracking server, runs in "
+        "PostgreSQL, artifacts proxied to a folder; no authentication, so keep the port on a private network",
+        shlex.join(["mlflow", "server", "--host", "0.0.0.0", "--port", str(tport), "--backend-store-uri", mlflow_db,
+                    "--artifacts-destination", artifacts]),
+        f"# 3. One line per machine, in any order ({machines} machine(s) x {jobs} worker(s)): the first worker "
+        "creates the study, trains the teacher and publishes it to MLflow;",
+        "#    the others wait, download it and join. Together they finish exactly "
+        f"{budget} trials; the trial of a worker that dies is failed after its heartbeats stop and retried.",
+        "#    Use one kind of machine: latency is measured on each worker, and a worker on other hardware is refused.",
+    ]
+    for i in range(1, machines + 1):
+        lines.append(f"{shlex.join(search)}  # machine {i}")
+    lines.append("# 4. The last worker to finish writes the report (front checkpoints fetched from MLflow) to its "
+                 "studies/<study>/report/ and the MLflow parent run; rebuild it there with: "
+                 f"autokd report --storage {shlex.quote(storage)} --study {shlex.quote(study)}")
+    return "\n".join(lines)

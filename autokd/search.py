@@ -1,0 +1,446 @@
+"""One search worker: validate inputs, open the study, prepare teacher/data once, then run trials to the budget.
+
+`run_search` is what `autokd search` calls. With `--jobs N` the first process prepares everything shared
+(the teacher, its outputs cache, the study, the MLflow parent run) and then starts N-1 more worker processes
+on the same storage; the budget is claimed slot by slot under the study lock, so together they finish
+exactly `--budget` trials. The same holds for workers started separately on several machines against one
+PostgreSQL storage: the first creates the study, trains and publishes the teacher (see `autokd.scaleout`),
+the others wait for it on the study lock and join.
+"""
+from __future__ import annotations
+
+import gc
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import optuna
+import torch
+
+from autokd import scaleout
+from autokd.config import SAMPLERS, SearchSettings
+from autokd.errors import UserError
+from autokd.study import (
+    REQUEUED_ATTR,
+    ask_with_heartbeat,
+    budget_used,
+    fail_stale_trials,
+    heartbeat_settings,
+    make_sampler,
+    make_storage,
+    open_study,
+    reap_dead_trials,
+    storage_url,
+    study_dir,
+    study_lock,
+    worker_host,
+    worker_identity,
+)
+
+# After this many failures in a row the search stops instead of burning the rest of the budget.
+MAX_CONSECUTIVE_FAILURES = 5
+
+
+@dataclass
+class SearchSummary:
+    """What a worker did, for the CLI's last lines and for tests/benchmarks."""
+
+    study_name: str
+    study_dir: Path
+    outcomes: list[Any] = field(default_factory=list)
+    seconds: float = 0.0
+    finished_in_study: int = 0
+    budget: int = 0
+    report_files: list[Path] = field(default_factory=list)
+
+
+def resolve_device(device: str) -> str:
+    """`auto` → cuda when available else cpu; validates explicit choices."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" or device.startswith("cuda"):
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise UserError(f"--device {device}: no CUDA device is available on this machine; use --device cpu or auto")
+        return device
+    raise UserError(f"--device {device!r}: not a device; valid: auto, cpu, cuda, cuda:N")
+
+
+def default_study_name(dataset: str, space_name: str) -> str:
+    """`<dataset>-<space>`, filesystem-safe (folder datasets use the folder's name)."""
+    base = dataset.split(":", 1)[1].rstrip("/").split("/")[-1] if dataset.startswith("folder:") else dataset
+    safe = "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in f"{base}-{space_name}")
+    return safe.strip("-") or "study"
+
+
+def validate_settings(s: SearchSettings) -> None:
+    """Check the flags that need no file or model, before anything heavy happens."""
+    if s.budget < 1:
+        raise UserError(f"--budget {s.budget}: must be at least 1")
+    if s.sampler not in SAMPLERS:
+        raise UserError(f"--sampler {s.sampler!r}: unknown; valid: {', '.join(SAMPLERS)}")
+    if s.jobs < 1:
+        raise UserError(f"--jobs {s.jobs}: must be at least 1")
+    if s.epochs is not None and s.epochs < 1:
+        raise UserError(f"--epochs {s.epochs}: must be at least 1")
+    if s.max_latency_ms is not None and not s.max_latency_ms > 0:
+        raise UserError(f"--max-latency-ms {s.max_latency_ms}: must be a positive number of milliseconds")
+    if s.study is not None and (not s.study or not all(ch.isalnum() or ch in "-_." for ch in s.study)):
+        raise UserError(f"--study {s.study!r}: use letters, digits, '-', '_' or '.'")
+
+
+def validate_teacher_args(arch: str | None, checkpoint: str | None) -> None:
+    """Fail fast on a teacher name timm does not know or a checkpoint path that does not exist."""
+    import difflib
+
+    import timm
+
+    if arch is not None and not timm.is_model(arch):
+        close = difflib.get_close_matches(arch, timm.list_models(), n=3)
+        hint = f"; close matches: {', '.join(close)}" if close else ""
+        raise UserError(f"--teacher {arch!r}: not a timm model name{hint} (list them with timm.list_models())")
+    if checkpoint is not None and not Path(checkpoint).is_file():
+        raise UserError(f"--teacher-checkpoint {checkpoint}: file not found (give a local .safetensors or .pt file)")
+
+
+# An exception raised from a signal handler lands wherever the main thread is. Inside Optuna's journal file
+# lock (between its rename and unlink) it turns into a FileNotFoundError and leaves the lock file behind: the
+# trial FAILs instead of being interrupted, the search goes on (exit 0), and every worker stalls for the
+# lock's 30 s grace period. Storage and tracking calls take milliseconds, so SIGTERM waits for them to return.
+_NO_INTERRUPT_IN = tuple(f"{os.sep}{part}{os.sep}".replace("/", os.sep)
+                         for part in ("optuna/storages", "sqlalchemy", "mlflow/store"))
+_MAX_DEFER_S = 5.0
+
+
+def _in_storage_call(frame: Any) -> bool:
+    while frame is not None:
+        if any(part in frame.f_code.co_filename for part in _NO_INTERRUPT_IN):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _install_sigterm() -> Any:
+    """Turn SIGTERM into `Interrupted`; returns the previous handler (None where signals cannot be set)."""
+    import threading
+
+    from autokd.objective import Interrupted
+
+    first: list[float] = []
+
+    def handler(signum: int, frame: Any) -> None:
+        first.append(time.monotonic())
+        if _in_storage_call(frame) and time.monotonic() - first[0] < _MAX_DEFER_S:
+            # Deliver the signal again in a moment, once the storage call has returned.
+            threading.Timer(0.02, os.kill, (os.getpid(), signum)).start()
+            return
+        raise Interrupted(f"signal {signum}")
+
+    if threading.current_thread() is not threading.main_thread():
+        return None  # signal.signal only works in the main thread; run_search may be called from others
+    return signal.signal(signal.SIGTERM, handler)
+
+
+def _train_threads(jobs: int) -> int:
+    """Torch CPU threads per worker: an explicit OMP_NUM_THREADS wins, else the cores split over the jobs."""
+    # Overriding a user's OMP_NUM_THREADS oversubscribes shared machines (tiny models run 10x slower).
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if env.isdigit() and int(env) >= 1:
+        return int(env)
+    return max(1, (os.cpu_count() or 1) // max(1, jobs))
+
+
+def run_search(s: SearchSettings, worker_index: int = 0, log: Callable[[str], None] = print) -> SearchSummary:
+    """Run (or resume, or top up) a study until it holds `s.budget` finished trials."""
+    from autokd.data import TrainViews, load_dataset
+    from autokd.latency import LatencyCache, device_signature
+    from autokd.locks import CpuGate
+    from autokd.objective import FatalSearchError, TrialContext, run_trial
+    from autokd.space import load_space
+    from autokd.teacher import get_teacher, teacher_outputs
+    from autokd.tracking import make_tracker
+
+    validate_settings(s)
+    validate_teacher_args(s.teacher, s.teacher_checkpoint)
+    space = load_space(s.space)  # all input errors surface here, before any study or training exists
+    device = resolve_device(s.device)
+    data = load_dataset(s.dataset, data_dir=s.data_dir, input_size=s.input_size or space.input_size, seed=0,
+                        download=s.download, train_limit=s.train_limit)
+    name = s.study or default_study_name(s.dataset, space.name)
+    root = Path(s.root)
+    sdir = study_dir(root, name)
+    storage = make_storage(s.storage, root)
+    pinned = {"space_fingerprint": space.fingerprint, "dataset": data.name, "data_fingerprint": data.fingerprint}
+    extra_attrs = {"space": space.canonical(), "space_path": str(s.space), "autokd_version": _version(),
+                   "budget": s.budget, "device": device, "input_size": data.input_size, "train_limit": s.train_limit,
+                   "data_dir": s.data_dir}
+    sampler = make_sampler(s.sampler, s.seed + worker_index)
+    shared = scaleout.is_shared_storage(s.storage)
+    latency_sig = device_signature(s.latency_device or device, s.latency_threads)
+    teacher_kwargs = dict(arch=s.teacher, cache_root=root / "teachers", device=device, pretrained=s.teacher_pretrained,
+                          log=log)
+    teacher = None
+    if s.teacher_checkpoint is not None:
+        # The teacher is input too (a truncated or wrong checkpoint is exit 2): load it before any study exists.
+        teacher = get_teacher(data, checkpoint=s.teacher_checkpoint, **teacher_kwargs)
+    tracker = make_tracker(s.tracking_uri, s.mlflow, root, experiment_name=name)
+    with study_lock(s.storage, root, name):
+        # Held while the first worker trains the teacher: the others wait here, then fetch it and join.
+        study = _existing_study(name, storage, sampler)
+        created = study is None
+        if study is not None:
+            study, _ = open_study(name, storage, pinned, extra_attrs, sampler)  # checks space/data pins
+        if teacher is None:
+            if study is not None and shared:
+                uris = [tracker.tracking_uri] if tracker.enabled else []
+                scaleout.fetch_teacher(study, root / "teachers", uris, log)
+            teacher = get_teacher(data, **teacher_kwargs)
+        if study is None:  # created only once the teacher is ready: a teacher that fails leaves no study
+            study, created = open_study(name, storage, pinned, extra_attrs, sampler)
+        teacher_id = f"{teacher.arch}@{teacher.fingerprint}"
+        stored_teacher = study.user_attrs.get("teacher")
+        if stored_teacher is None:
+            study.set_user_attr("teacher", teacher_id)
+            study.set_user_attr("teacher_val_acc", teacher.val_acc)
+        elif stored_teacher != teacher_id:
+            raise UserError(f"study {name!r} was created with teacher {stored_teacher}, now {teacher_id}; resume with "
+                            "the same --teacher/--teacher-checkpoint or start a new study with --study NEW_NAME")
+        scaleout.check_latency_device(study, latency_sig, s.latency_batch, s.allow_mixed_latency, log)
+        parent_run_id = _parent_run(study, tracker, s, name, teacher_id, shared)
+        if shared and s.teacher_checkpoint is None and teacher.path is not None:
+            scaleout.publish_teacher(study, teacher.path, teacher.arch, tracker.tracking_uri if tracker.enabled
+                                     else None, parent_run_id, worker_host(), log)
+        joined = int(study.user_attrs.get("workers_started", 0))
+        study.set_user_attr("workers_started", joined + 1)
+    if worker_index == 0:
+        log(f"study {name!r} ({'new' if created else 'resumed'}) — files under {sdir}/, storage {storage_url(s.storage, root)}")
+    if created is False:
+        # A resumed or joined study's sampler must not replay the draws of another worker with the same seed
+        # (workers on other machines all have worker index 0): the join count makes each worker's seed its own.
+        study.sampler = make_sampler(s.sampler, s.seed + worker_index + 7919 * len(study.trials) + 104729 * joined)
+
+    views = TrainViews(num_views=space.views, seed=0)
+    outputs = (teacher_outputs(teacher, data, views, cache_root=root / "teachers", device=device,
+                               need_features=space.uses_features(), log=log) if space.uses_teacher() else None)
+    data = data.to(device)
+
+    if s.jobs > 1 and worker_index == 0:
+        children = _spawn_workers(s.jobs - 1)
+    else:
+        children = []
+    torch.set_num_threads(_train_threads(s.jobs))
+    gate = CpuGate(root / ".locks")
+    shared_latency = scaleout.StudyLatency(study, latency_sig, s.latency_batch) if shared else None
+    ctx = TrialContext(
+        space=space, data=data, teacher_outputs=outputs, teacher_arch=teacher.arch, views=views,
+        latency_cache=LatencyCache(root / "latency_cache"), tracker=tracker, parent_run_id=parent_run_id,
+        trials_dir=sdir / "trials", device=device, latency_device=s.latency_device or device,
+        latency_threads=s.latency_threads, latency_batch=s.latency_batch, latency_lock=gate.measuring,
+        train_lock=gate.training, shared_latency=shared_latency, max_latency_ms=s.max_latency_ms,
+        max_epochs=s.epochs, prune=s.prune, seed=s.seed, compile=s.compile, log=log,
+    )
+    summary = SearchSummary(study_name=name, study_dir=sdir, budget=s.budget)
+    previous_sigterm = _install_sigterm()
+    # Everything built so far (torch, timm, MLflow, data, teacher) lives for the whole search: freezing it keeps
+    # the per-trial gc.collect (which releases the last trial's model and graphs) from rescanning it: 0.3 s a
+    # trial otherwise, 15 s of a 5-minute default search.
+    gc.freeze()
+    started = time.perf_counter()
+    consecutive_failures = 0
+    heartbeat_interval = heartbeat_settings()[0] if shared else 0
+    try:
+        while True:
+            trial = None
+            claim_started = time.perf_counter()
+            with study_lock(s.storage, root, name):
+                for number in reap_dead_trials(study):
+                    log(f"trial {number}: its worker died; marked FAIL and queued again")
+                for number in fail_stale_trials(study):
+                    log(f"trial {number}: no heartbeat from its worker (on another machine?); marked FAIL and "
+                        "queued again")
+                if budget_used(study) < s.budget:
+                    trial, heartbeat = ask_with_heartbeat(study)
+                    trial.set_user_attr("worker", {**worker_identity(), "heartbeat": bool(heartbeat_interval)})
+                elif not _beating_elsewhere(study):
+                    break
+            if trial is None:
+                # The budget is taken, but other workers' trials still run: one of them may be a dead worker's,
+                # failed once its heartbeats stop, and its retry needs a worker. Wait and look again.
+                time.sleep(heartbeat_interval)
+                continue
+            try:
+                outcome = run_trial(study, trial, ctx)
+            finally:
+                heartbeat.join()
+            outcome.timings["claim_s"] = time.perf_counter() - claim_started - outcome.seconds
+            summary.outcomes.append(outcome)
+            log(_progress_line(study, outcome, s.budget, started))
+            consecutive_failures = consecutive_failures + 1 if outcome.state == "FAIL" else 0
+            if consecutive_failures >= MAX_CONSECUTIVE_FAILURES:
+                raise FatalSearchError(
+                    f"the last {consecutive_failures} trials all failed (last reason: {outcome.reason}); stopping "
+                    f"instead of burning the budget. See the trials' fail_reason/traceback in optuna-dashboard or "
+                    "MLflow, fix the cause, and rerun the same command to resume.")
+    finally:
+        summary.seconds = time.perf_counter() - started
+        for child in children:
+            _wait_child(child)
+        if parent_run_id:
+            tracker.close_stale_runs(parent_run_id, _trial_states(study))
+        if previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, previous_sigterm)
+        gc.unfreeze()  # a caller that goes on (tests, notebooks) gets its objects collectable again
+    summary.finished_in_study = budget_used(study)
+    if worker_index == 0:
+        summary.report_files = _final_report(study, s, data, tracker, parent_run_id, log)
+    return summary
+
+
+def _claim_report(study: optuna.Study, s: SearchSettings, root: Path) -> bool:
+    """Several machines finish together; only one of them writes the report of the same finished trials."""
+    with study_lock(s.storage, root, study.study_name):
+        done = sum(1 for t in study.get_trials(deepcopy=False) if t.state.is_finished())
+        if study.user_attrs.get("report_for_finished") == done:
+            return False
+        study.set_user_attr("report_for_finished", done)
+        return True
+
+
+def _existing_study(name: str, storage: Any, sampler: optuna.samplers.BaseSampler) -> optuna.Study | None:
+    try:
+        return optuna.load_study(study_name=name, storage=storage, sampler=sampler)
+    except KeyError:
+        return None
+
+
+def _beating_elsewhere(study: optuna.Study) -> bool:
+    """Whether a RUNNING trial has a worker with heartbeats (which `fail_stale_trials` fails if it dies)."""
+    return any((t.user_attrs.get("worker") or {}).get("heartbeat")
+               for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)))
+
+
+def _parent_run(study: optuna.Study, tracker: Any, s: SearchSettings, name: str, teacher_id: str,
+                shared: bool) -> str | None:
+    """The study's MLflow parent run, created by its first worker. Call under the study lock."""
+    if not tracker.enabled:
+        return None
+    run_id = study.user_attrs.get("mlflow_parent_run_id")
+    if run_id and tracker.parent_run_exists(run_id):
+        return run_id
+    stored_uri = study.user_attrs.get("mlflow_tracking_uri")
+    if run_id and shared:
+        # Another worker logs this study to another MLflow store: a second parent would split its runs.
+        raise UserError(f"study {name!r} logs to MLflow run {run_id} at {stored_uri}, which the tracking store of "
+                        f"this worker ({tracker.tracking_uri}) does not have; start every worker with "
+                        f"--tracking-uri {stored_uri} (or --no-mlflow)")
+    run_id = tracker.create_parent_run(name, {"autokd.teacher": teacher_id}, {
+        "dataset": s.dataset, "space": str(s.space), "budget": s.budget, "sampler": s.sampler, "seed": s.seed,
+        "teacher": teacher_id})
+    study.set_user_attr("mlflow_parent_run_id", run_id)
+    study.set_user_attr("mlflow_tracking_uri", tracker.tracking_uri)
+    return run_id
+
+
+def _trial_states(study: optuna.Study) -> dict[int, str]:
+    out = {}
+    for t in study.get_trials(deepcopy=False):
+        out[t.number] = t.user_attrs.get("autokd_state") or t.state.name
+        if t.state == optuna.trial.TrialState.RUNNING:
+            out[t.number] = "RUNNING"
+    return out
+
+
+def _spawn_workers(count: int) -> list[subprocess.Popen]:
+    # Extra workers are the same command with --jobs 1 and a worker index: they join the study the first
+    # process created (teacher, outputs cache and parent run are already there, so they only load them).
+    argv = list(sys.argv[1:])
+    cleaned: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg == "--jobs":
+            skip = True
+            continue
+        if arg.startswith("--jobs="):
+            continue
+        cleaned.append(arg)
+    procs = []
+    for index in range(1, count + 1):
+        cmd = [sys.executable, "-m", "autokd.cli", *cleaned, "--jobs", "1", "--worker-index", str(index),
+               "--jobs-total", str(count + 1)]
+        procs.append(subprocess.Popen(cmd))
+    return procs
+
+
+def _wait_child(proc: subprocess.Popen) -> None:
+    try:
+        proc.wait()
+    except BaseException:
+        proc.terminate()
+        proc.wait(timeout=30)
+        raise
+
+
+def _progress_line(study: optuna.Study, outcome: Any, budget: int, started: float) -> str:
+    trials = study.get_trials(deepcopy=False)
+    finished = [t for t in trials if t.state.is_finished()]
+    pruned = sum(1 for t in finished if t.user_attrs.get("autokd_state") == "PRUNED")
+    front = len(study.best_trials) if any(t.state == optuna.trial.TrialState.COMPLETE for t in finished) else 0
+    elapsed = time.perf_counter() - started
+    done = len([t for t in finished if not t.user_attrs.get(REQUEUED_ATTR)])  # what counts against the budget
+    mine = max(1, len([t for t in finished if t.user_attrs.get("worker", {}).get("pid") == os.getpid()]))
+    eta = elapsed / mine * max(0, budget - done) if done < budget else 0.0
+    p = outcome.params
+    desc = (f"{p.family:<12} w={p.width:.2f} d={p.depth:.2f} {p.loss:<5}" if p else "(no params)")
+    acc = f"val {outcome.val_acc:.4f}" if outcome.val_acc is not None else "val   —   "
+    lat = f"{outcome.latency_ms:7.3f} ms" if outcome.latency_ms is not None else "      — ms"
+    extra = f" ({outcome.reason})" if outcome.state in ("FAIL", "INFEASIBLE") and outcome.reason else ""
+    return (f"[{done:>3}/{budget}] #{outcome.number:<3} {desc} {acc} {lat} {outcome.state:<10} "
+            f"ep {outcome.epochs_trained:<2} {outcome.seconds:5.1f}s | pruned {pruned} · front {front} · "
+            f"{_fmt(elapsed)} elapsed · ETA {_fmt(eta)}{extra}")
+
+
+def _fmt(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 60:02d}:{seconds % 60:02d}"
+
+
+def _final_report(study: optuna.Study, s: SearchSettings, data: Any, tracker: Any, parent_run_id: str | None,
+                  log: Callable[[str], None]) -> list[Path]:
+    from autokd.study_report import build_report
+
+    running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    if running:
+        log(f"{len(running)} trial(s) still running in other workers; run `autokd report --study {study.study_name}` "
+            "when they finish")
+        return []
+    root = Path(s.root)
+    if scaleout.is_shared_storage(s.storage):
+        if not _claim_report(study, s, root):
+            log(f"study {study.study_name!r}: another worker writes the report")
+            return []
+        # Front trials trained on other machines: their checkpoints come from their MLflow runs.
+        scaleout.fetch_front_checkpoints(study, study_dir(root, study.study_name) / "trials",
+                                         tracker.tracking_uri if tracker.enabled else None, parent_run_id, log)
+        try:
+            result = build_report(study, root, data=data, max_latency_ms=s.max_latency_ms, tracker=tracker,
+                                  parent_run_id=parent_run_id, log=log)
+        except UserError as exc:  # the trials are done; a report can be made later where the checkpoints are
+            log(f"warning: no report: {exc}")
+            return []
+        return result.files if result else []
+    result = build_report(study, root, data=data, max_latency_ms=s.max_latency_ms, tracker=tracker,
+                          parent_run_id=parent_run_id, log=log)
+    return result.files if result else []
+
+
+def _version() -> str:
+    from autokd import __version__
+
+    return __version__

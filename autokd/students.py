@@ -1,0 +1,451 @@
+"""Student architectures: timm families scaled by two multipliers, and their architecture key.
+
+Every family maps ``width`` and ``depth`` the same way: ``width`` scales channel counts / embedding dims
+(rounded to multiples of 8, or of the head dim for ViT), ``depth`` scales the number of blocks in every
+stage (``max(1, round(n * depth))``, half rounds up, so each stage keeps at least one block). ``1.0`` is a
+small base network per family, sized for 16-32 px inputs and a few ms per image on one CPU core (the
+bases with many small ops, MobileNetV3 / EfficientNet / RegNet, keep about half of their timm depth so their
+CPU latency is close to the others'):
+
+============  ========================  ===============================================================
+family        timm entry point          base (width = depth = 1.0); what width / depth set
+============  ========================  ===============================================================
+resnet        ``resnet18``              BasicBlock ``layers=[2,2,2,2]``, ``channels=[32,64,128,256]``,
+                                        deep stem (``stem_type="deep"``, ``stem_width=channels[0]/2``;
+                                        timm's 7x7 stem is fixed at 64 ch). timm strides kept: stem 4,
+                                        total 32 (1x1 last map at 32 px; 16 px works too).
+                                        width: ``channels``, ``stem_width``; depth: ``layers``.
+mobilenetv3   ``autokd_mobilenetv3``    MobileNetV3-Small layout with about half its blocks, one block
+              (registered here)         string per stage: stem 16, ds16, ir24, ir40 x2, ir48, ir96 x2,
+                                        conv 576, head 1024; the ds stage has stride 1, not 2 (total
+                                        stride 16). width: every ``c`` in ``arch_def``, ``stem_size``,
+                                        ``num_features``; depth: every ``r`` but the last 1x1 conv's.
+efficientnet  ``autokd_efficientnet``   EfficientNet-B0 layout at channel multiplier 0.5 with about half
+              (registered here)         its blocks: stem 16, ds8, ir16, ir24, ir40 x2, ir56 x2, ir96 x2,
+                                        ir160, head 640; the ir16 stage has stride 1 (total stride 16).
+                                        width: every ``c``, ``stem_size``, ``num_features``; depth:
+                                        every ``r``.
+regnet        ``autokd_regnet``         RegNetX-200MF (``regnetx_002``): widths [24,56,152,368], group
+              (registered here)         size 8, stem 32, its depths [1,1,4,7] halved to [1,1,2,4].
+                                        timm derives stages from (w0, wa, wm, depth), which cannot scale
+                                        each stage's depth (small depths lose whole stages), so a thin
+                                        ``RegNet`` subclass reads explicit ``stage_widths`` /
+                                        ``stage_depths`` from its config. timm strides kept (total 32).
+                                        width: ``stage_widths``, ``stem_width``; depth: ``stage_depths``.
+convnext      ``convnext_atto``         ``depths=[1,1,3,1]``, ``dims=[32,64,128,256]``, atto's
+                                        ``conv_mlp``, 4x4 patch stem; ``output_stride=16`` (8 below
+                                        16 px): the last stage is dilated, not downsampled, as its
+                                        unpadded 2x2 downsample conv cannot take a 1x1 map.
+                                        width: ``dims``; depth: ``depths``.
+vit           ``vit_tiny_patch16_224``  ``embed_dim=64``, ``depth=6``, head dim 16 (``num_heads=4``),
+                                        ``patch_size=4`` (8 from 64 px, 16 from 128 px),
+                                        ``img_size=input_size``, class token. width: ``embed_dim``
+                                        (multiple of 16), ``num_heads``; depth: ``depth``.
+============  ========================  ===============================================================
+
+The three ``autokd_*`` entry points are registered in timm's model registry when this module is imported,
+so ``timm.create_model`` builds every family. They take resolved counts, not multipliers: the spec's
+``kwargs`` then describe the network itself, and two multipliers that round to the same network share one
+architecture key (and one latency measurement).
+
+For the hint loss, ``forward_with_features`` returns timm's ``forward_features`` output: the last feature
+map ``[B, C, H, W]`` for the conv families; for ViT the patch tokens (prefix tokens dropped) reshaped to
+``[B, C, h, w]`` on the patch grid.
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from functools import partial
+from typing import Any, Callable
+
+import timm
+import torch
+from torch import nn
+from timm.layers import calculate_drop_path_rates, make_divisible
+from timm.models import build_model_with_cfg, register_model
+from timm.models._efficientnet_builder import decode_arch_def, resolve_act_layer, resolve_bn_args, round_channels
+from timm.models._efficientnet_blocks import SqueezeExcite
+from timm.models._registry import generate_default_cfgs
+from timm.models.efficientnet import _create_effnet
+from timm.models.mobilenetv3 import _create_mnv3
+from timm.models.regnet import RegNet, RegNetCfg, adjust_widths_groups_comp, model_cfgs as _regnet_cfgs
+
+from autokd.errors import UserError
+
+MAX_MULTIPLIER = 4.0
+ResolveFn = Callable[[float, float, int], "tuple[str, dict[str, Any]]"]  # (width, depth, input_size)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Family registry
+
+
+@dataclass(frozen=True)
+class Family:
+    """A student family: a name and the function mapping (width, depth, input_size) to timm arguments."""
+
+    name: str
+    resolve: ResolveFn
+
+
+_families: dict[str, Family] = {}
+
+
+def register_family(name: str) -> Callable[[ResolveFn], ResolveFn]:
+    """Register ``fn(width, depth, input_size) -> (timm model name, kwargs)`` as the family ``name``."""
+
+    def decorator(fn: ResolveFn) -> ResolveFn:
+        _families[name] = Family(name=name, resolve=fn)
+        return fn
+
+    return decorator
+
+
+def available_families() -> list[str]:
+    """Names of the registered student families, sorted."""
+    return sorted(_families)
+
+
+def _depth(n: int, depth: float) -> int:
+    # Round half up (not Python's banker's rounding) so 1.5 blocks -> 2 at every call site.
+    return max(1, int(math.floor(n * depth + 0.5)))
+
+
+def _width(c: int, width: float, divisor: int = 8) -> int:
+    return int(make_divisible(c * width, divisor))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# timm entry points for the families whose stock entry points do not take per-stage sizes
+
+default_cfgs = generate_default_cfgs({  # read by timm's register_model: no pretrained weights, small inputs
+    name: {"url": "", "num_classes": 10, "input_size": (3, 32, 32), "pool_size": (1, 1), "crop_pct": 1.0,
+           "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "first_conv": first_conv, "classifier": classifier}
+    for name, first_conv, classifier in [
+        ("autokd_mobilenetv3", "conv_stem", "classifier"),
+        ("autokd_efficientnet", "conv_stem", "classifier"),
+        ("autokd_regnet", "stem.conv", "head.fc"),
+    ]
+})
+
+
+def _no_pretrained(name: str, pretrained: bool) -> None:
+    if pretrained:
+        raise UserError(f"timm model {name!r} is an autokd student layout; it has no pretrained weights "
+                        "(build it with pretrained=False)")
+
+
+@register_model
+def autokd_mobilenetv3(pretrained: bool = False, arch_def: list[list[str]] | None = None, stem_size: int = 16,
+                       num_features: int = 1024, **kwargs: Any) -> nn.Module:
+    """MobileNetV3 from an explicit ``arch_def`` (the recipe of timm's ``_gen_mobilenet_v3``, no multipliers)."""
+    _no_pretrained("autokd_mobilenetv3", pretrained)
+    if arch_def is None:
+        arch_def = _mnv3_arch_def(1.0, 1.0)
+    model_kwargs = dict(
+        block_args=decode_arch_def(arch_def),
+        num_features=num_features,
+        stem_size=stem_size,
+        fix_stem=True,
+        round_chs_fn=round_channels,
+        norm_layer=partial(nn.BatchNorm2d, **resolve_bn_args(kwargs)),
+        act_layer=resolve_act_layer(kwargs, "hard_swish"),
+        se_layer=partial(SqueezeExcite, gate_layer="hard_sigmoid", force_act_layer=nn.ReLU,
+                         rd_round_fn=round_channels),
+        **kwargs,
+    )
+    return _create_mnv3("autokd_mobilenetv3", False, **model_kwargs)
+
+
+@register_model
+def autokd_efficientnet(pretrained: bool = False, arch_def: list[list[str]] | None = None, stem_size: int = 16,
+                        num_features: int = 640, **kwargs: Any) -> nn.Module:
+    """EfficientNet from an explicit ``arch_def`` (the recipe of timm's ``_gen_efficientnet``, no multipliers)."""
+    _no_pretrained("autokd_efficientnet", pretrained)
+    if arch_def is None:
+        arch_def = _effnet_arch_def(1.0, 1.0)
+    model_kwargs = dict(
+        block_args=decode_arch_def(arch_def),
+        num_features=num_features,
+        stem_size=stem_size,
+        fix_stem=True,
+        round_chs_fn=round_channels,
+        act_layer=resolve_act_layer(kwargs, "swish"),
+        norm_layer=kwargs.pop("norm_layer", None) or partial(nn.BatchNorm2d, **resolve_bn_args(kwargs)),
+        **kwargs,
+    )
+    return _create_effnet("autokd_efficientnet", False, **model_kwargs)
+
+
+@dataclass
+class _StagedRegNetCfg(RegNetCfg):
+    """RegNet config with explicit per-stage widths and depths (empty = timm's quasi-linear rule)."""
+
+    stage_widths: tuple[int, ...] = ()
+    stage_depths: tuple[int, ...] = ()
+
+
+class _StagedRegNet(RegNet):
+    """timm RegNet whose stage widths/depths come from the config instead of (w0, wa, wm, depth)."""
+
+    def _get_stage_args(self, cfg: _StagedRegNetCfg, default_stride: int = 2, output_stride: int = 32,
+                        drop_path_rate: float = 0.0) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        per_stage, common = super()._get_stage_args(
+            cfg, default_stride=default_stride, output_stride=output_stride, drop_path_rate=drop_path_rate)
+        if not cfg.stage_widths:
+            return per_stage, common
+        if not (len(cfg.stage_widths) == len(cfg.stage_depths) == len(per_stage)):
+            raise ValueError(f"RegNet needs {len(per_stage)} stage widths and depths, got "
+                             f"{list(cfg.stage_widths)} and {list(cfg.stage_depths)}")
+        widths, groups = adjust_widths_groups_comp(
+            list(cfg.stage_widths), [cfg.bottle_ratio] * len(per_stage), [cfg.group_size] * len(per_stage),
+            min_ratio=cfg.group_min_ratio)
+        dprs = calculate_drop_path_rates(drop_path_rate, list(cfg.stage_depths), stagewise=True)
+        for args, w, g, d, dpr in zip(per_stage, widths, groups, cfg.stage_depths, dprs):
+            args.update(out_chs=w, group_size=g, depth=d, drop_path_rates=dpr)
+        return per_stage, common
+
+
+_REGNET_BASE = "regnetx_002"
+_REGNET_STAGE_WIDTHS = (24, 56, 152, 368)  # what timm derives from regnetx_002's (w0, wa, wm, depth)
+_REGNET_STAGE_DEPTHS = (1, 1, 2, 4)  # regnetx_002 has (1, 1, 4, 7): halved, like the other bases
+
+
+@register_model
+def autokd_regnet(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """RegNetX-200MF with optional explicit ``stage_widths`` / ``stage_depths`` (other RegNetCfg fields too)."""
+    _no_pretrained("autokd_regnet", pretrained)
+    base = {f.name: getattr(_regnet_cfgs[_REGNET_BASE], f.name) for f in fields(RegNetCfg)}
+    cfg = _StagedRegNetCfg(**base)
+    for k in ("stage_widths", "stage_depths"):
+        if k in kwargs:
+            kwargs[k] = tuple(kwargs[k])
+    return build_model_with_cfg(_StagedRegNet, "autokd_regnet", False, model_cfg=cfg, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Families: base layouts and width/depth -> timm kwargs
+
+# (block string with {r} repeats and {c} channels, base repeats, base channels, depth-scaled)
+_MNV3_BASE: list[tuple[str, int, int, bool]] = [
+    ("ds_r{r}_k3_s1_e1_c{c}_se0.25_nre", 1, 16, True),
+    ("ir_r{r}_k3_s2_e4_c{c}_nre", 1, 24, True),
+    ("ir_r{r}_k5_s2_e4_c{c}_se0.25", 2, 40, True),
+    ("ir_r{r}_k5_s1_e3_c{c}_se0.25", 1, 48, True),
+    ("ir_r{r}_k5_s2_e6_c{c}_se0.25", 2, 96, True),
+    ("cn_r{r}_k1_s1_c{c}", 1, 576, False),  # the 1x1 conv before pooling is not a block: never repeated
+]
+_EFFNET_BASE: list[tuple[str, int, int, bool]] = [
+    ("ds_r{r}_k3_s1_e1_c{c}_se0.25", 1, 8, True),
+    ("ir_r{r}_k3_s1_e6_c{c}_se0.25", 1, 16, True),
+    ("ir_r{r}_k5_s2_e6_c{c}_se0.25", 1, 24, True),
+    ("ir_r{r}_k3_s2_e6_c{c}_se0.25", 2, 40, True),
+    ("ir_r{r}_k5_s1_e6_c{c}_se0.25", 2, 56, True),
+    ("ir_r{r}_k5_s2_e6_c{c}_se0.25", 2, 96, True),
+    ("ir_r{r}_k3_s1_e6_c{c}_se0.25", 1, 160, True),
+]
+
+
+def _arch_def(base: list[tuple[str, int, int, bool]], width: float, depth: float) -> list[list[str]]:
+    return [[tmpl.format(r=_depth(r, depth) if scaled else r, c=_width(c, width))]
+            for tmpl, r, c, scaled in base]
+
+
+def _mnv3_arch_def(width: float, depth: float) -> list[list[str]]:
+    return _arch_def(_MNV3_BASE, width, depth)
+
+
+def _effnet_arch_def(width: float, depth: float) -> list[list[str]]:
+    return _arch_def(_EFFNET_BASE, width, depth)
+
+
+@register_family("resnet")
+def _resnet(width: float, depth: float, input_size: int) -> tuple[str, dict[str, Any]]:
+    channels = [_width(c, width) for c in (32, 64, 128, 256)]
+    return "resnet18", {
+        "layers": [_depth(n, depth) for n in (2, 2, 2, 2)],
+        "channels": channels,
+        "stem_type": "deep",
+        "stem_width": _width(channels[0] / 2, 1.0),
+    }
+
+
+@register_family("mobilenetv3")
+def _mobilenetv3(width: float, depth: float, input_size: int) -> tuple[str, dict[str, Any]]:
+    return "autokd_mobilenetv3", {
+        "arch_def": _mnv3_arch_def(width, depth),
+        "stem_size": _width(16, width),
+        "num_features": _width(1024, width),
+    }
+
+
+@register_family("efficientnet")
+def _efficientnet(width: float, depth: float, input_size: int) -> tuple[str, dict[str, Any]]:
+    return "autokd_efficientnet", {
+        "arch_def": _effnet_arch_def(width, depth),
+        "stem_size": _width(16, width),
+        "num_features": _width(640, width),
+    }
+
+
+@register_family("regnet")
+def _regnet(width: float, depth: float, input_size: int) -> tuple[str, dict[str, Any]]:
+    return "autokd_regnet", {
+        "stage_widths": [_width(w, width) for w in _REGNET_STAGE_WIDTHS],
+        "stage_depths": [_depth(d, depth) for d in _REGNET_STAGE_DEPTHS],
+        "stem_width": _width(32, width),
+    }
+
+
+@register_family("convnext")
+def _convnext(width: float, depth: float, input_size: int) -> tuple[str, dict[str, Any]]:
+    # The downsamples are unpadded 2x2 convs: at stride 32 a 16 px input would reach them at 1x1 and fail.
+    return "convnext_atto", {
+        "depths": [_depth(d, depth) for d in (1, 1, 3, 1)],
+        "dims": [_width(c, width) for c in (32, 64, 128, 256)],
+        "output_stride": 16 if input_size >= 16 else 8,
+    }
+
+
+_VIT_HEAD_DIM = 16
+
+
+@register_family("vit")
+def _vit(width: float, depth: float, input_size: int) -> tuple[str, dict[str, Any]]:
+    embed_dim = _width(64, width, _VIT_HEAD_DIM)
+    patch = 4 if input_size < 64 else 8 if input_size < 128 else 16
+    # When input_size is not a multiple of the patch, timm's strided patch conv ignores the < patch border.
+    return "vit_tiny_patch16_224", {
+        "img_size": input_size,
+        "patch_size": patch,
+        "embed_dim": embed_dim,
+        "depth": _depth(6, depth),
+        "num_heads": embed_dim // _VIT_HEAD_DIM,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Specs
+
+
+@dataclass(frozen=True)
+class StudentSpec:
+    """A resolved student: everything needed to rebuild it with ``timm.create_model``."""
+
+    family: str
+    width: float
+    depth: float
+    model_name: str
+    kwargs: dict
+    num_classes: int
+    in_chans: int
+    input_size: int
+
+    @property
+    def key(self) -> str:
+        """Architecture key, e.g. ``resnet-3f2a9c1d0b``: stable across processes; ignores width/depth as such."""
+        ident = json.dumps(
+            {"model_name": self.model_name, "kwargs": self.kwargs, "num_classes": self.num_classes,
+             "in_chans": self.in_chans, "input_size": self.input_size},
+            sort_keys=True, separators=(",", ":"))
+        return f"{self.family}-{hashlib.sha1(ident.encode()).hexdigest()[:10]}"
+
+    def to_dict(self) -> dict:
+        """Plain JSON-serialisable dict (includes ``key`` for readers; ``from_dict`` ignores it)."""
+        d = asdict(self)
+        d["kwargs"] = json.loads(json.dumps(self.kwargs))
+        d["key"] = self.key
+        return d
+
+    @staticmethod
+    def from_dict(d: dict) -> StudentSpec:
+        """Inverse of ``to_dict``."""
+        names = {f.name for f in fields(StudentSpec)}
+        missing = names - set(d)
+        if missing:
+            raise UserError(f"student spec is missing {sorted(missing)}; got keys {sorted(d)}")
+        return StudentSpec(**{k: d[k] for k in names})
+
+
+def _check_multiplier(name: str, value: Any) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok or not math.isfinite(value) or not (0.0 < value <= MAX_MULTIPLIER):
+        raise UserError(f"student {name} multiplier {value!r} is out of range: it must be a finite number "
+                        f"in (0, {MAX_MULTIPLIER:g}] (1.0 = the family's base network)")
+    return float(value)
+
+
+def _check_positive_int(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise UserError(f"student {name} {value!r} is invalid: it must be an integer >= {minimum}")
+    return value
+
+
+def resolve_student(family: str, width: float, depth: float, num_classes: int, in_chans: int,
+                    input_size: int) -> StudentSpec:
+    """Validate the choice and resolve it to timm arguments (no model is built)."""
+    if family not in _families:
+        valid = available_families()
+        close = difflib.get_close_matches(str(family), valid, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise UserError(f"unknown student family {family!r}; valid families: {', '.join(valid)}{hint}")
+    width = _check_multiplier("width", width)
+    depth = _check_multiplier("depth", depth)
+    num_classes = _check_positive_int("num_classes", num_classes, 1)
+    in_chans = _check_positive_int("in_chans", in_chans, 1)
+    input_size = _check_positive_int("input_size", input_size, 8)
+    model_name, kwargs = _families[family].resolve(width, depth, input_size)
+    return StudentSpec(family=family, width=width, depth=depth, model_name=model_name, kwargs=kwargs,
+                       num_classes=num_classes, in_chans=in_chans, input_size=input_size)
+
+
+def build_from_spec(spec: StudentSpec) -> nn.Module:
+    """Build the (randomly initialised) student described by ``spec``."""
+    return timm.create_model(spec.model_name, pretrained=False, num_classes=spec.num_classes,
+                             in_chans=spec.in_chans, **spec.kwargs)
+
+
+def build_student(family: str, width: float, depth: float, num_classes: int, in_chans: int,
+                  input_size: int = 32) -> nn.Module:
+    """``resolve_student`` then ``build_from_spec``."""
+    return build_from_spec(resolve_student(family, width, depth, num_classes, in_chans, input_size))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Features for the hint loss
+
+
+def feature_channels(model: nn.Module) -> int:
+    """Channels of the feature map returned by ``forward_with_features`` (timm's ``num_features``)."""
+    n = getattr(model, "num_features", None)
+    if not isinstance(n, int) or n <= 0:
+        raise TypeError(f"{type(model).__name__} is not a timm classifier with `num_features`")
+    return n
+
+
+def forward_with_features(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, last feature map ``[B, C, H, W]``) from one forward pass; ViT tokens go onto the patch grid."""
+    feats = model.forward_features(x)
+    logits = model.forward_head(feats)
+    if feats.ndim == 3:
+        tokens = feats[:, getattr(model, "num_prefix_tokens", 0):]
+        b, n, c = tokens.shape
+        grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
+        if grid is not None and int(grid[0]) * int(grid[1]) == n:
+            h, w = int(grid[0]), int(grid[1])
+        elif math.isqrt(n) ** 2 == n:
+            h = w = math.isqrt(n)
+        else:
+            h, w = n, 1
+        feats = tokens.transpose(1, 2).reshape(b, c, h, w)
+    return logits, feats
+
+
+__all__ = [
+    "Family", "StudentSpec", "available_families", "build_from_spec", "build_student", "feature_channels",
+    "forward_with_features", "register_family", "resolve_student",
+]

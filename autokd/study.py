@@ -1,0 +1,377 @@
+"""Create, load and resume studies: storage choice, the cross-process study lock, the budget and stale trials.
+
+Storage: the local default is one Optuna journal file shared by all studies (`studies/optuna.journal`), which
+is safe for several worker processes on one machine (the journal backend appends under a file lock, where
+SQLite raises "database is locked") and which `optuna-dashboard studies/optuna.journal` opens directly.
+A `postgresql://` (or any SQLAlchemy) URL selects Optuna's RDB storage, with heartbeats so that a trial of a
+worker that died on another machine is failed and retried.
+
+Dead workers. A worker on this machine that died (kill -9, OOM killer) is found by its pid (`reap_dead_trials`);
+one on another machine by its missing heartbeats (`fail_stale_trials`, RDB storages only). Either way its trial
+is failed, marked requeued and its parameters queued again once. Optuna starts heartbeat threads and checks for
+stale trials only inside `study.optimize`; autokd drives trials with ask/tell, so the worker loop does both
+itself (`start_heartbeat`, `fail_stale_trials`).
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import inspect
+import os
+import socket
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.storages import BaseStorage, JournalStorage, RDBStorage
+from optuna.storages._heartbeat import BaseHeartbeatThread, get_heartbeat_thread, is_heartbeat_enabled
+from optuna.storages.journal import JournalFileBackend
+from optuna.trial import FrozenTrial, TrialState
+
+from autokd.errors import UserError
+
+DIRECTIONS = ["maximize", "minimize"]  # validation accuracy, latency (ms)
+FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+HEARTBEAT_INTERVAL_S = 10
+HEARTBEAT_GRACE_S = 40
+# Overrides of the heartbeat interval / grace period in whole seconds (tests use 1 / 3).
+HEARTBEAT_INTERVAL_ENV = "AUTOKD_HEARTBEAT_INTERVAL"
+HEARTBEAT_GRACE_ENV = "AUTOKD_HEARTBEAT_GRACE"
+# The host name a worker reports in its trials (default: the machine's hostname).
+WORKER_HOST_ENV = "AUTOKD_WORKER_HOST"
+
+# Study user attributes that pin what a study was created with.
+PINNED_ATTRS = ("space_fingerprint", "dataset", "data_fingerprint", "teacher")
+# The settings behind data_fingerprint, named when a resume with other data is refused.
+DATA_SETTINGS = ("dataset", "input_size", "train_limit", "data_dir")
+# Trial user attribute: the trial was interrupted and its parameters queued again, so its retry (the trial
+# with user attribute retry_of) takes its place in the budget.
+REQUEUED_ATTR = "requeued"
+
+
+def journal_path(root: Path) -> Path:
+    """The local journal file shared by all studies under `root`."""
+    return root / "optuna.journal"
+
+
+def storage_url(storage: str | None, root: Path) -> str:
+    """Canonical description of the storage (what `--storage` resolves to), for messages and child workers."""
+    return storage if storage else str(journal_path(root))
+
+
+def make_storage(storage: str | None, root: Path) -> BaseStorage:
+    """Open the Optuna storage: the shared local journal by default, or an RDB URL (PostgreSQL for scale-out)."""
+    if not storage or storage.endswith((".journal", ".log")) or storage.startswith("journal:"):
+        path = Path(storage.removeprefix("journal:")) if storage else journal_path(root)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(JournalFileBackend(str(path)))
+    if "://" not in storage:
+        raise UserError(f"--storage {storage!r}: not a storage URL; valid: a path ending in .journal, "
+                        "sqlite:///FILE.db, or postgresql://USER@HOST/DB")
+    interval, grace = heartbeat_settings()
+    # Several workers opening a fresh database at once would all create Optuna's tables, and all but one fail
+    # (duplicate key in pg_type): the first creates them while the others wait.
+    init_lock = _pg_advisory_lock(storage, "autokd:schema") if storage.startswith("postgresql") else \
+        contextlib.nullcontext()
+    try:
+        with init_lock, warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat_interval
+            return RDBStorage(_sqlalchemy_url(storage), heartbeat_interval=interval, grace_period=grace,
+                              **{_STALE_CALLBACK_ARG: heartbeat_retry_callback},
+                              engine_kwargs={"pool_pre_ping": True} if storage.startswith("postgresql") else None)
+    except Exception as exc:  # noqa: BLE001 - SQLAlchemy raises many kinds; all mean the URL is unusable
+        raise UserError(f"--storage {storage!r}: cannot open the study storage: {exc.__class__.__name__}: "
+                        f"{str(exc).splitlines()[0] if str(exc) else ''}. Check the URL and that the database "
+                        "server answers.") from exc
+
+
+# Optuna 4.9 renamed RDBStorage's failed_trial_callback (deprecated, removed in 6.0) to this.
+_STALE_CALLBACK_ARG = ("heartbeat_stale_trial_callback"
+                       if "heartbeat_stale_trial_callback" in inspect.signature(RDBStorage).parameters
+                       else "failed_trial_callback")
+
+
+def _sqlalchemy_url(url: str) -> str:
+    """`postgresql://` with the PostgreSQL driver that is installed (SQLAlchemy 2.1 assumes psycopg 3)."""
+    if not url.startswith("postgresql://"):
+        return url
+    import importlib.util
+
+    if importlib.util.find_spec("psycopg") is None and importlib.util.find_spec("psycopg2") is not None:
+        return "postgresql+psycopg2://" + url.removeprefix("postgresql://")
+    return url
+
+
+def heartbeat_settings() -> tuple[int, int]:
+    """(interval, grace period) in seconds of the RDB heartbeat; $AUTOKD_HEARTBEAT_INTERVAL/_GRACE override."""
+    values = []
+    for env, default in ((HEARTBEAT_INTERVAL_ENV, HEARTBEAT_INTERVAL_S), (HEARTBEAT_GRACE_ENV, HEARTBEAT_GRACE_S)):
+        text = os.environ.get(env, "").strip()
+        if not text:
+            values.append(default)
+            continue
+        if not text.isdigit() or int(text) < 1:
+            raise UserError(f"${env}={text!r}: must be a whole number of seconds >= 1 (default {default})")
+        values.append(int(text))
+    interval, grace = values
+    if grace <= interval:
+        raise UserError(f"${HEARTBEAT_GRACE_ENV}={grace}: the grace period must be longer than the heartbeat "
+                        f"interval ({interval} s), or live workers' trials would be failed")
+    return interval, grace
+
+
+@contextlib.contextmanager
+def study_lock(storage: str | None, root: Path, study_name: str) -> Iterator[None]:
+    """Exclusive lock over one study, across processes (and machines, on PostgreSQL).
+
+    Held while a worker creates the study, reaps dead workers' trials, and claims a budget slot, so that
+    workers never create two studies, never retry the same dead trial twice, and never overshoot the budget.
+    """
+    if storage and storage.startswith("postgresql"):
+        with _pg_advisory_lock(storage, f"autokd:{study_name}"):
+            yield
+        return
+    lock_dir = root / ".locks"
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    with open(lock_dir / f"{study_name}.lock", "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def _pg_advisory_lock(url: str, name: str) -> Iterator[None]:
+    import psycopg2  # the advisory lock lives in the same database as the study
+
+    key = int.from_bytes(hashlib.sha1(name.encode()).digest()[:8], "big", signed=True)
+    conn = psycopg2.connect(url.replace("postgresql+psycopg2://", "postgresql://"))
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT pg_advisory_lock(%s)", (key,))
+        yield
+    finally:
+        conn.close()  # closing the session releases the advisory lock
+
+
+def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
+    """The Optuna sampler for `--sampler` (tpe, nsga2 or random)."""
+    if name == "tpe":
+        # constant_liar keeps parallel workers from sampling the same point while trials are running.
+        return optuna.samplers.TPESampler(seed=seed, constant_liar=True, n_startup_trials=10)
+    if name == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=20)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    raise UserError(f"--sampler {name!r}: unknown sampler; valid: tpe, nsga2, random")
+
+
+def open_study(name: str, storage: BaseStorage, pinned: dict[str, Any], extra_attrs: dict[str, Any],
+               sampler: optuna.samplers.BaseSampler) -> tuple[optuna.Study, bool]:
+    """Create the study, or load it and check it was made with the same space/dataset/teacher.
+
+    Returns (study, created). Call under `study_lock`. Resuming with a different search space, dataset or
+    teacher is refused: it would silently mix incomparable trials in one front.
+    """
+    try:
+        study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
+    except KeyError:
+        study = optuna.create_study(study_name=name, storage=storage, directions=DIRECTIONS, sampler=sampler)
+        for key, value in {**pinned, **extra_attrs}.items():
+            study.set_user_attr(key, value)
+        return study, True
+    if list(study.directions) != [optuna.study.StudyDirection.MAXIMIZE, optuna.study.StudyDirection.MINIMIZE]:
+        raise UserError(f"study {name!r} exists in the storage but was not created by autokd (its directions "
+                        f"are {[d.name for d in study.directions]}); choose another name with --study")
+    attrs = study.user_attrs
+    for key in PINNED_ATTRS:
+        if key in attrs and key in pinned and attrs[key] != pinned[key]:
+            what = {"space_fingerprint": "search space", "data_fingerprint": "dataset preprocessing/split"}.get(key, key)
+            data = ""
+            if key in ("dataset", "data_fingerprint"):
+                current = {**pinned, **extra_attrs}
+                was = ", ".join(f"{k}={attrs.get(k)}" for k in DATA_SETTINGS)
+                now = ", ".join(f"{k}={current.get(k)}" for k in DATA_SETTINGS)
+                data = f" It was created with {was}; this run has {now}."
+            raise UserError(
+                f"study {name!r} was created with a different {what} ({key}: stored {attrs[key]!r}, now "
+                f"{pinned[key]!r}).{data} Resume it with the original settings (space file: "
+                f"{attrs.get('space_path')}), or start a new study with --study NEW_NAME."
+            )
+    return study, False
+
+
+def budget_used(study: optuna.Study) -> int:
+    """Trials that count against --budget: finished (complete, pruned, failed) plus those running now.
+
+    A trial that was interrupted and queued again (kill -9, SIGTERM, a full disk) does not count: its retry
+    does. Otherwise a crash in the last budget slot would leave its retry queued but never run. A failed trial
+    with a retry (`retry_of`) counts as requeued too: Optuna's own stale-trial check fails a trial before its
+    callback can mark it.
+    """
+    trials = study.get_trials(deepcopy=False)
+    retried = {t.user_attrs.get("retry_of") for t in trials} - {None}
+    states = (*FINISHED_STATES, TrialState.RUNNING)
+    return sum(1 for t in trials if t.state in states and not t.user_attrs.get(REQUEUED_ATTR)
+               and not (t.state == TrialState.FAIL and t.number in retried))
+
+
+def requeue_trial(study: optuna.Study, trial: FrozenTrial | optuna.Trial) -> bool:
+    """Queue an unfinished trial's parameters again (user attribute retry_of) and mark it requeued.
+
+    Call before the trial is told FAIL (a finished trial's attributes cannot change). Returns False when the
+    trial had no parameters yet (it died while sampling), so there is nothing to retry.
+    """
+    if not trial.params:
+        return False
+    study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number}, skip_if_exists=False)
+    study._storage.set_trial_user_attr(trial._trial_id, REQUEUED_ATTR, True)  # noqa: SLF001
+    return True
+
+
+def _proc_start_time(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _node_id() -> str:
+    # Pids are only comparable within one kernel boot and one pid namespace: two containers (or machines)
+    # with the same hostname must not judge each other's workers dead by their pids.
+    parts = []
+    for source in ("/proc/sys/kernel/random/boot_id", "/proc/self/ns/pid"):
+        try:
+            parts.append(os.readlink(source) if source.endswith("/pid") else Path(source).read_text().strip())
+        except OSError:
+            parts.append("?")
+    return ":".join(parts)
+
+
+def worker_host() -> str:
+    """The host name this worker reports in its trials: $AUTOKD_WORKER_HOST, else the machine's hostname."""
+    return os.environ.get(WORKER_HOST_ENV, "").strip() or socket.gethostname()
+
+
+def worker_identity() -> dict[str, Any]:
+    """Who runs a trial: host, pid and the pid's start time (so a reused pid is not mistaken for the worker)."""
+    pid = os.getpid()
+    return {"host": worker_host(), "node": _node_id(), "pid": pid, "start": _proc_start_time(pid),
+            "since": time.time()}
+
+
+def _same_node(worker: dict[str, Any]) -> bool:
+    return worker.get("host") == worker_host() and worker.get("node", _node_id()) == _node_id()
+
+
+def _worker_alive(worker: dict[str, Any]) -> bool:
+    pid = int(worker.get("pid", -1))
+    if pid <= 0:
+        return False
+    start = _proc_start_time(pid)
+    return start is not None and start == worker.get("start")
+
+
+def reap_dead_trials(study: optuna.Study, retry: bool = True) -> list[int]:
+    """Fail RUNNING trials whose worker process on this host is gone (kill -9, power loss) and re-queue them.
+
+    Trials of workers on other hosts are left to the RDB heartbeat (`fail_stale_trials`). Call under
+    `study_lock` so one worker, not several, retries each dead trial. Returns the numbers of the trials it failed.
+    """
+    failed: list[int] = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        worker = trial.user_attrs.get("worker")
+        if not worker or not _same_node(worker) or _worker_alive(worker):
+            continue
+        fail_trial(study, trial, "worker died (process killed while the trial was running)", retry=retry)
+        failed.append(trial.number)
+    return failed
+
+
+def fail_trial(study: optuna.Study, trial: FrozenTrial, reason: str, retry: bool) -> None:
+    """Mark a RUNNING trial of a dead worker as FAIL with `reason`, and enqueue its parameters again.
+
+    A trial that was itself a retry is not queued a second time: a trial that kills its worker (the kernel's
+    OOM killer, say) would otherwise be retried on every restart and the search would never get past it.
+    """
+    storage = study._storage  # noqa: SLF001 - Optuna has no public API to annotate another worker's trial
+    first = trial.user_attrs.get("retry_of")
+    if retry and first is not None:
+        reason += (f"; not queued again: it was already the retry of trial {first} (a trial whose worker keeps "
+                   "dying, e.g. killed by the kernel's OOM killer, is retried once)")
+    storage.set_trial_user_attr(trial._trial_id, "fail_reason", reason)  # noqa: SLF001
+    storage.set_trial_user_attr(trial._trial_id, "autokd_state", "INTERRUPTED")  # noqa: SLF001
+    if retry and first is None:
+        requeue_trial(study, trial)
+    storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)  # noqa: SLF001
+
+
+def fail_stale_trials(study: optuna.Study, retry: bool = True) -> list[int]:
+    """Fail RUNNING trials whose worker, on any machine, sent no heartbeat for the grace period; queue them again.
+
+    The equivalent of `optuna.storages.fail_stale_trials` (which `study.optimize` calls before each ask), except
+    that the trial is marked requeued and annotated *before* it is failed: a finished trial's attributes can no
+    longer change. Only RDB storages have heartbeats; elsewhere this returns []. Call under `study_lock`.
+    """
+    storage = study._storage  # noqa: SLF001 - Optuna's stale-trial query is not public either
+    if not is_heartbeat_enabled(storage):
+        return []
+    _, grace = heartbeat_settings()
+    failed: list[int] = []
+    for trial_id in storage._get_stale_trial_ids(study._study_id):  # noqa: SLF001
+        trial = storage.get_trial(trial_id)
+        if trial.state != TrialState.RUNNING:
+            continue
+        host = (trial.user_attrs.get("worker") or {}).get("host", "an unknown host")
+        try:
+            fail_trial(study, trial, f"worker died: no heartbeat from its worker on {host} for more than {grace} s "
+                       "(process killed, machine down or network cut)", retry=retry)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # its worker finished it after all, just now
+        failed.append(trial.number)
+    return failed
+
+
+def start_heartbeat(study: optuna.Study, trial: optuna.Trial) -> BaseHeartbeatThread:
+    """Start the heartbeat thread of a trial (a no-op thread where the storage has no heartbeat); `.join()` stops it.
+
+    The first beat is recorded before this returns: a trial without any heartbeat is never found stale.
+    """
+    storage = study._storage  # noqa: SLF001
+    if is_heartbeat_enabled(storage):
+        storage.record_heartbeat(trial._trial_id)  # noqa: SLF001
+    thread = get_heartbeat_thread(trial._trial_id, storage)  # noqa: SLF001
+    thread.start()
+    return thread
+
+
+def ask_with_heartbeat(study: optuna.Study) -> tuple[optuna.Trial, BaseHeartbeatThread]:
+    """`study.ask()` plus the trial's heartbeat thread (see `start_heartbeat`); join the thread when it ends.
+
+    Optuna warns that heartbeats are meant for `study.optimize`, which starts the thread itself: here we do.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
+        trial = study.ask()
+    return trial, start_heartbeat(study, trial)
+
+
+def heartbeat_retry_callback(study: optuna.Study, trial: FrozenTrial) -> None:
+    """Optuna's stale-trial hook (its own check, as in `study.optimize`): queue the failed trial's params again.
+
+    autokd's worker loop runs `fail_stale_trials` first, so this only acts on trials Optuna failed itself. The
+    trial is already FAIL and cannot be marked requeued; `budget_used` recognises it by its retry's retry_of.
+    """
+    if trial.params and trial.user_attrs.get("retry_of") is None:
+        study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number}, skip_if_exists=False)
+
+
+def study_dir(root: Path, name: str) -> Path:
+    """Where a study's own files live: trial checkpoints, report, logs."""
+    return root / name

@@ -1,0 +1,153 @@
+"""From a study to its report: trial points, test accuracy of the front (the only use of the test split), files.
+
+`autokd report` and the end of `autokd search` both call `build_report`.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Callable
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from autokd.checkpoint import atomic_write_json, read_checkpoint
+from autokd.errors import UserError
+from autokd.pareto import TrialPoint
+from autokd.report import ReportResult, format_front_table, write_report
+from autokd.study import make_storage, storage_url, study_dir
+
+
+def resolve_study(study_name: str | None, storage: str | None, root: Path) -> optuna.Study:
+    """Load a study for reading; with no name, the only study in the storage or the most recently active one."""
+    store = make_storage(storage, root)
+    summaries = optuna.get_all_study_summaries(store, include_best_trial=False)
+    names = [s.study_name for s in summaries]
+    if study_name is None:
+        if not summaries:
+            raise UserError(f"no study in {storage_url(storage, root)}; run `autokd search` first")
+        recent = max(summaries, key=lambda s: (s.datetime_start.timestamp() if s.datetime_start else 0.0))
+        study_name = recent.study_name
+        if len(summaries) > 1:
+            print(f"(no --study given: using the most recent study {study_name!r}; others: "
+                  f"{', '.join(n for n in names if n != study_name)})")
+    if study_name not in names:
+        import difflib
+
+        close = difflib.get_close_matches(study_name, names, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise UserError(f"--study {study_name!r}: no such study in {storage_url(storage, root)}{hint}; "
+                        f"studies there: {', '.join(names) or 'none'}")
+    return optuna.load_study(study_name=study_name, storage=store)
+
+
+def trial_state(trial: FrozenTrial) -> str:
+    """autokd's state of a trial: COMPLETE, PRUNED, INFEASIBLE, FAIL (incl. interrupted) or RUNNING."""
+    if trial.state == TrialState.RUNNING:
+        return "RUNNING"
+    if trial.state == TrialState.COMPLETE:
+        return "COMPLETE"
+    if trial.state == TrialState.PRUNED:
+        return "INFEASIBLE" if trial.user_attrs.get("autokd_state") == "INFEASIBLE" else "PRUNED"
+    return "FAIL"
+
+
+def trial_points(study: optuna.Study) -> list[TrialPoint]:
+    """Every trial of the study as a report point (params flattened, latency from the user attributes)."""
+    points = []
+    for t in study.get_trials(deepcopy=False):
+        if t.state == TrialState.WAITING:
+            continue
+        state = trial_state(t)
+        latency = (t.user_attrs.get("latency") or {}).get("median_ms")
+        val_acc = t.values[0] if state == "COMPLETE" and t.values else None
+        params = {k[2:]: v for k, v in t.user_attrs.items() if k.startswith("p.")}
+        curve = t.user_attrs.get("curve") or []
+        extra: dict[str, Any] = {"last_val_acc": curve[-1] if curve else None, "epochs": len(curve),
+                                 "arch_key": t.user_attrs.get("arch_key")}
+        if t.user_attrs.get("fail_reason"):
+            extra["reason"] = t.user_attrs["fail_reason"]
+        points.append(TrialPoint(number=t.number, state=state, val_acc=val_acc, latency_ms=latency, params=params,
+                                 extra=extra))
+    return points
+
+
+def study_data(study: optuna.Study, data_dir: str | None = None) -> Any:
+    """Reload the study's dataset exactly as the search saw it (checked against the stored fingerprint)."""
+    from autokd.data import load_dataset
+
+    attrs = study.user_attrs
+    data = load_dataset(attrs.get("dataset", "digits"), data_dir=data_dir or attrs.get("data_dir"),
+                        input_size=attrs.get("input_size"), seed=0, train_limit=attrs.get("train_limit"))
+    if attrs.get("data_fingerprint") and data.fingerprint != attrs["data_fingerprint"]:
+        raise UserError(f"study {study.study_name!r}: the dataset loaded now differs from the one the study was run on "
+                        f"(fingerprint {data.fingerprint} != {attrs['data_fingerprint']})")
+    return data
+
+
+def test_accuracy(study: optuna.Study, number: int, root: Path, data: Any) -> float:
+    """Test accuracy of a completed trial's checkpoint, evaluated once and cached next to it."""
+    from autokd.students import StudentSpec, build_from_spec
+    from autokd.train import evaluate
+
+    trial_dir = study_dir(root, study.study_name) / "trials" / str(number)
+    cache = trial_dir / "test_acc.json"
+    if cache.is_file():
+        return float(json.loads(cache.read_text())["test_acc"])
+    state, config = read_checkpoint(trial_dir, what=f"study {study.study_name!r} trial {number}")
+    model = build_from_spec(StudentSpec.from_dict(config["student"]))
+    model.load_state_dict(state)
+    acc = float(evaluate(model, data.x_test, data.y_test))
+    atomic_write_json(cache, {"test_acc": acc, "data_fingerprint": data.fingerprint})
+    return acc
+
+
+def build_report(study: optuna.Study, root: Path, data: Any | None = None, max_latency_ms: float | None = None,
+                 tolerance_pp: float = 1.0, hv_ref_ms: float | None = None, tracker: Any = None,
+                 parent_run_id: str | None = None, data_dir: str | None = None,
+                 log: Callable[[str], None] = print) -> ReportResult | None:
+    """Write studies/<name>/report/ for the study, print the front table, attach the files to MLflow."""
+    points = trial_points(study)
+    if not any(p.state == "COMPLETE" for p in points):
+        log(f"study {study.study_name!r}: no completed trial yet, no report")
+        return None
+    from autokd.pareto import front_points
+
+    front = front_points(points)
+    if data is None:
+        data = study_data(study, data_dir)
+    for point in front:
+        point.test_acc = test_accuracy(study, point.number, root, data)
+    hv_ref = None
+    if hv_ref_ms is not None:
+        hv_ref = (0.0, float(hv_ref_ms))
+    out_dir = study_dir(root, study.study_name) / "report"
+    result = write_report(points, out_dir, title=f"autokd study {study.study_name}", max_latency_ms=max_latency_ms,
+                          tolerance_pp=tolerance_pp, hv_ref=hv_ref)
+    log(format_front_table(result.front, result.recommendations))
+    log(f"hypervolume {result.hypervolume:.4f} (reference point: accuracy {result.hv_ref[0]}, latency "
+        f"{result.hv_ref[1]:.3f} ms) — report: {out_dir}/report.html")
+    if tracker is None:
+        from autokd.tracking import make_tracker
+
+        uri = study.user_attrs.get("mlflow_tracking_uri")
+        parent_run_id = study.user_attrs.get("mlflow_parent_run_id")
+        tracker = make_tracker(uri, bool(parent_run_id), root, experiment_name=study.study_name) if parent_run_id \
+            else None
+    if tracker is not None and parent_run_id:
+        try:
+            tracker.log_parent_artifacts(parent_run_id, result.files, "report")
+        except Exception as exc:  # noqa: BLE001 - the report on disk is what matters; MLflow is a copy
+            log(f"warning: could not attach the report to MLflow run {parent_run_id}: {exc}")
+    return result
+
+
+def report_command(study_name: str | None, storage: str | None, root: Path, max_latency_ms: float | None,
+                   tolerance_pp: float, hv_ref_ms: float | None, data_dir: str | None) -> ReportResult | None:
+    """`autokd report`."""
+    if not (math.isfinite(tolerance_pp) and tolerance_pp >= 0):
+        raise UserError(f"--tolerance {tolerance_pp}: must be a number >= 0 (accuracy percentage points)")
+    study = resolve_study(study_name, storage, root)
+    return build_report(study, root, max_latency_ms=max_latency_ms, tolerance_pp=tolerance_pp, hv_ref_ms=hv_ref_ms,
+                        data_dir=data_dir)

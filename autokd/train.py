@@ -1,0 +1,179 @@
+"""The distillation loop: one student, one loss, in-memory data, a per-epoch callback.
+
+Deliberately free of Optuna and MLflow: callers observe progress through ``on_epoch`` and stop training by
+raising from it (e.g. ``optuna.TrialPruned``); the exception propagates unchanged.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable
+
+import torch
+from torch import Tensor, nn
+
+from autokd.data import DataSplits, TrainViews, iterate_batches
+from autokd.errors import UserError
+
+if TYPE_CHECKING:
+    from autokd.losses import KDLoss
+    from autokd.teacher import TeacherOutputs
+
+OPTIMIZERS = ("adamw", "sgd")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 0.01
+    weight_decay: float = 5e-4
+    optimizer: str = "adamw"  # "adamw" | "sgd" (momentum 0.9, nesterov)
+    seed: int = 0
+    device: str = "cpu"
+    amp: bool | None = None  # None = bf16 autocast on CUDA only
+    channels_last: bool | None = None  # None = on CUDA only
+    compile: bool = False
+
+
+@dataclass
+class EpochResult:
+    epoch: int  # 1-based
+    train_loss: float  # mean over the epoch's steps
+    val_acc: float
+    lr: float  # learning rate of the epoch's last step
+    seconds: float  # training + validation time of this epoch
+
+
+@dataclass
+class TrainResult:
+    epochs: list[EpochResult] = field(default_factory=list)
+    val_acc: float = 0.0  # last epoch
+    best_val_acc: float = 0.0
+    seconds: float = 0.0
+    teacher_mode: str = "none"  # "cached" | "online" | "none"
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite; the message names the epoch and step."""
+
+
+def distill(student: nn.Module, loss_fn: KDLoss, data: DataSplits, cfg: TrainConfig,
+            teacher: TeacherOutputs | None = None, views: TrainViews | None = None,
+            on_epoch: Callable[[EpochResult], None] | None = None) -> TrainResult:
+    """Train ``student`` with ``loss_fn`` for ``cfg.epochs``; validate after every epoch and call ``on_epoch``.
+
+    Deterministic on CPU for a fixed ``cfg.seed`` (shuffling, augmentation views and anything built here).
+    """
+    if cfg.epochs < 1 or cfg.batch_size < 1:
+        raise UserError(f"epochs and batch_size must be >= 1, got {cfg.epochs} and {cfg.batch_size}.")
+    if cfg.optimizer not in OPTIMIZERS:
+        raise UserError(f"unknown optimizer {cfg.optimizer!r}; valid: {', '.join(OPTIMIZERS)}.")
+    if loss_fn.uses_teacher and teacher is None:
+        raise ValueError(f"loss {type(loss_fn).__name__} needs teacher outputs, got teacher=None")
+    device = torch.device(cfg.device)
+    cuda = device.type == "cuda"
+    amp = cuda if cfg.amp is None else cfg.amp
+    channels_last = cuda if cfg.channels_last is None else cfg.channels_last
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+    torch.manual_seed(cfg.seed)
+    if data.x_train.device != device:
+        data = data.to(device)
+
+    student.to(device)
+    if channels_last:
+        student.to(memory_format=torch.channels_last)
+    if loss_fn.uses_features:
+        from autokd.students import feature_channels, forward_with_features
+
+        if getattr(teacher, "feature_channels", None) is None:
+            raise ValueError("the loss needs teacher features: build the teacher outputs with need_features=True")
+        loss_fn.bind_features(feature_channels(student), teacher.feature_channels)
+    loss_fn.to(device)
+    forward = torch.compile(student) if cfg.compile else student
+
+    # Decay only weight matrices / conv kernels, not norms and biases (as in nanoGPT).
+    params = [p for p in (*student.parameters(), *loss_fn.parameters()) if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    if cfg.optimizer == "sgd":
+        optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=True)
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    n = len(data.y_train)
+    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    total_steps = cfg.epochs * steps_per_epoch
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if amp else contextlib.nullcontext
+    result = TrainResult(teacher_mode=teacher.mode if teacher is not None and loss_fn.uses_teacher else "none")
+    started = time.perf_counter()
+
+    for epoch in range(1, cfg.epochs + 1):
+        t0 = time.perf_counter()
+        student.train()
+        loss_fn.train()
+        view = views.view_for_epoch(epoch) if views is not None else 0
+        loss_sum = torch.zeros((), device=device)
+        for step, idx in enumerate(iterate_batches(n, cfg.batch_size, generator, shuffle=True)):
+            lr = cfg.lr * 0.5 * (1.0 + math.cos(math.pi * ((epoch - 1) * steps_per_epoch + step) / total_steps))
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            idx = idx.to(device, non_blocking=True)
+            x, y = data.x_train[idx], data.y_train[idx]
+            if views is not None:
+                x = views.apply(x, idx, view)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            t_logits = teacher.logits(x, idx, view) if loss_fn.uses_teacher else None
+            t_feats = s_feats = None
+            with autocast():
+                if loss_fn.uses_features:
+                    t_feats = teacher.features(x, idx, view)
+                    s_logits, s_feats = forward_with_features(student, x)
+                else:
+                    s_logits = forward(x)
+            loss = loss_fn(s_logits.float(), t_logits, y, epoch=epoch, student_features=s_feats,
+                           teacher_features=t_feats)
+            if not torch.isfinite(loss):
+                del loss, s_logits, s_feats  # do not keep the graph alive through the traceback
+                raise NonFiniteLossError(f"non-finite training loss at epoch {epoch}, step {step + 1} "
+                                         f"of {steps_per_epoch} (lr {lr:.3g})")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.detach()
+
+        val_acc = evaluate(student, data.x_val, data.y_val, amp=amp)
+        r = EpochResult(epoch=epoch, train_loss=loss_sum.item() / steps_per_epoch, val_acc=val_acc, lr=lr,
+                        seconds=time.perf_counter() - t0)
+        result.epochs.append(r)
+        result.val_acc = val_acc
+        result.best_val_acc = max(result.best_val_acc, val_acc)
+        if on_epoch is not None:
+            on_epoch(r)
+
+    result.seconds = time.perf_counter() - started
+    optimizer.zero_grad(set_to_none=True)
+    student.eval()
+    return result
+
+
+def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 256, amp: bool | None = None) -> float:
+    """Top-1 accuracy of ``model`` on ``(x, y)`` in [0, 1]; eval mode, no autograd, batched.
+
+    The model runs on the device of ``x``; ``amp`` (default: on CUDA) enables bf16 autocast.
+    """
+    if len(y) == 0:
+        return 0.0
+    amp = x.is_cuda if amp is None else amp
+    was_training = model.training
+    model.eval()
+    correct = torch.zeros((), dtype=torch.int64, device=x.device)
+    with torch.inference_mode(), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+        for i in range(0, len(y), batch_size):
+            correct += (model(x[i:i + batch_size]).argmax(dim=1) == y[i:i + batch_size].to(x.device)).sum()
+    model.train(was_training)
+    return correct.item() / len(y)

@@ -1,0 +1,157 @@
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import re
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import autokd.latency as latency
+from autokd.errors import UserError
+from autokd.latency import (
+    LatencyCache,
+    LatencyResult,
+    count_macs,
+    device_signature,
+    measure_cached,
+    measure_latency,
+)
+from autokd.students import build_student, resolve_student
+
+
+def tiny_net() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(8, 3))
+
+
+def result(key: str = "resnet-0123456789", median: float = 1.5) -> LatencyResult:
+    return LatencyResult(median_ms=median, iqr_ms=0.1, runs=10, batch_size=1, threads=1, device="cpu:test",
+                         host="h", params=100, macs=2000, key=key)
+
+
+def test_measure_latency_reports_sensible_numbers() -> None:
+    model = tiny_net().train()
+    threads_before = torch.get_num_threads()
+    r = measure_latency(model, (1, 8, 8), warmup=2, runs=7, key="k")
+    assert r.median_ms > 0 and r.iqr_ms >= 0 and r.runs == 7
+    assert (r.batch_size, r.threads, r.key) == (1, 1, "k")
+    assert r.params == sum(p.numel() for p in model.parameters())
+    assert r.macs == 8 * 9 * 8 * 8 + 8 * 3  # conv + linear, one image
+    assert r.device.startswith("cpu:") and r.host
+    assert torch.get_num_threads() == threads_before and model.training
+
+
+class Sleepy(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        time.sleep(0.02)
+        return x
+
+
+def test_slow_models_get_fewer_runs_but_at_least_ten() -> None:
+    t0 = time.perf_counter()
+    r = measure_latency(Sleepy(), (1, 4, 4), warmup=3, runs=100, budget_s=0.1)
+    assert r.runs == latency.MIN_RUNS
+    assert r.median_ms >= 20
+    assert time.perf_counter() - t0 < 1.5
+
+
+def test_count_macs_grows_with_width() -> None:
+    macs = [count_macs(build_student("resnet", w, 0.25, 10, 1, 16), (1, 16, 16)) for w in (0.25, 0.5, 1.0)]
+    assert 0 < macs[0] < macs[1] < macs[2]
+
+
+def test_count_macs_falls_back_to_zero() -> None:
+    class Broken(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            raise RuntimeError("boom")
+
+    assert count_macs(Broken(), (1, 4, 4)) == 0
+
+
+def test_device_signature() -> None:
+    sig = device_signature("cpu", 1)
+    assert sig == device_signature(torch.device("cpu"), 1)
+    assert re.fullmatch(r"cpu-[a-z0-9-]+-t1", sig)
+    assert device_signature("cpu", 2).endswith("-t2")
+    with pytest.raises(UserError, match="nonsense"):
+        device_signature("nonsense", 1)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error")
+def test_device_signature_without_cuda() -> None:
+    with pytest.raises(UserError, match="CUDA is not available"):
+        device_signature("cuda", 1)
+
+
+def test_cache_round_trip(tmp_path: Path) -> None:
+    cache = LatencyCache(tmp_path)
+    assert cache.get("resnet-0123456789", "cpu-x-t1") is None
+    cache.put(result(), "cpu-x-t1")
+    assert cache.get("resnet-0123456789", "cpu-x-t1") == result()
+    assert cache.get("resnet-0123456789", "cpu-y-t1") is None
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == [
+        "cpu-x-t1", "cpu-x-t1/resnet-0123456789.json"]
+    cache.put(result(median=2.5), "cpu-x-t1")
+    assert cache.get("resnet-0123456789", "cpu-x-t1").median_ms == 2.5
+    assert LatencyResult.from_dict(json.loads(json.dumps(result().to_dict()))) == result()
+
+
+def test_cache_treats_a_corrupt_file_as_a_miss(tmp_path: Path) -> None:
+    cache = LatencyCache(tmp_path)
+    cache.path("vit-1", "sig").parent.mkdir(parents=True)
+    cache.path("vit-1", "sig").write_text("{not json")
+    assert cache.get("vit-1", "sig") is None
+
+
+def test_cache_rejects_unsafe_names(tmp_path: Path) -> None:
+    with pytest.raises(ValueError):
+        LatencyCache(tmp_path).path("../escape", "sig")
+
+
+def _hammer(root: str, n: int, median: float) -> None:
+    cache = LatencyCache(Path(root))
+    for _ in range(n):
+        cache.put(result(median=median), "sig")
+
+
+def test_cache_concurrent_writers_never_expose_partial_files(tmp_path: Path) -> None:
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=_hammer, args=(str(tmp_path), 100, m)) for m in (1.0, 2.0)]
+    for p in procs:
+        p.start()
+    cache = LatencyCache(tmp_path)
+    path = cache.path("resnet-0123456789", "sig")
+    seen = set()
+    while any(p.is_alive() for p in procs):
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            continue
+        seen.add(json.loads(text)["median_ms"])  # a half-written file would fail to parse here
+    for p in procs:
+        p.join()
+        assert p.exitcode == 0
+    assert cache.get("resnet-0123456789", "sig").median_ms in (1.0, 2.0)
+    assert seen <= {1.0, 2.0}
+    assert [p.name for p in (tmp_path / "sig").iterdir()] == ["resnet-0123456789.json"]
+
+
+def test_measure_cached_hits_without_building(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = resolve_student("resnet", 0.25, 0.25, 10, 1, 16)
+    cache = LatencyCache(tmp_path)
+    first, hit = measure_cached(spec, cache, warmup=1, runs=3)
+    assert not hit and first.key == spec.key and first.macs > 0 and first.median_ms > 0
+
+    def no_build(*_: object) -> nn.Module:
+        raise AssertionError("a cache hit must not build the model")
+
+    monkeypatch.setattr(latency, "build_from_spec", no_build)
+    second, hit = measure_cached(spec, cache, warmup=1, runs=3)
+    assert hit and second == first
+    assert (tmp_path / device_signature("cpu", 1) / f"{spec.key}.json").exists()
+    with pytest.raises(AssertionError):  # another batch size is another measurement
+        measure_cached(spec, cache, batch_size=4, warmup=1, runs=3)

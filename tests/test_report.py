@@ -1,0 +1,167 @@
+from __future__ import annotations
+
+import csv
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from autokd.pareto import TrialPoint
+from autokd.report import ReportResult, format_front_table, write_report
+
+FILES = ["report.html", "pareto.png", "front.csv", "summary.md"]
+
+
+def make_points() -> list[TrialPoint]:
+    """A small synthetic study: a 4-point front, dominated completes, pruned/failed/infeasible/running trials."""
+    pts = [
+        TrialPoint(101, "COMPLETE", 0.55, 0.8, {"family": "mobilenetv3", "width": 0.25, "loss": "kd", "temperature": 2.0}, 0.54),
+        TrialPoint(102, "COMPLETE", 0.91, 1.6, {"family": "resnet", "width": 0.5, "loss": "dkd", "beta": 8.0}, 0.90),
+        TrialPoint(103, "COMPLETE", 0.93, 4.0, {"family": "convnext", "width": 0.75, "loss": "kd"}, 0.92),
+        TrialPoint(104, "COMPLETE", 0.94, 9.0, {"family": "vit", "width": 1.0, "loss": "hint", "opt": {"lr": 0.01}}, None),
+        TrialPoint(105, "COMPLETE", 0.80, 3.0, {"family": "regnet", "width": 0.5, "loss": "mse"}, 0.79),
+        TrialPoint(106, "COMPLETE", 0.85, 6.5, {"family": "efficientnet", "width": 0.5, "loss": "ce"}, 0.84),
+        TrialPoint(107, "PRUNED", None, 2.2, {"family": "resnet", "width": 0.25, "loss": "kd"}, extra={"last_val_acc": 0.42}),
+        TrialPoint(108, "PRUNED", None, 5.0, {"family": "vit", "width": 0.5, "loss": "kd"}),  # no last accuracy
+        TrialPoint(109, "FAIL", None, 3.3, {"family": "convnext", "width": 1.0, "loss": "dkd"}),
+        TrialPoint(110, "INFEASIBLE", None, 40.0, {"family": "vit", "width": 1.0, "loss": "kd"}),
+        TrialPoint(111, "RUNNING", None, None, {"family": "resnet", "width": 1.0, "loss": "kd"}),
+    ]
+    return pts
+
+
+FRONT_NUMBERS = [101, 102, 103, 104]
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory: pytest.TempPathFactory) -> tuple[ReportResult, Path]:
+    out = tmp_path_factory.mktemp("report") / "nested" / "report"
+    result = write_report(make_points(), out, title="digits <study> & co", max_latency_ms=5.0, tolerance_pp=1.5)
+    return result, out
+
+
+def test_files_written_atomically(report: tuple[ReportResult, Path]) -> None:
+    result, out = report
+    assert [p.name for p in result.files] == FILES
+    assert sorted(os.listdir(out)) == sorted(FILES)  # no temporary files left behind
+    assert all((out / f).stat().st_size > 0 for f in FILES)
+    assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_result_front_picks_and_hypervolume(report: tuple[ReportResult, Path]) -> None:
+    result, _ = report
+    assert [p.number for p in result.front] == FRONT_NUMBERS
+    recs = {k: (v.number if v else None) for k, v in result.recommendations.items()}
+    # best val acc 0.94, tolerance 1.5 pp -> floor 0.925: trials 103 and 104 qualify, 103 is faster
+    assert recs == {"knee": 102, "best_under_latency": 103, "fastest_within_tolerance": 103}
+    # default reference: accuracy 0, latency 1.1 * 9.0 (slowest COMPLETE) = 9.9 ms
+    assert result.hv_ref == pytest.approx((0.0, 9.9))
+    # (1.6-0.8)*0.55 + (4-1.6)*0.91 + (9-4)*0.93 + (9.9-9)*0.94 = 0.44 + 2.184 + 4.65 + 0.846 = 8.12
+    assert result.hypervolume == pytest.approx(8.12)
+    assert result.counts == {"COMPLETE": 6, "PRUNED": 2, "FAIL": 1, "INFEASIBLE": 1, "RUNNING": 1}
+
+
+def test_html_lists_every_trial_and_is_offline(report: tuple[ReportResult, Path]) -> None:
+    _, out = report
+    text = (out / "report.html").read_text()
+    for p in make_points():
+        assert f'data-v="{p.number}">{p.number}</td>' in text, p.number
+    assert not re.search(r"<script[^>]*\bsrc\s*=\s*[\"']?\s*(https?:)?//", text, re.I)
+    assert not re.search(r"<link[^>]*\bhref\s*=\s*[\"']?\s*(https?:)?//", text, re.I)
+    assert len(text) > 1_000_000 and "Plotly.newPlot" in text  # plotly.js inlined, not referenced
+    assert "digits &lt;study&gt; &amp; co" in text and "<study>" not in text
+    assert "reference point" in text and "9.9 ms" in text
+    assert "table.sortable" in text  # the inline sorting script
+    assert "Not plotted" in text and "trial 108 (PRUNED)" in text and "trial 110 (INFEASIBLE)" in text
+    assert "trial 107" not in text.split("Not plotted")[1].split("</p>")[0]  # drawn at its last accuracy
+
+
+def test_csv_has_front_rows(report: tuple[ReportResult, Path]) -> None:
+    _, out = report
+    with open(out / "front.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["number"]) for r in rows] == FRONT_NUMBERS
+    assert {"val_acc", "test_acc", "latency_ms", "recommendations", "param.family", "param.opt.lr"} <= set(rows[0])
+    by_num = {int(r["number"]): r for r in rows}
+    assert by_num[102]["recommendations"] == "knee"
+    assert by_num[103]["recommendations"] == "best_under_latency;fastest_within_tolerance"
+    assert by_num[104]["test_acc"] == "" and float(by_num[104]["param.opt.lr"]) == 0.01
+    assert float(by_num[101]["val_acc"]) == 0.55
+
+
+def test_summary_mentions_recommendations(report: tuple[ReportResult, Path]) -> None:
+    _, out = report
+    md = (out / "summary.md").read_text()
+    assert "knee" in md and "trial 102" in md
+    assert "best under latency (latency <= 5 ms): trial 103" in md
+    assert "fastest within tolerance (within 1.5 pp" in md
+    assert "hypervolume 8.12" in md and "reference point (accuracy 0, latency 9.9 ms" in md
+    assert "6 COMPLETE, 2 PRUNED, 1 FAIL, 1 INFEASIBLE, 1 RUNNING" in md
+    table = [line for line in md.splitlines() if line.startswith("| ")]
+    assert len(table) == 1 + len(FRONT_NUMBERS)  # header + one row per front trial
+
+
+def test_format_front_table(report: tuple[ReportResult, Path]) -> None:
+    result, _ = report
+    text = format_front_table(result.front, result.recommendations)
+    lines = text.splitlines()
+    assert len(lines) == 2 + len(FRONT_NUMBERS)
+    assert lines[0].split()[:2] == ["trial", "val", "acc"][:2]
+    assert "best_under_latency,fastest_within_tolerance" in text and "knee" in text
+    assert "91.00" in text and "1.600" in text
+    assert "\x1b[" not in text  # plain text
+
+
+def test_hv_ref_override_and_empty_study(tmp_path: Path) -> None:
+    res = write_report(make_points(), tmp_path / "a", title="t", hv_ref=(0.5, 10.0))
+    assert res.hv_ref == (0.5, 10.0)
+    # (1.6-0.8)*0.05 + (4-1.6)*0.41 + (9-4)*0.43 + (10-9)*0.44 = 0.04 + 0.984 + 2.15 + 0.44 = 3.614
+    assert res.hypervolume == pytest.approx(3.614)
+    assert res.recommendations["best_under_latency"] is None
+    assert "given by the caller" in (tmp_path / "a" / "summary.md").read_text()
+
+    only_bad = [TrialPoint(1, "PRUNED", None, 2.0, {}, extra={"last_val_acc": 0.3}), TrialPoint(2, "FAIL", None, None, {})]
+    res2 = write_report(only_bad, tmp_path / "b", title="empty")
+    assert res2.front == [] and res2.hypervolume == 0.0
+    assert all(v is None for v in res2.recommendations.values())
+    assert "Empty" in (tmp_path / "b" / "summary.md").read_text()
+    assert len((tmp_path / "b" / "front.csv").read_text().splitlines()) == 1  # header only
+    assert "empty" in format_front_table([], res2.recommendations)
+
+
+def _chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
+        if path := shutil.which(name):
+            return path
+    return None
+
+
+def test_report_renders_in_headless_browser(report: tuple[ReportResult, Path], tmp_path: Path) -> None:
+    browser = _chromium()
+    if browser is None:
+        pytest.skip("chromium not installed: apt-get install chromium")
+    _, out = report
+    url = (out / "report.html").resolve().as_uri()
+    common = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+              "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
+              "--virtual-time-budget=5000"]
+    dom = subprocess.run([*common, f"--user-data-dir={tmp_path / 'p1'}", "--dump-dom", url],
+                         capture_output=True, text=True, timeout=180)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    assert "main-svg" in dom.stdout and "scatterlayer" in dom.stdout
+    # one rendered point per plotted trial: 3 non-front trials with accuracy + 4 front + 3 pick markers
+    assert dom.stdout.count('class="point"') >= 10
+
+    png = tmp_path / "shot.png"
+    shot = subprocess.run([*common, f"--user-data-dir={tmp_path / 'p2'}", f"--screenshot={png}",
+                           "--window-size=1200,900", url], capture_output=True, text=True, timeout=180)
+    assert shot.returncode == 0 and png.exists(), shot.stderr[-2000:]
+    import numpy as np
+    from matplotlib.image import imread
+
+    img = imread(png)
+    colors = np.unique((img[..., :3] * 255).astype(np.uint8).reshape(-1, 3), axis=0)
+    assert len(colors) > 50, f"screenshot looks blank ({len(colors)} distinct colours)"

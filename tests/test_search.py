@@ -1,0 +1,167 @@
+"""End-to-end tests of `autokd search` on a tiny real study (digits subset, tiny students, tiny teacher)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import optuna
+import pytest
+
+from autokd.cli import main
+from autokd.config import SearchSettings
+from autokd.errors import UserError
+from autokd.search import run_search
+from autokd.study import make_storage
+from autokd.study_report import trial_points
+
+pytestmark = pytest.mark.slow
+
+# One fixed architecture: every trial has the same (cached) latency, so who is pruned depends only on the
+# accuracy at each rung — deterministic on CPU — while the learning rate spreads accuracies far apart.
+TINY_SPACE = """
+name: tiny
+epochs: 4
+input_size: 16
+students:
+  width: 0.25
+  depth: 0.25
+  families: [resnet]
+losses:
+  ce: {}
+  kd: {temperature: {low: 2.0, high: 4.0}, alpha: 0.7}
+optimizer:
+  name: adamw
+  lr: {low: 0.00001, high: 0.03, log: true}
+  weight_decay: 0.0001
+batch_size: 32
+pruning: {eta: 2, min_epoch: 1, min_peers: 2}
+"""
+
+
+def settings(tmp_path: Path, tiny_teacher: tuple[str, Path], space: Path, **overrides: object) -> SearchSettings:
+    arch, ckpt = tiny_teacher
+    base = dict(budget=8, space=space, dataset="digits", teacher=arch, teacher_checkpoint=str(ckpt),
+                sampler="random", seed=3, mlflow=False, train_limit=160, root=tmp_path / "studies", device="cpu")
+    base.update(overrides)
+    return SearchSettings(**base)  # type: ignore[arg-type]
+
+
+@pytest.fixture()
+def space_file(tmp_path: Path) -> Path:
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY_SPACE)
+    return path
+
+
+def load(tmp_path: Path, name: str = "digits-tiny") -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=make_storage(None, tmp_path / "studies"))
+
+
+def test_search_budget_states_pruning_and_top_up(tmp_path: Path, tiny_teacher: tuple[str, Path],
+                                                 space_file: Path) -> None:
+    summary = run_search(settings(tmp_path, tiny_teacher, space_file), log=lambda msg: None)
+    study = load(tmp_path)
+    finished = [t for t in study.trials if t.state.is_finished()]
+    assert len(finished) == 8 == summary.finished_in_study
+    states = [p.state for p in trial_points(study)]
+    assert states.count("COMPLETE") >= 2
+    assert states.count("PRUNED") >= 1, states
+    assert "FAIL" not in states
+    # Pruned trials keep their learning curve, stop early, and never enter the front.
+    front_numbers = {t.number for t in study.best_trials}
+    for t in finished:
+        if t.state == optuna.trial.TrialState.PRUNED:
+            assert t.number not in front_numbers
+            assert 1 <= len(t.user_attrs["curve"]) < 4
+            assert "pruned_at_epoch" in t.user_attrs
+        else:
+            assert len(t.user_attrs["curve"]) == 4
+            assert (tmp_path / "studies" / "digits-tiny" / "trials" / str(t.number) / "model.safetensors").is_file()
+    # Latency measured once for the single architecture; every other trial is a cache hit.
+    hits = [t.user_attrs["latency"]["cache_hit"] for t in sorted(finished, key=lambda t: t.number)]
+    assert hits[0] is False and all(hits[1:])
+    # The report was written at the end of the search.
+    report = tmp_path / "studies" / "digits-tiny" / "report"
+    assert (report / "report.html").is_file() and (report / "front.csv").is_file()
+
+    # Rerunning with a larger budget tops the same study up; it does not start a new one.
+    run_search(settings(tmp_path, tiny_teacher, space_file, budget=10), log=lambda msg: None)
+    study = load(tmp_path)
+    assert len([t for t in study.trials if t.state.is_finished()]) == 10
+    assert len(optuna.get_all_study_summaries(make_storage(None, tmp_path / "studies"))) == 1
+    # Same budget again: nothing to do.
+    again = run_search(settings(tmp_path, tiny_teacher, space_file, budget=10), log=lambda msg: None)
+    assert again.outcomes == []
+
+
+def test_resume_with_changed_space_is_refused(tmp_path: Path, tiny_teacher: tuple[str, Path],
+                                              space_file: Path) -> None:
+    run_search(settings(tmp_path, tiny_teacher, space_file, budget=1), log=lambda msg: None)
+    space_file.write_text(TINY_SPACE.replace("epochs: 4", "epochs: 5"))
+    with pytest.raises(UserError, match="different search space"):
+        run_search(settings(tmp_path, tiny_teacher, space_file, budget=2), log=lambda msg: None)
+    assert len(load(tmp_path).trials) == 1
+
+
+def test_max_latency_rejects_before_training(tmp_path: Path, tiny_teacher: tuple[str, Path],
+                                             space_file: Path) -> None:
+    run_search(settings(tmp_path, tiny_teacher, space_file, budget=2, max_latency_ms=1e-6), log=lambda msg: None)
+    study = load(tmp_path)
+    points = trial_points(study)
+    assert [p.state for p in points] == ["INFEASIBLE", "INFEASIBLE"]
+    for t in study.trials:
+        assert "curve" not in t.user_attrs  # never trained
+        assert "latency" in t.user_attrs
+    assert not (tmp_path / "studies" / "digits-tiny" / "trials").exists()
+
+
+def test_cli_bad_space_exits_2_before_any_study(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nstudents: {families: [resnett]}\nlosses: {ce: {}}\n")
+    code = main(["--root", str(tmp_path / "studies"), "search", "--space", str(bad), "--budget", "1", "--no-mlflow"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert str(bad) in err and "resnett" in err and "did you mean 'resnet'" in err
+    assert not (tmp_path / "studies" / "optuna.journal").exists()
+
+
+def run_cli(argv: list[str]) -> int:
+    """main() returns the exit code; argparse's own errors raise SystemExit(2)."""
+    try:
+        return main(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (["--dataset", "digitz"], "digitz"),
+        (["--budget", "0"], "--budget"),
+        (["--teacher", "resnet_nope"], "resnet_nope"),
+        (["--teacher-checkpoint", "/no/such/teacher.safetensors"], "/no/such/teacher.safetensors"),
+        (["--device", "tpu"], "--device"),
+        (["--sampler", "cmaes"], "cmaes"),
+        (["--space", "/no/such/space.yaml"], "/no/such/space.yaml"),
+    ],
+)
+def test_cli_bad_inputs_exit_2_before_any_study(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                argv: list[str], fragment: str) -> None:
+    root = tmp_path / "studies"
+    code = run_cli(["--root", str(root), "search", *argv, "--no-mlflow", "--train-limit", "60"])
+    assert code == 2
+    assert fragment in capsys.readouterr().err
+    assert not (root / "optuna.journal").exists()
+
+
+def test_distill_command_end_to_end(tmp_path: Path, tiny_teacher: tuple[str, Path]) -> None:
+    arch, ckpt = tiny_teacher
+    out = tmp_path / "student"
+    code = main(["--root", str(tmp_path / "studies"), "distill", "--family", "resnet", "--width", "0.25", "--depth",
+                 "0.25", "--loss", "kd", "--temperature", "4", "--alpha", "0.9", "--epochs", "2", "--teacher", arch,
+                 "--teacher-checkpoint", str(ckpt), "--out", str(out), "--input-size", "16", "--device", "cpu"])
+    assert code == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["loss"] == "kd" and config["loss_params"] == {"temperature": 4.0, "alpha": 0.9}
+    assert 0.0 <= config["test_acc"] <= 1.0 and config["val_acc"] > 0.2
+    assert (out / "model.safetensors").stat().st_size > 0

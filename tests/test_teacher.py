@@ -1,0 +1,206 @@
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+from autokd.data import TrainViews, load_dataset
+from autokd.errors import UserError
+from autokd.losses import build_loss
+from autokd.teacher import (
+    DEFAULT_TEACHERS,
+    OnlineTeacherOutputs,
+    Teacher,
+    TeacherRecipe,
+    get_teacher,
+    teacher_outputs,
+)
+from autokd.train import TrainConfig, distill
+
+ARCH = "test_resnet"  # timm's tiny test network: keeps teacher training to a second or two
+RECIPE = TeacherRecipe(epochs=2, batch_size=32, lr=1e-2)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return load_dataset("digits", input_size=16, train_limit=96)
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("teachers")
+
+
+@pytest.fixture(scope="module")
+def teacher(data, teacher_dir: Path) -> Teacher:
+    t = get_teacher(data, arch=ARCH, cache_root=teacher_dir, recipe=RECIPE, log=lambda m: None)
+    assert t.trained
+    return t
+
+
+def test_defaults_cover_builtin_datasets() -> None:
+    from autokd.data import available_datasets
+
+    assert set(available_datasets()) <= set(DEFAULT_TEACHERS)
+    assert all(timm.is_model(a) for a in DEFAULT_TEACHERS.values())
+
+
+def test_trained_teacher_is_cached_and_reused(data, teacher: Teacher, teacher_dir: Path) -> None:
+    assert teacher.path is not None and teacher.path.name == "model.safetensors"
+    meta = json.loads((teacher.path.parent / "meta.json").read_text())
+    assert meta["arch"] == ARCH and meta["data_fingerprint"] == data.fingerprint
+    assert meta["recipe"]["epochs"] == 2 and meta["val_acc"] == teacher.val_acc
+    assert not list(teacher.path.parent.glob("*.tmp"))
+
+    logs: list[str] = []
+    again = get_teacher(data, arch=ARCH, cache_root=teacher_dir, recipe=RECIPE, log=logs.append)
+    assert not again.trained and "cache" in logs[-1]
+    assert again.fingerprint == teacher.fingerprint and again.val_acc == teacher.val_acc
+    for a, b in zip(again.model.state_dict().values(), teacher.model.state_dict().values()):
+        assert torch.equal(a, b)
+    # The recipe is part of the key: another recipe is another teacher.
+    other = TeacherRecipe(epochs=1, batch_size=32, lr=1e-2)
+    assert get_teacher(data, arch=ARCH, cache_root=teacher_dir, recipe=other, log=logs.append).trained
+
+
+def test_concurrent_callers_train_once(data, tmp_path: Path) -> None:
+    results: list[Teacher] = []
+    recipe = TeacherRecipe(epochs=1, batch_size=48, lr=1e-2)
+
+    def work() -> None:
+        results.append(get_teacher(data, arch=ARCH, cache_root=tmp_path, recipe=recipe, log=lambda m: None))
+
+    threads = [threading.Thread(target=work) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(r.trained for r in results) == [False, True]
+
+
+def test_unknown_arch_suggests_close_names(data, tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="resnet18"):
+        get_teacher(data, arch="resnet19", cache_root=tmp_path)
+
+
+def test_load_checkpoint(data, teacher: Teacher, tmp_path: Path) -> None:
+    loaded = get_teacher(data, arch=ARCH, checkpoint=str(teacher.path), cache_root=tmp_path, log=lambda m: None)
+    assert loaded.val_acc == pytest.approx(teacher.val_acc) and not loaded.trained
+    assert loaded.fingerprint == hashlib.sha1(teacher.path.read_bytes()).hexdigest()
+    pt = tmp_path / "teacher.pt"
+    torch.save({"state_dict": teacher.model.state_dict()}, pt)
+    assert get_teacher(data, arch=ARCH, checkpoint=str(pt), log=lambda m: None).val_acc == pytest.approx(
+        teacher.val_acc)
+    # The arch comes from meta.json when the checkpoint lives in an autokd teacher directory.
+    assert get_teacher(data, checkpoint=str(teacher.path), log=lambda m: None).arch == ARCH
+
+
+@pytest.mark.faults
+def test_bad_checkpoints(data, teacher: Teacher, tmp_path: Path) -> None:
+    raw = teacher.path.read_bytes()
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(UserError, match="truncated.safetensors"):
+        get_teacher(data, arch=ARCH, checkpoint=str(truncated))
+
+    pt = tmp_path / "model.pt"
+    torch.save(teacher.model.state_dict(), pt)
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(pt.read_bytes()[:1000])
+    with pytest.raises(UserError, match="cut.pt"):
+        get_teacher(data, arch=ARCH, checkpoint=str(cut))
+
+    with pytest.raises(UserError, match="missing keys|unexpected keys") as e:
+        get_teacher(data, arch="resnet10t", checkpoint=str(pt))
+    assert "model.pt" in str(e.value)
+
+    other = timm.create_model(ARCH, num_classes=5, in_chans=1)
+    wrong = tmp_path / "five_classes.pt"
+    torch.save(other.state_dict(), wrong)
+    with pytest.raises(UserError, match="shape mismatch.*fc"):
+        get_teacher(data, arch=ARCH, checkpoint=str(wrong))
+
+    with pytest.raises(UserError, match="does not exist"):
+        get_teacher(data, arch=ARCH, checkpoint=str(tmp_path / "nope.pt"))
+
+
+def test_pretrained_without_local_weights_is_a_user_error(data, tmp_path: Path, monkeypatch) -> None:
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))  # an empty hub cache
+    with pytest.raises(UserError, match="not available locally"):
+        get_teacher(data, arch=ARCH, pretrained=True, cache_root=tmp_path, recipe=RECIPE, log=lambda m: None)
+
+
+def test_corrupt_cache_entry_is_retrained(data, tmp_path: Path) -> None:
+    recipe = TeacherRecipe(epochs=1, batch_size=48, lr=1e-2)
+    first = get_teacher(data, arch=ARCH, cache_root=tmp_path, recipe=recipe, log=lambda m: None)
+    first.path.write_bytes(b"garbage")
+    logs: list[str] = []
+    again = get_teacher(data, arch=ARCH, cache_root=tmp_path, recipe=recipe, log=logs.append)
+    assert again.trained and any("unreadable" in m for m in logs)
+
+
+def test_cached_and_online_outputs_agree(data, teacher: Teacher, teacher_dir: Path) -> None:
+    views = TrainViews(num_views=3, seed=1, max_shift=2, hflip=True)
+    logs: list[str] = []
+    cached = teacher_outputs(teacher, data, views, cache_root=teacher_dir, need_features=True, log=logs.append)
+    assert cached.mode == "cached" and "computed" in logs[-1]
+    files = list((teacher_dir / "outputs").glob("*.pt"))
+    assert len(files) == 1
+    stored = torch.load(files[0], weights_only=True)
+    assert stored["logits"].shape == (3, len(data.y_train), 10)
+
+    online = OnlineTeacherOutputs(teacher.model, need_features=True)
+    assert cached.feature_channels == online.feature_channels
+    idx = torch.tensor([5, 0, 77, 31, 64])
+    kd = build_loss("kd", alpha=0.7, temperature=4.0)
+    for view in range(3):
+        x = views.apply(data.x_train[idx], idx, view)
+        c, o = cached.logits(x, idx, view), online.logits(x, idx, view)
+        assert torch.allclose(c, o, atol=1e-5)
+        assert torch.allclose(cached.features(x, idx, view), online.features(x, idx, view), atol=1e-5)
+        s = torch.randn(len(idx), 10)
+        assert torch.allclose(kd(s, c, data.y_train[idx]), kd(s, o, data.y_train[idx]), atol=1e-6)
+
+    again = teacher_outputs(teacher, data, views, cache_root=teacher_dir, need_features=True, log=logs.append)
+    assert "reusing" in logs[-1] and torch.equal(again.logits(None, idx, 2), cached.logits(None, idx, 2))
+
+
+def test_distill_same_with_cached_or_online_teacher(data, teacher: Teacher, teacher_dir: Path) -> None:
+    views = TrainViews(num_views=2, seed=0)
+    cached = teacher_outputs(teacher, data, views, cache_root=teacher_dir, log=lambda m: None)
+    online = OnlineTeacherOutputs(teacher.model)
+    cfg = TrainConfig(epochs=2, batch_size=32, lr=0.01)
+
+    def run(outputs) -> list[float]:
+        torch.manual_seed(0)
+        student = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, stride=2), torch.nn.ReLU(), torch.nn.Flatten(),
+                                      torch.nn.Linear(8 * 7 * 7, 10))
+        r = distill(student, build_loss("kd"), data, cfg, teacher=outputs, views=views)
+        assert r.teacher_mode == outputs.mode
+        return [e.train_loss for e in r.epochs]
+
+    assert run(cached) == pytest.approx(run(online), rel=1e-4)
+
+
+def test_feature_cache_over_limit_falls_back_to_online(data, teacher: Teacher, tmp_path: Path) -> None:
+    logs: list[str] = []
+    out = teacher_outputs(teacher, data, TrainViews(0), cache_root=tmp_path, need_features=True,
+                          log=logs.append, max_feature_bytes=1)
+    assert out.mode == "online" and "online" in logs[-1]
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_corrupt_outputs_cache_is_recomputed(data, teacher: Teacher, tmp_path: Path) -> None:
+    teacher_outputs(teacher, data, TrainViews(0), cache_root=tmp_path, log=lambda m: None)
+    (path,) = (tmp_path / "outputs").glob("*.pt")
+    path.write_bytes(path.read_bytes()[:100])
+    logs: list[str] = []
+    out = teacher_outputs(teacher, data, TrainViews(0), cache_root=tmp_path, log=logs.append)
+    assert out.mode == "cached" and any("unreadable" in m for m in logs)

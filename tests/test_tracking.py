@@ -1,0 +1,327 @@
+"""autokd.tracking against real MLflow stores: a local SQLite store and a real `mlflow server` process."""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from autokd.errors import UserError
+from autokd.tracking import (
+    TERMINAL_STATUS,
+    Tracker,
+    TrialRun,
+    default_tracking_uri,
+    make_tracker,
+    ui_command,
+)
+from conftest import free_port, mlflow_rest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def migrated_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An MLflow SQLite database with its schema already created (migrations take seconds per fresh file)."""
+    from mlflow.tracking import MlflowClient
+
+    db = tmp_path_factory.mktemp("template") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{db}").search_experiments(max_results=1)
+    return db
+
+
+@pytest.fixture
+def studies(tmp_path: Path, migrated_db: Path) -> Path:
+    """A studies root whose local MLflow store is ready to use."""
+    root = tmp_path / "studies"
+    root.mkdir()
+    shutil.copy(migrated_db, root / "mlflow.db")
+    return root
+
+
+def _log_study(tracker: Tracker, tmp_path: Path) -> dict[str, str]:
+    """The logging a two-trial search does; returns the run ids."""
+    parent = tracker.create_parent_run("s1", {"autokd.dataset": "digits"}, {"budget": 2, "long": "x" * 7000})
+    assert parent
+    report = tmp_path / "report.md"
+    report.write_text("# front\n")
+    tracker.log_parent_artifacts(parent, [report])
+    runs = {}
+    for n in (0, 1):
+        run = tracker.start_trial(parent, n, {"lr": 0.01 * (n + 1), "family": "resnet"}, {"autokd.arch": f"resnet-{n}"})
+        run.log_epoch(1, {"val_acc": 0.5, "train_loss": 1.0})
+        run.log_epoch(2, {"val_acc": 0.75, "train_loss": 0.5})
+        run.log_params({"width": 0.5})
+        run.set_tags({"autokd.key": f"k{n}"})
+        runs[f"trial{n}"] = run.run_id
+        if n == 0:
+            run.log_metrics({"latency_ms": 1.5})
+            art = tmp_path / "trial0"
+            art.mkdir()
+            (art / "spec.json").write_text("{}")
+            run.log_artifacts(art, "student")
+            run.end("COMPLETE")
+            run.end("FAIL", "ignored: already ended")  # idempotent
+        else:
+            run.end("FAIL", "non-finite loss at epoch 2")
+    runs["parent"] = parent
+    return runs
+
+
+def test_local_store_parent_and_children(tmp_path: Path, studies: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlflow.tracking import MlflowClient
+
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    tracker = make_tracker(None, True, studies, "s1")
+    assert tracker.enabled
+    assert tracker.tracking_uri == default_tracking_uri(studies) == f"sqlite:///{studies.resolve() / 'mlflow.db'}"
+    ids = _log_study(tracker, tmp_path)
+
+    client = MlflowClient(tracking_uri=tracker.tracking_uri)
+    parent = client.get_run(ids["parent"])
+    assert parent.info.status == "FINISHED"  # a container, never left RUNNING
+    assert parent.info.run_name == "s1"
+    assert parent.data.tags["autokd.role"] == "parent" and parent.data.tags["autokd.study"] == "s1"
+    assert parent.data.tags["autokd.dataset"] == "digits"
+    assert parent.data.params["budget"] == "2"
+    assert len(parent.data.params["long"]) == 6000  # truncated to MLflow's limit, not rejected
+    assert [a.path for a in client.list_artifacts(ids["parent"], "report")] == ["report/report.md"]
+
+    t0, t1 = client.get_run(ids["trial0"]), client.get_run(ids["trial1"])
+    assert (t0.info.status, t1.info.status) == ("FINISHED", "FAILED")
+    assert t0.info.run_name == "trial-0" and t1.info.run_name == "trial-1"
+    for n, run in enumerate((t0, t1)):
+        tags = run.data.tags
+        assert tags["mlflow.parentRunId"] == ids["parent"]
+        assert tags["autokd.role"] == "trial" and tags["autokd.trial"] == str(n) and tags["autokd.study"] == "s1"
+        assert tags["autokd.arch"] == f"resnet-{n}" and tags["autokd.key"] == f"k{n}"
+        assert run.data.params == {"lr": str(0.01 * (n + 1)), "family": "resnet", "width": "0.5"}
+        history = client.get_metric_history(run.info.run_id, "val_acc")
+        assert [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)] == [(1, 0.5), (2, 0.75)]
+    assert t0.data.tags["autokd.state"] == "COMPLETE" and "autokd.fail_reason" not in t0.data.tags
+    assert t1.data.tags["autokd.state"] == "FAIL"
+    assert t1.data.tags["autokd.fail_reason"] == "non-finite loss at epoch 2"
+    assert t0.data.metrics["latency_ms"] == 1.5
+    assert [a.path for a in client.list_artifacts(ids["trial0"], "student")] == ["student/spec.json"]
+
+    # artifacts live with the studies, nothing lands in the working directory
+    assert list((studies / "mlartifacts" / "s1").rglob("spec.json"))
+    assert list(cwd.iterdir()) == []
+
+    # a second tracker (next invocation / other worker) reuses the experiment
+    again = make_tracker(None, True, studies, "s1")
+    assert again.experiment_id == tracker.experiment_id
+    assert again.parent_run_exists(ids["parent"])
+    assert not again.parent_run_exists("0" * 32)
+    client.delete_run(ids["parent"])
+    assert not again.parent_run_exists(ids["parent"])
+    other = make_tracker(None, True, studies, "s2")
+    assert other.experiment_id != tracker.experiment_id
+    assert not other.parent_run_exists(ids["trial0"])  # a run of another study is not our parent
+
+
+def test_close_stale_runs(studies: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    tracker = make_tracker(None, True, studies, "stale")
+    parent = tracker.create_parent_run("stale", {}, {})
+    runs = [tracker.start_trial(parent, n, {}, {}) for n in range(5)]
+    runs[4].end("PRUNED")
+    states = {0: "FAIL", 1: "RUNNING", 2: "COMPLETE", 4: "PRUNED"}  # 3 is unknown to the study
+    assert tracker.close_stale_runs(parent, states) == 3
+    assert tracker.close_stale_runs(parent, states) == 0  # nothing left to close
+    client = MlflowClient(tracking_uri=tracker.tracking_uri)
+    got = {n: client.get_run(r.run_id) for n, r in enumerate(runs)}
+    assert {n: r.info.status for n, r in got.items()} == {
+        0: "KILLED", 1: "RUNNING", 2: "FINISHED", 3: "KILLED", 4: "FINISHED"}
+    assert "worker died" in got[0].data.tags["autokd.fail_reason"]
+    assert got[0].data.tags["autokd.state"] == "FAIL"
+    assert got[2].data.tags["autokd.state"] == "COMPLETE" and "autokd.fail_reason" not in got[2].data.tags
+    assert got[3].data.tags["autokd.state"] == "UNKNOWN"
+    assert tracker.close_stale_runs(None, states) == 0
+
+
+_WORKER = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    import mlflow.tracking  # the slow import, before the start line
+    from autokd.tracking import make_tracker
+    studies, parent, trial, epochs, hang = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+    print("ready", flush=True)
+    sys.stdin.readline()  # go
+    tracker = make_tracker(None, True, Path(studies), "conc")
+    run = tracker.start_trial(parent, trial, {"trial": trial}, {})
+    for epoch in range(1, epochs + 1):
+        run.log_epoch(epoch, {"val_acc": epoch / epochs, "train_loss": 1.0 / epoch})
+    print(run.run_id, flush=True)
+    if hang == "hang":
+        time.sleep(600)
+    run.end("COMPLETE")
+""")
+
+
+def _spawn(args: list[str]) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, "-c", _WORKER, *args], cwd=REPO, env=env, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready", proc.stderr.read()[-3000:]
+    return proc
+
+
+def _go(proc: subprocess.Popen) -> None:
+    proc.stdin.write("go\n")
+    proc.stdin.flush()
+
+
+def test_two_processes_on_a_fresh_local_store(tmp_path: Path) -> None:
+    """Two workers open a brand-new SQLite store at the same instant (schema creation race) and log together."""
+    from mlflow.tracking import MlflowClient
+
+    studies = tmp_path / "studies"
+    procs = [_spawn([str(studies), "", str(n), "30", "no"]) for n in range(2)]
+    for proc in procs:  # both past `import mlflow`: they open the fresh store at the same moment
+        _go(proc)
+    outs = [p.communicate(timeout=300) for p in procs]
+    for proc, (out, err) in zip(procs, outs):
+        assert proc.returncode == 0, err[-3000:]
+        assert "failed" not in err and "locked" not in err, err[-3000:]
+    client = MlflowClient(tracking_uri=default_tracking_uri(studies))
+    for out, _ in outs:
+        run = client.get_run(out.strip())
+        assert run.info.status == "FINISHED"
+        assert len(client.get_metric_history(run.info.run_id, "val_acc")) == 30
+
+
+@pytest.mark.faults
+def test_close_stale_runs_after_kill_9(studies: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    tracker = make_tracker(None, True, studies, "conc")
+    parent = tracker.create_parent_run("conc", {}, {})
+    proc = _spawn([str(studies), parent, "0", "2", "hang"])
+    try:
+        _go(proc)
+        run_id = proc.stdout.readline().strip()
+        assert run_id, proc.stderr.read()[-3000:]
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    client = MlflowClient(tracking_uri=tracker.tracking_uri)
+    assert client.get_run(run_id).info.status == "RUNNING"  # the dead worker could not end it
+    # what Optuna reports for a trial whose worker died: FAIL
+    assert tracker.close_stale_runs(parent, {0: "FAIL"}) == 1
+    run = client.get_run(run_id)
+    assert run.info.status == "KILLED"
+    assert run.data.tags["autokd.fail_reason"]
+    assert [m.step for m in client.get_metric_history(run_id, "val_acc")] == [1, 2]
+
+
+def test_noop_tracker_does_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    tracker = make_tracker(None, False, tmp_path / "studies", "off")
+    assert type(tracker) is Tracker and not tracker.enabled and tracker.tracking_uri is None
+    assert tracker.create_parent_run("off", {"a": "b"}, {"x": 1}) is None
+    assert not tracker.parent_run_exists("abc")
+    run = tracker.start_trial(None, 0, {"lr": 0.1}, {})
+    assert type(run) is TrialRun and run.run_id == ""
+    run.log_epoch(1, {"val_acc": 0.5})
+    run.log_metrics({"latency_ms": 1.0})
+    run.log_params({"a": 1})
+    run.set_tags({"t": "v"})
+    run.log_artifacts(tmp_path)
+    run.end("COMPLETE")
+    assert tracker.close_stale_runs(None, {0: "FAIL"}) == 0
+    tracker.log_parent_artifacts("", [tmp_path / "nope"])
+    tracker.end_parent("")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_end_rejects_unknown_state(studies: Path) -> None:
+    tracker = make_tracker(None, True, studies, "states")
+    run = tracker.start_trial(None, 0, {}, {})
+    with pytest.raises(ValueError, match="DONE"):
+        run.end("DONE")
+    run.end("INTERRUPTED", "Ctrl-C")
+    from mlflow.tracking import MlflowClient
+
+    got = MlflowClient(tracking_uri=tracker.tracking_uri).get_run(run.run_id)
+    assert got.info.status == TERMINAL_STATUS["INTERRUPTED"] == "KILLED"
+    assert "mlflow.parentRunId" not in got.data.tags
+
+
+def test_trial_logging_failures_only_warn(studies: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A run that vanished mid-trial (deleted in the UI) must not fail the trial."""
+    from mlflow.tracking import MlflowClient
+
+    tracker = make_tracker(None, True, studies, "gone")
+    run = tracker.start_trial(None, 0, {}, {})
+    MlflowClient(tracking_uri=tracker.tracking_uri).delete_run(run.run_id)
+    with caplog.at_level(logging.WARNING, logger="autokd.tracking"):
+        run.log_epoch(1, {"val_acc": 0.5, "bad": "not a number"})
+        run.end("COMPLETE")
+    text = caplog.text
+    assert "non-numeric" in text and "log_epoch 1" in text and "continuing without it" in text
+
+
+def test_unreachable_server_is_a_user_error(tmp_path: Path) -> None:
+    uri = f"http://127.0.0.1:{free_port()}"
+    t0 = time.monotonic()
+    with pytest.raises(UserError) as err:
+        make_tracker(uri, True, tmp_path / "studies", "x")
+    assert uri in str(err.value) and "--no-mlflow" in str(err.value) and "Start it" in str(err.value)
+    assert time.monotonic() - t0 < 30
+    assert not (tmp_path / "studies").exists()
+
+
+def test_unusable_store_is_a_user_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    uri = (tmp_path / "mlruns").as_uri()
+    with pytest.raises(UserError, match="--no-mlflow") as err:
+        make_tracker(uri, True, tmp_path / "studies", "x")
+    assert uri in str(err.value)
+
+
+def test_ui_command(tmp_path: Path) -> None:
+    uri = default_tracking_uri(tmp_path)
+    cmd = ui_command(uri, port=5123)
+    assert cmd[:4] == [sys.executable, "-m", "mlflow", "ui"]
+    assert cmd[cmd.index("--backend-store-uri") + 1] == uri
+    assert cmd[cmd.index("--port") + 1] == "5123" and cmd[cmd.index("--host") + 1] == "127.0.0.1"
+    with pytest.raises(UserError, match="browser"):
+        ui_command("http://127.0.0.1:5000")
+
+
+@pytest.mark.slow
+def test_tracking_server(mlflow_server: str, tmp_path: Path) -> None:
+    studies = tmp_path / "studies"
+    tracker = make_tracker(mlflow_server, True, studies, "srv-study")
+    assert tracker.enabled and tracker.tracking_uri == mlflow_server
+    ids = _log_study(tracker, tmp_path)
+    stale = tracker.start_trial(ids["parent"], 2, {}, {})
+    assert tracker.close_stale_runs(ids["parent"], {0: "COMPLETE", 1: "FAIL", 2: "FAIL"}) == 1
+
+    found = mlflow_rest(mlflow_server, "runs/search", {"experiment_ids": [tracker.experiment_id], "max_results": 50})
+    runs = {r["info"]["run_id"]: r for r in found["runs"]}
+    status = {rid: r["info"]["status"] for rid, r in runs.items()}
+    assert status == {ids["parent"]: "FINISHED", ids["trial0"]: "FINISHED", ids["trial1"]: "FAILED",
+                      stale.run_id: "KILLED"}
+    tags = {t["key"]: t["value"] for t in runs[ids["trial1"]]["data"]["tags"]}
+    assert tags["mlflow.parentRunId"] == ids["parent"] and tags["autokd.fail_reason"] == "non-finite loss at epoch 2"
+    history = mlflow_rest(mlflow_server, "metrics/get-history", query={"run_id": ids["trial0"], "metric_key": "val_acc"})
+    assert sorted(m["step"] for m in history["metrics"]) == [1, 2]
+    listed = mlflow_rest(mlflow_server, "artifacts/list", query={"run_id": ids["parent"], "path": "report"})
+    assert [f["path"] for f in listed["files"]] == ["report/report.md"]
+    assert not studies.exists()  # the server stores everything; nothing local
+    with urllib.request.urlopen(mlflow_server + "/", timeout=30) as resp:
+        assert resp.status == 200

@@ -1,0 +1,128 @@
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from autokd.data import TrainViews, load_dataset
+from autokd.errors import UserError
+from autokd.losses import build_loss
+from autokd.teacher import CachedTeacherOutputs, OnlineTeacherOutputs
+from autokd.train import EpochResult, NonFiniteLossError, TrainConfig, distill, evaluate
+
+
+class TinyNet(nn.Module):
+    """A few-hundred-parameter CNN with timm's forward_features/forward_head/num_features interface."""
+
+    def __init__(self, in_chans: int = 1, num_classes: int = 10, width: int = 8, nan: bool = False) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_chans, width, 3, stride=2, padding=1)
+        self.bn = nn.BatchNorm2d(width)
+        self.fc = nn.Linear(width * 16, num_classes)
+        self.num_features = width
+        self.nan = nan
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.bn(self.conv(x)))
+
+    def forward_head(self, f: torch.Tensor) -> torch.Tensor:
+        out = self.fc(F.adaptive_avg_pool2d(f, 4).flatten(1))
+        return out * float("nan") if self.nan else out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+@pytest.fixture(scope="module")
+def data():
+    return load_dataset("digits", input_size=16, train_limit=120)
+
+
+def _student(seed: int = 0, **kw) -> TinyNet:
+    torch.manual_seed(seed)
+    return TinyNet(**kw)
+
+
+CFG = TrainConfig(epochs=2, batch_size=32, lr=0.02)
+
+
+def test_distill_learns_and_reports_every_epoch(data) -> None:
+    seen: list[EpochResult] = []
+    result = distill(_student(), build_loss("ce"), data, CFG, on_epoch=seen.append)
+    assert [r.epoch for r in seen] == [1, 2] and result.epochs == seen
+    assert result.val_acc == seen[-1].val_acc > 0.3  # chance is 0.1
+    assert result.best_val_acc == max(r.val_acc for r in seen)
+    assert result.teacher_mode == "none" and result.seconds > 0
+    assert seen[1].train_loss < seen[0].train_loss
+    assert 0 < seen[1].lr < seen[0].lr < CFG.lr  # cosine, per step
+
+
+def test_distill_is_deterministic(data) -> None:
+    views = TrainViews(num_views=2, max_shift=1)
+
+    def run(seed: int) -> list[tuple[float, float]]:
+        cfg = TrainConfig(epochs=2, batch_size=32, lr=0.02, seed=seed)
+        r = distill(_student(), build_loss("ce"), data, cfg, views=views)
+        return [(e.train_loss, e.val_acc) for e in r.epochs]
+
+    first = run(0)
+    assert run(0) == first
+    assert run(1) != first
+
+
+def test_sgd_and_bad_optimizer(data) -> None:
+    cfg = TrainConfig(epochs=1, batch_size=32, lr=0.05, optimizer="sgd")
+    assert distill(_student(), build_loss("ce"), data, cfg).epochs[0].train_loss > 0
+    with pytest.raises(UserError, match="adamw"):
+        distill(_student(), build_loss("ce"), data, TrainConfig(optimizer="lion"))
+
+
+def test_non_finite_loss_names_epoch_and_step(data) -> None:
+    with pytest.raises(NonFiniteLossError, match=r"epoch 1, step 1\b"):
+        distill(_student(nan=True), build_loss("ce"), data, CFG)
+
+
+def test_on_epoch_exception_propagates(data) -> None:
+    class Stop(Exception):
+        pass
+
+    calls: list[int] = []
+
+    def on_epoch(r: EpochResult) -> None:
+        calls.append(r.epoch)
+        raise Stop
+
+    with pytest.raises(Stop):
+        distill(_student(), build_loss("ce"), data, CFG, on_epoch=on_epoch)
+    assert calls == [1]
+
+
+def test_kd_from_cached_teacher(data) -> None:
+    # A "teacher" that is sure of the true label: KD alone must teach the student the labels.
+    logits = F.one_hot(data.y_train, 10).float()[None] * 8
+    teacher = CachedTeacherOutputs(logits)
+    result = distill(_student(), build_loss("kd", alpha=1.0, temperature=2.0), data, CFG, teacher=teacher)
+    assert result.teacher_mode == "cached" and result.val_acc > 0.3
+    with pytest.raises(ValueError, match="teacher"):
+        distill(_student(), build_loss("kd"), data, CFG)
+
+
+def test_hint_loss_trains_adapter_with_online_teacher(data) -> None:
+    torch.manual_seed(1)
+    teacher = OnlineTeacherOutputs(TinyNet(width=12), need_features=True)
+    loss_fn = build_loss("hint", alpha=0.5, beta=1.0)
+    result = distill(_student(), loss_fn, data, TrainConfig(epochs=1, batch_size=32), teacher=teacher)
+    assert result.teacher_mode == "online"
+    assert loss_fn.adapter.in_channels == 8 and loss_fn.adapter.out_channels == 12
+    assert loss_fn.adapter.weight.grad is None  # released at the end
+    assert torch.isfinite(torch.tensor(result.epochs[0].train_loss))
+
+
+def test_evaluate(data) -> None:
+    model = _student()
+    model.train()
+    acc = evaluate(model, data.x_val, data.y_val, batch_size=7)
+    assert 0.0 <= acc <= 1.0 and model.training
+    preds = model.eval()(data.x_val).argmax(1)
+    assert acc == pytest.approx((preds == data.y_val).float().mean().item())
