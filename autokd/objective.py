@@ -75,7 +75,7 @@ class TrialContext:
     latency_threads: int = 1
     latency_batch: int = 1
     latency_lock: Callable[[], Any] | None = None  # context-manager factory serialising latency measurement
-    train_lock: Callable[[], Any] | None = None  # shared lock held while training an epoch
+    train_lock: Callable[[], Any] | None = None  # shared hold while training (yields a TrainingHold)
     shared_latency: Any = None  # scaleout.StudyLatency: one measurement per architecture for all machines
     max_latency_ms: float | None = None
     max_epochs: int | None = None
@@ -261,10 +261,10 @@ def _train(study: optuna.Study, trial: optuna.Trial, ctx: TrialContext, params: 
     tracked = timings.get("tracking_s", 0.0)
     try:
         # Shared CPU gate: a worker measuring latency on this machine waits until no one trains.
-        with ctx.train_lock() if ctx.train_lock else contextlib.nullcontext():
+        with ctx.train_lock() if ctx.train_lock else contextlib.nullcontext() as hold:
             result = distill(student, loss_fn, ctx.data, cfg,
                              teacher=ctx.teacher_outputs if loss_fn.uses_teacher else None, views=ctx.views,
-                             on_epoch=on_epoch)
+                             on_epoch=on_epoch, on_step=hold.pause_point if hold is not None else None)
     finally:  # also for pruned trials, which leave from inside on_epoch
         timings["train_s"] = time.perf_counter() - t0 - bookkeeping["s"]
         timings["epoch_bookkeeping_s"] = bookkeeping["s"] - (timings.get("tracking_s", 0.0) - tracked)

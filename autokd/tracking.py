@@ -38,7 +38,9 @@ import os
 import re
 import socket
 import sys
+import threading
 import time
+from collections import deque
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -163,6 +165,9 @@ class TrialRun:
     def log_artifacts(self, local_dir: Path, artifact_path: str | None = None) -> None:
         """Upload every file under ``local_dir``."""
 
+    def flush(self) -> None:
+        """Wait until everything logged so far is in the store (``end`` does this itself)."""
+
     def end(self, state: str, reason: str | None = None) -> None:
         """End the run with the MLflow status for autokd ``state`` (see TERMINAL_STATUS); idempotent."""
 
@@ -224,6 +229,58 @@ def _call(what: str, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T | N
     return _attempt(what, fn, *args, **kwargs)[1]
 
 
+class _CallQueue:
+    """Runs MLflow calls in order on one daemon thread, so per-epoch logging does not stall training.
+
+    A SQLite or HTTP round trip costs ~10 ms per call, and a trial makes about ten of them; run in line they
+    were half of a default search's bookkeeping. A trial's run drains the queue in ``end()``, so once a trial
+    is over everything it logged is in the store (a ``kill -9`` loses at most the calls still queued; its run
+    is closed as KILLED on the next start anyway). Calls go through ``_call``, which never raises.
+    """
+
+    def __init__(self) -> None:
+        self._pending: deque[tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]] = deque()
+        self._unfinished = 0
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        """Queue ``fn(*args, **kwargs)`` behind the calls submitted before it."""
+        with self._cond:
+            self._pending.append((fn, args, kwargs))
+            self._unfinished += 1
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._work, name="autokd-mlflow", daemon=True)
+                self._thread.start()
+            self._cond.notify_all()
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending:
+                    self._cond.wait()
+                fn, args, kwargs = self._pending.popleft()
+            try:
+                fn(*args, **kwargs)
+            except BaseException:  # noqa: BLE001 - keep the writer alive; _call already warns on errors
+                logger.exception("MLflow: a queued call failed")
+            finally:
+                with self._cond:
+                    self._unfinished -= 1
+                    self._cond.notify_all()
+
+    def drain(self, timeout: float = 300.0) -> bool:
+        """Wait until every submitted call has run; False if ``timeout`` seconds passed first."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._unfinished:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(min(left, 1.0))
+        return True
+
+
 def _metric_list(metrics: dict[str, float], step: int, what: str) -> list[Any]:
     from mlflow.entities import Metric
 
@@ -238,16 +295,27 @@ def _metric_list(metrics: dict[str, float], step: int, what: str) -> list[Any]:
 
 
 class MlflowTrialRun(TrialRun):
-    """A child run in MLflow; every call is retried once, then only warns."""
+    """A child run in MLflow; every call is retried once, then only warns.
 
-    def __init__(self, client: Any, run_id: str) -> None:
+    With ``calls``, they run in the background on that queue (in order) and ``end`` waits for them, so a
+    finished trial's run is complete in the store; without, every call runs in line.
+    """
+
+    def __init__(self, client: Any, run_id: str, calls: _CallQueue | None = None) -> None:
         self._client = client
         self.run_id = run_id
         self._ended = False
+        self._calls = calls
+
+    def _submit(self, *call: Any, **kwargs: Any) -> None:
+        if self._calls is None:
+            _call(*call, **kwargs)
+        else:
+            self._calls.submit(_call, *call, **kwargs)
 
     def _log_batch(self, what: str, metrics: list[Any] = (), params: list[Any] = (), tags: list[Any] = ()) -> None:
-        _call(f"{what} (run {self.run_id})", self._client.log_batch, self.run_id,
-              metrics=list(metrics), params=list(params), tags=list(tags))
+        self._submit(f"{what} (run {self.run_id})", self._client.log_batch, self.run_id,
+                     metrics=list(metrics), params=list(params), tags=list(tags))
 
     def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
         items = _metric_list(metrics, epoch, "log_epoch")
@@ -274,8 +342,12 @@ class MlflowTrialRun(TrialRun):
             self._log_batch("set_tags", tags=chunk)
 
     def log_artifacts(self, local_dir: Path, artifact_path: str | None = None) -> None:
-        _call(f"log_artifacts {local_dir} (run {self.run_id})", self._client.log_artifacts,
-              self.run_id, str(local_dir), artifact_path)
+        self._submit(f"log_artifacts {local_dir} (run {self.run_id})", self._client.log_artifacts,
+                     self.run_id, str(local_dir), artifact_path)
+
+    def flush(self) -> None:
+        if self._calls is not None and not self._calls.drain():
+            logger.warning("MLflow: run %s still has calls queued after 300 s; going on", self.run_id)
 
     def end(self, state: str, reason: str | None = None) -> None:
         if state not in TERMINAL_STATUS:
@@ -287,8 +359,9 @@ class MlflowTrialRun(TrialRun):
         if reason:
             tags[FAIL_REASON_TAG] = reason
         self.set_tags(tags)
-        _call(f"end run {self.run_id} as {TERMINAL_STATUS[state]}", self._client.set_terminated,
-              self.run_id, TERMINAL_STATUS[state])
+        self._submit(f"end run {self.run_id} as {TERMINAL_STATUS[state]}", self._client.set_terminated,
+                     self.run_id, TERMINAL_STATUS[state])
+        self.flush()
 
 
 class MlflowTracker(Tracker):
@@ -302,6 +375,7 @@ class MlflowTracker(Tracker):
         self.tracking_uri = tracking_uri
         self.experiment_id = experiment_id
         self.study_name = experiment_name
+        self._calls = _CallQueue()  # one background writer for all trial runs of this worker
 
     def create_parent_run(self, study_name: str, tags: dict[str, str], params: dict[str, object]) -> str | None:
         self.study_name = study_name
@@ -339,7 +413,7 @@ class MlflowTracker(Tracker):
                     run_name=f"trial-{trial_number}", tags=all_tags)
         if run is None:
             return TrialRun()
-        trial_run = MlflowTrialRun(self._client, run.info.run_id)
+        trial_run = MlflowTrialRun(self._client, run.info.run_id, self._calls)
         trial_run.log_params(params)
         return trial_run
 

@@ -62,8 +62,12 @@ class NonFiniteLossError(RuntimeError):
 
 def distill(student: nn.Module, loss_fn: KDLoss, data: DataSplits, cfg: TrainConfig,
             teacher: TeacherOutputs | None = None, views: TrainViews | None = None,
-            on_epoch: Callable[[EpochResult], None] | None = None) -> TrainResult:
+            on_epoch: Callable[[EpochResult], None] | None = None,
+            on_step: Callable[[], None] | None = None) -> TrainResult:
     """Train ``student`` with ``loss_fn`` for ``cfg.epochs``; validate after every epoch and call ``on_epoch``.
+
+    ``on_step`` is called after every optimizer step (a search uses it to let a waiting latency measurement
+    onto the CPU between two steps, see :class:`autokd.locks.TrainingHold`).
 
     Deterministic on CPU for a fixed ``cfg.seed`` (shuffling, augmentation views and anything built here).
     """
@@ -145,6 +149,8 @@ def distill(student: nn.Module, loss_fn: KDLoss, data: DataSplits, cfg: TrainCon
             loss.backward()
             optimizer.step()
             loss_sum += loss.detach()
+            if on_step is not None:
+                on_step()
 
         val_acc = evaluate(student, data.x_val, data.y_val, amp=amp)
         r = EpochResult(epoch=epoch, train_loss=loss_sum.item() / steps_per_epoch, val_acc=val_acc, lr=lr,

@@ -62,9 +62,10 @@ def _fail_one_trial(monkeypatch: pytest.MonkeyPatch, seed: int) -> None:
     real = objective.distill
 
     def distill(student: Any, loss_fn: Any, data: Any, cfg: Any, teacher: Any = None, views: Any = None,
-                on_epoch: Any = None) -> Any:
+                on_epoch: Any = None, on_step: Any = None) -> Any:
         if cfg.seed != seed + FAIL_TRIAL:  # run_trial trains with seed + trial number
-            return real(student, loss_fn, data, cfg, teacher=teacher, views=views, on_epoch=on_epoch)
+            return real(student, loss_fn, data, cfg, teacher=teacher, views=views, on_epoch=on_epoch,
+                        on_step=on_step)
 
         def failing(result: Any) -> None:
             on_epoch(result)

@@ -164,6 +164,7 @@ _WORKER = textwrap.dedent("""
     run = tracker.start_trial(parent, trial, {"trial": trial}, {})
     for epoch in range(1, epochs + 1):
         run.log_epoch(epoch, {"val_acc": epoch / epochs, "train_loss": 1.0 / epoch})
+    run.flush()  # logging runs in the background: what a kill -9 may lose is only what is still queued
     print(run.run_id, flush=True)
     if hang == "hang":
         time.sleep(600)
