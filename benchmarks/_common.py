@@ -15,15 +15,19 @@ REPO = Path(__file__).resolve().parent.parent
 WARM_TEACHERS = Path(tempfile.gettempdir()) / "autokd-bench-teachers"
 
 
-def fresh_root(prefix: str) -> Path:
+def fresh_root(prefix: str, latency_cache: Path | None = None) -> Path:
     """A new empty outputs root whose teacher cache is shared with the other benchmark runs.
 
     The teacher is trained once (the first run pays for it); every arm of a comparison then starts from the
-    same cached teacher, so the ratios compare the search, not teacher training.
+    same cached teacher, so the ratios compare the search, not teacher training. With `latency_cache`, the
+    arms also share one latency cache: an architecture is timed once and both arms see the same latency.
     """
     root = Path(tempfile.mkdtemp(prefix=f"autokd-bench-{prefix}-"))
     WARM_TEACHERS.mkdir(parents=True, exist_ok=True)
     os.symlink(WARM_TEACHERS, root / "teachers")
+    if latency_cache is not None:
+        latency_cache.mkdir(parents=True, exist_ok=True)
+        os.symlink(latency_cache, root / "latency_cache")
     return root
 
 
