@@ -40,6 +40,7 @@ from torch import nn
 from autokd.checkpoint import (CONFIG_FILE, WEIGHTS_FILE, atomic_save_tensors, atomic_write_bytes,
                                atomic_write_json, read_checkpoint)
 from autokd.errors import UserError
+from autokd.study import sampled_params
 
 FORMATS = ("safetensors", "onnx", "torchscript")
 ONNX_FILE = "model.onnx"
@@ -387,7 +388,7 @@ def verify_files(folder: Path, formats: list[str], reference: nn.Module, x: torc
 def _distillation(cfg: dict[str, Any], ft: FrozenTrial, study: optuna.Study) -> dict[str, Any]:
     from autokd.space import TrialParams
 
-    flat = cfg.get("params") or {k[2:]: v for k, v in ft.user_attrs.items() if k.startswith("p.")}
+    flat = cfg.get("params") or sampled_params(ft.user_attrs)
     out: dict[str, Any] = {"teacher": cfg.get("teacher") or study.user_attrs.get("teacher"),
                            "teacher_id": study.user_attrs.get("teacher"),
                            "teacher_val_acc": study.user_attrs.get("teacher_val_acc")}

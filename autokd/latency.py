@@ -167,7 +167,10 @@ def measure_latency(model: nn.Module, input_shape: tuple[int, int, int], device:
         model.to(dev).eval()
         params = count_params(model)
         macs = count_macs(model, input_shape)
-        x = torch.randn(batch_size, *input_shape, device=dev)
+        # A private generator: timing a model must not move the caller's random stream (a trial builds its
+        # student, times it, then trains it; a cached latency must not give different training from a fresh one).
+        inputs_rng = torch.Generator(device=dev).manual_seed(0)
+        x = torch.randn(batch_size, *input_shape, device=dev, generator=inputs_rng)
         gc.disable()  # a collection in the middle of a timed run is noise, not model latency
         with torch.inference_mode():
             warm_times: list[float] = []
@@ -247,14 +250,20 @@ def _cache_key(spec: StudentSpec, batch_size: int) -> str:
 
 
 def measure_cached(spec: StudentSpec, cache: LatencyCache, device: str | torch.device = "cpu",
-                   batch_size: int = 1, threads: int = 1, **measure_kwargs: Any) -> tuple[LatencyResult, bool]:
-    """(result, cache_hit): the cached latency of ``spec`` on this device, measuring (and building) on a miss."""
+                   batch_size: int = 1, threads: int = 1, model: nn.Module | None = None,
+                   **measure_kwargs: Any) -> tuple[LatencyResult, bool]:
+    """(result, cache_hit): the cached latency of ``spec`` on this device, measuring on a miss.
+
+    ``model`` is ``spec`` already built (a trial builds its student once and times that one); without it a
+    miss builds one.
+    """
     sig = device_signature(device, threads)
     key = _cache_key(spec, batch_size)
     hit = cache.get(key, sig)
     if hit is not None:
         return hit, True
-    model = build_from_spec(spec)
+    if model is None:
+        model = build_from_spec(spec)
     result = measure_latency(model, (spec.in_chans, spec.input_size, spec.input_size), device=device,
                              batch_size=batch_size, threads=threads, key=key, **measure_kwargs)
     cache.put(result, sig)

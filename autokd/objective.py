@@ -26,7 +26,7 @@ from autokd.data import DataSplits, TrainViews
 from autokd.latency import LatencyCache, LatencyResult, measure_cached
 from autokd.losses import build_loss
 from autokd.space import SearchSpace, TrialParams, sample
-from autokd.study import requeue_trial
+from autokd.study import PARAMS_ATTR, requeue_trial
 from autokd.students import StudentSpec, build_from_spec, resolve_student
 from autokd.teacher import TeacherOutputs
 from autokd.tracking import Tracker
@@ -96,6 +96,7 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, ctx: TrialContext) -> Tr
     started = time.perf_counter()
     outcome = TrialOutcome(number=trial.number, state="FAIL")
     run = None
+    student = None
     timings: dict[str, float] = {}
     try:
         t0 = time.perf_counter()
@@ -103,14 +104,22 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, ctx: TrialContext) -> Tr
         outcome.params = params
         spec = resolve_student(params.family, params.width, params.depth, num_classes=ctx.data.num_classes,
                                in_chans=ctx.data.in_chans, input_size=ctx.data.input_size)
-        for key, value in params.flat().items():
-            trial.set_user_attr(f"p.{key}", value)
+        # One storage write for all sampled values (a journal append each): read back with sampled_params().
+        trial.set_user_attr(PARAMS_ATTR, params.flat())
         trial.set_user_attr("arch_key", spec.key)
         trial.set_user_attr("timm", {"model_name": spec.model_name, "kwargs": spec.kwargs})
         timings["sample_s"] = time.perf_counter() - t0
 
+        # The student is built once, before its latency is measured, and the same module is then trained. Its
+        # initial weights come from the trial's seed, not from whatever this process drew before (earlier
+        # trials, latency inputs): the same command gives the same trials, also in-process and after a resume.
         t0 = time.perf_counter()
-        latency = _measure(spec, ctx)
+        torch.manual_seed(ctx.seed + trial.number)
+        student = build_from_spec(spec)
+        timings["build_s"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        latency = _measure(spec, ctx, student)
         timings["latency_s"] = time.perf_counter() - t0
         outcome.latency_ms = latency[0].median_ms
         outcome.latency_cache_hit = latency[1]
@@ -134,7 +143,7 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, ctx: TrialContext) -> Tr
             run.end("INFEASIBLE", outcome.reason)
             return outcome
 
-        outcome = _train(study, trial, ctx, params, spec, latency[0], run, outcome, timings)
+        outcome = _train(study, trial, ctx, params, spec, student, latency[0], run, outcome, timings)
         return outcome
     except optuna.TrialPruned:
         outcome.state = "PRUNED"
@@ -165,6 +174,7 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, ctx: TrialContext) -> Tr
     finally:
         outcome.seconds = time.perf_counter() - started
         outcome.timings = timings
+        student = None  # drop this frame's reference before the collection (and the CUDA allocator's purge)
         _release_memory(ctx.device)
 
 
@@ -193,7 +203,7 @@ class _TimedRun:
         return timed
 
 
-def _measure(spec: StudentSpec, ctx: TrialContext) -> tuple[LatencyResult, bool]:
+def _measure(spec: StudentSpec, ctx: TrialContext, model: torch.nn.Module) -> tuple[LatencyResult, bool]:
     shared = ctx.shared_latency
     if shared is not None and (found := shared.get(spec.key)) is not None:
         return found, True
@@ -201,7 +211,7 @@ def _measure(spec: StudentSpec, ctx: TrialContext) -> tuple[LatencyResult, bool]
     lock = ctx.latency_lock() if ctx.latency_lock else contextlib.nullcontext()
     with lock:
         result, hit = measure_cached(spec, ctx.latency_cache, device=ctx.latency_device,
-                                     batch_size=ctx.latency_batch, threads=ctx.latency_threads)
+                                     batch_size=ctx.latency_batch, threads=ctx.latency_threads, model=model)
     if shared is not None:
         result = shared.put(spec.key, result)  # another machine's measurement of this architecture wins if first
     return result, hit
@@ -221,12 +231,9 @@ def _run_params(params: TrialParams, spec: StudentSpec, ctx: TrialContext) -> di
 
 
 def _train(study: optuna.Study, trial: optuna.Trial, ctx: TrialContext, params: TrialParams, spec: StudentSpec,
-           latency: LatencyResult, run: Any, outcome: TrialOutcome, timings: dict[str, float]) -> TrialOutcome:
+           student: torch.nn.Module, latency: LatencyResult, run: Any, outcome: TrialOutcome,
+           timings: dict[str, float]) -> TrialOutcome:
     loss_fn = build_loss(params.loss, **params.loss_params)
-    # Initial weights from the trial's seed, not from whatever this process drew before (earlier trials,
-    # latency inputs): the same command gives the same trials, also in-process and after a resume.
-    torch.manual_seed(ctx.seed + trial.number)
-    student = build_from_spec(spec)
     cfg = TrainConfig(epochs=params.epochs, batch_size=params.batch_size, lr=params.lr,
                       weight_decay=params.weight_decay, optimizer=params.optimizer, seed=ctx.seed + trial.number,
                       device=ctx.device, compile=ctx.compile)

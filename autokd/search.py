@@ -289,6 +289,7 @@ def run_search(s: SearchSettings, worker_index: int = 0, log: Callable[[str], No
         summary.seconds = time.perf_counter() - started
         for child in children:
             _wait_child(child)
+        tracker.flush()  # trial runs end without waiting for MLflow: everything is written before we go on
         if parent_run_id:
             tracker.close_stale_runs(parent_run_id, _trial_states(study))
         if previous_sigterm is not None:

@@ -53,6 +53,17 @@ DATA_SETTINGS = ("dataset", "input_size", "train_limit", "data_dir")
 REQUEUED_ATTR = "requeued"
 
 
+PARAMS_ATTR = "params"  # user attribute: the trial's sampled values, flat ({"family": ..., "kd.alpha": ...})
+
+
+def sampled_params(user_attrs: dict[str, Any]) -> dict[str, Any]:
+    """A trial's sampled values from its user attributes (also from studies that stored them as ``p.<name>``)."""
+    found = user_attrs.get(PARAMS_ATTR)
+    if isinstance(found, dict):
+        return dict(found)
+    return {k[2:]: v for k, v in user_attrs.items() if k.startswith("p.")}
+
+
 def journal_path(root: Path) -> Path:
     """The local journal file shared by all studies under `root`."""
     return root / "optuna.journal"

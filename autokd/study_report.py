@@ -16,7 +16,7 @@ from autokd.checkpoint import atomic_write_json, read_checkpoint
 from autokd.errors import UserError
 from autokd.pareto import TrialPoint
 from autokd.report import ReportResult, format_front_table, write_report
-from autokd.study import make_storage, storage_url, study_dir
+from autokd.study import make_storage, sampled_params, storage_url, study_dir
 
 
 def resolve_study(study_name: str | None, storage: str | None, root: Path) -> optuna.Study:
@@ -62,7 +62,7 @@ def trial_points(study: optuna.Study) -> list[TrialPoint]:
         state = trial_state(t)
         latency = (t.user_attrs.get("latency") or {}).get("median_ms")
         val_acc = t.values[0] if state == "COMPLETE" and t.values else None
-        params = {k[2:]: v for k, v in t.user_attrs.items() if k.startswith("p.")}
+        params = sampled_params(t.user_attrs)
         curve = t.user_attrs.get("curve") or []
         extra: dict[str, Any] = {"last_val_acc": curve[-1] if curve else None, "epochs": len(curve),
                                  "arch_key": t.user_attrs.get("arch_key")}

@@ -32,6 +32,7 @@ per call) to a few seconds unless the user set ``MLFLOW_HTTP_REQUEST_MAX_RETRIES
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
@@ -40,9 +41,9 @@ import socket
 import sys
 import threading
 import time
-from collections import deque
 import urllib.error
 import urllib.request
+from collections import deque
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
@@ -166,7 +167,7 @@ class TrialRun:
         """Upload every file under ``local_dir``."""
 
     def flush(self) -> None:
-        """Wait until everything logged so far is in the store (``end`` does this itself)."""
+        """Wait until everything logged so far is in the store (an interrupted run's ``end`` does this)."""
 
     def end(self, state: str, reason: str | None = None) -> None:
         """End the run with the MLflow status for autokd ``state`` (see TERMINAL_STATUS); idempotent."""
@@ -204,6 +205,9 @@ class Tracker:
     def end_parent(self, parent_run_id: str, status: str = "FINISHED") -> None:
         """(Re)set the parent's terminal status and end time."""
 
+    def flush(self) -> None:
+        """Wait until every trial run's queued MLflow calls are in the store (runs end without waiting)."""
+
 
 # ----------------------------------------------------------------------------------------------------------
 # MLflow implementation
@@ -233,9 +237,11 @@ class _CallQueue:
     """Runs MLflow calls in order on one daemon thread, so per-epoch logging does not stall training.
 
     A SQLite or HTTP round trip costs ~10 ms per call, and a trial makes about ten of them; run in line they
-    were half of a default search's bookkeeping. A trial's run drains the queue in ``end()``, so once a trial
-    is over everything it logged is in the store (a ``kill -9`` loses at most the calls still queued; its run
-    is closed as KILLED on the next start anyway). Calls go through ``_call``, which never raises.
+    were half of a default search's bookkeeping. ``end()`` does not wait for them (except for an interrupted
+    trial); the search drains the queue with ``Tracker.flush()`` before it returns or exits, so after a search
+    everything is in the store, and a process that exits normally drains it too (an ``atexit`` hook: daemon
+    threads still run while those hooks do). A ``kill -9`` loses what was still queued (a few calls at most);
+    its runs are closed on the next start anyway. Calls go through ``_call``, which never raises.
     """
 
     def __init__(self) -> None:
@@ -243,6 +249,11 @@ class _CallQueue:
         self._unfinished = 0
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
+        atexit.register(self._drain_at_exit)
+
+    def _drain_at_exit(self) -> None:
+        if not self.drain(timeout=60.0):
+            logger.warning("MLflow: calls still queued at exit after 60 s; they are lost")
 
     def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
         """Queue ``fn(*args, **kwargs)`` behind the calls submitted before it."""
@@ -297,8 +308,8 @@ def _metric_list(metrics: dict[str, float], step: int, what: str) -> list[Any]:
 class MlflowTrialRun(TrialRun):
     """A child run in MLflow; every call is retried once, then only warns.
 
-    With ``calls``, they run in the background on that queue (in order) and ``end`` waits for them, so a
-    finished trial's run is complete in the store; without, every call runs in line.
+    With ``calls``, they run in the background on that queue, in order (``flush`` waits for them); without,
+    every call runs in line.
     """
 
     def __init__(self, client: Any, run_id: str, calls: _CallQueue | None = None) -> None:
@@ -361,7 +372,8 @@ class MlflowTrialRun(TrialRun):
         self.set_tags(tags)
         self._submit(f"end run {self.run_id} as {TERMINAL_STATUS[state]}", self._client.set_terminated,
                      self.run_id, TERMINAL_STATUS[state])
-        self.flush()
+        if state == "INTERRUPTED":
+            self.flush()  # the process is about to exit: the KILLED status must be in the store first
 
 
 class MlflowTracker(Tracker):
@@ -376,6 +388,10 @@ class MlflowTracker(Tracker):
         self.experiment_id = experiment_id
         self.study_name = experiment_name
         self._calls = _CallQueue()  # one background writer for all trial runs of this worker
+
+    def flush(self) -> None:
+        if not self._calls.drain():
+            logger.warning("MLflow: trial runs still have calls queued after 300 s; going on")
 
     def create_parent_run(self, study_name: str, tags: dict[str, str], params: dict[str, object]) -> str | None:
         self.study_name = study_name
@@ -439,6 +455,7 @@ class MlflowTracker(Tracker):
         """
         if not parent_run_id:
             return 0
+        self.flush()  # our own runs' end calls may still be queued: they are not stale
         children = _call(f"search running children of {parent_run_id}", self._running_children, parent_run_id)
         closed = 0
         for run in children or []:

@@ -32,6 +32,7 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 FAIL_TRIAL = 2  # the trial the first search fails on purpose (after one trained epoch)
+STALLED_TRIAL = 4  # the trial that reports 0 accuracy, so that it is pruned at its first rung
 
 
 def _client(uri: str) -> Any:
@@ -57,13 +58,23 @@ def _split(runs: list[Any]) -> tuple[list[Any], dict[int, Any]]:
     return parents, children
 
 
-def _fail_one_trial(monkeypatch: pytest.MonkeyPatch, seed: int) -> None:
-    """Make trial FAIL_TRIAL raise after its first epoch (a real search otherwise): covers the FAIL mapping."""
+def _inject_faults(monkeypatch: pytest.MonkeyPatch, seed: int) -> None:
+    """A real search, except: trial FAIL_TRIAL raises after its first epoch (covers the FAIL mapping), and
+    trial STALLED_TRIAL reports 0 validation accuracy every epoch, so the pruner must stop it at its first rung
+    (every peer there has the same latency and a higher accuracy) whatever the seed's trials learn."""
     real = objective.distill
 
     def distill(student: Any, loss_fn: Any, data: Any, cfg: Any, teacher: Any = None, views: Any = None,
                 on_epoch: Any = None, on_step: Any = None) -> Any:
-        if cfg.seed != seed + FAIL_TRIAL:  # run_trial trains with seed + trial number
+        trial_number = cfg.seed - seed  # run_trial trains with seed + trial number
+        if trial_number == STALLED_TRIAL:
+            def stalled(result: Any) -> None:
+                result.val_acc = 0.0
+                on_epoch(result)
+
+            return real(student, loss_fn, data, cfg, teacher=teacher, views=views, on_epoch=stalled,
+                        on_step=on_step)
+        if trial_number != FAIL_TRIAL:
             return real(student, loss_fn, data, cfg, teacher=teacher, views=views, on_epoch=on_epoch,
                         on_step=on_step)
 
@@ -90,9 +101,9 @@ def _check_trial_run(client: Any, run: Any, trial: optuna.trial.FrozenTrial, stu
                                "FAIL": "FAILED"}[state], where
 
     # Params: every sampled parameter, the resolved timm kwargs, the teacher.
-    for key, value in trial.user_attrs.items():
-        if key.startswith("p."):
-            assert params[key[2:]] == str(value), (where, key)
+    assert trial.user_attrs["params"], where
+    for key, value in trial.user_attrs["params"].items():
+        assert params[key] == str(value), (where, key)
     timm = trial.user_attrs["timm"]
     assert params["timm.model_name"] == timm["model_name"], where
     for key, value in timm["kwargs"].items():
@@ -157,15 +168,15 @@ def test_every_trial_in_mlflow_server(tmp_path: Path, tiny_teacher: tuple[str, P
     space = tmp_path / "tiny.yaml"
     space.write_text(TINY_SPACE)
     name = "e2e-server"
-    seed = 0  # with FAIL_TRIAL failing, trials 3 and 5 are pruned (CPU training is deterministic)
-    _fail_one_trial(monkeypatch, seed)
+    seed = 0
+    _inject_faults(monkeypatch, seed)
     s = settings(tmp_path, tiny_teacher, space, budget=6, study=name, mlflow=True, tracking_uri=mlflow_server,
                  seed=seed)
     summary = run_search(s, log=lambda msg: None)
     study = optuna.load_study(study_name=name, storage=make_storage(None, tmp_path / "studies"))
     states = [trial_state(t) for t in study.trials]
     assert len(states) == 6 and states[FAIL_TRIAL] == "FAIL", states
-    assert states.count("COMPLETE") >= 2 and states.count("PRUNED") >= 1, states
+    assert states[STALLED_TRIAL] == "PRUNED" and states.count("COMPLETE") >= 2, states
     parent_id = _check_study(mlflow_server, study, tiny_teacher[0])
     for t in study.trials:  # pruned trials trained (and logged) fewer epochs than completed ones
         assert len(t.user_attrs["curve"]) == {"COMPLETE": 4, "PRUNED": len(t.user_attrs["curve"]), "FAIL": 1}[

@@ -74,6 +74,7 @@ def _log_study(tracker: Tracker, tmp_path: Path) -> dict[str, str]:
         else:
             run.end("FAIL", "non-finite loss at epoch 2")
     runs["parent"] = parent
+    tracker.flush()  # trial runs end without waiting for the background writer; a search flushes like this
     return runs
 
 
@@ -271,6 +272,7 @@ def test_trial_logging_failures_only_warn(studies: Path, caplog: pytest.LogCaptu
     with caplog.at_level(logging.WARNING, logger="autokd.tracking"):
         run.log_epoch(1, {"val_acc": 0.5, "bad": "not a number"})
         run.end("COMPLETE")
+        tracker.flush()  # the calls run (and warn) on the background writer
     text = caplog.text
     assert "non-numeric" in text and "log_epoch 1" in text and "continuing without it" in text
 
