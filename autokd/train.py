@@ -9,7 +9,7 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -34,7 +34,9 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     amp: bool | None = None  # None = bf16 autocast on CUDA only
-    channels_last: bool | None = None  # None = on CUDA only
+    # None = on, on CUDA and on the CPU too: oneDNN's NHWC convolutions made a training step at 16x16 1.7x
+    # faster for mobilenetv3, 1.5x for regnet, 1.2x for convnext, 1.07x for resnet (2-core Xeon, batch 64).
+    channels_last: bool | None = None
     compile: bool = False
 
 
@@ -60,6 +62,21 @@ class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite; the message names the epoch and step."""
 
 
+def _make_optimizer(name: str, groups: list[dict[str, Any]], lr: float) -> torch.optim.Optimizer:
+    """AdamW (default) or Nesterov SGD, with the fused implementation where this torch and device have one.
+
+    On the CPU the default per-tensor AdamW step was a fifth of a small student's training time; the fused
+    step is ~3.5x faster (0.5 ms vs 2 ms for a resnet 0.5/0.5). Older torch (fused CPU optimizers came in 2.4)
+    or a device without them falls back to the default implementation.
+    """
+    make = (lambda **kw: torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True, **kw)) if name == "sgd" \
+        else (lambda **kw: torch.optim.AdamW(groups, lr=lr, **kw))
+    try:
+        return make(fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        return make()
+
+
 def distill(student: nn.Module, loss_fn: KDLoss, data: DataSplits, cfg: TrainConfig,
             teacher: TeacherOutputs | None = None, views: TrainViews | None = None,
             on_epoch: Callable[[EpochResult], None] | None = None,
@@ -80,7 +97,7 @@ def distill(student: nn.Module, loss_fn: KDLoss, data: DataSplits, cfg: TrainCon
     device = torch.device(cfg.device)
     cuda = device.type == "cuda"
     amp = cuda if cfg.amp is None else cfg.amp
-    channels_last = cuda if cfg.channels_last is None else cfg.channels_last
+    channels_last = True if cfg.channels_last is None else cfg.channels_last
     if cuda:
         torch.backends.cudnn.benchmark = True
     torch.manual_seed(cfg.seed)
@@ -103,10 +120,7 @@ def distill(student: nn.Module, loss_fn: KDLoss, data: DataSplits, cfg: TrainCon
     params = [p for p in (*student.parameters(), *loss_fn.parameters()) if p.requires_grad]
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    if cfg.optimizer == "sgd":
-        optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=True)
-    else:
-        optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
+    optimizer = _make_optimizer(cfg.optimizer, groups, cfg.lr)
     generator = torch.Generator().manual_seed(cfg.seed)
     n = len(data.y_train)
     steps_per_epoch = math.ceil(n / cfg.batch_size)

@@ -78,6 +78,28 @@ def test_sgd_and_bad_optimizer(data) -> None:
         distill(_student(), build_loss("ce"), data, TrainConfig(optimizer="lion"))
 
 
+def test_fused_optimizer_with_fallback(data, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fused AdamW (the default where torch has it) trains like the per-tensor one; a torch or device
+    without a fused implementation falls back to the default instead of failing."""
+    from autokd import train
+
+    params = [{"params": [nn.Parameter(torch.zeros(3, 3))]}]
+    assert train._make_optimizer("adamw", params, 0.1).defaults["fused"]
+    fused = distill(_student(), build_loss("ce"), data, CFG).epochs
+
+    class NoFusedAdamW(torch.optim.AdamW):
+        def __init__(self, *args, **kwargs) -> None:
+            if kwargs.get("fused"):
+                raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of supported devices")
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "AdamW", NoFusedAdamW)
+    assert not train._make_optimizer("adamw", params, 0.1).defaults["fused"]
+    plain = distill(_student(), build_loss("ce"), data, CFG).epochs
+    for a, b in zip(fused, plain):
+        assert a.train_loss == pytest.approx(b.train_loss, rel=1e-3)
+
+
 def test_non_finite_loss_names_epoch_and_step(data) -> None:
     with pytest.raises(NonFiniteLossError, match=r"epoch 1, step 1\b"):
         distill(_student(nan=True), build_loss("ce"), data, CFG)
