@@ -152,7 +152,8 @@ def _search(args: argparse.Namespace, root: Path) -> int:
         download=args.download, input_size=args.input_size, teacher=args.teacher,
         teacher_checkpoint=args.teacher_checkpoint, teacher_pretrained=args.teacher_pretrained, study=args.study,
         storage=args.storage, device=args.device, sampler=args.sampler, seed=args.seed,
-        max_latency_ms=args.max_latency_ms, epochs=args.epochs, prune=not args.no_prune, jobs=args.jobs,
+        max_latency_ms=args.max_latency_ms, epochs=args.epochs, prune=not args.no_prune,
+        jobs=args.jobs_total or args.jobs,  # a spawned worker is told the total: its share of the CPU threads
         tracking_uri=args.tracking_uri, mlflow=not args.no_mlflow, latency_threads=args.latency_threads,
         latency_batch=args.latency_batch, latency_device=args.latency_device,
         allow_mixed_latency=args.allow_mixed_latency, compile=args.compile,

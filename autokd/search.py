@@ -228,11 +228,13 @@ def run_search(s: SearchSettings, worker_index: int = 0, log: Callable[[str], No
                                need_features=space.uses_features(), log=log) if space.uses_teacher() else None)
     data = data.to(device)
 
-    if s.jobs > 1 and worker_index == 0:
+    if s.jobs > 1 and worker_index == 0:  # spawned workers get --worker-index >= 1 and the total as --jobs-total
         children = _spawn_workers(s.jobs - 1)
     else:
         children = []
     torch.set_num_threads(_train_threads(s.jobs))
+    if s.jobs > 1:
+        log(f"worker {worker_index} of {s.jobs}: {torch.get_num_threads()} training thread(s)")
     gate = CpuGate(root / ".locks")
     shared_latency = scaleout.StudyLatency(study, latency_sig, s.latency_batch) if shared else None
     ctx = TrialContext(
@@ -264,7 +266,8 @@ def run_search(s: SearchSettings, worker_index: int = 0, log: Callable[[str], No
                         "queued again")
                 if budget_used(study) < s.budget:
                     trial, heartbeat = ask_with_heartbeat(study)
-                    trial.set_user_attr("worker", {**worker_identity(), "heartbeat": bool(heartbeat_interval)})
+                    trial.set_user_attr("worker", {**worker_identity(), "heartbeat": bool(heartbeat_interval),
+                                                   "threads": torch.get_num_threads()})
                 elif not _beating_elsewhere(study):
                     break
             if trial is None:

@@ -29,9 +29,13 @@ def main() -> int:
         started = time.perf_counter()
         subprocess.run(cmd, cwd=REPO, check=True, env=dict(os.environ), stdout=subprocess.DEVNULL)
         walls[jobs] = time.perf_counter() - started
-        finished[jobs] = study_stats(load_study(root))["finished"]
+        stats = study_stats(load_study(root))
+        finished[jobs] = stats["finished"]
         cleanup(root)
-        print(f"--jobs {jobs}: {walls[jobs]:.1f} s, {finished[jobs]} finished trials", flush=True)
+        # The arms sample different trials (each worker has its own sampler), so also print the work done.
+        print(f"--jobs {jobs}: {walls[jobs]:.1f} s, {finished[jobs]} finished trials {stats['counts']}, "
+              f"{stats['trained']} epochs trained ({walls[jobs] / max(stats['trained'], 1):.3f} s per epoch)",
+              flush=True)
     print(f"wall time --jobs 2 / --jobs 1: {walls[2] / walls[1]:.2f} "
           f"(speed-up {walls[1] / walls[2]:.2f}x); exactly the budget: "
           f"{finished[1] == args.budget and finished[2] == args.budget}")

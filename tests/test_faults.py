@@ -294,6 +294,28 @@ def test_two_workers_share_one_local_study(tmp_path: Path, tiny_teacher: tuple[s
     assert not [r.info.run_name for r in runs if r.info.status == "RUNNING"]
 
 
+def test_jobs_2_on_one_machine_split_the_cores(tmp_path: Path, tiny_teacher: tuple[str, Path]) -> None:
+    """`--jobs 2`: the command spawns a second worker; together they finish exactly the budget, each with its
+    share of the cores (a spawned worker once took all of them: 3 training threads on 2 cores)."""
+    root, name = tmp_path / "studies", "jobs2"
+    space = write_space(tmp_path, TINY_SPACE)
+    argv = cli_argv(root, space, tiny_teacher, "--budget", "6", "--study", name, "--jobs", "2", "--no-mlflow")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # the split is autokd's to make
+    env.update(PYTHONPATH=str(REPO), AUTOKD_STUDIES=str(root))
+    done = subprocess.run([sys.executable, "-m", "autokd.cli", *argv], cwd=tmp_path, env=env, timeout=400,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert done.returncode == 0, done.stdout[-3000:]
+    share = max(1, (os.cpu_count() or 1) // 2)
+    for index in (0, 1):
+        assert f"worker {index} of 2: {share} training thread(s)" in done.stdout, done.stdout[-3000:]
+    study = load(root, name)
+    assert len(study.trials) == 6
+    assert_settled(study, budget=6)
+    # Whoever claimed them (the spawned worker may start after the tiny trials are gone; sharing one study
+    # between two busy workers is test_two_workers_share_one_local_study's job), trials ran on their share.
+    assert {t.user_attrs["worker"]["threads"] for t in study.trials} == {share}
+
+
 # ----------------------------------------------------------------------------------------------------------
 # faults inside a trial: OOM, NaN, any exception
 # ----------------------------------------------------------------------------------------------------------
