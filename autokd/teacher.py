@@ -105,11 +105,42 @@ def _check_arch(arch: str) -> None:
                         "List them with `python -c \"import timm; print(timm.list_models())\"`.")
 
 
-def _create(arch: str, data: DataSplits, pretrained: bool = False) -> nn.Module:
+def _timm_create(arch: str, data: DataSplits, pretrained: bool) -> nn.Module:
+    """``timm.create_model`` for this data; models with a fixed input size (ViT, DeiT, ...) are built for it."""
     import timm
 
+    kwargs = {"pretrained": pretrained, "num_classes": data.num_classes, "in_chans": data.in_chans}
+    try:
+        # A vit_*_224 expects 224x224 inputs and fails on anything else; timm resizes its position embedding.
+        return timm.create_model(arch, img_size=data.input_size, **kwargs)
+    except TypeError:  # a CNN: no img_size argument, and any input size works
+        return timm.create_model(arch, **kwargs)
+
+
+def _check_takes_inputs(model: nn.Module, arch: str, data: DataSplits) -> None:
+    """One forward pass on an input of the data's shape: a model that cannot take it is a user error now, not a
+    traceback in the middle of teacher training."""
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, data.in_chans, data.input_size, data.input_size))
+    except Exception as e:  # noqa: BLE001 - any failure means this architecture does not fit the data
+        raise UserError(f"teacher {arch!r} cannot take {data.in_chans}x{data.input_size}x{data.input_size} inputs "
+                        f"({type(e).__name__}: {str(e)[:200]}). Choose a larger --input-size, or another "
+                        "--teacher (e.g. a CNN such as resnet18, which takes any size).") from None
+    finally:
+        model.train(was_training)
+
+
+def _create(arch: str, data: DataSplits, pretrained: bool = False) -> nn.Module:
+    model = _create_model(arch, data, pretrained)
+    _check_takes_inputs(model, arch, data)
+    return model
+
+
+def _create_model(arch: str, data: DataSplits, pretrained: bool) -> nn.Module:
     if not pretrained:
-        return timm.create_model(arch, pretrained=False, num_classes=data.num_classes, in_chans=data.in_chans)
+        return _timm_create(arch, data, pretrained=False)
     try:
         import huggingface_hub.constants as hf_constants
     except ImportError:  # pragma: no cover - timm depends on huggingface_hub
@@ -118,7 +149,7 @@ def _create(arch: str, data: DataSplits, pretrained: bool = False) -> nn.Module:
     try:
         if hf_constants is not None:
             hf_constants.HF_HUB_OFFLINE = True  # only weights already in the local cache; never the network
-        return timm.create_model(arch, pretrained=True, num_classes=data.num_classes, in_chans=data.in_chans)
+        return _timm_create(arch, data, pretrained=True)
     except Exception as e:  # noqa: BLE001 - any failure here means "no local weights"
         raise UserError(f"pretrained weights for {arch!r} are not available locally ({type(e).__name__}: {e}). "
                         "autokd does not download at run time: put them in the Hugging Face cache first, pass a "

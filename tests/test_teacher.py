@@ -88,6 +88,20 @@ def test_unknown_arch_suggests_close_names(data, tmp_path: Path) -> None:
         get_teacher(data, arch="resnet19", cache_root=tmp_path)
 
 
+def test_fixed_input_size_teacher_is_built_for_the_data(data, tmp_path: Path) -> None:
+    """A ViT (timm builds it for 224 px by default) is built for the data's size, trained, and reloaded; one
+    whose patch is larger than the images is a user error naming the shape, before any training."""
+    recipe = TeacherRecipe(epochs=1, batch_size=32, lr=1e-3)
+    vit = get_teacher(data, arch="test_vit", cache_root=tmp_path, recipe=recipe, log=lambda m: None)
+    assert vit.trained and vit.model.patch_embed.img_size == (16, 16)
+    again = get_teacher(data, arch="test_vit", checkpoint=str(vit.path), log=lambda m: None)
+    assert again.val_acc == pytest.approx(vit.val_acc)
+    tiny = load_dataset("digits", input_size=8, train_limit=96)
+    with pytest.raises(UserError, match=r"'test_vit' cannot take 1x8x8 inputs.*--input-size"):
+        get_teacher(tiny, arch="test_vit", cache_root=tmp_path / "tiny", recipe=recipe, log=lambda m: None)
+    assert not list((tmp_path / "tiny").rglob("*.safetensors"))
+
+
 def test_load_checkpoint(data, teacher: Teacher, tmp_path: Path) -> None:
     loaded = get_teacher(data, arch=ARCH, checkpoint=str(teacher.path), cache_root=tmp_path, log=lambda m: None)
     assert loaded.val_acc == pytest.approx(teacher.val_acc) and not loaded.trained
