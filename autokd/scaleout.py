@@ -31,6 +31,7 @@ from typing import Any, Callable
 from urllib.parse import urlsplit, urlunsplit
 
 from autokd.atomic import file_digest
+from autokd.checkpoint import WEIGHTS_FILE
 from autokd.errors import UserError
 
 TEACHER_ATTR = "teacher_artifact"
@@ -176,8 +177,18 @@ def fetch_front_checkpoints(study: Any, trials_dir: Path, tracking_uri: str | No
     from autokd.pareto import front_points
     from autokd.study_report import trial_points
 
-    missing = [p.number for p in front_points(trial_points(study))
-               if not (Path(trials_dir) / str(p.number) / "model.safetensors").is_file()]
+    numbers = [p.number for p in front_points(trial_points(study))]
+    return fetch_trial_checkpoints(study, trials_dir, numbers, tracking_uri, parent_run_id, log)
+
+
+def fetch_trial_checkpoints(study: Any, trials_dir: Path, numbers: list[int], tracking_uri: str | None,
+                            parent_run_id: str | None, log: Callable[[str], None] = print) -> list[int]:
+    """Download the checkpoints of trials ``numbers`` that this machine lacks from their MLflow runs.
+
+    With no tracking URI or parent run (``--no-mlflow``), or when MLflow cannot be reached, nothing is fetched
+    (a warning says why); the caller then reports what is missing. Returns the trial numbers fetched.
+    """
+    missing = [n for n in numbers if not (Path(trials_dir) / str(n) / WEIGHTS_FILE).is_file()]
     if not missing or not tracking_uri or not parent_run_id:
         return []
     from mlflow.tracking import MlflowClient
@@ -201,17 +212,28 @@ def fetch_front_checkpoints(study: Any, trials_dir: Path, tracking_uri: str | No
             try:
                 local = Path(client.download_artifacts(runs[0].info.run_id, "student", str(tmp)))
                 out.mkdir(exist_ok=True)
-                for f in sorted(local.iterdir(), key=lambda f: f.name == "model.safetensors"):
+                for f in sorted(local.iterdir(), key=lambda f: f.name == WEIGHTS_FILE):
                     os.replace(f, out / f.name)  # the weights last: their presence marks a complete checkpoint
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
             fetched.append(number)
-    except Exception as exc:  # noqa: BLE001 - the report then names what is missing
-        log(f"warning: could not fetch front checkpoints from MLflow ({exc.__class__.__name__}: {exc})")
+    except Exception as exc:  # noqa: BLE001 - the caller then names what is missing
+        log(f"warning: could not fetch checkpoints from MLflow {tracking_uri} ({exc.__class__.__name__}: {exc})")
     if fetched:
-        log(f"fetched the checkpoints of front trial(s) {', '.join(map(str, fetched))} from MLflow (trained on "
-            "other machines)")
+        log(f"fetched the checkpoint(s) of trial(s) {', '.join(map(str, fetched))} from MLflow (trained on another "
+            "machine, or removed here)")
     return fetched
+
+
+def fetch_study_checkpoints(study: Any, trials_dir: Path, numbers: list[int] | None = None,
+                            log: Callable[[str], None] = print) -> list[int]:
+    """`fetch_trial_checkpoints` (or the front's, with ``numbers=None``) with the MLflow server and parent run
+    the study recorded: what `autokd report` and `autokd export` use on a machine that did not train them."""
+    uri = study.user_attrs.get("mlflow_tracking_uri")
+    parent_run_id = study.user_attrs.get("mlflow_parent_run_id")
+    if numbers is None:
+        return fetch_front_checkpoints(study, trials_dir, uri, parent_run_id, log)
+    return fetch_trial_checkpoints(study, trials_dir, numbers, uri, parent_run_id, log)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -148,6 +148,10 @@ def report_command(study_name: str | None, storage: str | None, root: Path, max_
     """`autokd report`."""
     if not (math.isfinite(tolerance_pp) and tolerance_pp >= 0):
         raise UserError(f"--tolerance {tolerance_pp}: must be a number >= 0 (accuracy percentage points)")
+    from autokd import scaleout
+
     study = resolve_study(study_name, storage, root)
+    # Front students trained on other machines (or removed here) come from the study's MLflow runs.
+    scaleout.fetch_study_checkpoints(study, study_dir(root, study.study_name) / "trials")
     return build_report(study, root, max_latency_ms=max_latency_ms, tolerance_pp=tolerance_pp, hv_ref_ms=hv_ref_ms,
                         data_dir=data_dir)

@@ -371,3 +371,43 @@ def test_autokd_ui_without_a_store_is_a_user_error(tmp_path: Path, capsys: pytes
     err = capsys.readouterr().err
     assert str(root / "mlflow.db") in err and "autokd search" in err
     assert not root.exists()
+
+
+def test_report_and_export_fetch_checkpoints_from_mlflow(tmp_path: Path, tiny_teacher: tuple[str, Path],
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """On a machine that did not train the students (here: their local checkpoints are gone), `autokd export`
+    and `autokd report` take them from the trials' MLflow runs; with neither, the error names what is missing."""
+    import shutil
+
+    from autokd.cli import main
+
+    space = tmp_path / "tiny.yaml"
+    space.write_text(TINY_SPACE)
+    name, root = "fetch", tmp_path / "studies"
+    run_search(settings(tmp_path, tiny_teacher, space, budget=3, study=name, mlflow=True, prune=False),
+               log=lambda msg: None)
+    study = optuna.load_study(study_name=name, storage=make_storage(None, root))
+    complete = [t.number for t in study.trials if trial_state(t) == "COMPLETE"]
+    assert complete
+    trials = root / name / "trials"
+
+    shutil.rmtree(trials)
+    out = tmp_path / "exported"
+    argv = ["--root", str(root), "export", "--study", name, "--trial", str(complete[0]), "--out", str(out),
+            "--format", "safetensors"]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert f"trial(s) {complete[0]} from MLflow" in capsys.readouterr().out
+    assert (out / "model.safetensors").is_file() and (trials / str(complete[0]) / "model.safetensors").is_file()
+
+    shutil.rmtree(trials)
+    assert main(["--root", str(root), "report", "--study", name]) == 0, capsys.readouterr().err
+    assert "from MLflow" in capsys.readouterr().out
+    assert (root / name / "report" / "front.csv").is_file()
+
+    # Without the MLflow copies there is nothing to fetch: a clear error naming the study and trial, exit 2.
+    shutil.rmtree(trials)
+    shutil.rmtree(root / "mlartifacts")
+    capsys.readouterr()
+    assert main(argv[:-4] + ["--out", str(tmp_path / "again")]) == 2
+    err = capsys.readouterr()
+    assert f"study '{name}' trial {complete[0]}" in err.err and "could not fetch" in err.out
