@@ -148,3 +148,21 @@ def test_evaluate(data) -> None:
     assert 0.0 <= acc <= 1.0 and model.training
     preds = model.eval()(data.x_val).argmax(1)
     assert acc == pytest.approx((preds == data.y_val).float().mean().item())
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager(data) -> None:
+    """`--compile` (torch.compile, inductor) on the CPU: the same code path a GPU run takes, giving the same
+    training as eager to float tolerance. Inductor needs a C compiler on the CPU."""
+    import shutil
+
+    if not (shutil.which("cc") or shutil.which("gcc")):
+        pytest.skip("torch.compile's inductor backend needs a C compiler (cc/gcc) on the CPU; none installed")
+    cfg = TrainConfig(epochs=2, batch_size=32, lr=0.02)
+    eager = distill(_student(), build_loss("ce"), data, cfg).epochs
+    compiled_cfg = TrainConfig(epochs=2, batch_size=32, lr=0.02, compile=True)
+    compiled = distill(_student(), build_loss("ce"), data, compiled_cfg).epochs
+    assert [e.epoch for e in compiled] == [1, 2]
+    for a, b in zip(eager, compiled):
+        assert b.train_loss == pytest.approx(a.train_loss, rel=1e-4)
+        assert abs(b.val_acc - a.val_acc) <= 0.05  # a few borderline images may flip
