@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--allow-mixed-latency", action="store_true",
                    help="let this worker join a study whose latencies were measured on another kind of device")
     s.add_argument("--compile", action="store_true",
-                   help="torch.compile students (pays off on a GPU and in long trials; on the CPU it needs a C compiler)")
+                   help="torch.compile students (pays off on a GPU and in long trials; on CPU needs a C compiler)")
     s.add_argument("--train-limit", type=_positive_int, help=argparse.SUPPRESS)
     s.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
     s.add_argument("--jobs-total", type=int, default=None, help=argparse.SUPPRESS)
