@@ -193,9 +193,10 @@ def fetch_trial_checkpoints(study: Any, trials_dir: Path, numbers: list[int], tr
         return []
     from mlflow.tracking import MlflowClient
 
-    from autokd.tracking import PARENT_RUN_TAG, TRIAL_TAG
+    from autokd.tracking import PARENT_RUN_TAG, TRIAL_TAG, limit_http_retries
 
     _quiet_mlflow()
+    limit_http_retries(tracking_uri)  # `autokd export` with the server down: an error in seconds, not minutes
     client = MlflowClient(tracking_uri=tracking_uri)
     fetched: list[int] = []
     try:

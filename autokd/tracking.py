@@ -524,6 +524,14 @@ def _get_or_create_experiment(client: Any, name: str, artifact_location: str | N
     return experiment.experiment_id
 
 
+def limit_http_retries(uri: str | None) -> None:
+    """For an HTTP tracking server, fail in seconds rather than MLflow's ~4 minutes of retries per call, unless
+    the user chose their own ``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` / ``MLFLOW_HTTP_REQUEST_TIMEOUT``."""
+    if uri and _is_http(uri):
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+
+
 def make_tracker(tracking_uri: str | None, enabled: bool, studies_root: Path, experiment_name: str) -> Tracker:
     """The study's tracker: a no-op when disabled, else MLflow at ``tracking_uri`` (local default if None).
 
@@ -535,8 +543,7 @@ def make_tracker(tracking_uri: str | None, enabled: bool, studies_root: Path, ex
     uri = tracking_uri or default_tracking_uri(studies_root)
     artifact_location = None
     if _is_http(uri):
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+        limit_http_retries(uri)
         # MlflowClient.set_terminated on an HTTP store prints two "View run/experiment at" lines per run (one
         # extra get_run round trip each): 100 lines of noise between the progress lines of a 50-trial search.
         os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")

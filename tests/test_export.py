@@ -269,6 +269,29 @@ def test_bad_exports(study_root: Path, tmp_path: Path, number: int, expect: str)
     assert not (tmp_path / "out" / "config.json").exists()
 
 
+def test_missing_checkpoint_with_mlflow_server_down(study_root: Path, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture) -> None:
+    """A study that recorded an MLflow server which is now down: fetching the missing checkpoint fails within
+    seconds (not MLflow's minutes of retries), with a warning naming the server, and export is the usual error."""
+    import time
+
+    from conftest import free_port
+
+    study = optuna.load_study(study_name=STUDY, storage=make_storage(None, study_root))
+    uri = f"http://127.0.0.1:{free_port()}"
+    study.set_user_attr("mlflow_tracking_uri", uri)
+    study.set_user_attr("mlflow_parent_run_id", "0" * 32)
+    try:
+        started = time.monotonic()
+        with pytest.raises(UserError, match=f"study '{STUDY}' trial 10.*config.json is missing"):
+            _export(study_root, tmp_path / "out", trial=10)
+        assert time.monotonic() - started < 90
+        assert f"could not fetch checkpoints from MLflow {uri}" in capsys.readouterr().out
+    finally:
+        study.set_user_attr("mlflow_tracking_uri", None)
+        study.set_user_attr("mlflow_parent_run_id", None)
+
+
 def test_unknown_study(study_root: Path, tmp_path: Path) -> None:
     with pytest.raises(UserError, match=r"cannot export trial 0: --study 'exq': no such study.*did you mean 'exp'"):
         _export(study_root, tmp_path / "out", study_name="exq", trial=0)
