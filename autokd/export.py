@@ -279,7 +279,7 @@ def load_trial(study: optuna.Study, number: int, root: Path) -> tuple[nn.Module,
     if not (trial_dir / WEIGHTS_FILE).is_file():  # trained on another machine: its MLflow run has the student
         from autokd import scaleout
 
-        scaleout.fetch_study_checkpoints(study, trial_dir.parent, [number])
+        scaleout.fetch_trial_checkpoints(study, trial_dir.parent, [number])
     state_dict, cfg = read_checkpoint(trial_dir, what=what)
     cfg_path, weights_path = trial_dir / CONFIG_FILE, trial_dir / WEIGHTS_FILE
     if cfg.get("study", study.study_name) != study.study_name or cfg.get("trial", number) != number:

@@ -167,27 +167,18 @@ def _download(record: dict[str, Any], tmp: Path, tracking_uris: list[str]) -> tu
     return None, "", errors
 
 
-def fetch_front_checkpoints(study: Any, trials_dir: Path, tracking_uri: str | None, parent_run_id: str | None,
+def fetch_trial_checkpoints(study: Any, trials_dir: Path, numbers: list[int],
                             log: Callable[[str], None] = print) -> list[int]:
-    """Download the checkpoints of Pareto-front trials trained on other machines from their MLflow runs.
-
-    The report evaluates the front's students on the test split; each worker saved its students locally and
-    logged them to its trial's MLflow run (artifacts `student/`). Returns the trial numbers fetched.
-    """
-    from autokd.pareto import front_points
-    from autokd.study_report import trial_points
-
-    numbers = [p.number for p in front_points(trial_points(study))]
-    return fetch_trial_checkpoints(study, trials_dir, numbers, tracking_uri, parent_run_id, log)
-
-
-def fetch_trial_checkpoints(study: Any, trials_dir: Path, numbers: list[int], tracking_uri: str | None,
-                            parent_run_id: str | None, log: Callable[[str], None] = print) -> list[int]:
     """Download the checkpoints of trials ``numbers`` that this machine lacks from their MLflow runs.
 
-    With no tracking URI or parent run (``--no-mlflow``), or when MLflow cannot be reached, nothing is fetched
-    (a warning says why); the caller then reports what is missing. Returns the trial numbers fetched.
+    Each worker saves its students locally and logs them to its trial's MLflow run (artifacts `student/`); the
+    report (test accuracy of the front) and `autokd export` on another machine take them from there, with the
+    MLflow server and parent run the study recorded. With none (``--no-mlflow``), or when MLflow cannot be
+    reached, nothing is fetched (a warning says why) and the caller reports what is missing. Returns the trial
+    numbers fetched.
     """
+    tracking_uri = study.user_attrs.get("mlflow_tracking_uri")
+    parent_run_id = study.user_attrs.get("mlflow_parent_run_id")
     missing = [n for n in numbers if not (Path(trials_dir) / str(n) / WEIGHTS_FILE).is_file()]
     if not missing or not tracking_uri or not parent_run_id:
         return []
@@ -224,17 +215,6 @@ def fetch_trial_checkpoints(study: Any, trials_dir: Path, numbers: list[int], tr
         log(f"fetched the checkpoint(s) of trial(s) {', '.join(map(str, fetched))} from MLflow (trained on another "
             "machine, or removed here)")
     return fetched
-
-
-def fetch_study_checkpoints(study: Any, trials_dir: Path, numbers: list[int] | None = None,
-                            log: Callable[[str], None] = print) -> list[int]:
-    """`fetch_trial_checkpoints` (or the front's, with ``numbers=None``) with the MLflow server and parent run
-    the study recorded: what `autokd report` and `autokd export` use on a machine that did not train them."""
-    uri = study.user_attrs.get("mlflow_tracking_uri")
-    parent_run_id = study.user_attrs.get("mlflow_parent_run_id")
-    if numbers is None:
-        return fetch_front_checkpoints(study, trials_dir, uri, parent_run_id, log)
-    return fetch_trial_checkpoints(study, trials_dir, numbers, uri, parent_run_id, log)
 
 
 # ---------------------------------------------------------------------------------------------------------

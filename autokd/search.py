@@ -429,9 +429,6 @@ def _final_report(study: optuna.Study, s: SearchSettings, data: Any, tracker: An
         if not _claim_report(study, s, root):
             log(f"study {study.study_name!r}: another worker writes the report")
             return []
-        # Front trials trained on other machines: their checkpoints come from their MLflow runs.
-        scaleout.fetch_front_checkpoints(study, study_dir(root, study.study_name) / "trials",
-                                         tracker.tracking_uri if tracker.enabled else None, parent_run_id, log)
         try:
             result = build_report(study, root, data=data, max_latency_ms=s.max_latency_ms, tracker=tracker,
                                   parent_run_id=parent_run_id, log=log)

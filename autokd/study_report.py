@@ -112,9 +112,13 @@ def build_report(study: optuna.Study, root: Path, data: Any | None = None, max_l
     if not any(p.state == "COMPLETE" for p in points):
         log(f"study {study.study_name!r}: no completed trial yet, no report")
         return None
+    from autokd import scaleout
     from autokd.pareto import front_points
 
     front = front_points(points)
+    # Front students trained on other machines (or removed here) come from their trials' MLflow runs.
+    scaleout.fetch_trial_checkpoints(study, study_dir(root, study.study_name) / "trials", [p.number for p in front],
+                                     log=log)
     if data is None:
         data = study_data(study, data_dir)
     for point in front:
@@ -148,10 +152,6 @@ def report_command(study_name: str | None, storage: str | None, root: Path, max_
     """`autokd report`."""
     if not (math.isfinite(tolerance_pp) and tolerance_pp >= 0):
         raise UserError(f"--tolerance {tolerance_pp}: must be a number >= 0 (accuracy percentage points)")
-    from autokd import scaleout
-
     study = resolve_study(study_name, storage, root)
-    # Front students trained on other machines (or removed here) come from the study's MLflow runs.
-    scaleout.fetch_study_checkpoints(study, study_dir(root, study.study_name) / "trials")
     return build_report(study, root, max_latency_ms=max_latency_ms, tolerance_pp=tolerance_pp, hv_ref_ms=hv_ref_ms,
                         data_dir=data_dir)
