@@ -258,6 +258,7 @@ def load_trial(study: optuna.Study, number: int, root: Path) -> tuple[nn.Module,
     Any other state, a missing trial, or a missing/corrupt/mismatching checkpoint is a UserError naming the
     study and the trial.
     """
+    from autokd import scaleout
     from autokd.students import StudentSpec, build_from_spec
     from autokd.study import study_dir
     from autokd.study_report import trial_state
@@ -276,10 +277,7 @@ def load_trial(study: optuna.Study, number: int, root: Path) -> tuple[nn.Module,
         raise UserError(f"{what} is {still}{f' ({reason})' if reason else ''}: only a completed trial has a "
                         f"trained student to export; {listing}")
     trial_dir = study_dir(root, study.study_name) / "trials" / str(number)
-    if not (trial_dir / WEIGHTS_FILE).is_file():  # trained on another machine: its MLflow run has the student
-        from autokd import scaleout
-
-        scaleout.fetch_trial_checkpoints(study, trial_dir.parent, [number])
+    scaleout.fetch_trial_checkpoints(study, trial_dir.parent, [number])  # if trained on another machine
     state_dict, cfg = read_checkpoint(trial_dir, what=what)
     cfg_path, weights_path = trial_dir / CONFIG_FILE, trial_dir / WEIGHTS_FILE
     if cfg.get("study", study.study_name) != study.study_name or cfg.get("trial", number) != number:

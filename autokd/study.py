@@ -51,8 +51,6 @@ DATA_SETTINGS = ("dataset", "input_size", "train_limit", "data_dir")
 # Trial user attribute: the trial was interrupted and its parameters queued again, so its retry (the trial
 # with user attribute retry_of) takes its place in the budget.
 REQUEUED_ATTR = "requeued"
-
-
 PARAMS_ATTR = "params"  # user attribute: the trial's sampled values, flat ({"family": ..., "kd.alpha": ...})
 
 
