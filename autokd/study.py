@@ -18,6 +18,7 @@ import contextlib
 import fcntl
 import hashlib
 import inspect
+import json
 import os
 import socket
 import time
@@ -30,6 +31,7 @@ import optuna
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage
 from optuna.storages._heartbeat import BaseHeartbeatThread, get_heartbeat_thread, is_heartbeat_enabled
 from optuna.storages.journal import JournalFileBackend
+from optuna.storages.journal._storage import JournalOperation
 from optuna.trial import FrozenTrial, TrialState
 
 from autokd.errors import UserError
@@ -72,12 +74,44 @@ def storage_url(storage: str | None, root: Path) -> str:
     return storage if storage else str(journal_path(root))
 
 
+# Journal writes that are fsynced: a study created or changed, a trial created or finished (or discarded).
+_SYNCED_JOURNAL_OPS = frozenset({
+    JournalOperation.CREATE_STUDY, JournalOperation.DELETE_STUDY, JournalOperation.SET_STUDY_USER_ATTR,
+    JournalOperation.SET_STUDY_SYSTEM_ATTR, JournalOperation.CREATE_TRIAL, JournalOperation.SET_TRIAL_STATE_VALUES,
+    JournalOperation.DISCARD_TRIALS,
+})
+
+
+class TrialSyncedJournalBackend(JournalFileBackend):
+    """Optuna's journal file, fsynced when a trial is created or finishes instead of on every write.
+
+    Optuna fsyncs each append; a trial makes ~30 (each sampled parameter, the learning curve every epoch, rung
+    records, ...), and those fsyncs were ~1 % of a default trial's time. A running trial's writes are still
+    written and flushed to the OS under the journal's lock, so other processes see them at once and a crash or
+    ``kill -9`` of the worker loses nothing; they reach the disk with the next synced write (fsync flushes
+    the whole file). A power cut can therefore lose only the in-flight part of a running trial, which is
+    failed and rerun anyway; a finished trial's result is on disk before ``tell`` returns.
+    """
+
+    def append_logs(self, logs: list[dict[str, Any]]) -> None:
+        lock, path = getattr(self, "_lock", None), getattr(self, "_file_path", None)
+        if lock is None or path is None or any(log.get("op_code") in _SYNCED_JOURNAL_OPS for log in logs):
+            return super().append_logs(logs)  # (also if a future Optuna renames these attributes)
+        data = ("\n".join(json.dumps(log, separators=(",", ":")) for log in logs) + "\n").encode("utf-8")
+        lock.acquire()
+        try:
+            with open(path, "ab") as handle:
+                handle.write(data)
+        finally:
+            lock.release()
+
+
 def make_storage(storage: str | None, root: Path) -> BaseStorage:
     """Open the Optuna storage: the shared local journal by default, or an RDB URL (PostgreSQL for scale-out)."""
     if not storage or storage.endswith((".journal", ".log")) or storage.startswith("journal:"):
         path = Path(storage.removeprefix("journal:")) if storage else journal_path(root)
         path.parent.mkdir(parents=True, exist_ok=True)
-        return JournalStorage(JournalFileBackend(str(path)))
+        return JournalStorage(TrialSyncedJournalBackend(str(path)))
     if "://" not in storage:
         raise UserError(f"--storage {storage!r}: not a storage URL; valid: a path ending in .journal, "
                         "sqlite:///FILE.db, or postgresql://USER@HOST/DB")

@@ -19,8 +19,9 @@ from autokd.latency import (
     device_signature,
     measure_cached,
     measure_latency,
+    median_rel_error,
 )
-from autokd.students import build_student, resolve_student
+from autokd.students import available_families, build_student, resolve_student
 
 
 def tiny_net() -> nn.Module:
@@ -57,6 +58,47 @@ def test_slow_models_get_fewer_runs_but_at_least_ten() -> None:
     assert r.runs == latency.MIN_RUNS
     assert r.median_ms >= 20
     assert time.perf_counter() - t0 < 1.5
+
+
+class Jittery(nn.Module):
+    """Sleeps 10 ms, or alternately 10 and 20 ms: a quiet and a noisy machine, as the timer sees them."""
+
+    def __init__(self, noisy: bool) -> None:
+        super().__init__()
+        self.noisy, self.calls = noisy, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        time.sleep(0.02 if self.noisy and self.calls % 2 else 0.01)
+        return x
+
+
+def test_timing_stops_once_the_median_is_precise() -> None:
+    quiet = measure_latency(Jittery(noisy=False), (1, 4, 4), warmup=1, runs=30)
+    assert quiet.runs == latency.MIN_RUNS  # sleep(10 ms) varies by far less than 1 %: 10 runs are enough
+    noisy = measure_latency(Jittery(noisy=True), (1, 4, 4), warmup=1, runs=30)
+    assert noisy.runs == 30  # half the runs twice as slow: the median is never known to 1 %
+    assert measure_latency(Jittery(noisy=False), (1, 4, 4), warmup=1, runs=15, precision=0).runs == 15
+
+
+def test_median_rel_error() -> None:
+    assert median_rel_error([1.0]) == float("inf")
+    assert median_rel_error([2.0] * 10) == 0.0
+    # median 2, quartiles 1 and 3 (IQR 2), n = 12: 1.2533 * (2 / 1.349) / sqrt(12) / 2
+    samples = [1.0, 2.0, 3.0] * 4
+    assert median_rel_error(samples) == pytest.approx(1.2533 * (2 / 1.349) / 12 ** 0.5 / 2)
+
+
+@pytest.mark.parametrize("family", available_families())
+def test_count_macs_matches_torch_flop_counter(family: str) -> None:
+    """The fast counter skips FlopCounterMode's work on ops without FLOPs; the total must not change."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = build_student(family, 0.5, 0.5, 10, 1, 16).eval()
+    counter = FlopCounterMode(display=False)
+    with torch.inference_mode(), counter:
+        model(torch.zeros(1, 1, 16, 16))
+    assert count_macs(model, (1, 16, 16)) == counter.get_total_flops() // 2 > 0
 
 
 def test_count_macs_grows_with_width() -> None:
