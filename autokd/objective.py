@@ -188,7 +188,10 @@ class _TimedRun:
     def __init__(self, run: Any, timings: dict[str, float]) -> None:
         self._run = run
         self._timings = timings
-        self.run_id = run.run_id
+
+    @property
+    def run_id(self) -> str:
+        return self._run.run_id
 
     def __getattr__(self, name: str) -> Any:
         method = getattr(self._run, name)

@@ -277,6 +277,32 @@ def test_trial_logging_failures_only_warn(studies: Path, caplog: pytest.LogCaptu
     assert "non-numeric" in text and "log_epoch 1" in text and "continuing without it" in text
 
 
+def test_a_run_that_cannot_be_created_skips_its_calls(studies: Path, caplog: pytest.LogCaptureFixture,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The run is created on the background writer: if that fails, the trial goes on and its calls are skipped."""
+    from mlflow.tracking import MlflowClient
+
+    tracker = make_tracker(None, True, studies, "nocreate")
+    created = []
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        created.append(args)
+        raise RuntimeError("store is read-only")
+
+    monkeypatch.setattr(tracker._client, "create_run", refuse)
+    with caplog.at_level(logging.WARNING, logger="autokd.tracking"):
+        run = tracker.start_trial(None, 7, {"lr": 0.1}, {})
+        run.log_epoch(1, {"val_acc": 0.5})
+        run.log_artifacts(studies)
+        run.end("COMPLETE")
+        tracker.flush()
+    assert created and run.run_id == ""
+    assert "create run for trial 7" in caplog.text and "store is read-only" in caplog.text
+    monkeypatch.undo()
+    client = MlflowClient(tracking_uri=tracker.tracking_uri)
+    assert client.search_runs([tracker.experiment_id]) == []  # nothing was written for the trial
+
+
 def test_unreachable_server_is_a_user_error(tmp_path: Path) -> None:
     uri = f"http://127.0.0.1:{free_port()}"
     t0 = time.monotonic()
