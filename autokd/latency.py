@@ -2,11 +2,14 @@
 
 Latency is measured, not predicted: batch 1 by default, a fixed thread count, ``model.eval()`` under
 ``torch.inference_mode()``, warm-up runs, then timed runs with ``time.perf_counter`` (CUDA synchronised
-around each run). The result is the median and the inter-quartile range in milliseconds. Defaults: 5 warm-up
-runs, then between 10 and 30 timed runs: timing stops once the median is known to within 1 % (its standard
-error, estimated from the inter-quartile range, see ``median_rel_error``). On a quiet CPU that is after 10
-runs; a noisy one gets up to 30. The medians repeat within a few percent (benchmarks/latency_stability.py)
-while measurement stays a small share of a trial.
+around each run). The result is the median and the inter-quartile range in milliseconds. Defaults: 3 warm-up
+runs (only the first run of a fresh model is slow: oneDNN builds its kernels), then between 10 and 20 timed
+runs: timing stops once the median is known to within 1 % (its standard error, estimated from the
+inter-quartile range, see ``median_rel_error``). On a quiet CPU that is after 10 runs. A noisy one gets 20:
+more would buy little there, because its slow phases (the same code running up to 2x slower for 0.1-1 s on a
+shared VM) outlast a whole measurement, so the run-to-run spread does not average out within one. On a quiet
+CPU the medians repeat within a few percent (benchmarks/latency_stability.py) while measurement stays a small
+share of a trial.
 
 Adaptive run count: one measurement aims to take at most ``budget_s`` (2 s by default). The warm-up stops
 early once it has used a quarter of the budget (after at least 2 runs), and the number of timed runs is cut
@@ -201,7 +204,7 @@ def median_rel_error(samples_ms: list[float]) -> float:
 
 
 def measure_latency(model: nn.Module, input_shape: tuple[int, int, int], device: str | torch.device = "cpu",
-                    batch_size: int = 1, threads: int = 1, warmup: int = 5, runs: int = 30, key: str = "",
+                    batch_size: int = 1, threads: int = 1, warmup: int = 3, runs: int = 20, key: str = "",
                     budget_s: float = DEFAULT_BUDGET_S, precision: float = DEFAULT_PRECISION) -> LatencyResult:
     """Time ``model`` on ``[batch_size, *input_shape]`` inputs; see the module docstring for the procedure.
 
