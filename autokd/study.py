@@ -31,7 +31,6 @@ import optuna
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage
 from optuna.storages._heartbeat import BaseHeartbeatThread, get_heartbeat_thread, is_heartbeat_enabled
 from optuna.storages.journal import JournalFileBackend
-from optuna.storages.journal._storage import JournalOperation
 from optuna.trial import FrozenTrial, TrialState
 
 from autokd.errors import UserError
@@ -74,12 +73,20 @@ def storage_url(storage: str | None, root: Path) -> str:
     return storage if storage else str(journal_path(root))
 
 
-# Journal writes that are fsynced: a study created or changed, a trial created or finished (or discarded).
-_SYNCED_JOURNAL_OPS = frozenset({
-    JournalOperation.CREATE_STUDY, JournalOperation.DELETE_STUDY, JournalOperation.SET_STUDY_USER_ATTR,
-    JournalOperation.SET_STUDY_SYSTEM_ATTR, JournalOperation.CREATE_TRIAL, JournalOperation.SET_TRIAL_STATE_VALUES,
-    JournalOperation.DISCARD_TRIALS,
-})
+def _synced_journal_ops() -> frozenset[int] | None:
+    """Journal writes that are fsynced: a study created or changed, a trial created or finished (or discarded).
+
+    None if this Optuna does not have the (private) operation codes: then every write is fsynced, as Optuna does.
+    """
+    try:
+        from optuna.storages.journal._storage import JournalOperation as Op
+        return frozenset({Op.CREATE_STUDY, Op.DELETE_STUDY, Op.SET_STUDY_USER_ATTR, Op.SET_STUDY_SYSTEM_ATTR,
+                          Op.CREATE_TRIAL, Op.SET_TRIAL_STATE_VALUES, Op.DISCARD_TRIALS})
+    except (ImportError, AttributeError):
+        return None
+
+
+_SYNCED_JOURNAL_OPS = _synced_journal_ops()
 
 
 class TrialSyncedJournalBackend(JournalFileBackend):
@@ -95,8 +102,9 @@ class TrialSyncedJournalBackend(JournalFileBackend):
 
     def append_logs(self, logs: list[dict[str, Any]]) -> None:
         lock, path = getattr(self, "_lock", None), getattr(self, "_file_path", None)
-        if lock is None or path is None or any(log.get("op_code") in _SYNCED_JOURNAL_OPS for log in logs):
-            return super().append_logs(logs)  # (also if a future Optuna renames these attributes)
+        if (lock is None or path is None or _SYNCED_JOURNAL_OPS is None  # (a future Optuna renamed them)
+                or any(log.get("op_code") in _SYNCED_JOURNAL_OPS for log in logs)):
+            return super().append_logs(logs)
         data = ("\n".join(json.dumps(log, separators=(",", ":")) for log in logs) + "\n").encode("utf-8")
         lock.acquire()
         try:
