@@ -35,6 +35,8 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 
 from autokd.errors import UserError
 from autokd.students import StudentSpec, build_from_spec
@@ -137,33 +139,27 @@ _FLOP_FREE_OPS = (
 )
 
 
-def _mac_counter() -> Any:
-    """A ``TorchDispatchMode`` summing FLOPs with torch's own formulas (``torch.utils.flop_counter``)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils.flop_counter import flop_registry
+class _MacCounter(TorchDispatchMode):
+    """Sums FLOPs with torch's own formulas (``torch.utils.flop_counter.flop_registry``)."""
 
-    flop_free = {getattr(torch.ops.aten, name) for name in _FLOP_FREE_OPS if hasattr(torch.ops.aten, name)}
+    def __init__(self) -> None:
+        super().__init__()
+        self.flops = 0
+        self._flop_free = {getattr(torch.ops.aten, name) for name in _FLOP_FREE_OPS if hasattr(torch.ops.aten, name)}
 
-    class MacCounter(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.flops = 0
-
-        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-            kwargs = kwargs or {}
-            packet = func._overloadpacket
-            formula = flop_registry.get(packet)
-            if formula is None and packet not in flop_free and func is not torch.ops.prim.device.default:
-                with self:  # as FlopCounterMode: a composite op (conv2d, linear, sdpa) is counted by its parts
-                    out = func.decompose(*args, **kwargs)
-                if out is not NotImplemented:
-                    return out
-            out = func(*args, **kwargs)
-            if formula is not None:
-                self.flops += formula(*args, **kwargs, out_val=out)
-            return out
-
-    return MacCounter()
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        packet = func._overloadpacket
+        formula = flop_registry.get(packet)
+        if formula is None and packet not in self._flop_free and func is not torch.ops.prim.device.default:
+            with self:  # as FlopCounterMode: a composite op (conv2d, linear, sdpa) is counted by its parts
+                out = func.decompose(*args, **kwargs)
+            if out is not NotImplemented:
+                return out
+        out = func(*args, **kwargs)
+        if formula is not None:
+            self.flops += formula(*args, **kwargs, out_val=out)
+        return out
 
 
 def count_macs(model: nn.Module, input_shape: tuple[int, int, int]) -> int:
@@ -173,7 +169,7 @@ def count_macs(model: nn.Module, input_shape: tuple[int, int, int]) -> int:
     try:
         model.eval()
         x = torch.zeros(1, *input_shape, device=_model_device(model))
-        counter = _mac_counter()
+        counter = _MacCounter()
         with torch.inference_mode(), counter:
             model(x)
         return int(counter.flops) // 2

@@ -93,7 +93,7 @@ class TrialSyncedJournalBackend(JournalFileBackend):
     """Optuna's journal file, fsynced when a trial is created or finishes instead of on every write.
 
     Optuna fsyncs each append; a trial makes ~30 (each sampled parameter, the learning curve every epoch, rung
-    records, ...), and those fsyncs were ~1 % of a default trial's time. A running trial's writes are still
+    records, ...), and those fsyncs were ~0.5 % of a default trial's time. A running trial's writes are still
     written and flushed to the OS under the journal's lock, so other processes see them at once and a crash or
     ``kill -9`` of the worker loses nothing; they reach the disk with the next synced write (fsync flushes
     the whole file). A power cut can therefore lose only the in-flight part of a running trial, which is
