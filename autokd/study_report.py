@@ -98,7 +98,8 @@ def test_accuracy(study: optuna.Study, number: int, root: Path, data: Any) -> fl
     state, config = read_checkpoint(trial_dir, what=f"study {study.study_name!r} trial {number}")
     model = build_from_spec(StudentSpec.from_dict(config["student"]))
     model.load_state_dict(state)
-    acc = float(evaluate(model, data.x_test, data.y_test))
+    # evaluate() runs on the data's device (the GPU in a CUDA search): the model must be there too.
+    acc = float(evaluate(model.to(data.x_test.device), data.x_test, data.y_test))
     atomic_write_json(cache, {"test_acc": acc, "data_fingerprint": data.fingerprint})
     return acc
 
