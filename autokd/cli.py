@@ -167,7 +167,7 @@ def _search(args: argparse.Namespace, root: Path) -> int:
         devices=args.devices, jobs_per_device=args.jobs_per_device,
         train_limit=args.train_limit, root=root,
     )
-    summary = run_search(settings, worker_index=args.worker_index)
+    summary = run_search(settings, worker_index=args.worker_index, argv=args.argv)
     if args.worker_index == 0:
         print(f"done: {summary.finished_in_study}/{summary.budget} trials in study {summary.study_name!r}; "
               f"files under {summary.study_dir}/")
@@ -293,6 +293,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `autokd` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what `search` re-runs for its other workers
     root = args.root or studies_root()
     try:
         return COMMANDS[args.command](args, root)

@@ -178,8 +178,14 @@ def _train_threads(jobs: int) -> int:
     return max(1, (os.cpu_count() or 1) // max(1, jobs))
 
 
-def run_search(s: SearchSettings, worker_index: int = 0, log: Callable[[str], None] = print) -> SearchSummary:
-    """Run (or resume, or top up) a study until it holds `s.budget` finished trials."""
+def run_search(s: SearchSettings, worker_index: int = 0, log: Callable[[str], None] = print,
+               argv: list[str] | None = None) -> SearchSummary:
+    """Run (or resume, or top up) a study until it holds `s.budget` finished trials.
+
+    ``argv`` is the `autokd` command line that spawned workers re-run (the CLI passes its own). Without it (a
+    call from Python) this process is the only worker of this machine: on GPUs the first of ``s.devices``;
+    asking explicitly for more workers (`jobs`, `devices`, `jobs_per_device`) is then a UserError.
+    """
     from autokd.data import TrainViews, load_dataset
     from autokd.latency import LatencyCache, device_signature
     from autokd.objective import FatalSearchError, TrialContext, run_trial
@@ -193,7 +199,11 @@ def run_search(s: SearchSettings, worker_index: int = 0, log: Callable[[str], No
     device = resolve_device(s.device)
     # Spawned workers are told the total (--jobs-total) and, on GPUs, see only their own device.
     workers = local_workers(s, device) if worker_index == 0 else []
-    total_workers = len(workers) if worker_index == 0 else s.jobs
+    if len(workers) > 1 and argv is None:
+        if s.jobs > 1 or s.devices is not None or s.jobs_per_device > 1:
+            raise UserError("several workers on this machine are started from the command line: run `autokd "
+                            "search` (run_search needs the argv its workers re-run)")
+        workers = workers[:1]  # all visible GPUs is the command line's default, not an in-process call's
     if workers and workers[0].device_index is not None:
         device = workers[0].device
         torch.cuda.set_device(workers[0].device_index)  # so that a plain `cuda` (e.g. --latency-device) is it too
@@ -257,7 +267,8 @@ def run_search(s: SearchSettings, worker_index: int = 0, log: Callable[[str], No
                                need_features=space.uses_features(), log=log) if space.uses_teacher() else None)
     data = data.to(device)
 
-    children = _spawn_workers(workers[1:], total_workers) if worker_index == 0 else []
+    total_workers = len(workers) if worker_index == 0 else s.jobs
+    children = _spawn_workers(argv or [], workers[1:], total_workers) if worker_index == 0 else []
     torch.set_num_threads(_train_threads(total_workers))
     gpu = devices.physical_id(device) if device.startswith("cuda") else None
     if total_workers > 1:
@@ -408,11 +419,11 @@ def worker_argv(argv: list[str], index: int, total: int) -> list[str]:
     return [*cleaned, "--jobs", "1", "--worker-index", str(index), "--jobs-total", str(total)]
 
 
-def _spawn_workers(slots: list[devices.WorkerSlot], total: int) -> list[subprocess.Popen]:
+def _spawn_workers(argv: list[str], slots: list[devices.WorkerSlot], total: int) -> list[subprocess.Popen]:
     # Extra workers are the same command as one job with a worker index (and, on GPUs, CUDA_VISIBLE_DEVICES
     # set to their device): they join the study the first process created (teacher, outputs cache and parent
     # run are already there, so they only load them).
-    return [subprocess.Popen([sys.executable, "-m", "autokd.cli", *worker_argv(sys.argv[1:], slot.index, total)],
+    return [subprocess.Popen([sys.executable, "-m", "autokd.cli", *worker_argv(argv, slot.index, total)],
                              env={**os.environ, **slot.env}) for slot in slots]
 
 

@@ -162,3 +162,13 @@ def test_three_workers_finish_exactly_the_budget(tmp_path: Path, tiny_teacher: t
     assert all(t.state.is_finished() for t in study.trials)
     assert sorted(t.number for t in study.trials) == list(range(7))
     assert {t.user_attrs["worker"]["gpu"] for t in study.trials} == {None}
+
+
+def test_in_process_search_starts_no_worker_processes(tmp_path: Path) -> None:
+    """Spawned workers re-run the `autokd` command line; a call from Python has none to give them."""
+    from autokd.search import run_search
+
+    s = SearchSettings(jobs=2, device="cpu", space=REPO / "search_spaces" / "default.yaml", root=tmp_path / "r")
+    with pytest.raises(UserError, match="from the command line"):
+        run_search(s, log=lambda msg: None)
+    assert not (tmp_path / "r").exists()
