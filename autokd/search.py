@@ -3,10 +3,10 @@
 `run_search` is what `autokd search` calls. With `--jobs N` (on the CPU) or `--devices`/`--jobs-per-device`
 (on GPUs: one worker per device and slot, each pinned to its GPU, see `autokd.devices`) the first process
 prepares everything shared (the teacher, its outputs cache, the study, the MLflow parent run) and then starts
-the other worker processes on the same storage; the budget is claimed slot by slot under the study lock, so together they finish
-exactly `--budget` trials. The same holds for workers started separately on several machines against one
-PostgreSQL storage: the first creates the study, trains and publishes the teacher (see `autokd.scaleout`),
-the others wait for it on the study lock and join.
+the other worker processes on the same storage; the budget is claimed slot by slot under the study lock, so
+together they finish exactly `--budget` trials. The same holds for workers started separately on several
+machines against one PostgreSQL storage: the first creates the study, trains and publishes the teacher (see
+`autokd.scaleout`), the others wait for it on the study lock and join.
 """
 from __future__ import annotations
 

@@ -164,8 +164,9 @@ def synthetic_data(n: int, size: int, device: torch.device) -> Any:
     x = torch.randn(n, 3, size, size, generator=g)
     y = torch.randint(0, 10, (n,), generator=g)
     return DataSplits(name="synthetic", x_train=x, y_train=y, x_val=x[:64], y_val=y[:64], x_test=x[:64],
-                      y_test=y[:64], num_classes=10, in_chans=3, input_size=size, class_names=[str(i) for i in range(10)],
-                      mean=(0.0,) * 3, std=(1.0,) * 3, fingerprint="synthetic").to(device)
+                      y_test=y[:64], num_classes=10, in_chans=3, input_size=size,
+                      class_names=[str(i) for i in range(10)], mean=(0.0,) * 3, std=(1.0,) * 3,
+                      fingerprint="synthetic").to(device)
 
 
 def typical_student(size: int) -> Any:
@@ -484,7 +485,8 @@ def main() -> int:
         if "throughput" in sections:
             say(f"1. images/s, typical student (resnet w0.5 d0.5), {sizes.n_train} synthetic 3x{sizes.input_size}"
                 f"x{sizes.input_size} images, KD from cached teacher logits (cap {sizes.throughput_cap_s:.0f} s)")
-            section_throughput(device, sizes, util, results, lambda spec: args.only in " ".join(map(str, spec.values())))
+            section_throughput(device, sizes, util, results,
+                               lambda spec: args.only in " ".join(map(str, spec.values())))
             save()
         if "peak" in sections:
             say("2. achieved fraction of the peak bf16 FLOP/s")
