@@ -3,6 +3,7 @@
 # worker planning, under that machine's torch), then benchmarks/gpu.py. About 8 minutes on one H200.
 #
 #   OUT=/some/dir bash benchmarks/gpu_check.sh      # logs and gpu_bench.json go to $OUT (default ./gpu_check_out)
+#   BENCH_ARGS="--sections throughput,peak" bash benchmarks/gpu_check.sh   # a part of the benchmark only
 #
 # Needs optuna importable (e.g. installed to a folder on PYTHONPATH); MLflow is not used (--no-mlflow), no
 # server and no network. Runs from the repository root with the repository first on PYTHONPATH.
@@ -25,7 +26,7 @@ tests_rc=${PIPESTATUS[0]}
 echo "pytest exit code: $tests_rc" | tee -a "$OUT/pytest_gpu.log"
 
 # 2. the benchmark (sections capped to stay under ~6 minutes; prints as it goes).
-timeout 480 "$PY" benchmarks/gpu.py --out "$OUT" 2>&1 | tee "$OUT/gpu_bench.log"
+timeout 480 "$PY" benchmarks/gpu.py --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/gpu_bench.log"
 bench_rc=${PIPESTATUS[0]}
 echo "benchmark exit code: $bench_rc" | tee -a "$OUT/gpu_bench.log"
 exit $(( tests_rc != 0 ? tests_rc : bench_rc ))
