@@ -19,6 +19,7 @@ from autokd.errors import UserError
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def _positive_float(text: str) -> float:
@@ -83,6 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="let this worker join a study whose latencies were measured on another kind of device")
     s.add_argument("--compile", action="store_true",
                    help="torch.compile students (pays off on a GPU and in long trials; on CPU needs a C compiler)")
+    s.add_argument("--compile-mode", choices=COMPILE_MODES,
+                   help="torch.compile mode (implies --compile); reduce-overhead adds CUDA graphs (GPU only)")
+    s.add_argument("--devices", help="GPUs for workers: all (default with --device cuda/auto) or numbers, e.g. 0,1,3")
+    s.add_argument("--jobs-per-device", type=_positive_int, default=1,
+                   help="worker processes on each GPU of --devices (default 1)")
     s.add_argument("--train-limit", type=_positive_int, help=argparse.SUPPRESS)
     s.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
     s.add_argument("--jobs-total", type=int, default=None, help=argparse.SUPPRESS)
@@ -157,10 +163,11 @@ def _search(args: argparse.Namespace, root: Path) -> int:
         jobs=args.jobs_total or args.jobs,  # a spawned worker is told the total: its share of the CPU threads
         tracking_uri=args.tracking_uri, mlflow=not args.no_mlflow, latency_threads=args.latency_threads,
         latency_batch=args.latency_batch, latency_device=args.latency_device,
-        allow_mixed_latency=args.allow_mixed_latency, compile=args.compile,
+        allow_mixed_latency=args.allow_mixed_latency, compile=args.compile_mode or args.compile,
+        devices=args.devices, jobs_per_device=args.jobs_per_device,
         train_limit=args.train_limit, root=root,
     )
-    summary = run_search(settings, worker_index=args.worker_index)
+    summary = run_search(settings, worker_index=args.worker_index, argv=args.argv)
     if args.worker_index == 0:
         print(f"done: {summary.finished_in_study}/{summary.budget} trials in study {summary.study_name!r}; "
               f"files under {summary.study_dir}/")
@@ -286,6 +293,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `autokd` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what `search` re-runs for its other workers
     root = args.root or studies_root()
     try:
         return COMMANDS[args.command](args, root)

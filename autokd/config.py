@@ -51,7 +51,9 @@ class SearchSettings:
     latency_batch: int = 1
     latency_device: str | None = None
     allow_mixed_latency: bool = False
-    compile: bool = False
+    compile: bool | str = False  # True, or a torch.compile mode (--compile-mode)
+    devices: str | None = None  # --devices: 'all' or '0,1,3' (None: all visible GPUs on cuda)
+    jobs_per_device: int = 1
     train_limit: int | None = None
     root: Path = field(default_factory=studies_root)
 

@@ -1,11 +1,12 @@
 """One search worker: validate inputs, open the study, prepare teacher/data once, then run trials to the budget.
 
-`run_search` is what `autokd search` calls. With `--jobs N` the first process prepares everything shared
-(the teacher, its outputs cache, the study, the MLflow parent run) and then starts N-1 more worker processes
-on the same storage; the budget is claimed slot by slot under the study lock, so together they finish
-exactly `--budget` trials. The same holds for workers started separately on several machines against one
-PostgreSQL storage: the first creates the study, trains and publishes the teacher (see `autokd.scaleout`),
-the others wait for it on the study lock and join.
+`run_search` is what `autokd search` calls. With `--jobs N` (on the CPU) or `--devices`/`--jobs-per-device`
+(on GPUs: one worker per device and slot, each pinned to its GPU, see `autokd.devices`) the first process
+prepares everything shared (the teacher, its outputs cache, the study, the MLflow parent run) and then starts
+the other worker processes on the same storage; the budget is claimed slot by slot under the study lock, so
+together they finish exactly `--budget` trials. The same holds for workers started separately on several
+machines against one PostgreSQL storage: the first creates the study, trains and publishes the teacher (see
+`autokd.scaleout`), the others wait for it on the study lock and join.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from typing import Any, Callable
 import optuna
 import torch
 
-from autokd import scaleout
+from autokd import devices, scaleout
 from autokd.config import SAMPLERS, SearchSettings
 from autokd.errors import UserError
 from autokd.study import (
@@ -91,6 +92,29 @@ def validate_settings(s: SearchSettings) -> None:
         raise UserError(f"--max-latency-ms {s.max_latency_ms}: must be a positive number of milliseconds")
     if s.study is not None and (not s.study or not all(ch.isalnum() or ch in "-_." for ch in s.study)):
         raise UserError(f"--study {s.study!r}: use letters, digits, '-', '_' or '.'")
+    if s.jobs_per_device < 1:
+        raise UserError(f"--jobs-per-device {s.jobs_per_device}: must be at least 1")
+
+
+def local_workers(s: SearchSettings, device: str) -> list[devices.WorkerSlot]:
+    """The workers of this machine: `--jobs N` on the CPU (or one explicit `cuda:N`), else one per chosen GPU
+    and slot (`--devices`, default all visible; `--jobs-per-device`, default 1). Bad values are UserErrors."""
+    if device != "cuda":
+        if s.devices is not None or s.jobs_per_device > 1:
+            flag = "--devices" if s.devices is not None else "--jobs-per-device"
+            if device == "cpu":
+                raise UserError(f"{flag} places workers on GPUs, but this search trains on the CPU (--device "
+                                f"{s.device}); on the CPU use --jobs N")
+            raise UserError(f"{flag} places workers on GPUs, but --device {s.device} names one GPU; use --device "
+                            "cuda with --devices N[,M...] (and --jobs-per-device K) instead")
+        return devices.cpu_workers(s.jobs)
+    if s.jobs > 1:
+        raise UserError(f"--jobs {s.jobs}: on GPUs a search runs --jobs-per-device K workers on each device of "
+                        "--devices (default: all visible GPUs); use --jobs-per-device instead, or --device cpu "
+                        "for CPU workers")
+    visible, names = devices.visible_devices()
+    chosen = devices.parse_devices(s.devices or "all", visible, names)
+    return devices.plan_workers(visible, chosen, s.jobs_per_device)
 
 
 def validate_teacher_args(arch: str | None, checkpoint: str | None) -> None:
@@ -154,11 +178,16 @@ def _train_threads(jobs: int) -> int:
     return max(1, (os.cpu_count() or 1) // max(1, jobs))
 
 
-def run_search(s: SearchSettings, worker_index: int = 0, log: Callable[[str], None] = print) -> SearchSummary:
-    """Run (or resume, or top up) a study until it holds `s.budget` finished trials."""
+def run_search(s: SearchSettings, worker_index: int = 0, log: Callable[[str], None] = print,
+               argv: list[str] | None = None) -> SearchSummary:
+    """Run (or resume, or top up) a study until it holds `s.budget` finished trials.
+
+    ``argv`` is the `autokd` command line that spawned workers re-run (the CLI passes its own). Without it (a
+    call from Python) this process is the only worker of this machine: on GPUs the first of ``s.devices``;
+    asking explicitly for more workers (`jobs`, `devices`, `jobs_per_device`) is then a UserError.
+    """
     from autokd.data import TrainViews, load_dataset
     from autokd.latency import LatencyCache, device_signature
-    from autokd.locks import CpuGate
     from autokd.objective import FatalSearchError, TrialContext, run_trial
     from autokd.space import load_space
     from autokd.teacher import get_teacher, teacher_outputs
@@ -168,6 +197,16 @@ def run_search(s: SearchSettings, worker_index: int = 0, log: Callable[[str], No
     validate_teacher_args(s.teacher, s.teacher_checkpoint)
     space = load_space(s.space)  # all input errors surface here, before any study or training exists
     device = resolve_device(s.device)
+    # Spawned workers are told the total (--jobs-total) and, on GPUs, see only their own device.
+    workers = local_workers(s, device) if worker_index == 0 else []
+    if len(workers) > 1 and argv is None:
+        if s.jobs > 1 or s.devices is not None or s.jobs_per_device > 1:
+            raise UserError("several workers on this machine are started from the command line: run `autokd "
+                            "search` (run_search needs the argv its workers re-run)")
+        workers = workers[:1]  # all visible GPUs is the command line's default, not an in-process call's
+    if workers and workers[0].device_index is not None:
+        device = workers[0].device
+        torch.cuda.set_device(workers[0].device_index)  # so that a plain `cuda` (e.g. --latency-device) is it too
     data = load_dataset(s.dataset, data_dir=s.data_dir, input_size=s.input_size or space.input_size, seed=0,
                         download=s.download, train_limit=s.train_limit)
     name = s.study or default_study_name(s.dataset, space.name)
@@ -228,21 +267,21 @@ def run_search(s: SearchSettings, worker_index: int = 0, log: Callable[[str], No
                                need_features=space.uses_features(), log=log) if space.uses_teacher() else None)
     data = data.to(device)
 
-    if s.jobs > 1 and worker_index == 0:  # spawned workers get --worker-index >= 1 and the total as --jobs-total
-        children = _spawn_workers(s.jobs - 1)
-    else:
-        children = []
-    torch.set_num_threads(_train_threads(s.jobs))
-    if s.jobs > 1:
-        log(f"worker {worker_index} of {s.jobs}: {torch.get_num_threads()} training thread(s)")
-    gate = CpuGate(root / ".locks")
+    total_workers = len(workers) if worker_index == 0 else s.jobs
+    children = _spawn_workers(argv or [], workers[1:], total_workers) if worker_index == 0 else []
+    torch.set_num_threads(_train_threads(total_workers))
+    gpu = devices.physical_id(device) if device.startswith("cuda") else None
+    if total_workers > 1:
+        log(f"worker {worker_index} of {total_workers}: {torch.get_num_threads()} training thread(s)"
+            + (f", GPU {gpu}" if gpu is not None else ""))
+    train_gate, measure_gate = _gates(root / ".locks", device, s.latency_device or device)
     shared_latency = scaleout.StudyLatency(study, latency_sig, s.latency_batch) if shared else None
     ctx = TrialContext(
         space=space, data=data, teacher_outputs=outputs, teacher_arch=teacher.arch, views=views,
         latency_cache=LatencyCache(root / "latency_cache"), tracker=tracker, parent_run_id=parent_run_id,
         trials_dir=sdir / "trials", device=device, latency_device=s.latency_device or device,
-        latency_threads=s.latency_threads, latency_batch=s.latency_batch, latency_lock=gate.measuring,
-        train_lock=gate.training, shared_latency=shared_latency, max_latency_ms=s.max_latency_ms,
+        latency_threads=s.latency_threads, latency_batch=s.latency_batch, latency_lock=measure_gate.measuring,
+        train_lock=train_gate.training, shared_latency=shared_latency, max_latency_ms=s.max_latency_ms,
         max_epochs=s.epochs, prune=s.prune, seed=s.seed, compile=s.compile, log=log,
     )
     summary = SearchSummary(study_name=name, study_dir=sdir, budget=s.budget)
@@ -267,7 +306,7 @@ def run_search(s: SearchSettings, worker_index: int = 0, log: Callable[[str], No
                 if budget_used(study) < s.budget:
                     trial, heartbeat = ask_with_heartbeat(study)
                     trial.set_user_attr("worker", {**worker_identity(), "heartbeat": bool(heartbeat_interval),
-                                                   "threads": torch.get_num_threads()})
+                                                   "threads": torch.get_num_threads(), "gpu": gpu})
                 elif not _beating_elsewhere(study):
                     break
             if trial is None:
@@ -358,28 +397,49 @@ def _trial_states(study: optuna.Study) -> dict[int, str]:
     return out
 
 
-def _spawn_workers(count: int) -> list[subprocess.Popen]:
-    # Extra workers are the same command with --jobs 1 and a worker index: they join the study the first
-    # process created (teacher, outputs cache and parent run are already there, so they only load them).
-    argv = list(sys.argv[1:])
+# Options that plan this machine's workers: the first process acts on them, spawned workers get their own.
+_PLANNING_OPTIONS = ("--jobs", "--devices", "--jobs-per-device")
+
+
+def worker_argv(argv: list[str], index: int, total: int) -> list[str]:
+    """The `autokd` arguments of spawned worker ``index``: the user's, without the worker-planning options, as
+    worker ``index`` of ``total`` running one job."""
     cleaned: list[str] = []
     skip = False
     for arg in argv:
         if skip:
             skip = False
             continue
-        if arg == "--jobs":
+        if arg in _PLANNING_OPTIONS:
             skip = True
             continue
-        if arg.startswith("--jobs="):
+        if arg.split("=", 1)[0] in _PLANNING_OPTIONS:
             continue
         cleaned.append(arg)
-    procs = []
-    for index in range(1, count + 1):
-        cmd = [sys.executable, "-m", "autokd.cli", *cleaned, "--jobs", "1", "--worker-index", str(index),
-               "--jobs-total", str(count + 1)]
-        procs.append(subprocess.Popen(cmd))
-    return procs
+    return [*cleaned, "--jobs", "1", "--worker-index", str(index), "--jobs-total", str(total)]
+
+
+def _spawn_workers(argv: list[str], slots: list[devices.WorkerSlot], total: int) -> list[subprocess.Popen]:
+    # Extra workers are the same command as one job with a worker index (and, on GPUs, CUDA_VISIBLE_DEVICES
+    # set to their device): they join the study the first process created (teacher, outputs cache and parent
+    # run are already there, so they only load them).
+    return [subprocess.Popen([sys.executable, "-m", "autokd.cli", *worker_argv(argv, slot.index, total)],
+                             env={**os.environ, **slot.env}) for slot in slots]
+
+
+def _gates(lock_dir: Path, device: str, latency_device: str) -> tuple[Any, Any]:
+    """(gate trainers hold, gate a latency measurement takes). Latency on the CPU: one machine-wide gate, as
+    training on any device uses the CPU too. Training and latency both on GPUs: one gate per GPU, so that a
+    measurement stops only the workers training on the GPU it measures on."""
+    from autokd.locks import CpuGate
+
+    if device.startswith("cuda") and latency_device.startswith("cuda"):
+        def name(dev: str) -> str:
+            return "cuda-" + "".join(ch if ch.isalnum() else "-" for ch in devices.physical_id(dev))
+
+        return CpuGate(lock_dir, name=name(device)), CpuGate(lock_dir, name=name(latency_device))
+    gate = CpuGate(lock_dir)
+    return gate, gate
 
 
 def _wait_child(proc: subprocess.Popen) -> None:

@@ -1,9 +1,13 @@
 from __future__ import annotations
 
+from collections import Counter
+from typing import Callable
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from autokd.data import TrainViews, load_dataset
 from autokd.errors import UserError
@@ -166,3 +170,91 @@ def test_compiled_training_matches_eager(data) -> None:
     for a, b in zip(eager, compiled):
         assert b.train_loss == pytest.approx(a.train_loss, rel=1e-4)
         assert abs(b.val_acc - a.val_acc) <= 0.05  # a few borderline images may flip
+
+
+# ----------------------------------------------------------------------------------------------------------
+# no host read inside an epoch's steps
+# ----------------------------------------------------------------------------------------------------------
+
+# Python-level ways of reading a tensor back to the host; on a GPU each one waits for the device.
+_HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy")
+
+
+class _DeviceReads(TorchDispatchMode):
+    """Counts the ATen ops whose result needs a device value on the host (any `.item()`, also from C++, and
+    ops whose output size depends on the data)."""
+
+    OPS = ("_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2", "repeat_interleave")
+
+    def __init__(self, counts: Counter) -> None:
+        super().__init__()
+        self.counts = counts
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        name = func.overloadpacket.__name__
+        if name in self.OPS:
+            self.counts[f"aten.{name}"] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _count_host_reads(monkeypatch: pytest.MonkeyPatch, run: Callable[[], object]) -> Counter:
+    counts: Counter = Counter()
+    with monkeypatch.context() as m:
+        for name in _HOST_READS:
+            original = getattr(torch.Tensor, name)
+
+            def counted(self, *args, _name=name, _original=original, **kwargs):  # noqa: ANN001, ANN202
+                counts[_name] += 1
+                return _original(self, *args, **kwargs)
+
+            m.setattr(torch.Tensor, name, counted)
+        with _DeviceReads(counts):
+            run()
+    return counts
+
+
+def test_no_host_read_inside_an_epoch(data, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The steps of an epoch read nothing back to the host: the reads per epoch are the same for 2 steps as for
+    12 (the epoch end's: the loss buffer and the validation accuracy). Covers a KD loss with cached teacher
+    outputs, augmented views and the latency gate's pause point after every step."""
+    from autokd.locks import CpuGate
+
+    logits = F.one_hot(data.y_train, 10).float()[None].repeat(2, 1, 1) * 8
+    views = TrainViews(num_views=2, max_shift=1)
+    gate = CpuGate(tmp_path / "locks", slice_s=0.0)  # slice 0: every pause point leaves and re-enters the gate
+
+    def run(batch_size: int) -> Counter:
+        cfg = TrainConfig(epochs=2, batch_size=batch_size, lr=0.02)
+
+        def train() -> None:
+            with gate.training() as hold:
+                distill(_student(), build_loss("kd", alpha=0.5, temperature=4.0), data, cfg,
+                        teacher=CachedTeacherOutputs(logits), views=views, on_step=hold.pause_point)
+
+        return _count_host_reads(monkeypatch, train)
+
+    n = len(data.y_train)
+    few, many = run(batch_size=n // 2), run(batch_size=n // 12)
+    assert few == many, f"host reads grow with the steps of an epoch: 2 steps {dict(few)}, 12 steps {dict(many)}"
+    assert sum(few.values()) <= 2 * 4, dict(few)  # per epoch: the loss buffer, the validation accuracy
+
+
+def test_non_finite_loss_found_after_the_fact_names_its_step(data) -> None:
+    """The NaN guard reads the epoch's losses at its end and names the first non-finite step exactly."""
+
+    class LateNaN(TinyNet):
+        calls = 0
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = super().forward(x)
+            if self.training:
+                LateNaN.calls += 1
+                if LateNaN.calls >= 7:  # epoch 2 (4 steps each), its 3rd step
+                    return out * float("inf")
+            return out
+
+    torch.manual_seed(0)
+    seen: list[EpochResult] = []
+    with pytest.raises(NonFiniteLossError, match=r"epoch 2, step 3 of 4 \(lr "):
+        distill(LateNaN(), build_loss("ce"), data, CFG, on_epoch=seen.append)
+    assert [r.epoch for r in seen] == [1]  # epoch 2 never reached its callback (no pruning decision on NaN)
