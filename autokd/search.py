@@ -174,7 +174,8 @@ def run_search(s: SearchSettings, worker_index: int = 0, log: Callable[[str], No
     root = Path(s.root)
     sdir = study_dir(root, name)
     storage = make_storage(s.storage, root)
-    pinned = {"space_fingerprint": space.fingerprint, "dataset": data.name, "data_fingerprint": data.fingerprint}
+    pinned = {"space_fingerprint": space.fingerprint, "dataset": data.name, "data_fingerprint": data.fingerprint,
+              "epochs": s.epochs or space.epochs}
     extra_attrs = {"space": space.canonical(), "space_path": str(s.space), "autokd_version": _version(),
                    "budget": s.budget, "device": device, "input_size": data.input_size, "train_limit": s.train_limit,
                    "data_dir": s.data_dir}
