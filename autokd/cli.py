@@ -64,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("search", help="run or resume a multi-objective study")
     s.add_argument("--budget", type=_positive_int, default=50, help="total finished trials in the study (default 50)")
-    s.add_argument("--space", type=Path, default=None, help="search-space YAML (default search_spaces/default.yaml)")
+    s.add_argument("--space", default=None,
+                   help="a built-in space name (default, cifar_gpu) or a search-space YAML file (default: default)")
     _add_data_args(s)
     s.add_argument("--study", help="study name (default: <dataset>-<space name>)")
     s.add_argument("--storage", help="Optuna storage: a .journal path or postgresql://USER@HOST/DB "
@@ -146,10 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _search(args: argparse.Namespace, root: Path) -> int:
+    from autokd.builtin_spaces import resolve_space
     from autokd.search import run_search
 
     settings = SearchSettings(
-        budget=args.budget, space=args.space or _default_space(), dataset=args.dataset, data_dir=args.data_dir,
+        budget=args.budget, space=resolve_space(args.space), dataset=args.dataset, data_dir=args.data_dir,
         download=args.download, input_size=args.input_size, teacher=args.teacher,
         teacher_checkpoint=args.teacher_checkpoint, teacher_pretrained=args.teacher_pretrained, study=args.study,
         storage=args.storage, device=args.device, sampler=args.sampler, seed=args.seed,
@@ -165,14 +167,6 @@ def _search(args: argparse.Namespace, root: Path) -> int:
         print(f"done: {summary.finished_in_study}/{summary.budget} trials in study {summary.study_name!r}; "
               f"files under {summary.study_dir}/")
     return 0
-
-
-def _default_space() -> Path:
-    # The default space ships with the package's repository; fall back to the copy next to the package.
-    local = Path("search_spaces/default.yaml")
-    if local.is_file():
-        return local
-    return Path(__file__).resolve().parent.parent / "search_spaces" / "default.yaml"
 
 
 def _distill(args: argparse.Namespace, root: Path) -> int:
