@@ -481,6 +481,9 @@ class _Sender:
             return  # down again mid-replay: keep spooling (replay goes on from the .done count)
         self._spool_fh.close()
         self._spool_fh = None
+        if self.spool_dir is not None:
+            with contextlib.suppress(OSError):
+                self.spool_dir.rmdir()  # only when empty: another process's spool stays
         logger.warning("MLflow: %s answers again; sent the %d call(s) kept during the outage", self.tracking_uri,
                        sent)
 

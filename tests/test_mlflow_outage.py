@@ -90,7 +90,8 @@ def test_server_killed_mid_search_loses_no_run(tmp_path: Path, tiny_teacher: tup
     try:
         _wait(search, lambda: _finished(root, name) >= 2, log)
         _kill(server)  # the tracking server dies mid-search
-        _wait(search, lambda: _finished(root, name) >= 4, log)
+        # Down for long enough that MLflow's own HTTP retries give up (a quick restart is bridged by them).
+        _wait(search, lambda: _finished(root, name) >= 4 and "is not answering" in log.read_text(), log)
         server = _start_server(server_root, port)  # ... and comes back (same store) while or after it runs
         assert search.wait(timeout=600) == 0, log.read_text()[-3000:]
         text = log.read_text()
@@ -101,6 +102,7 @@ def test_server_killed_mid_search_loses_no_run(tmp_path: Path, tiny_teacher: tup
             assert sync.returncode == 0, sync.stdout + sync.stderr
             text += sync.stdout + sync.stderr
         assert not spools.exists() or not list(spools.glob("*.jsonl"))
+        print("\n".join(line for line in text.splitlines() if "MLflow" in line or "mlflow" in line))  # for -s
 
         # One line when the outage starts, none per call, and no traceback.
         assert text.count("is not answering") == 1, text[-4000:]
@@ -138,3 +140,59 @@ def test_server_killed_mid_search_loses_no_run(tmp_path: Path, tiny_teacher: tup
             search.kill()
             search.wait()
         _kill(server)
+
+
+@pytest.mark.slow
+def test_outage_mid_run_is_replayed_in_order_when_the_store_answers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """The store stops answering between two epochs and answers again before the run ends: the spool is sent in
+    order by the same process, one line when the outage starts and one when it ends."""
+    import logging
+
+    from mlflow.tracking import MlflowClient
+
+    from autokd import tracking
+
+    monkeypatch.setattr(tracking, "PROBE_INTERVAL_S", 0.0)
+    root = tmp_path / "studies"
+    tracker = tracking.make_tracker(None, True, root, "flaky")
+    parent = tracker.create_parent_run("flaky", {}, {"budget": 1})
+    client = tracker._client  # noqa: SLF001 - the tracker's own client is what goes down
+    down = {"now": False}
+
+    def failing(method: Any) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if down["now"]:
+                raise ConnectionError("Connection refused")
+            return method(*args, **kwargs)
+        return call
+
+    for name in ("log_batch", "set_terminated", "get_experiment", "create_run"):
+        monkeypatch.setattr(client, name, failing(getattr(client, name)))
+    with caplog.at_level(logging.WARNING, logger="autokd.tracking"):
+        run = tracker.start_trial(parent, 0, {"lr": 0.1}, {})
+        run.log_epoch(1, {"val_acc": 0.1})
+        tracker.flush()
+        down["now"] = True
+        run.log_epoch(2, {"val_acc": 0.2})
+        run.log_epoch(3, {"val_acc": 0.3})
+        late = tracker.start_trial(parent, 1, {"lr": 0.2}, {})  # created during the outage
+        late.log_epoch(1, {"val_acc": 0.5})
+        tracker.flush()
+        assert tracker.spooling and list((root / "flaky" / "mlflow_spool").glob("*.jsonl"))
+        down["now"] = False
+        run.log_epoch(4, {"val_acc": 0.4})
+        run.end("COMPLETE")
+        late.end("PRUNED")
+        tracker.end_parent(parent)
+        tracker.flush()
+    assert not tracker.spooling and not (root / "flaky" / "mlflow_spool").exists()
+    assert caplog.text.count("is not answering") == 1 and caplog.text.count("answers again; sent the 5 call(s)") == 1, caplog.text
+    reader = MlflowClient(tracking_uri=tracker.tracking_uri)
+    history = sorted(reader.get_metric_history(run.run_id, "val_acc"), key=lambda m: m.step)
+    assert [(m.step, m.value) for m in history] == [(1, 0.1), (2, 0.2), (3, 0.3), (4, 0.4)]
+    runs = reader.search_runs([tracker.experiment_id])
+    assert sorted(r.info.run_name for r in runs) == ["flaky", "trial-0", "trial-1"]  # none twice
+    status = {r.info.run_name: r.info.status for r in runs}
+    assert status == {"flaky": "FINISHED", "trial-0": "FINISHED", "trial-1": "FINISHED"}
+    assert [m.step for m in reader.get_metric_history(late.run_id, "val_acc")] == [1]
