@@ -12,8 +12,9 @@ the first worker, set RUNNING again when a later search resumes the study, and e
 search was stopped) by the worker that finishes last, once no trial of the study runs any more. A parent left
 RUNNING by a worker killed with ``kill -9`` is taken over by the next search on the study, which ends it. A
 child run is RUNNING exactly while its trial runs; children orphaned by a dead worker are closed by
-``close_stale_runs``. The experiment is tagged ``mlflow.experimentKind = custom_model_development`` so that
-MLflow 3's UI shows its runs table, not the GenAI overview.
+``close_stale_runs``. The experiment is tagged ``mlflow.experimentKind = custom_model_development`` (a
+model-training experiment); MLflow 3.17's UI lets its GenAI switch override that in a fresh browser, so
+``runs_page_url`` also carries the switch's URL parameter.
 
 Local default store. ``default_tracking_uri`` is a SQLite database, ``<studies_root>/mlflow.db``, shared by
 all studies, with artifacts under ``<studies_root>/mlartifacts/<experiment>``. Why not the ``file:`` store:
@@ -70,8 +71,8 @@ STUDY_TAG = "autokd.study"
 TRIAL_TAG = "autokd.trial"
 STATE_TAG = "autokd.state"
 FAIL_REASON_TAG = "autokd.fail_reason"
-# What MLflow 3's UI reads to open an experiment on its runs table ("Model training") rather than its GenAI
-# overview (mlflow/server/js: ExperimentKind.CUSTOM_MODEL_DEVELOPMENT).
+# The kind MLflow 3's UI reads for a model-training experiment (mlflow/server/js:
+# ExperimentKind.CUSTOM_MODEL_DEVELOPMENT), as opposed to a GenAI one.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 
