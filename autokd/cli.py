@@ -4,7 +4,8 @@
     autokd distill --family resnet  train one student against the cached teacher
     autokd report                   Pareto front table + studies/<name>/report/
     autokd export --pick knee       safetensors + config.json + ONNX (+ TorchScript)
-    autokd ui                       MLflow UI for the local store
+    autokd ui                       MLflow UI for the local store (prints the study's runs page)
+    autokd sync-mlflow              send MLflow calls kept on disk during a tracking-server outage
     autokd workers --machines 4     commands to run one study on several machines (PostgreSQL + MLflow server)
 """
 from __future__ import annotations
@@ -65,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("search", help="run or resume a multi-objective study")
     s.add_argument("--budget", type=_positive_int, default=50, help="total finished trials in the study (default 50)")
-    s.add_argument("--space", type=Path, default=None, help="search-space YAML (default search_spaces/default.yaml)")
+    s.add_argument("--space", default=None,
+                   help="a built-in space name (default, cifar_gpu) or a search-space YAML file (default: default)")
     _add_data_args(s)
     s.add_argument("--study", help="study name (default: <dataset>-<space name>)")
     s.add_argument("--storage", help="Optuna storage: a .journal path or postgresql://USER@HOST/DB "
@@ -133,7 +135,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     u = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1 for the local store")
     u.add_argument("--port", type=int, default=5000)
-    u.add_argument("--tracking-uri", help="store to browse (default: the local store under studies/)")
+    u.add_argument("--tracking-uri", help="store to browse (default: the local store under studies/); for a "
+                   "tracking server, prints the study's page on it")
+    u.add_argument("--study", help="study whose runs page to print (default: the most recent study)")
+
+    y = sub.add_parser("sync-mlflow", help="send the MLflow calls kept on disk while the tracking server was down")
+    y.add_argument("--study", help="study name (default: the only/most recent study)")
+    y.add_argument("--storage", help="Optuna storage of the study (default studies/optuna.journal)")
+    y.add_argument("--tracking-uri", help="MLflow store (default: the one the study logs to)")
 
     w = sub.add_parser("workers", help="print the commands that run one study on several machines",
                        description="Print the commands that run one study on several machines: the databases, "
@@ -152,10 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _search(args: argparse.Namespace, root: Path) -> int:
+    from autokd.builtin_spaces import resolve_space
     from autokd.search import run_search
 
     settings = SearchSettings(
-        budget=args.budget, space=args.space or _default_space(), dataset=args.dataset, data_dir=args.data_dir,
+        budget=args.budget, space=resolve_space(args.space), dataset=args.dataset, data_dir=args.data_dir,
         download=args.download, input_size=args.input_size, teacher=args.teacher,
         teacher_checkpoint=args.teacher_checkpoint, teacher_pretrained=args.teacher_pretrained, study=args.study,
         storage=args.storage, device=args.device, sampler=args.sampler, seed=args.seed,
@@ -171,15 +181,25 @@ def _search(args: argparse.Namespace, root: Path) -> int:
     if args.worker_index == 0:
         print(f"done: {summary.finished_in_study}/{summary.budget} trials in study {summary.study_name!r}; "
               f"files under {summary.study_dir}/")
+        print(_next_steps(args, summary))
     return 0
 
 
-def _default_space() -> Path:
-    # The default space ships with the package's repository; fall back to the copy next to the package.
-    local = Path("search_spaces/default.yaml")
-    if local.is_file():
-        return local
-    return Path(__file__).resolve().parent.parent / "search_spaces" / "default.yaml"
+def _next_steps(args: argparse.Namespace, summary: Any) -> str:
+    """The commands a user runs after a search: the report, the MLflow UI, the export of the knee student."""
+    base = "autokd" + (f" --root {args.root}" if args.root else "")
+    where = (f" --storage {args.storage}" if args.storage else "")
+    lines = ["next:"]
+    report = Path(summary.study_dir) / "report" / "report.html"
+    if report.is_file():
+        lines.append(f"  open {report}")
+    else:
+        lines.append(f"  {base} report --study {summary.study_name}{where}")
+    if not args.no_mlflow:
+        uri = f" --tracking-uri {args.tracking_uri}" if args.tracking_uri else ""
+        lines.append(f"  {base} ui --study {summary.study_name}{uri}")
+    lines.append(f"  {base} export --study {summary.study_name}{where} --pick knee --out student/")
+    return "\n".join(lines)
 
 
 def _distill(args: argparse.Namespace, root: Path) -> int:
@@ -222,8 +242,14 @@ def _ui(args: argparse.Namespace, root: Path) -> int:
         raise UserError(f"no MLflow store at {Path(root) / 'mlflow.db'}: run `autokd search` first (or pass --root "
                         "/ $AUTOKD_STUDIES for another studies directory, or --tracking-uri)")
     uri = args.tracking_uri or default_tracking_uri(root)
+    http = uri.startswith(("http://", "https://"))
+    base = uri if http else f"http://127.0.0.1:{args.port}"
+    page = _study_page(uri, base, args.study, root)
+    if http:  # a tracking server already serves its UI
+        print(f"MLflow UI of {uri}: {page}")
+        return 0
     cmd = ui_command(uri, host="127.0.0.1", port=args.port)
-    print(f"MLflow UI for {uri}: http://127.0.0.1:{args.port}  (Ctrl-C to stop)", flush=True)
+    print(f"MLflow UI for {uri}: {page}  (Ctrl-C to stop)", flush=True)
     # The UI is a process tree (mlflow -> uvicorn). It gets its own process group, stopped below however we
     # are stopped (Ctrl-C, SIGTERM from a service manager): otherwise it outlives us, holding the port.
     posix = hasattr(os, "killpg")
@@ -240,6 +266,54 @@ def _ui(args: argparse.Namespace, root: Path) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous)
         _stop_process_group(proc, posix)
+
+
+def _study_page(uri: str, base: str, study: str | None, root: Path) -> str:
+    """The runs page of the study's experiment (the given study, else the most recent one), else the UI's root."""
+    from autokd.tracking import experiment_id_of, limit_http_retries, runs_page_url
+
+    name = study
+    if name is None:
+        from autokd.study import storage_missing
+
+        if not storage_missing(None, root):
+            from autokd.study_report import resolve_study
+
+            try:
+                name = resolve_study(None, None, root).study_name
+            except UserError:
+                name = None
+    if name is None:
+        return base + "/"
+    limit_http_retries(uri)
+    try:
+        experiment_id = experiment_id_of(uri, name)
+    except Exception as exc:  # noqa: BLE001 - any failure to read the store
+        raise UserError(f"cannot read MLflow store {uri!r}: {str(exc).splitlines()[0] if str(exc) else exc}") from exc
+    if experiment_id is None:
+        if study is not None:
+            raise UserError(f"--study {study!r}: no MLflow experiment of that name in {uri} (was it run with "
+                            "--no-mlflow, or with another --tracking-uri?)")
+        return base + "/"
+    return runs_page_url(base, experiment_id)
+
+
+def _sync_mlflow(args: argparse.Namespace, root: Path) -> int:
+    from autokd.study_report import resolve_study
+    from autokd.tracking import make_tracker
+
+    study = resolve_study(args.study, args.storage, root)
+    uri = args.tracking_uri or study.user_attrs.get("mlflow_tracking_uri")
+    if not study.user_attrs.get("mlflow_parent_run_id"):
+        raise UserError(f"study {study.study_name!r} does not log to MLflow (it was run with --no-mlflow)")
+    spools = Path(root) / study.study_name / "mlflow_spool"
+    waiting = len(list(spools.glob("*.jsonl"))) if spools.is_dir() else 0
+    make_tracker(uri, True, root, experiment_name=study.study_name)  # sends what spools it finds (and says so)
+    left = len(list(spools.glob("*.jsonl"))) if spools.is_dir() else 0
+    print(f"study {study.study_name!r}: {waiting - left} spool(s) sent to {uri}"
+          + (f", {left} kept (their worker still runs, or the store does not answer)" if left else "")
+          + ("" if waiting else " (nothing was waiting)"))
+    return 0 if not left else 1
 
 
 def _stop_process_group(proc: Any, posix: bool) -> None:
@@ -286,7 +360,7 @@ def _workers(args: argparse.Namespace, root: Path) -> int:
 
 
 COMMANDS = {"search": _search, "distill": _distill, "report": _report, "export": _export, "ui": _ui,
-            "workers": _workers}
+            "workers": _workers, "sync-mlflow": _sync_mlflow}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

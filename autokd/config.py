@@ -28,7 +28,7 @@ class SearchSettings:
     """Everything `autokd search` needs, as parsed from the command line."""
 
     budget: int = 50
-    space: Path = Path("search_spaces/default.yaml")
+    space: Path = field(default_factory=lambda: _builtin_default_space())
     dataset: str = "digits"
     data_dir: str | None = None
     download: bool = False
@@ -61,6 +61,12 @@ class SearchSettings:
 SAMPLERS = ("tpe", "nsga2", "random")
 
 
+def _builtin_default_space() -> Path:
+    from autokd.builtin_spaces import resolve_space
+
+    return resolve_space(None)
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
     """SafeLoader that refuses duplicate keys (plain safe_load silently keeps the last one)."""
 
@@ -84,7 +90,7 @@ def load_yaml(path: str | Path) -> Any:
     """Load a YAML file safely (no Python object tags, no duplicate keys); errors name the file and line."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path}: file not found (give an existing YAML file, e.g. search_spaces/default.yaml)")
+        raise UserError(f"{path}: file not found (give an existing YAML file, e.g. search_spaces/default.yaml, or a built-in space name such as default)")
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:

@@ -46,6 +46,16 @@ PICK_STYLE = {
     "best_under_latency": ("diamond-open", "D", "#e377c2", 22),
     "fastest_within_tolerance": ("square-open", "s", "#17becf", 28),
 }
+# plotly marker symbol, matplotlib marker of each student family (shape = family, colour = state)
+FAMILY_SYMBOLS = {
+    "resnet": ("circle", "o"),
+    "mobilenetv3": ("triangle-up", "^"),
+    "efficientnet": ("diamond", "D"),
+    "regnet": ("square", "s"),
+    "convnext": ("pentagon", "p"),
+    "vit": ("cross", "P"),
+}
+OTHER_FAMILY_SYMBOL = ("hexagon", "h")
 PICK_LABEL = {
     "knee": "knee",
     "best_under_latency": "best under latency",
@@ -190,8 +200,39 @@ def _hover(p: TrialPoint, tags: list[str]) -> str:
     return "<br>".join(lines)
 
 
+def _family(p: TrialPoint) -> str:
+    return str(p.params.get("family", "?"))
+
+
+def _symbols(pts: Sequence[TrialPoint]) -> list[str]:
+    return [FAMILY_SYMBOLS.get(_family(p), OTHER_FAMILY_SYMBOL)[0] for p in pts]
+
+
+def zoom_ranges(points: Sequence[TrialPoint], front: Sequence[TrialPoint]) -> tuple[list[float], list[float]] | None:
+    """Axes (latency, accuracy) that show the front and the students near it, or None without a front.
+
+    Pruned students stopped at low accuracy stretch a full view's accuracy axis over 0-100 %, which squeezes
+    the front into a few pixels; this view spans the front's accuracies plus a margin below (half its spread,
+    at least 2 points) and its latencies plus a margin on both sides.
+    """
+    pts = [p for p in front if _finite(p.val_acc) and _finite(p.latency_ms)]
+    if not pts:
+        return None
+    accs = [float(p.val_acc) for p in pts]  # type: ignore[arg-type]
+    lats = [float(p.latency_ms) for p in pts]  # type: ignore[arg-type]
+    a_lo, a_hi, l_lo, l_hi = min(accs), max(accs), min(lats), max(lats)
+    da = max(0.03, 0.5 * (a_hi - a_lo))
+    y = [a_lo - da, a_hi + 0.3 * da]
+    # Students near the front: those in its accuracy band, up to 3x its slowest member's latency.
+    near = [float(p.latency_ms) for p in points if _finite(p.latency_ms) and (acc := _plot_acc(p)) is not None  # type: ignore[arg-type]
+            and y[0] <= acc <= y[1] and float(p.latency_ms) <= 3 * l_hi]  # type: ignore[arg-type]
+    right = max([l_hi, *near])
+    dl = max(0.1 * right, 0.05 * (right - l_lo))
+    return [max(0.0, min([l_lo, *near]) - dl), right + dl], y
+
+
 def _plotly_figure(points: Sequence[TrialPoint], front: list[TrialPoint], recs: Mapping[str, TrialPoint | None],
-                   title: str, max_latency_ms: float | None) -> Any:
+                   title: str, max_latency_ms: float | None, zoom: bool = False) -> Any:
     import plotly.graph_objects as go
 
     fig = go.Figure()
@@ -205,15 +246,21 @@ def _plotly_figure(points: Sequence[TrialPoint], front: list[TrialPoint], recs: 
         label = state if state != "PRUNED" else "PRUNED (at last accuracy)"
         fig.add_trace(go.Scatter(
             x=[p.latency_ms for p in pts], y=[_plot_acc(p) for p in pts], mode="markers", name=label,
-            marker={"color": STATE_COLORS.get(state, "#8c564b"), "size": 8,
+            marker={"color": STATE_COLORS.get(state, "#8c564b"), "size": 8, "symbol": _symbols(pts),
                     "opacity": 0.85 if state == "COMPLETE" else 0.55},
             text=[_hover(p, []) for p in pts], hovertemplate="%{text}<extra></extra>",
+            legendgroup=state, showlegend=False,
+        ))
+        fig.add_trace(go.Scatter(  # its legend entry: the state's colour on a neutral shape
+            x=[None], y=[None], mode="markers", name=label, legendgroup=state, hoverinfo="skip",
+            marker={"color": STATE_COLORS.get(state, "#8c564b"), "size": 9, "symbol": "circle"},
         ))
     if front:
         fig.add_trace(go.Scatter(
             x=[p.latency_ms for p in front], y=[p.val_acc for p in front], mode="lines+markers",
-            line={"shape": "hv", "color": FRONT_COLOR, "width": 2}, name="Pareto front",
-            marker={"color": FRONT_COLOR, "size": 10, "line": {"color": "black", "width": 1}},
+            line={"shape": "hv", "color": FRONT_COLOR, "width": 2}, name="Pareto front (shape = family)",
+            marker={"color": FRONT_COLOR, "size": 11, "symbol": _symbols(front),
+                    "line": {"color": "black", "width": 1}},
             text=[_hover(p, _tags(p, recs)) for p in front], hovertemplate="%{text}<extra></extra>",
         ))
     for key in RECOMMENDATION_KEYS:
@@ -226,9 +273,19 @@ def _plotly_figure(points: Sequence[TrialPoint], front: list[TrialPoint], recs: 
             marker={"symbol": symbol, "color": color, "size": size, "line": {"color": color if "open" in symbol else "black", "width": 2}},
             text=[_hover(p, _tags(p, recs))], hovertemplate="%{text}<extra></extra>",
         ))
+    for family in sorted({_family(p) for p in points}):  # legend entries for the shapes
+        fig.add_trace(go.Scatter(
+            x=[None], y=[None], mode="markers", name=f"family: {family}", hoverinfo="skip",
+            marker={"symbol": FAMILY_SYMBOLS.get(family, OTHER_FAMILY_SYMBOL)[0], "color": "#444", "size": 9},
+        ))
     if max_latency_ms is not None:
         fig.add_vline(x=max_latency_ms, line={"dash": "dash", "color": "#555"},
                       annotation_text=f"latency budget {max_latency_ms:g} ms", annotation_position="top")
+    ranges = zoom_ranges(points, front) if zoom else None
+    if ranges is not None:
+        title = f"{title}: the front and the students near it (zoomed; drag or double-click to change)"
+        fig.update_xaxes(range=ranges[0])
+        fig.update_yaxes(range=ranges[1])
     fig.update_layout(
         title={"text": html.escape(title)}, template="plotly_white", height=620,
         xaxis_title="latency (ms, batch 1) - lower is better", yaxis_title="validation accuracy - higher is better",
@@ -439,6 +496,11 @@ def write_report(points: Sequence[TrialPoint], out_dir: Path, *, title: str, max
     fig = _plotly_figure(points, front, recs, title, max_latency_ms)
     plot_div = fig.to_html(full_html=False, include_plotlyjs=True, div_id="pareto-plot",
                            config={"displaylogo": False, "responsive": True})
+    if zoom_ranges(points, front) is not None:  # the region that matters first, then every trial
+        zoomed = _plotly_figure(points, front, recs, title, max_latency_ms, zoom=True)
+        plot_div = plot_div.replace('<div id="pareto-plot"', zoomed.to_html(
+            full_html=False, include_plotlyjs=False, div_id="pareto-zoom",
+            config={"displaylogo": False, "responsive": True}) + '<div id="pareto-plot"', 1)
     outputs = {
         "report.html": _html(points, front, recs, title, plot_div, counts, hv_line, pick_lines).encode(),
         "pareto.png": _png(points, front, recs, title, max_latency_ms, hv_line),

@@ -213,7 +213,8 @@ def run_search(s: SearchSettings, worker_index: int = 0, log: Callable[[str], No
     root = Path(s.root)
     sdir = study_dir(root, name)
     storage = make_storage(s.storage, root)
-    pinned = {"space_fingerprint": space.fingerprint, "dataset": data.name, "data_fingerprint": data.fingerprint}
+    pinned = {"space_fingerprint": space.fingerprint, "dataset": data.name, "data_fingerprint": data.fingerprint,
+              "epochs": s.epochs or space.epochs}
     extra_attrs = {"space": space.canonical(), "space_path": str(s.space), "autokd_version": _version(),
                    "budget": s.budget, "device": device, "input_size": data.input_size, "train_limit": s.train_limit,
                    "data_dir": s.data_dir}
@@ -334,13 +335,28 @@ def run_search(s: SearchSettings, worker_index: int = 0, log: Callable[[str], No
         tracker.flush()  # trial runs end without waiting for MLflow: everything is written before we go on
         if parent_run_id:
             tracker.close_stale_runs(parent_run_id, _trial_states(study))
+            if sys.exc_info()[0] is not None:  # stopped (signal, repeated failures): the search ends here
+                _end_parent(study, tracker, parent_run_id, s, "KILLED")
         if previous_sigterm is not None:
             signal.signal(signal.SIGTERM, previous_sigterm)
         gc.unfreeze()  # a caller that goes on (tests, notebooks) gets its objects collectable again
     summary.finished_in_study = budget_used(study)
     if worker_index == 0:
         summary.report_files = _final_report(study, s, data, tracker, parent_run_id, log)
+    if parent_run_id:
+        _end_parent(study, tracker, parent_run_id, s, "FINISHED")
+    if tracker.spooling:
+        log(f"MLflow at {tracker.tracking_uri} does not answer: its calls are kept under {sdir}/mlflow_spool/ and "
+            f"sent at the next start, or with `autokd sync-mlflow --study {name}`")
     return summary
+
+
+def _end_parent(study: optuna.Study, tracker: Any, parent_run_id: str, s: SearchSettings, status: str) -> None:
+    """End the study's MLflow parent run, unless a trial still runs in another worker (which then ends it)."""
+    with study_lock(s.storage, Path(s.root), study.study_name):
+        if study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+            return
+        tracker.end_parent(parent_run_id, status)
 
 
 def _claim_report(study: optuna.Study, s: SearchSettings, root: Path) -> bool:
@@ -373,6 +389,7 @@ def _parent_run(study: optuna.Study, tracker: Any, s: SearchSettings, name: str,
         return None
     run_id = study.user_attrs.get("mlflow_parent_run_id")
     if run_id and tracker.parent_run_exists(run_id):
+        tracker.resume_parent(run_id)  # RUNNING while this search runs (also takes over a killed worker's)
         return run_id
     stored_uri = study.user_attrs.get("mlflow_tracking_uri")
     if run_id and shared:

@@ -46,7 +46,9 @@ HEARTBEAT_GRACE_ENV = "AUTOKD_HEARTBEAT_GRACE"
 WORKER_HOST_ENV = "AUTOKD_WORKER_HOST"
 
 # Study user attributes that pin what a study was created with.
-PINNED_ATTRS = ("space_fingerprint", "dataset", "data_fingerprint", "teacher")
+PINNED_ATTRS = ("space_fingerprint", "dataset", "data_fingerprint", "teacher", "epochs")
+# The study's objectives by name, so optuna-dashboard and every other Optuna tool label them.
+METRIC_NAMES = ["val_acc", "latency_ms"]
 # The settings behind data_fingerprint, named when a resume with other data is refused.
 DATA_SETTINGS = ("dataset", "input_size", "train_limit", "data_dir")
 # Trial user attribute: the trial was interrupted and its parameters queued again, so its retry (the trial
@@ -112,6 +114,21 @@ class TrialSyncedJournalBackend(JournalFileBackend):
                 handle.write(data)
         finally:
             lock.release()
+
+
+def storage_missing(storage: str | None, root: Path) -> bool:
+    """Whether a local storage (journal or SQLite file) does not exist yet: then it holds no study.
+
+    Commands that only read a study check this first, because opening a local storage creates its file and a
+    command that fails on its input must leave nothing behind.
+    """
+    if not storage or storage.endswith((".journal", ".log")) or storage.startswith("journal:"):
+        path = Path(storage.removeprefix("journal:")) if storage else journal_path(root)
+        return not path.exists()
+    if storage.startswith("sqlite:///"):
+        path = storage[len("sqlite:///"):].split("?", 1)[0]
+        return path not in ("", ":memory:") and not Path(path).exists()
+    return False
 
 
 def make_storage(storage: str | None, root: Path) -> BaseStorage:
@@ -233,6 +250,7 @@ def open_study(name: str, storage: BaseStorage, pinned: dict[str, Any], extra_at
         study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
     except KeyError:
         study = optuna.create_study(study_name=name, storage=storage, directions=DIRECTIONS, sampler=sampler)
+        _name_metrics(study)
         for key, value in {**pinned, **extra_attrs}.items():
             study.set_user_attr(key, value)
         return study, True
@@ -241,6 +259,11 @@ def open_study(name: str, storage: BaseStorage, pinned: dict[str, Any], extra_at
                         f"are {[d.name for d in study.directions]}); choose another name with --study")
     attrs = study.user_attrs
     for key in PINNED_ATTRS:
+        if key == "epochs" and key in attrs and key in pinned and attrs[key] != pinned[key]:
+            raise UserError(
+                f"study {name!r} was created with {attrs[key]} epochs per trial, this run asks for {pinned[key]} "
+                f"(--epochs, or the space's epochs): a trial's accuracy depends on its epoch budget, so one front "
+                f"cannot mix them. Resume with --epochs {attrs[key]}, or start a new study with --study NEW_NAME.")
         if key in attrs and key in pinned and attrs[key] != pinned[key]:
             what = {"space_fingerprint": "search space", "data_fingerprint": "dataset preprocessing/split"}.get(key, key)
             data = ""
@@ -254,7 +277,18 @@ def open_study(name: str, storage: BaseStorage, pinned: dict[str, Any], extra_at
                 f"{pinned[key]!r}).{data} Resume it with the original settings (space file: "
                 f"{attrs.get('space_path')}), or start a new study with --study NEW_NAME."
             )
+    for key in PINNED_ATTRS:  # studies made before a setting was pinned: pin it from now on
+        if key in pinned and key not in attrs:
+            study.set_user_attr(key, pinned[key])
+    if study.metric_names is None:
+        _name_metrics(study)
     return study, False
+
+
+def _name_metrics(study: optuna.Study) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names(METRIC_NAMES)
 
 
 def budget_used(study: optuna.Study) -> int:

@@ -16,13 +16,17 @@ from autokd.checkpoint import atomic_write_json, read_checkpoint
 from autokd.errors import UserError
 from autokd.pareto import TrialPoint
 from autokd.report import ReportResult, format_front_table, write_report
-from autokd.study import make_storage, sampled_params, storage_url, study_dir
+from autokd.study import make_storage, sampled_params, storage_missing, storage_url, study_dir
 
 
 def resolve_study(study_name: str | None, storage: str | None, root: Path) -> optuna.Study:
     """Load a study for reading; with no name, the only study in the storage or the most recently active one."""
-    store = make_storage(storage, root)
-    summaries = optuna.get_all_study_summaries(store, include_best_trial=False)
+    if storage_missing(storage, root):  # opening it would create the file: a failed command leaves nothing
+        store = None
+        summaries = []
+    else:
+        store = make_storage(storage, root)
+        summaries = optuna.get_all_study_summaries(store, include_best_trial=False)
     names = [s.study_name for s in summaries]
     if study_name is None:
         if not summaries:

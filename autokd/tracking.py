@@ -7,12 +7,14 @@ carries the study's settings; every trial gets a child run ``trial-<n>`` nested 
 ``autokd.fail_reason`` where there is one. Everything goes through an explicit ``MlflowClient``: no global
 ``mlflow.start_run`` state, so several trials and worker processes can log side by side.
 
-Parent run status policy. The parent is a container, not a process: it is created and immediately marked
-FINISHED, and afterwards only logged to (params, tags, report artifacts; MLflow accepts those on a finished
-run). So a killed worker (``kill -9``) can never leave the parent RUNNING, and there is nothing to hand over
-between workers that start and stop independently. ``end_parent`` just (re)sets the terminal status and end
-time, e.g. at the end of each search invocation so the UI's duration covers the latest one. A child run is
-RUNNING exactly while its trial runs; children orphaned by a dead worker are closed by ``close_stale_runs``.
+Parent run status policy. The parent is RUNNING while a search on the study runs: it is created RUNNING by
+the first worker, set RUNNING again when a later search resumes the study, and ended FINISHED (KILLED if the
+search was stopped) by the worker that finishes last, once no trial of the study runs any more. A parent left
+RUNNING by a worker killed with ``kill -9`` is taken over by the next search on the study, which ends it. A
+child run is RUNNING exactly while its trial runs; children orphaned by a dead worker are closed by
+``close_stale_runs``. The experiment is tagged ``mlflow.experimentKind = custom_model_development`` (a
+model-training experiment); MLflow 3.17's UI lets its GenAI switch override that in a fresh browser, so
+``runs_page_url`` also carries the switch's URL parameter.
 
 Local default store. ``default_tracking_uri`` is a SQLite database, ``<studies_root>/mlflow.db``, shared by
 all studies, with artifacts under ``<studies_root>/mlartifacts/<experiment>``. Why not the ``file:`` store:
@@ -26,14 +28,17 @@ exclusive file lock (``<db>.lock``), after which concurrent use is safe. Past on
 ``--tracking-uri`` at an MLflow tracking server.
 
 Failures. A store that cannot be reached or used at startup raises ``UserError`` naming the URI. Mid-search
-errors (a network hiccup, a busy database) never fail a trial: each call is retried once, then a warning is
-logged and the search goes on. For HTTP stores we lower MLflow's own HTTP retry budget (default ~4 minutes
+errors never fail a trial. A permanent error (a run deleted in the UI, a bad value) is warned about and the
+call dropped; any other (the server down, a network cut, a busy database) starts an outage: calls are kept
+in an on-disk spool under the study's directory and sent, in order, when the store answers again or at the
+next start (``_Sender``), with one log line when it starts and one when it ends. For HTTP stores we lower MLflow's own HTTP retry budget (default ~4 minutes
 per call) to a few seconds unless the user set ``MLFLOW_HTTP_REQUEST_MAX_RETRIES``/``..._TIMEOUT``.
 """
 from __future__ import annotations
 
 import atexit
 import contextlib
+import json
 import logging
 import os
 import re
@@ -43,6 +48,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections import deque
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
@@ -65,6 +71,10 @@ STUDY_TAG = "autokd.study"
 TRIAL_TAG = "autokd.trial"
 STATE_TAG = "autokd.state"
 FAIL_REASON_TAG = "autokd.fail_reason"
+# The kind MLflow 3's UI reads for a model-training experiment (mlflow/server/js:
+# ExperimentKind.CUSTOM_MODEL_DEVELOPMENT), as opposed to a GenAI one.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 
 # MLflow's limits (mlflow.utils.validation); repeated here so this module imports mlflow lazily.
 _MAX_PARAM_VAL_LENGTH = 6000
@@ -106,6 +116,23 @@ def ui_command(tracking_uri: str, host: str = "127.0.0.1", port: int = 5000) -> 
             "instead of starting a UI (autokd ui serves local stores such as sqlite:///studies/mlflow.db).")
     return [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri,
             "--host", host, "--port", str(port), "--workers", "1"]
+
+
+def runs_page_url(base_url: str, experiment_id: str) -> str:
+    """The MLflow UI page of an experiment's runs table (nested trials under the study's parent run).
+
+    ``workflowType=machine_learning`` is the query parameter MLflow 3's UI reads for its GenAI / model-training
+    switch, so the link opens on the runs even in a browser whose last choice was GenAI.
+    """
+    return f"{base_url.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+
+def experiment_id_of(tracking_uri: str, name: str) -> str | None:
+    """The id of the experiment named ``name`` in a store (None if it has none)."""
+    from mlflow.tracking import MlflowClient
+
+    experiment = MlflowClient(tracking_uri=tracking_uri).get_experiment_by_name(name)
+    return None if experiment is None else experiment.experiment_id
 
 
 def _truncate(value: object, limit: int) -> str:
@@ -205,6 +232,11 @@ class Tracker:
     def end_parent(self, parent_run_id: str, status: str = "FINISHED") -> None:
         """(Re)set the parent's terminal status and end time."""
 
+    def resume_parent(self, parent_run_id: str) -> None:
+        """Mark the parent RUNNING again: a search on the study (re)starts."""
+
+    spooling: bool = False
+
     def flush(self) -> None:
         """Wait until every trial run's queued MLflow calls are in the store (runs end without waiting)."""
 
@@ -221,11 +253,15 @@ def _attempt(what: str, fn: Callable[..., _T], *args: Any, attempts: int = 2, de
             return True, fn(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - tracking must never kill a trial
             if _error_code(exc) in _PERMANENT_ERRORS or attempt == attempts:
-                first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
-                logger.warning("MLflow: %s failed (%s: %s); continuing without it", what, type(exc).__name__, first)
+                logger.warning("MLflow: %s failed (%s); continuing without it", what, _first_line(exc))
                 return False, None
             time.sleep(delay * attempt)
     return False, None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:300]}" if text else type(exc).__name__
 
 
 def _call(what: str, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T | None:
@@ -233,32 +269,70 @@ def _call(what: str, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T | N
     return _attempt(what, fn, *args, **kwargs)[1]
 
 
-class _CallQueue:
-    """Runs MLflow calls in order on one daemon thread, so per-epoch logging does not stall training.
+def _now_ms() -> int:
+    return int(time.time() * 1000)
 
-    A SQLite or HTTP round trip costs ~10 ms per call, and a trial makes about ten of them; run in line they
-    were half of a default search's bookkeeping. ``end()`` does not wait for them (except for an interrupted
-    trial); the search drains the queue with ``Tracker.flush()`` before it returns or exits, so after a search
-    everything is in the store, and a process that exits normally drains it too (an ``atexit`` hook: daemon
-    threads still run while those hooks do). A ``kill -9`` loses what was still queued (a few calls at most);
-    its runs are closed on the next start anyway. Calls go through ``_call``, which never raises.
+
+# How often, during an outage, the store is asked whether it answers again (at most; only when there is a call).
+PROBE_INTERVAL_S = 5.0
+SPOOL_DIRNAME = "mlflow_spool"
+RUN_KEY_TAG = "autokd.run_key"
+
+
+class _Sender:
+    """Sends MLflow calls in order on one daemon thread; keeps them in an on-disk spool while the store is down.
+
+    Every call is a plain record (``op``, the run's key, its arguments, the time it was made), so it can be
+    written to disk and sent later exactly as it would have been sent now (metric timestamps, start and end
+    times are the original ones). A run is named by a key chosen here; its MLflow id is known once its
+    ``create_run`` has been sent. Per-epoch logging thus never waits for MLflow, and ``drain`` waits until
+    every call so far was sent or spooled.
+
+    Outage. A call that fails with an error that may go away (anything but MLflow's permanent error codes:
+    connection refused, a timeout, a 5xx, a locked database) starts an outage: one warning line, then that call
+    and every later one are appended to ``<study dir>/mlflow_spool/<host>-<pid>-<time>.jsonl`` in the order
+    they were made. At most every ``PROBE_INTERVAL_S`` while calls keep coming (and at ``flush``), the store is
+    asked whether it answers; when it does, the spool is replayed in order and one line says so. The number
+    of spooled calls already sent is kept next to the spool (``.done``), so a replay that is interrupted goes
+    on where it stopped; a run is created with a ``autokd.run_key`` tag and a replayed creation first looks
+    for a run with that tag, so a run is never created twice. A spool left by a process that ended during the
+    outage (its file lock is free) is replayed by the next tracker made for the study (``make_tracker``: the
+    next search, report, or ``autokd sync-mlflow``).
     """
 
-    def __init__(self) -> None:
-        self._pending: deque[tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]] = deque()
+    def __init__(self, client: Any, tracking_uri: str, experiment_id: str, spool_dir: Path | None) -> None:
+        self._client = client
+        self.tracking_uri = tracking_uri
+        self.experiment_id = experiment_id
+        self.spool_dir = spool_dir
+        self.ids: dict[str, str | None] = {}
+        self._pending: deque[dict[str, Any]] = deque()
         self._unfinished = 0
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
+        self._spool_path: Path | None = None
+        self._spool_fh: Any = None
+        self._spooled = 0
+        self._last_probe = 0.0
         atexit.register(self._drain_at_exit)
+
+    @property
+    def spooling(self) -> bool:
+        """Whether calls are being kept on disk because the store does not answer."""
+        return self._spool_fh is not None
 
     def _drain_at_exit(self) -> None:
         if not self.drain(timeout=60.0):
             logger.warning("MLflow: calls still queued at exit after 60 s; they are lost")
+        if self._spool_fh is not None:
+            logger.warning("MLflow: %d call(s) for %s are kept in %s; they are sent at the next start (or run "
+                           "`autokd sync-mlflow --study NAME`)", self._spooled, self.tracking_uri, self._spool_path)
 
-    def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
-        """Queue ``fn(*args, **kwargs)`` behind the calls submitted before it."""
+    def submit(self, record: dict[str, Any]) -> None:
+        """Queue one call record behind the ones submitted before it."""
+        record.setdefault("t", _now_ms())
         with self._cond:
-            self._pending.append((fn, args, kwargs))
+            self._pending.append(record)
             self._unfinished += 1
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._work, name="autokd-mlflow", daemon=True)
@@ -270,10 +344,10 @@ class _CallQueue:
             with self._cond:
                 while not self._pending:
                     self._cond.wait()
-                fn, args, kwargs = self._pending.popleft()
+                record = self._pending.popleft()
             try:
-                fn(*args, **kwargs)
-            except BaseException:  # noqa: BLE001 - keep the writer alive; _call already warns on errors
+                self._handle(record)
+            except BaseException:  # noqa: BLE001 - keep the writer alive
                 logger.exception("MLflow: a queued call failed")
             finally:
                 with self._cond:
@@ -281,7 +355,7 @@ class _CallQueue:
                     self._cond.notify_all()
 
     def drain(self, timeout: float = 300.0) -> bool:
-        """Wait until every submitted call has run; False if ``timeout`` seconds passed first."""
+        """Wait until every submitted call was sent or spooled; False if ``timeout`` seconds passed first."""
         deadline = time.monotonic() + timeout
         with self._cond:
             while self._unfinished:
@@ -291,97 +365,247 @@ class _CallQueue:
                 self._cond.wait(min(left, 1.0))
         return True
 
+    # -- sending -------------------------------------------------------------------------------------------
 
-def _metric_list(metrics: dict[str, float], step: int, what: str) -> list[Any]:
-    from mlflow.entities import Metric
+    def _handle(self, record: dict[str, Any]) -> None:
+        if record["op"] == "recover":
+            if self.spooling:
+                self._recover()
+            return
+        if self.spooling and time.monotonic() - self._last_probe >= PROBE_INTERVAL_S:
+            self._recover()
+        if self.spooling:
+            self._spool(record)
+            return
+        error = self._send(record, replay=False)
+        if error is not None:
+            self._start_outage(record, error)
 
-    now = int(time.time() * 1000)
-    out = []
-    for key, value in metrics.items():
+    def _send(self, record: dict[str, Any], replay: bool) -> BaseException | None:
+        """Send one record: None when sent (or dropped on a permanent error), else the error of a down store."""
+        for attempt in (1, 2):
+            try:
+                self._apply(record, replay)
+                return None
+            except Exception as exc:  # noqa: BLE001 - tracking must never kill a trial
+                if _error_code(exc) in _PERMANENT_ERRORS:
+                    logger.warning("MLflow: %s failed (%s); continuing without it", _describe(record), _first_line(exc))
+                    if record["op"] == "create_run":
+                        self.ids[record["key"]] = None
+                    return None
+                if attempt == 2 or replay:
+                    return exc
+                time.sleep(1.0)
+        return None
+
+    def _apply(self, record: dict[str, Any], replay: bool) -> None:
+        from mlflow.entities import Metric, Param, RunTag
+
+        client, op, key = self._client, record["op"], record["key"]
+        if op == "create_run":
+            if replay:
+                found = client.search_runs([record["experiment_id"]],
+                                           filter_string=f"tags.`{RUN_KEY_TAG}` = '{key}'", max_results=1)
+                if found:
+                    self.ids[key] = found[0].info.run_id
+                    return
+            run = client.create_run(record["experiment_id"], start_time=record["t"], tags=record["tags"],
+                                    run_name=record["name"])
+            self.ids[key] = run.info.run_id
+            return
+        run_id = record.get("run_id") or self.ids.get(key)
+        if not run_id:
+            return  # its run could not be created (already warned): its calls are skipped
+        if op == "log_batch":
+            metrics = [Metric(k, v, ts, step) for k, v, ts, step in record.get("metrics", [])]
+            params = [Param(k, v) for k, v in record.get("params", [])]
+            tags = [RunTag(k, v) for k, v in record.get("tags", [])]
+            client.log_batch(run_id, metrics=metrics, params=params, tags=tags)
+        elif op == "log_artifacts":
+            client.log_artifacts(run_id, record["path"], record.get("artifact_path"))
+        elif op == "log_artifact":
+            client.log_artifact(run_id, record["path"], record.get("artifact_path"))
+        elif op == "set_terminated":
+            client.set_terminated(run_id, record["status"], end_time=record["t"])
+        elif op == "set_status":
+            client.update_run(run_id, status=record["status"])
+        else:
+            raise ValueError(f"unknown MLflow call record {op!r}")
+
+    # -- outage --------------------------------------------------------------------------------------------
+
+    def _start_outage(self, record: dict[str, Any], error: BaseException) -> None:
+        if self.spool_dir is None:
+            logger.warning("MLflow: %s failed (%s); continuing without it", _describe(record), _first_line(error))
+            return
+        self.spool_dir.mkdir(parents=True, exist_ok=True)
+        name = f"{_safe_dirname(socket.gethostname())}-{os.getpid()}-{_now_ms()}.jsonl"
+        self._spool_path = self.spool_dir / name
+        self._spool_fh = open(self._spool_path, "a", encoding="utf-8")  # noqa: SIM115 - held for the outage
+        _try_flock(self._spool_fh)  # held while we live: the next start replays only spools of ended processes
+        self._spooled = 0
+        self._last_probe = time.monotonic()
+        logger.warning("MLflow: %s failed (%s): %s is not answering; its calls are kept in %s and sent when it "
+                       "answers again", _describe(record), _first_line(error), self.tracking_uri, self._spool_path)
+        self._spool(record)
+
+    def _spool(self, record: dict[str, Any]) -> None:
+        out = dict(record)
+        if not out.get("run_id") and out["op"] != "create_run" and self.ids.get(out["key"]):
+            out["run_id"] = self.ids[out["key"]]  # another process may replay it: it cannot know our keys
+        self._spool_fh.write(json.dumps(out, separators=(",", ":")) + "\n")
+        self._spool_fh.flush()
+        self._spooled += 1
+
+    def _probe(self) -> bool:
+        self._last_probe = time.monotonic()
+        if _is_http(self.tracking_uri):
+            try:
+                with urllib.request.urlopen(self.tracking_uri.rstrip("/") + "/health", timeout=3):
+                    return True
+            except urllib.error.HTTPError:
+                return True
+            except (urllib.error.URLError, OSError, socket.timeout):
+                return False
         try:
-            out.append(Metric(key=str(key), value=float(value), timestamp=now, step=int(step)))
-        except (TypeError, ValueError):
-            logger.warning("MLflow: %s: metric %r has non-numeric value %r; skipped", what, key, value)
-    return out
+            self._client.get_experiment(self.experiment_id)
+            return True
+        except Exception:  # noqa: BLE001
+            return False
+
+    def _recover(self) -> None:
+        if not self._probe():
+            return
+        assert self._spool_path is not None
+        sent, done = self.replay(self._spool_path)
+        if not done:
+            return  # down again mid-replay: keep spooling (replay goes on from the .done count)
+        self._spool_fh.close()
+        self._spool_fh = None
+        if self.spool_dir is not None:
+            with contextlib.suppress(OSError):
+                self.spool_dir.rmdir()  # only when empty: another process's spool stays
+        logger.warning("MLflow: %s answers again; sent the %d call(s) kept during the outage", self.tracking_uri,
+                       sent)
+
+    def replay(self, path: Path) -> tuple[int, bool]:
+        """Send a spool file's calls in order from where an earlier replay stopped; (sent, whether all were).
+
+        A finished spool and its ``.done`` count are removed.
+        """
+        done_path = path.with_name(path.name + ".done")
+        try:
+            start = int(done_path.read_text().strip() or 0) if done_path.exists() else 0
+        except ValueError:
+            start = 0
+        lines = path.read_text(encoding="utf-8").splitlines()
+        sent = 0
+        for index in range(start, len(lines)):
+            try:
+                record = json.loads(lines[index])
+            except json.JSONDecodeError:
+                continue  # a line torn by a crash while it was written: the call never completed
+            if self._send(record, replay=True) is not None:
+                done_path.write_text(str(index))
+                return sent, False
+            sent += 1
+            if sent % 50 == 0:
+                done_path.write_text(str(index + 1))
+        path.unlink(missing_ok=True)
+        done_path.unlink(missing_ok=True)
+        return sent, True
+
+
+def _try_flock(fh: Any) -> bool:
+    try:
+        import fcntl
+    except ImportError:
+        return True
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+
+
+def _describe(record: dict[str, Any]) -> str:
+    op = record["op"]
+    what = {"create_run": f"create run {record.get('name', '')}".strip(), "log_batch": "log_batch",
+            "log_artifacts": f"log_artifacts {record.get('path')}", "log_artifact": f"log artifact {record.get('path')}",
+            "set_terminated": f"end run as {record.get('status')}", "set_status": f"set run {record.get('status')}"}
+    return record.get("what") or what.get(op, op) + (f" (run {record['run_id']})" if record.get("run_id") else "")
+
+
+def replay_spools(client: Any, tracking_uri: str, experiment_id: str, spool_dir: Path,
+                  log: Callable[[str], None] | None = None) -> tuple[int, int]:
+    """Send the spools that ended processes left in ``spool_dir``; returns (calls sent, spools still kept)."""
+    if not spool_dir.is_dir():
+        return 0, 0
+    sender = _Sender(client, tracking_uri, experiment_id, None)
+    sent = kept = 0
+    for path in sorted(spool_dir.glob("*.jsonl")):
+        with open(path, "a", encoding="utf-8") as fh:
+            if not _try_flock(fh):
+                continue  # its process still runs and replays it itself
+            if not sender._probe():  # noqa: SLF001
+                kept += 1
+                continue
+            count, done = sender.replay(path)
+            sent += count
+            kept += int(not done)
+    if sent or kept:
+        message = (f"MLflow: sent {sent} call(s) kept from an earlier outage of {tracking_uri}"
+                   + (f"; {kept} spool(s) still kept in {spool_dir} (it does not answer)" if kept else ""))
+        (log or logger.warning)(message)
+    with contextlib.suppress(OSError):
+        spool_dir.rmdir()  # only when empty
+    return sent, kept
 
 
 class MlflowTrialRun(TrialRun):
-    """A child run in MLflow; every call is retried once, then only warns.
+    """A run in MLflow whose calls go through the tracker's sender (in order, in the background, spooled while
+    the store is down). ``run_id`` waits for a creation still queued; "" if the run could not be created."""
 
-    With ``calls``, they run in the background on that queue, in order (``flush`` waits for them); without,
-    every call runs in line. ``create`` (a function returning the new run's id, or None if it could not be
-    created) is queued first: the run is created in the background too, and each call reads the id when it
-    runs. If creation failed, the run's calls are skipped (the failure was already warned about).
-    """
-
-    def __init__(self, client: Any, run_id: str | None = None, calls: _CallQueue | None = None,
-                 create: Callable[[], str | None] | None = None) -> None:
-        self._client = client
-        self._run_id = run_id
+    def __init__(self, sender: _Sender, key: str) -> None:
+        self._sender = sender
+        self._key = key
         self._ended = False
-        self._calls = calls
-        self._creating = create is not None
-        if create is not None:
-            self._run_later(lambda: self._created(create()))
-
-    def _created(self, run_id: str | None) -> None:
-        self._run_id = run_id
-        self._creating = False
 
     @property
     def run_id(self) -> str:
-        """The MLflow run id ("" if the run could not be created); waits for a creation still queued."""
-        if self._creating:
+        if self._key not in self._sender.ids:
             self.flush()
-        return self._run_id or ""
+        return self._sender.ids.get(self._key) or ""
 
-    def _run_later(self, fn: Callable[[], Any]) -> None:
-        if self._calls is None:
-            fn()
-        else:
-            self._calls.submit(fn)
-
-    def _submit(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
-        """Run ``fn(run_id, *args, **kwargs)`` (in the background with a queue) through ``_call``."""
-        def call() -> None:
-            if self._run_id:
-                _call(f"{what} (run {self._run_id})", fn, self._run_id, *args, **kwargs)
-
-        self._run_later(call)
-
-    def _log_batch(self, what: str, metrics: list[Any] = (), params: list[Any] = (), tags: list[Any] = ()) -> None:
-        self._submit(what, self._client.log_batch, metrics=list(metrics), params=list(params), tags=list(tags))
+    def _submit(self, op: str, **args: Any) -> None:
+        self._sender.submit({"op": op, "key": self._key, **args})
 
     def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
         items = _metric_list(metrics, epoch, "log_epoch")
         for chunk in _chunks(items, _MAX_METRICS_PER_BATCH):
-            self._log_batch(f"log_epoch {epoch}", metrics=chunk)
+            self._submit("log_batch", metrics=chunk, what=f"log_epoch {epoch}")
 
     def log_metrics(self, metrics: dict[str, float]) -> None:
         items = _metric_list(metrics, 0, "log_metrics")
         for chunk in _chunks(items, _MAX_METRICS_PER_BATCH):
-            self._log_batch("log_metrics", metrics=chunk)
+            self._submit("log_batch", metrics=chunk)
 
     def log_params(self, params: dict[str, object]) -> None:
-        from mlflow.entities import Param
-
-        items = [Param(str(k), _truncate(v, _MAX_PARAM_VAL_LENGTH)) for k, v in params.items()]
+        items = [[str(k), _truncate(v, _MAX_PARAM_VAL_LENGTH)] for k, v in params.items()]
         for chunk in _chunks(items, _MAX_PARAMS_TAGS_PER_BATCH):
-            self._log_batch("log_params", params=chunk)
+            self._submit("log_batch", params=chunk)
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        from mlflow.entities import RunTag
-
-        items = [RunTag(str(k), _truncate(v, _MAX_TAG_VAL_LENGTH)) for k, v in tags.items()]
+        items = [[str(k), _truncate(v, _MAX_TAG_VAL_LENGTH)] for k, v in tags.items()]
         for chunk in _chunks(items, _MAX_PARAMS_TAGS_PER_BATCH):
-            self._log_batch("set_tags", tags=chunk)
+            self._submit("log_batch", tags=chunk)
 
     def log_artifacts(self, local_dir: Path, artifact_path: str | None = None) -> None:
-        self._submit(f"log_artifacts {local_dir}", self._client.log_artifacts, str(local_dir), artifact_path)
+        self._submit("log_artifacts", path=str(Path(local_dir).resolve()), artifact_path=artifact_path)
 
     def flush(self) -> None:
-        if self._calls is not None and not self._calls.drain():
-            logger.warning("MLflow: run %s still has calls queued after 300 s; going on", self._run_id)
+        if not self._sender.drain():
+            logger.warning("MLflow: run %s still has calls queued after 300 s; going on", self._key)
 
     def end(self, state: str, reason: str | None = None) -> None:
         if state not in TERMINAL_STATUS:
@@ -393,9 +617,20 @@ class MlflowTrialRun(TrialRun):
         if reason:
             tags[FAIL_REASON_TAG] = reason
         self.set_tags(tags)
-        self._submit(f"end run as {TERMINAL_STATUS[state]}", self._client.set_terminated, TERMINAL_STATUS[state])
+        self._submit("set_terminated", status=TERMINAL_STATUS[state])
         if state == "INTERRUPTED":
-            self.flush()  # the process is about to exit: the KILLED status must be in the store first
+            self.flush()  # the process is about to exit: the KILLED status must be in the store (or spool) first
+
+
+def _metric_list(metrics: dict[str, float], step: int, what: str) -> list[list[Any]]:
+    now = _now_ms()
+    out = []
+    for key, value in metrics.items():
+        try:
+            out.append([str(key), float(value), now, int(step)])
+        except (TypeError, ValueError):
+            logger.warning("MLflow: %s: metric %r has non-numeric value %r; skipped", what, key, value)
+    return out
 
 
 class MlflowTracker(Tracker):
@@ -403,17 +638,30 @@ class MlflowTracker(Tracker):
 
     enabled = True
 
-    def __init__(self, client: Any, tracking_uri: str, experiment_name: str, experiment_id: str) -> None:
+    def __init__(self, client: Any, tracking_uri: str, experiment_name: str, experiment_id: str,
+                 spool_dir: Path | None = None) -> None:
         super().__init__(experiment_name)
         self._client = client
         self.tracking_uri = tracking_uri
         self.experiment_id = experiment_id
         self.study_name = experiment_name
-        self._calls = _CallQueue()  # one background writer for all trial runs of this worker
+        self._sender = _Sender(client, tracking_uri, experiment_id, spool_dir)  # one writer for this worker
 
     def flush(self) -> None:
-        if not self._calls.drain():
+        if self._sender.spooling:
+            self._sender.submit({"op": "recover", "key": ""})  # the store may answer again by now
+        if not self._sender.drain():
             logger.warning("MLflow: trial runs still have calls queued after 300 s; going on")
+
+    @property
+    def spooling(self) -> bool:
+        """Whether this worker is keeping calls on disk because the store does not answer."""
+        return self._sender.spooling
+
+    def _known(self, run_id: str) -> MlflowTrialRun:
+        key = "id:" + run_id
+        self._sender.ids[key] = run_id
+        return MlflowTrialRun(self._sender, key)
 
     def create_parent_run(self, study_name: str, tags: dict[str, str], params: dict[str, object]) -> str | None:
         self.study_name = study_name
@@ -424,9 +672,14 @@ class MlflowTracker(Tracker):
         if run is None:
             return None
         run_id = run.info.run_id
-        MlflowTrialRun(self._client, run_id).log_params(params)
-        self.end_parent(run_id)  # a container, never left RUNNING (module docstring)
-        return run_id
+        self._known(run_id).log_params(params)
+        self.flush()
+        return run_id  # RUNNING until the search reaches its budget (end_parent)
+
+    def resume_parent(self, parent_run_id: str) -> None:
+        if parent_run_id:
+            self._known(parent_run_id)._submit("set_status", status="RUNNING")  # noqa: SLF001
+            self.flush()
 
     def parent_run_exists(self, run_id: str) -> bool:
         if not run_id:
@@ -443,19 +696,18 @@ class MlflowTracker(Tracker):
 
     def start_trial(self, parent_run_id: str | None, trial_number: int, params: dict[str, object],
                     tags: dict[str, str]) -> TrialRun:
+        key = uuid.uuid4().hex
         all_tags = {str(k): _truncate(v, _MAX_TAG_VAL_LENGTH) for k, v in tags.items()}
-        all_tags.update({STUDY_TAG: self.study_name, ROLE_TAG: "trial", TRIAL_TAG: str(trial_number)})
+        all_tags.update({STUDY_TAG: self.study_name, ROLE_TAG: "trial", TRIAL_TAG: str(trial_number),
+                         RUN_KEY_TAG: key})
         if parent_run_id:
             all_tags[PARENT_RUN_TAG] = parent_run_id
-
-        def create() -> str | None:
-            run = _call(f"create run for trial {trial_number}", self._client.create_run, self.experiment_id,
-                        run_name=f"trial-{trial_number}", tags=all_tags)
-            return None if run is None else run.info.run_id
-
         # Created on the background writer like the run's other calls: a synchronous create_run was most of
         # what MLflow still cost a trial (~10 ms a SQLite round trip).
-        trial_run = MlflowTrialRun(self._client, calls=self._calls, create=create)
+        self._sender.submit({"op": "create_run", "key": key, "experiment_id": self.experiment_id,
+                             "name": f"trial-{trial_number}", "tags": all_tags,
+                             "what": f"create run for trial {trial_number}"})
+        trial_run = MlflowTrialRun(self._sender, key)
         trial_run.log_params(params)
         return trial_run
 
@@ -477,11 +729,14 @@ class MlflowTracker(Tracker):
 
         ``trial_states`` maps trial number to autokd state. RUNNING children of RUNNING trials are left alone;
         a trial that is FAIL while its run was never ended died with its worker, so its run becomes KILLED;
-        a trial missing from ``trial_states`` is unknown to the study and its run is KILLED too.
+        a trial missing from ``trial_states`` is unknown to the study and its run is KILLED too. Skipped while
+        the store does not answer (the spool ends our own runs; the next start closes the others).
         """
         if not parent_run_id:
             return 0
         self.flush()  # our own runs' end calls may still be queued: they are not stale
+        if self._sender.spooling:
+            return 0
         children = _call(f"search running children of {parent_run_id}", self._running_children, parent_run_id)
         closed = 0
         for run in children or []:
@@ -499,21 +754,31 @@ class MlflowTracker(Tracker):
             tags = {STATE_TAG: state or "UNKNOWN"}
             if reason:
                 tags[FAIL_REASON_TAG] = reason
-            child = MlflowTrialRun(self._client, run.info.run_id)
-            child.set_tags(tags)
+            tag_list = [RunTagLike(k, v) for k, v in tags.items()]
+            _call(f"tag stale run {run.info.run_id}", self._client.log_batch, run.info.run_id, tags=tag_list)
             ok, _ = _attempt(f"close stale run {run.info.run_id}", self._client.set_terminated,
                              run.info.run_id, status)
             closed += int(ok)
         return closed
 
     def log_parent_artifacts(self, parent_run_id: str, files: list[Path], artifact_path: str = "report") -> None:
+        if not parent_run_id:
+            return
+        parent = self._known(parent_run_id)
         for path in files:
-            _call(f"log artifact {path} to parent {parent_run_id}", self._client.log_artifact,
-                  parent_run_id, str(path), artifact_path)
+            parent._submit("log_artifact", path=str(Path(path).resolve()), artifact_path=artifact_path)  # noqa: SLF001
+        self.flush()
 
     def end_parent(self, parent_run_id: str, status: str = "FINISHED") -> None:
         if parent_run_id:
-            _call(f"end parent run {parent_run_id}", self._client.set_terminated, parent_run_id, status)
+            self._known(parent_run_id)._submit("set_terminated", status=status)  # noqa: SLF001
+            self.flush()
+
+
+def RunTagLike(key: str, value: str) -> Any:  # noqa: N802 - mlflow.entities.RunTag, imported lazily
+    from mlflow.entities import RunTag
+
+    return RunTag(key, value)
 
 
 def _check_reachable(tracking_uri: str) -> None:
@@ -538,7 +803,8 @@ def _get_or_create_experiment(client: Any, name: str, artifact_location: str | N
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         try:
-            return client.create_experiment(name, artifact_location=artifact_location)
+            return client.create_experiment(name, artifact_location=artifact_location,
+                                            tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
         except MlflowException as exc:
             if _error_code(exc) != "RESOURCE_ALREADY_EXISTS" and "already exists" not in str(exc).lower():
                 raise
@@ -547,6 +813,8 @@ def _get_or_create_experiment(client: Any, name: str, artifact_location: str | N
                 raise
     if experiment.lifecycle_stage == "deleted":
         client.restore_experiment(experiment.experiment_id)
+    if experiment.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     return experiment.experiment_id
 
 
@@ -594,4 +862,6 @@ def make_tracker(tracking_uri: str | None, enabled: bool, studies_root: Path, ex
                 else "check the URI (local default: sqlite:///<studies>/mlflow.db)")
         raise UserError(f"cannot use MLflow tracking URI {uri!r}: {first}. Fix it ({hint}), pass another "
                         f"--tracking-uri, or run with --no-mlflow.") from exc
-    return MlflowTracker(client, uri, experiment_name, experiment_id)
+    spool_dir = studies_root / _safe_dirname(experiment_name) / SPOOL_DIRNAME
+    replay_spools(client, uri, experiment_id, spool_dir)  # what an outage kept from an earlier run
+    return MlflowTracker(client, uri, experiment_name, experiment_id, spool_dir)

@@ -74,6 +74,7 @@ def _log_study(tracker: Tracker, tmp_path: Path) -> dict[str, str]:
         else:
             run.end("FAIL", "non-finite loss at epoch 2")
     runs["parent"] = parent
+    tracker.end_parent(parent)  # the search ends its parent once the budget is reached
     tracker.flush()  # trial runs end without waiting for the background writer; a search flushes like this
     return runs
 
@@ -91,7 +92,7 @@ def test_local_store_parent_and_children(tmp_path: Path, studies: Path, monkeypa
 
     client = MlflowClient(tracking_uri=tracker.tracking_uri)
     parent = client.get_run(ids["parent"])
-    assert parent.info.status == "FINISHED"  # a container, never left RUNNING
+    assert parent.info.status == "FINISHED"  # ended by end_parent (a search ends it when the budget is reached)
     assert parent.info.run_name == "s1"
     assert parent.data.tags["autokd.role"] == "parent" and parent.data.tags["autokd.study"] == "s1"
     assert parent.data.tags["autokd.dataset"] == "digits"
