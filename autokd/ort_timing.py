@@ -1,0 +1,183 @@
+"""The ONNX Runtime timing protocol: sessions, rounds, the statistic, its interval, the device signature.
+
+This module imports only the standard library, numpy and onnxruntime (never torch or timm), so a latency server
+on a target device can time uploaded ONNX files with exactly the protocol a search uses.
+
+Protocol (see the README's "Latency protocol" for the measurements behind it): warm-up runs, then ``rounds``
+rounds of ``runs`` back-to-back runs each; a round's figure is its **minimum** run (a slow phase of a shared host
+that catches part of a round does not move it), and the measurement is the **median over rounds** (slow phases
+that catch whole rounds do not move it either, as long as fewer than half the rounds are caught). Several
+models are timed together by interleaving them round by round in a shuffled order, so a slow phase hits them
+alike. The interval is the distribution-free confidence interval of that median from the order statistics of
+the per-round figures (binomial, ~95 %), widened to at least +-:data:`REPRODUCIBILITY`.
+"""
+from __future__ import annotations
+
+import math
+import os
+import platform
+import random
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+import onnxruntime as ort
+
+RUNTIME = "onnxruntime"
+DEFAULT_ROUNDS = 15
+DEFAULT_RUNS = 5
+DEFAULT_WARMUP = 5
+DEFAULT_PROVIDER = "CPUExecutionProvider"
+CONFIDENCE = 0.95
+# Relative half-width below which an interval is not trusted: the interval of one measurement sees the spread
+# of its own rounds, not what differs between processes (memory layout, the host's state); two processes timing
+# the same students differ by about this much at the median (README, "Latency protocol").
+REPRODUCIBILITY = 0.02
+
+OnnxSource = Union[bytes, str, os.PathLike]
+
+
+@dataclass
+class Timing:
+    """One model's measurement: the median of per-round minima and its interval, in milliseconds."""
+
+    median_ms: float
+    low_ms: float
+    high_ms: float
+    rounds: list[float] = field(default_factory=list)  # per-round minima, in the order taken
+    runs_per_round: int = DEFAULT_RUNS
+    seconds: float = 0.0  # wall time of warm-up and timed runs
+
+    @property
+    def spread_ms(self) -> float:
+        """Inter-quartile range of the per-round figures (0 with fewer than 2 rounds)."""
+        if len(self.rounds) < 2:
+            return 0.0
+        q = statistics.quantiles(self.rounds, n=4, method="inclusive")
+        return q[2] - q[0]
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def available_providers() -> list[str]:
+    """Execution providers this onnxruntime build offers."""
+    return list(ort.get_available_providers())
+
+
+def signature(threads: int, provider: str = DEFAULT_PROVIDER, device: str | None = None) -> dict[str, Any]:
+    """What an ONNX Runtime latency depends on: device, runtime, its version, execution provider, threads."""
+    return {"device": device or f"cpu:{cpu_model()}", "runtime": RUNTIME, "version": ort.__version__,
+            "provider": provider, "threads": int(threads)}
+
+
+def make_session(onnx: OnnxSource, threads: int = 1, provider: str = DEFAULT_PROVIDER) -> ort.InferenceSession:
+    """An inference session on ``onnx`` (bytes or a path) with ``threads`` intra-op threads on ``provider``."""
+    if provider not in available_providers():
+        raise ValueError(f"ONNX Runtime execution provider {provider!r} is not available here; available: "
+                         f"{', '.join(available_providers())}")
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = int(threads)
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.log_severity_level = 3
+    source = onnx if isinstance(onnx, bytes) else str(onnx)
+    return ort.InferenceSession(source, opts, providers=[provider])
+
+
+def make_input(session: ort.InferenceSession, batch: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
+    """A random float32 input of batch ``batch`` for the session's single input (dynamic axes -> ``batch``)."""
+    spec = session.get_inputs()[0]
+    shape = [batch if i == 0 else int(d) if isinstance(d, int) else 1 for i, d in enumerate(spec.shape)]
+    return {spec.name: np.random.default_rng(seed).standard_normal(shape).astype(np.float32)}
+
+
+def median_interval(figures: list[float], confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """Distribution-free interval of the median of ``figures`` from their order statistics (binomial).
+
+    With n figures, the median lies between the k-th smallest and the k-th largest with probability
+    1 - 2 P(Binomial(n, 1/2) < k); k is the largest that keeps this >= ``confidence``. With too few figures for
+    the confidence asked, the interval is their whole range.
+    """
+    xs = sorted(figures)
+    n = len(xs)
+    if n == 0:
+        return math.nan, math.nan
+    k, cdf = 0, 0.0  # cdf = P(B < k+1)
+    while k < n // 2:
+        cdf += math.comb(n, k) / 2.0 ** n
+        if 1.0 - 2.0 * cdf < confidence:
+            break
+        k += 1
+    return xs[k], xs[n - 1 - k]
+
+
+def widen(median: float, low: float, high: float, rel: float = REPRODUCIBILITY) -> tuple[float, float]:
+    """``(low, high)`` widened to at least ``median`` +- ``rel`` (see :data:`REPRODUCIBILITY`)."""
+    return min(low, median * (1.0 - rel)), max(high, median * (1.0 + rel))
+
+
+def _run_round(session: ort.InferenceSession, feed: dict[str, np.ndarray], runs: int) -> float:
+    best = math.inf
+    clock = time.perf_counter
+    for _ in range(runs):
+        t0 = clock()
+        session.run(None, feed)
+        best = min(best, clock() - t0)
+    return best * 1000.0
+
+
+def time_sessions(sessions: dict[str, ort.InferenceSession], batch: int = 1, rounds: int = DEFAULT_ROUNDS,
+                  runs: int = DEFAULT_RUNS, warmup: int = DEFAULT_WARMUP, seed: int = 0,
+                  pause_s: float = 0.0) -> dict[str, Timing]:
+    """Time several sessions together: ``rounds`` rounds, each visiting every session once in a shuffled order
+    for ``runs`` runs (its figure: the minimum); result per session: median over rounds and its interval.
+
+    ``pause_s`` sleeps between rounds, spreading them over time (a slow phase of the host then catches fewer).
+    """
+    if rounds < 1 or runs < 1 or warmup < 0 or batch < 1:
+        raise ValueError(f"timing needs rounds, runs, batch >= 1 and warmup >= 0; got rounds={rounds}, "
+                         f"runs={runs}, batch={batch}, warmup={warmup}")
+    feeds = {name: make_input(s, batch) for name, s in sessions.items()}
+    started = time.perf_counter()
+    for name, s in sessions.items():
+        for _ in range(warmup):
+            s.run(None, feeds[name])
+    order = list(sessions)
+    rng = random.Random(seed)
+    figures: dict[str, list[float]] = {name: [] for name in sessions}
+    for r in range(rounds):
+        if r and pause_s > 0:
+            time.sleep(pause_s)
+        rng.shuffle(order)
+        for name in order:
+            figures[name].append(_run_round(sessions[name], feeds[name], runs))
+    seconds = time.perf_counter() - started
+    out: dict[str, Timing] = {}
+    for name, xs in figures.items():
+        low, high = widen(statistics.median(xs), *median_interval(xs))
+        out[name] = Timing(median_ms=statistics.median(xs), low_ms=low, high_ms=high, rounds=xs,
+                           runs_per_round=runs, seconds=seconds)
+    return out
+
+
+def time_onnx(onnx: OnnxSource, threads: int = 1, batch: int = 1, provider: str = DEFAULT_PROVIDER,
+              **protocol: Any) -> Timing:
+    """Time one ONNX model (bytes or path) with the protocol of :func:`time_sessions`."""
+    return time_sessions({"model": make_session(onnx, threads, provider)}, batch=batch, **protocol)["model"]
+
+
+__all__ = ["CONFIDENCE", "DEFAULT_PROVIDER", "DEFAULT_ROUNDS", "DEFAULT_RUNS", "DEFAULT_WARMUP", "REPRODUCIBILITY",
+           "RUNTIME", "Timing", "available_providers", "cpu_model", "make_input", "make_session", "median_interval",
+           "signature", "time_onnx", "time_sessions", "widen"]
