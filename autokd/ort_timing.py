@@ -114,10 +114,10 @@ def median_interval(figures: list[float], confidence: float = CONFIDENCE) -> tup
     n = len(xs)
     if n == 0:
         return math.nan, math.nan
-    k, cdf = 0, 0.0  # cdf = P(B < k+1)
-    while k < n // 2:
-        cdf += math.comb(n, k) / 2.0 ** n
-        if 1.0 - 2.0 * cdf < confidence:
+    k = 0  # [xs[k], xs[n-1-k]] covers the median with probability 1 - 2 P(Binomial(n, 1/2) <= k)
+    while k + 1 <= (n - 1) // 2:
+        below = sum(math.comb(n, i) for i in range(k + 2)) / 2.0 ** n
+        if 1.0 - 2.0 * below < confidence:
             break
         k += 1
     return xs[k], xs[n - 1 - k]

@@ -81,15 +81,20 @@ def retime_front(study: Any, points: Sequence[TrialPoint], data: Any,
         key = p.extra.get("arch_key")
         if not key or key in specs:
             continue
-        tp = sampled_params(trials[p.number].user_attrs)
-        spec = resolve_student(tp.family, tp.width, tp.depth, num_classes=data.num_classes, in_chans=data.in_chans,
-                               input_size=data.input_size)
+        flat = sampled_params(trials[p.number].user_attrs)
+        spec = resolve_student(flat["family"], float(flat["width"]), float(flat["depth"]),
+                               num_classes=data.num_classes, in_chans=data.in_chans, input_size=data.input_size)
         if spec.key == key:  # otherwise the data's shape changed since: leave that trial's figure alone
             specs[key] = spec
     if not specs or set(specs) <= set(previous):  # already re-timed together (an `autokd report` rerun)
         return previous
     t0 = time.perf_counter()
-    results = meter.retime(specs)
+    try:
+        results = meter.retime(specs)
+    except Exception as exc:  # noqa: BLE001 - the report must still be written, with the first measurements
+        log(f"warning: latency: could not re-time the front candidates ({exc.__class__.__name__}: {exc}); the "
+            "report uses each trial's own measurement")
+        return previous
     seconds = time.perf_counter() - t0
     archs = {key: {"median_ms": r.median_ms, "low_ms": r.low_ms, "high_ms": r.high_ms, "rounds": r.rounds}
              for key, r in results.items()}
