@@ -69,6 +69,8 @@ class LatencyResult:
     rounds: int = 0               # rounds of the protocol (0: the single burst of older versions)
     export_s: float = 0.0         # seconds spent exporting the student to ONNX for this measurement
     timing_s: float = 0.0         # seconds spent timing (sessions, warm-up, rounds)
+    host_slowdown: float = 1.0    # reference workload vs the process's fastest when timed (ort_timing.HostCheck)
+    attempts: int = 1             # measurements taken (more than 1: retaken after a slow phase of the host)
 
     def to_dict(self) -> dict:
         """Plain JSON-serialisable dict."""
@@ -520,7 +522,8 @@ class LatencyMeter:
             median_ms=timing.median_ms, iqr_ms=timing.spread_ms, runs=len(timing.rounds) * timing.runs_per_round,
             batch_size=self.batch, threads=self.threads, device=_device_name(self.dev), host=socket.gethostname(),
             params=params, macs=macs, key=key, runtime=self.runtime, low_ms=timing.low_ms, high_ms=timing.high_ms,
-            rounds=len(timing.rounds), export_s=export_s, timing_s=timing_s)
+            rounds=len(timing.rounds), export_s=export_s, timing_s=timing_s,
+            host_slowdown=round(timing.host_slowdown, 4), attempts=timing.attempts)
 
     # -- several students together --------------------------------------------------------------------------
     def time_models(self, models: dict[str, nn.Module], shapes: dict[str, tuple[int, int, int]],
