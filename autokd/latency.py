@@ -1,5 +1,12 @@
 """Measured latency (plus params and MACs) of a student on a device, and a multi-process-safe cache.
 
+A search measures through :class:`LatencyMeter`: the runtime (ONNX Runtime on the exported student, the CPU
+default, or eager PyTorch), the rounds protocol of :mod:`autokd.ort_timing` (minimum per round, median over
+rounds, an interval), the cache, the study-wide shared figure and the measuring lock; it also re-times several
+students together (the report's front) and times already-exported ONNX files. The rest of this docstring
+describes :func:`measure_latency`, the earlier single-burst eager-PyTorch measurement, kept for
+:func:`measure_cached` and the benchmarks that compare against it.
+
 Latency is measured, not predicted: batch 1 by default, a fixed thread count, ``model.eval()`` under
 ``torch.inference_mode()``, warm-up runs, then timed runs with ``time.perf_counter`` (CUDA synchronised
 around each run). The result is the median and the inter-quartile range in milliseconds. Defaults: 3 warm-up
@@ -461,9 +468,7 @@ class LatencyMeter:
         sig, key = self.signature(), _cache_key(spec, self.batch)
         hit = self.cache.get(key, sig) if self.cache is not None else None
         if hit is None:
-            # Timed serialised: a measurement taken while other workers train on the same cores is wrong.
-            with self.lock() if self.lock else contextlib.nullcontext():
-                result = self._measure_now(spec, model if model is not None else build_from_spec(spec), key)
+            result = self._measure_now(spec, model if model is not None else build_from_spec(spec), key)
             if self.cache is not None:
                 self.cache.put(result, sig)
         else:
@@ -500,17 +505,21 @@ class LatencyMeter:
         shape = (spec.in_chans, spec.input_size, spec.input_size)
         params = count_params(model)
         macs = count_macs(model, shape)
+        blob, export_s = None, 0.0
+        if self.runtime == "onnxruntime":  # exporting needs no quiet cores: done before taking the lock
+            t0 = time.perf_counter()
+            blob = self.export(model, shape)
+            export_s = time.perf_counter() - t0
         gc_was_enabled = gc.isenabled()
         gc.disable()  # a collection in the middle of a timed run is noise, not model latency
         try:
-            if self.runtime == "onnxruntime":
-                t0 = time.perf_counter()
-                blob = self.export(model, shape)
-                export_s = time.perf_counter() - t0
-                result = self.time_onnx(blob, key, params, macs)
-                result.export_s = export_s
-                return result
-            timing = self.time_models({key: model}, {key: shape})[key]
+            # Timed serialised: a measurement taken while other workers train on the same cores is wrong.
+            with self.lock() if self.lock else contextlib.nullcontext():
+                if blob is not None:
+                    result = self.time_onnx(blob, key, params, macs)
+                    result.export_s = export_s
+                    return result
+                timing = self.time_models({key: model}, {key: shape})[key]
             return self._result(timing, key, params, macs, timing_s=timing.seconds)
         finally:
             if gc_was_enabled:
