@@ -481,12 +481,16 @@ class LatencyMeter:
         """The ONNX bytes ``autokd export`` would write for ``model`` (same function, same example batch)."""
         from autokd.export import EXAMPLE_BATCH, export_onnx
 
-        was_training = model.training
+        was_training, prev_threads = model.training, torch.get_num_threads()
         try:
             model.eval()
+            # One thread: tracing a small student gains nothing from more, and on a busy 2-core host two threads
+            # made the export ~3x slower (README, "Latency protocol"). The graph does not depend on it.
+            torch.set_num_threads(1)
             example = torch.zeros(EXAMPLE_BATCH, *input_shape)
             blob, _, _ = export_onnx(model, example)
         finally:
+            torch.set_num_threads(prev_threads)
             model.train(was_training)
         return blob
 
