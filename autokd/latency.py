@@ -31,7 +31,6 @@ import gc
 import json
 import math
 import os
-import platform
 import random
 import re
 import socket
@@ -575,6 +574,7 @@ class LatencyMeter:
 
 
 __all__ = [
-    "LatencyCache", "LatencyMeter", "LatencyResult", "RUNTIMES", "count_macs", "default_runtime", "count_params", "device_signature", "measure_cached",
+    "LatencyCache", "LatencyMeter", "LatencyResult", "RUNTIMES", "count_macs", "count_params", "default_runtime",
+    "device_signature", "measure_cached",
     "measure_latency", "median_rel_error",
 ]

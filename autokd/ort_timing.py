@@ -255,5 +255,5 @@ def time_onnx(onnx: OnnxSource, threads: int = 1, batch: int = 1, provider: str 
 
 
 __all__ = ["CONFIDENCE", "DEFAULT_PROVIDER", "DEFAULT_ROUNDS", "DEFAULT_RUNS", "DEFAULT_WARMUP", "HOST", "HostCheck",
-           "REPRODUCIBILITY", "RUNTIME", "Timing", "available_providers", "cpu_model", "make_input", "make_session", "median_interval",
-           "signature", "time_onnx", "time_sessions", "widen"]
+           "REPRODUCIBILITY", "RUNTIME", "Timing", "available_providers", "cpu_model", "make_input", "make_session",
+           "median_interval", "signature", "time_onnx", "time_sessions", "widen"]

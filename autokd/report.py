@@ -434,7 +434,8 @@ def _csv(front: list[TrialPoint], recs: Mapping[str, TrialPoint | None]) -> byte
         acc_ci, lat_ci = p.acc_ci or (None, None), p.latency_ci or (None, None)
         w.writerow([p.number, cell(p.val_acc), cell(p.test_acc), cell(p.latency_ms), ";".join(_tags(p, recs)),
                     cell(acc_ci[0]), cell(acc_ci[1]), cell(lat_ci[0]), cell(lat_ci[1]),
-                    ";".join(str(n) for n in tie_map.get(p.number, [])), *(cell(flat.get(k)) for k in pkeys), *(cell(p.extra.get(k)) for k in ekeys)])
+                    ";".join(str(n) for n in tie_map.get(p.number, [])), *(cell(flat.get(k)) for k in pkeys),
+                    *(cell(p.extra.get(k)) for k in ekeys)])
     return buf.getvalue().encode()
 
 
@@ -453,8 +454,8 @@ def _markdown(front: list[TrialPoint], recs: Mapping[str, TrialPoint | None], ti
         lines += ["| trial | val acc % | 95% CI | test acc % | latency ms | interval | tied with | picks | params |",
                   "|---:|---:|---:|---:|---:|---:|---|---|---|"]
         for p in front:
-            lines.append(f"| {p.number} | {_pct(p.val_acc)} | {_acc_ci(p)} | {_pct(p.test_acc)} | {_ms(p.latency_ms)} | "
-                         f"{_lat_ci(p)} | {_tied_text(p, tie_map) or '-'} | "
+            lines.append(f"| {p.number} | {_pct(p.val_acc)} | {_acc_ci(p)} | {_pct(p.test_acc)} | "
+                         f"{_ms(p.latency_ms)} | {_lat_ci(p)} | {_tied_text(p, tie_map) or '-'} | "
                          f"{_md_cell(', '.join(_tags(p, recs)))} | {_md_cell(_params_text(p.params))} |")
     else:
         lines.append("Empty: no COMPLETE trial with finite accuracy and latency.")
