@@ -1,5 +1,12 @@
 """Measured latency (plus params and MACs) of a student on a device, and a multi-process-safe cache.
 
+A search measures through :class:`LatencyMeter`: the runtime (ONNX Runtime on the exported student, the CPU
+default, or eager PyTorch), the rounds protocol of :mod:`autokd.ort_timing` (minimum per round, median over
+rounds, an interval), the cache, the study-wide shared figure and the measuring lock; it also re-times several
+students together (the report's front) and times already-exported ONNX files. The rest of this docstring
+describes :func:`measure_latency`, the earlier single-burst eager-PyTorch measurement, kept for
+:func:`measure_cached` and the benchmarks that compare against it.
+
 Latency is measured, not predicted: batch 1 by default, a fixed thread count, ``model.eval()`` under
 ``torch.inference_mode()``, warm-up runs, then timed runs with ``time.perf_counter`` (CUDA synchronised
 around each run). The result is the median and the inter-quartile range in milliseconds. Defaults: 3 warm-up
@@ -19,11 +26,12 @@ median and IQR worth recording.
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import math
 import os
-import platform
+import random
 import re
 import socket
 import statistics
@@ -31,13 +39,14 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
+from autokd import ort_timing
 from autokd.errors import UserError
 from autokd.students import StudentSpec, build_from_spec
 
@@ -60,6 +69,14 @@ class LatencyResult:
     params: int
     macs: int
     key: str
+    runtime: str = "torch"
+    low_ms: float | None = None   # interval of the median (see ort_timing.median_interval); None: not known
+    high_ms: float | None = None
+    rounds: int = 0               # rounds of the protocol (0: the single burst of older versions)
+    export_s: float = 0.0         # seconds spent exporting the student to ONNX for this measurement
+    timing_s: float = 0.0         # seconds spent timing (sessions, warm-up, rounds)
+    host_slowdown: float = 1.0    # reference workload vs the process's fastest when timed (ort_timing.HostCheck)
+    attempts: int = 1             # measurements taken (more than 1: retaken after a slow phase of the host)
 
     def to_dict(self) -> dict:
         """Plain JSON-serialisable dict."""
@@ -67,8 +84,15 @@ class LatencyResult:
 
     @staticmethod
     def from_dict(d: dict) -> LatencyResult:
-        """Inverse of ``to_dict``; unknown keys are ignored."""
-        return LatencyResult(**{f.name: d[f.name] for f in fields(LatencyResult)})
+        """Inverse of ``to_dict``; unknown keys are ignored, missing optional ones take their defaults."""
+        return LatencyResult(**{f.name: d[f.name] for f in fields(LatencyResult) if f.name in d})
+
+    @property
+    def interval(self) -> tuple[float, float]:
+        """(low, high) milliseconds; the median itself when no interval was measured."""
+        low = self.low_ms if self.low_ms is not None else self.median_ms
+        high = self.high_ms if self.high_ms is not None else self.median_ms
+        return float(low), float(high)
 
 
 def _torch_device(device: str | torch.device) -> torch.device:
@@ -85,13 +109,7 @@ def _torch_device(device: str | torch.device) -> torch.device:
 
 
 def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
+    return ort_timing.cpu_model()
 
 
 def _device_name(dev: torch.device) -> str:
@@ -334,7 +352,229 @@ def measure_cached(spec: StudentSpec, cache: LatencyCache, device: str | torch.d
     return result, False
 
 
+RUNTIMES = ("onnxruntime", "torch")
+
+
+def default_runtime(device: str | torch.device) -> str:
+    """``onnxruntime`` on a CPU (what ``autokd export`` ships), ``torch`` on CUDA (as trained)."""
+    return "torch" if _torch_device(device).type == "cuda" else "onnxruntime"
+
+
+def _torch_timings(models: dict[str, tuple[nn.Module, torch.Tensor]], dev: torch.device, rounds: int, runs: int,
+                   warmup: int, seed: int = 0) -> dict[str, ort_timing.Timing]:
+    """The rounds protocol of :mod:`autokd.ort_timing` for eager PyTorch models (CUDA synchronised per run)."""
+    is_cuda = dev.type == "cuda"
+
+    def sync() -> None:
+        if is_cuda:
+            torch.cuda.synchronize(dev)
+
+    started = time.perf_counter()
+    with torch.inference_mode():
+        for model, x in models.values():
+            for _ in range(warmup):
+                model(x)
+        sync()
+        figures: dict[str, list[float]] = {name: [] for name in models}
+        order = list(models)
+        rng = random.Random(seed)
+        for _ in range(rounds):
+            rng.shuffle(order)
+            for name in order:
+                model, x = models[name]
+                best = math.inf
+                for _ in range(runs):
+                    sync()
+                    t0 = time.perf_counter()
+                    model(x)
+                    sync()
+                    best = min(best, time.perf_counter() - t0)
+                figures[name].append(best * 1000.0)
+    seconds = time.perf_counter() - started
+    out = {}
+    for name, xs in figures.items():
+        low, high = ort_timing.widen(statistics.median(xs), *ort_timing.median_interval(xs))
+        out[name] = ort_timing.Timing(median_ms=statistics.median(xs), low_ms=low, high_ms=high, rounds=xs,
+                                      runs_per_round=runs, seconds=seconds)
+    return out
+
+
+class LatencyMeter:
+    """The one owner of latency in a search: runtime, protocol, the on-disk cache, the study-wide shared
+    measurement and the lock that serialises timing against training.
+
+    ``runtime`` ``onnxruntime`` exports the student with :func:`autokd.export.export_onnx` (the function
+    ``autokd export`` ships with) and times the ONNX model with :mod:`autokd.ort_timing`; ``torch`` times the
+    eager module. Both use the same rounds protocol (``rounds`` x ``runs``, minimum per round, median over
+    rounds, order-statistic interval).
+    """
+
+    def __init__(self, runtime: str | None = None, device: str | torch.device = "cpu", threads: int = 1,
+                 batch: int = 1, cache: LatencyCache | None = None, lock: Callable[[], Any] | None = None,
+                 shared: Any = None, rounds: int = ort_timing.DEFAULT_ROUNDS, runs: int = ort_timing.DEFAULT_RUNS,
+                 warmup: int = ort_timing.DEFAULT_WARMUP) -> None:
+        self.dev = _torch_device(device)
+        runtime = runtime or default_runtime(self.dev)
+        if runtime not in RUNTIMES:
+            raise UserError(f"--latency-runtime {runtime!r}: unknown runtime; valid: {', '.join(RUNTIMES)}")
+        if threads < 1 or batch < 1 or rounds < 1 or runs < 1 or warmup < 0:
+            raise UserError(f"latency measurement needs threads, batch, rounds, runs >= 1 and warmup >= 0; got "
+                            f"threads={threads}, batch={batch}, rounds={rounds}, runs={runs}, warmup={warmup}")
+        self.runtime = runtime
+        self.threads, self.batch = int(threads), int(batch)
+        self.rounds, self.runs, self.warmup = rounds, runs, warmup
+        self.cache, self.lock, self.shared = cache, lock, shared
+        self.provider = None
+        if runtime == "onnxruntime":
+            self.provider = "CUDAExecutionProvider" if self.dev.type == "cuda" else ort_timing.DEFAULT_PROVIDER
+            if self.provider not in ort_timing.available_providers():
+                raise UserError(f"--latency-runtime onnxruntime on {self.dev}: this onnxruntime build has no "
+                                f"{self.provider} (it has {', '.join(ort_timing.available_providers())}); install "
+                                "onnxruntime-gpu, or use --latency-runtime torch")
+
+    # -- identity -------------------------------------------------------------------------------------------
+    def signature_info(self) -> dict[str, Any]:
+        """What the latencies depend on: device, runtime, its version, execution provider, threads, batch."""
+        if self.runtime == "onnxruntime":
+            info = ort_timing.signature(self.threads, self.provider or ort_timing.DEFAULT_PROVIDER,
+                                        device=_device_name(self.dev))
+        else:
+            info = {"device": _device_name(self.dev), "runtime": "torch", "version": torch.__version__,
+                    "provider": self.dev.type, "threads": self.threads}
+        return {**info, "batch": self.batch}
+
+    def signature(self) -> str:
+        """Filesystem-safe signature: ``<device signature>-<runtime>-<version>[-<provider>]``."""
+        info = self.signature_info()
+        parts = [device_signature(self.dev, self.threads), info["runtime"], info["version"]]
+        if self.runtime == "onnxruntime":
+            parts.append(str(info["provider"]).replace("ExecutionProvider", ""))
+        return _slug("-".join(parts))
+
+    def describe(self) -> str:
+        """One line for logs and reports, e.g. ``onnxruntime 1.32.0 CPUExecutionProvider, 1 thread, batch 1``."""
+        info = self.signature_info()
+        return (f"{info['runtime']} {info['version']} {info['provider']}, {self.threads} thread(s), batch "
+                f"{self.batch} on {info['device']}")
+
+    # -- one student ----------------------------------------------------------------------------------------
+    def measure(self, spec: StudentSpec, model: nn.Module | None = None) -> tuple[LatencyResult, bool]:
+        """(result, cache_hit) for ``spec``: the study's shared figure, else this machine's cache, else measured
+        now under the lock (and recorded in both). ``model`` is ``spec`` already built (a trial times the module
+        it then trains)."""
+        if self.shared is not None and (found := self.shared.get(spec.key)) is not None:
+            return found, True
+        sig, key = self.signature(), _cache_key(spec, self.batch)
+        hit = self.cache.get(key, sig) if self.cache is not None else None
+        if hit is None:
+            result = self._measure_now(spec, model if model is not None else build_from_spec(spec), key)
+            if self.cache is not None:
+                self.cache.put(result, sig)
+        else:
+            result = hit
+        if self.shared is not None:
+            result = self.shared.put(spec.key, result)  # another machine's measurement wins if it came first
+        return result, hit is not None
+
+    def export(self, model: nn.Module, input_shape: tuple[int, int, int]) -> bytes:
+        """The ONNX bytes ``autokd export`` would write for ``model`` (same function, same example batch)."""
+        from autokd.export import EXAMPLE_BATCH, export_onnx
+
+        was_training, prev_threads = model.training, torch.get_num_threads()
+        try:
+            model.eval()
+            # One thread: tracing a small student gains nothing from more, and on a busy 2-core host two threads
+            # made the export ~3x slower (README, "Latency protocol"). The graph does not depend on it.
+            torch.set_num_threads(1)
+            example = torch.zeros(EXAMPLE_BATCH, *input_shape)
+            blob, _, _ = export_onnx(model, example)
+        finally:
+            torch.set_num_threads(prev_threads)
+            model.train(was_training)
+        return blob
+
+    def time_onnx(self, onnx: bytes | str | os.PathLike, key: str = "onnx", params: int = 0,
+                  macs: int = 0) -> LatencyResult:
+        """Time an already-exported ONNX model (bytes or path) with this meter's runtime settings."""
+        if self.runtime != "onnxruntime":
+            raise UserError("timing an ONNX file needs --latency-runtime onnxruntime")
+        t0 = time.perf_counter()
+        session = ort_timing.make_session(onnx, self.threads, self.provider or ort_timing.DEFAULT_PROVIDER)
+        timing = ort_timing.time_sessions({key: session}, batch=self.batch, rounds=self.rounds, runs=self.runs,
+                                          warmup=self.warmup)[key]
+        return self._result(timing, key, params, macs, timing_s=time.perf_counter() - t0)
+
+    def _measure_now(self, spec: StudentSpec, model: nn.Module, key: str) -> LatencyResult:
+        shape = (spec.in_chans, spec.input_size, spec.input_size)
+        params = count_params(model)
+        macs = count_macs(model, shape)
+        blob, export_s = None, 0.0
+        if self.runtime == "onnxruntime":  # exporting needs no quiet cores: done before taking the lock
+            t0 = time.perf_counter()
+            blob = self.export(model, shape)
+            export_s = time.perf_counter() - t0
+        gc_was_enabled = gc.isenabled()
+        gc.disable()  # a collection in the middle of a timed run is noise, not model latency
+        try:
+            # Timed serialised: a measurement taken while other workers train on the same cores is wrong.
+            with self.lock() if self.lock else contextlib.nullcontext():
+                if blob is not None:
+                    result = self.time_onnx(blob, key, params, macs)
+                    result.export_s = export_s
+                    return result
+                timing = self.time_models({key: model}, {key: shape})[key]
+            return self._result(timing, key, params, macs, timing_s=timing.seconds)
+        finally:
+            if gc_was_enabled:
+                gc.enable()
+
+    def _result(self, timing: ort_timing.Timing, key: str, params: int, macs: int, timing_s: float = 0.0,
+                export_s: float = 0.0) -> LatencyResult:
+        return LatencyResult(
+            median_ms=timing.median_ms, iqr_ms=timing.spread_ms, runs=len(timing.rounds) * timing.runs_per_round,
+            batch_size=self.batch, threads=self.threads, device=_device_name(self.dev), host=socket.gethostname(),
+            params=params, macs=macs, key=key, runtime=self.runtime, low_ms=timing.low_ms, high_ms=timing.high_ms,
+            rounds=len(timing.rounds), export_s=export_s, timing_s=timing_s,
+            host_slowdown=round(timing.host_slowdown, 4), attempts=timing.attempts)
+
+    # -- several students together --------------------------------------------------------------------------
+    def time_models(self, models: dict[str, nn.Module], shapes: dict[str, tuple[int, int, int]],
+                    seed: int = 0) -> dict[str, ort_timing.Timing]:
+        """Time several models together, interleaved in shuffled rounds (one process, one slow phase hits all)."""
+        prev_threads = torch.get_num_threads()
+        states = {name: (m, m.training, _model_device(m)) for name, m in models.items()}
+        try:
+            if self.runtime == "onnxruntime":
+                sessions = {name: ort_timing.make_session(self.export(m, shapes[name]), self.threads,
+                                                          self.provider or ort_timing.DEFAULT_PROVIDER)
+                            for name, m in models.items()}
+                return ort_timing.time_sessions(sessions, batch=self.batch, rounds=self.rounds, runs=self.runs,
+                                                warmup=self.warmup, seed=seed)
+            torch.set_num_threads(self.threads)
+            # A private generator: timing must not move the caller's random stream (a trial trains next).
+            gen = torch.Generator(device=self.dev).manual_seed(0)
+            feeds = {name: (m.to(self.dev).eval(), torch.randn(self.batch, *shapes[name], device=self.dev,
+                                                               generator=gen)) for name, m in models.items()}
+            return _torch_timings(feeds, self.dev, self.rounds, self.runs, self.warmup, seed=seed)
+        finally:
+            torch.set_num_threads(prev_threads)
+            for m, training, device in states.values():
+                m.to(device).train(training)
+
+    def retime(self, specs: dict[str, StudentSpec], seed: int = 0) -> dict[str, LatencyResult]:
+        """Re-time students (name -> spec) together, interleaved in shuffled rounds; name -> result."""
+        models = {name: build_from_spec(spec) for name, spec in specs.items()}
+        shapes = {name: (spec.in_chans, spec.input_size, spec.input_size) for name, spec in specs.items()}
+        t0 = time.perf_counter()
+        with self.lock() if self.lock else contextlib.nullcontext():
+            timings = self.time_models(models, shapes, seed=seed)
+        seconds = time.perf_counter() - t0
+        return {name: self._result(timings[name], _cache_key(specs[name], self.batch), count_params(models[name]),
+                                   0, timing_s=seconds) for name in specs}
+
+
 __all__ = [
-    "LatencyCache", "LatencyResult", "count_macs", "count_params", "device_signature", "measure_cached",
+    "LatencyCache", "LatencyMeter", "LatencyResult", "RUNTIMES", "count_macs", "count_params", "default_runtime",
+    "device_signature", "measure_cached",
     "measure_latency", "median_rel_error",
 ]

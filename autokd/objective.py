@@ -23,7 +23,7 @@ from optuna.trial import TrialState
 from autokd import pruning
 from autokd.checkpoint import write_checkpoint
 from autokd.data import DataSplits, TrainViews
-from autokd.latency import LatencyCache, LatencyResult, measure_cached
+from autokd.latency import LatencyMeter, LatencyResult
 from autokd.losses import build_loss
 from autokd.space import SearchSpace, TrialParams, sample
 from autokd.study import PARAMS_ATTR, requeue_trial
@@ -66,17 +66,12 @@ class TrialContext:
     teacher_outputs: TeacherOutputs | None
     teacher_arch: str
     views: TrainViews
-    latency_cache: LatencyCache
+    latency: LatencyMeter  # runtime, cache, study-wide shared figures and the measuring lock
     tracker: Tracker
     parent_run_id: str | None
     trials_dir: Path
     device: str
-    latency_device: str = "cpu"
-    latency_threads: int = 1
-    latency_batch: int = 1
-    latency_lock: Callable[[], Any] | None = None  # context-manager factory serialising latency measurement
     train_lock: Callable[[], Any] | None = None  # shared hold while training (yields a TrainingHold)
-    shared_latency: Any = None  # scaleout.StudyLatency: one measurement per architecture for all machines
     max_latency_ms: float | None = None
     max_epochs: int | None = None
     prune: bool = True
@@ -131,7 +126,9 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, ctx: TrialContext) -> Tr
                                        "autokd.loss": params.loss, "autokd.teacher": ctx.teacher_arch})
         timings["tracking_s"] = time.perf_counter() - t0
         run = _TimedRun(run, timings)
+        low, high = latency[0].interval
         run.log_metrics({"latency_ms": latency[0].median_ms, "latency_iqr_ms": latency[0].iqr_ms,
+                         "latency_low_ms": low, "latency_high_ms": high,
                          "params": float(latency[0].params), "macs": float(latency[0].macs)})
 
         if ctx.max_latency_ms is not None and latency[0].median_ms > ctx.max_latency_ms:
@@ -207,17 +204,7 @@ class _TimedRun:
 
 
 def _measure(spec: StudentSpec, ctx: TrialContext, model: torch.nn.Module) -> tuple[LatencyResult, bool]:
-    shared = ctx.shared_latency
-    if shared is not None and (found := shared.get(spec.key)) is not None:
-        return found, True
-    # Latency is measured serialised: a measurement taken while other workers train on the same cores is wrong.
-    lock = ctx.latency_lock() if ctx.latency_lock else contextlib.nullcontext()
-    with lock:
-        result, hit = measure_cached(spec, ctx.latency_cache, device=ctx.latency_device,
-                                     batch_size=ctx.latency_batch, threads=ctx.latency_threads, model=model)
-    if shared is not None:
-        result = shared.put(spec.key, result)  # another machine's measurement of this architecture wins if first
-    return result, hit
+    return ctx.latency.measure(spec, model)
 
 
 def _record_latency(trial: optuna.Trial, result: LatencyResult, hit: bool) -> None:

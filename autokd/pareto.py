@@ -25,6 +25,9 @@ __all__ = [
     "knee_index",
     "pareto_front",
     "recommend",
+    "tied",
+    "ties",
+    "wilson_interval",
     "write_report",
 ]
 
@@ -47,6 +50,8 @@ class TrialPoint:
     params: dict = field(default_factory=dict)
     test_acc: float | None = None
     extra: dict = field(default_factory=dict)
+    acc_ci: tuple[float, float] | None = None      # binomial (Wilson) interval of val_acc
+    latency_ci: tuple[float, float] | None = None  # interval of latency_ms from its measurement
 
 
 PointLike = Union[TrialPoint, Sequence[float]]
@@ -159,14 +164,64 @@ def hypervolume(points: Sequence[PointLike], ref: tuple[float, float]) -> float:
     return area
 
 
+def wilson_interval(acc: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval (~95 % for z = 1.96) of an accuracy measured on ``n`` images."""
+    if n <= 0 or not _finite(acc):
+        return (0.0, 1.0)
+    centre = (acc + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(acc * (1 - acc) / n + z * z / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def _overlap(a: tuple[float, float] | None, b: tuple[float, float] | None, va: Any, vb: Any) -> bool:
+    if a is None or b is None:  # no interval known: only equal values are indistinguishable
+        return va == vb
+    return a[0] <= b[1] and b[0] <= a[1]
+
+
+def tied(a: TrialPoint, b: TrialPoint) -> bool:
+    """True when the intervals of ``a`` and ``b`` overlap on both axes: the data cannot tell them apart."""
+    return (_overlap(a.acc_ci, b.acc_ci, a.val_acc, b.val_acc)
+            and _overlap(a.latency_ci, b.latency_ci, a.latency_ms, b.latency_ms))
+
+
+def ties(front: Sequence[TrialPoint]) -> dict[int, list[int]]:
+    """Trial number -> the other front members it is tied with (see :func:`tied`); members with none are left out."""
+    out: dict[int, list[int]] = {}
+    for p in front:
+        others = [q.number for q in front if q is not p and tied(p, q)]
+        if others:
+            out[p.number] = others
+    return out
+
+
+def _param_count(p: TrialPoint) -> float:
+    n = p.extra.get("param_count")
+    return float(n) if _finite(n) else math.inf
+
+
+def _settle(pick: TrialPoint, group: Sequence[TrialPoint]) -> TrialPoint:
+    """Among ``pick`` and the points tied with it, the one chosen without reading noise: fewest parameters (a
+    difference that is not measured), then the most accurate, then the faster, then the lower trial number."""
+    return min([pick, *group], key=lambda p: (_param_count(p), -p.val_acc, p.latency_ms, p.number))  # type: ignore
+
+
+TIE_RULE = ("front members whose intervals overlap on both axes (latency: the interval of the median of per-round "
+            "minima; accuracy: 95 % Wilson interval on the validation images) are tied: the data cannot order them. "
+            "The knee and the fastest student within tolerance are never chosen on such a difference: among the "
+            "pick and the students tied with it (for 'fastest', those within tolerance whose latency intervals "
+            "overlap the fastest's), the one with the fewest parameters is recommended, then the most accurate")
+
+
 def recommend(front: Sequence[TrialPoint], max_latency_ms: float | None = None,
               tolerance_pp: float = 1.0) -> dict[str, TrialPoint | None]:
     """Picks from a front (non-front or non-eligible points passed in are filtered out first).
 
     Returns a dict with keys:
-      ``knee``: see :func:`knee_index` (None for an empty front);
+      ``knee``: see :func:`knee_index` (None for an empty front), settled among tied points (:data:`TIE_RULE`);
       ``best_under_latency``: most accurate with latency <= ``max_latency_ms`` (None if not given or none fits);
-      ``fastest_within_tolerance``: fastest with accuracy >= best - ``tolerance_pp`` percentage points.
+      ``fastest_within_tolerance``: fastest with accuracy >= best - ``tolerance_pp`` percentage points,
+      settled among those within tolerance whose latency intervals overlap its own (:data:`TIE_RULE`).
     """
     if max_latency_ms is not None and not (_finite(max_latency_ms) and max_latency_ms > 0):
         raise UserError(f"max latency must be a positive number of milliseconds, got {max_latency_ms!r}")
@@ -176,7 +231,8 @@ def recommend(front: Sequence[TrialPoint], max_latency_ms: float | None = None,
     out: dict[str, TrialPoint | None] = dict.fromkeys(RECOMMENDATION_KEYS)
     if not pts:
         return out
-    out["knee"] = pts[knee_index(pts)]
+    knee = pts[knee_index(pts)]
+    out["knee"] = _settle(knee, [q for q in pts if q is not knee and tied(q, knee)])
     acc_first = lambda p: (p.val_acc, -p.latency_ms, -p.number)  # noqa: E731
     if max_latency_ms is not None:
         fits = [p for p in pts if p.latency_ms <= max_latency_ms]  # type: ignore[operator]
@@ -185,7 +241,10 @@ def recommend(front: Sequence[TrialPoint], max_latency_ms: float | None = None,
     # small epsilon: 0.93 - 1pp must admit 0.92 despite binary floating point
     floor = best - tolerance_pp / 100.0 - 1e-12
     within = [p for p in pts if p.val_acc >= floor]  # type: ignore[operator]
-    out["fastest_within_tolerance"] = min(within, key=lambda p: (p.latency_ms, -p.val_acc, p.number))
+    fastest = min(within, key=lambda p: (p.latency_ms, -p.val_acc, p.number))
+    out["fastest_within_tolerance"] = _settle(fastest, [
+        q for q in within if q is not fastest and _overlap(q.latency_ci, fastest.latency_ci, q.latency_ms,
+                                                           fastest.latency_ms)])
     return out
 
 

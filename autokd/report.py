@@ -24,10 +24,12 @@ from autokd.errors import UserError
 from autokd.pareto import (
     RECOMMENDATION_KEYS,
     STATES,
+    TIE_RULE,
     TrialPoint,
     front_points,
     hypervolume,
     recommend,
+    ties,
 )
 
 __all__ = ["ReportResult", "default_hv_ref", "format_front_table", "write_report"]
@@ -112,6 +114,32 @@ def _ms(x: float | None) -> str:
     return f"{x:.3f}" if _finite(x) else "-"
 
 
+def _acc_ci(p: TrialPoint) -> str:
+    return f"{_pct(p.acc_ci[0])}-{_pct(p.acc_ci[1])}" if p.acc_ci else "-"
+
+
+def _lat_ci(p: TrialPoint) -> str:
+    return f"{_ms(p.latency_ci[0])}-{_ms(p.latency_ci[1])}" if p.latency_ci else "-"
+
+
+def _tied_text(p: TrialPoint, tie_map: Mapping[int, list[int]]) -> str:
+    return ",".join(str(n) for n in tie_map.get(p.number, []))
+
+
+def _error_bars(pts: Sequence[TrialPoint]) -> dict[str, Any]:
+    """Plotly error_x / error_y (asymmetric) from the points' intervals; empty where none is known."""
+    if not any(p.latency_ci or p.acc_ci for p in pts):
+        return {}
+    return {
+        "error_x": {"type": "data", "symmetric": False, "thickness": 1, "width": 2,
+                    "array": [p.latency_ci[1] - p.latency_ms if p.latency_ci else 0 for p in pts],  # type: ignore
+                    "arrayminus": [p.latency_ms - p.latency_ci[0] if p.latency_ci else 0 for p in pts]},  # type: ignore
+        "error_y": {"type": "data", "symmetric": False, "thickness": 1, "width": 2,
+                    "array": [p.acc_ci[1] - p.val_acc if p.acc_ci else 0 for p in pts],  # type: ignore
+                    "arrayminus": [p.val_acc - p.acc_ci[0] if p.acc_ci else 0 for p in pts]},  # type: ignore
+    }
+
+
 def _tags(p: TrialPoint, recs: Mapping[str, TrialPoint | None]) -> list[str]:
     return [k for k in RECOMMENDATION_KEYS if (r := recs.get(k)) is not None and r.number == p.number]
 
@@ -168,16 +196,17 @@ def _pick_text(key: str, p: TrialPoint | None, max_latency_ms: float | None, tol
 
 def format_front_table(front: Sequence[TrialPoint], recommendations: Mapping[str, TrialPoint | None]) -> str:
     """The front as plain aligned text for the terminal (latency ascending), one trial per line."""
-    header = ["trial", "val acc %", "test acc %", "latency ms", "picks", "params"]
+    tie_map = ties(front)
+    header = ["trial", "val acc %", "95% CI", "test acc %", "latency ms", "interval", "tied with", "picks", "params"]
     rows = [
-        [str(p.number), _pct(p.val_acc), _pct(p.test_acc), _ms(p.latency_ms),
-         ",".join(_tags(p, recommendations)) or "-", _params_text(p.params)]
+        [str(p.number), _pct(p.val_acc), _acc_ci(p), _pct(p.test_acc), _ms(p.latency_ms), _lat_ci(p),
+         _tied_text(p, tie_map) or "-", ",".join(_tags(p, recommendations)) or "-", _params_text(p.params)]
         for p in front
     ]
     if not rows:
         return "Pareto front is empty: no COMPLETE trial with finite accuracy and latency."
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    right = {1, 2, 3}  # numbers right-aligned
+    right = {1, 2, 3, 4, 5}  # numbers right-aligned
 
     def line(r: list[str]) -> str:
         cells = [c.rjust(widths[i]) if i in right else c.ljust(widths[i]) for i, c in enumerate(r)]
@@ -194,6 +223,10 @@ def _hover(p: TrialPoint, tags: list[str]) -> str:
         acc += f" (last seen {_pct(_plot_acc(p))}%)"
     lines = [f"<b>trial {p.number}</b> ({html.escape(p.state)})", acc,
              f"test acc: {_pct(p.test_acc)}%", f"latency: {_ms(p.latency_ms)} ms"]
+    if p.acc_ci or p.latency_ci:
+        lines.append(f"intervals: acc {_acc_ci(p)}%, latency {_lat_ci(p)} ms")
+    if p.extra.get("latency_first_ms") is not None:
+        lines.append(f"first measurement: {_ms(p.extra['latency_first_ms'])} ms")
     if tags:
         lines.append("pick: " + ", ".join(PICK_LABEL[t] for t in tags))
     lines += [html.escape(f"{k} = {_fmt_value(v)}") for k, v in sorted(_flatten(p.params).items())]
@@ -260,7 +293,7 @@ def _plotly_figure(points: Sequence[TrialPoint], front: list[TrialPoint], recs: 
             x=[p.latency_ms for p in front], y=[p.val_acc for p in front], mode="lines+markers",
             line={"shape": "hv", "color": FRONT_COLOR, "width": 2}, name="Pareto front (shape = family)",
             marker={"color": FRONT_COLOR, "size": 11, "symbol": _symbols(front),
-                    "line": {"color": "black", "width": 1}},
+                    "line": {"color": "black", "width": 1}}, **_error_bars(front),
             text=[_hover(p, _tags(p, recs)) for p in front], hovertemplate="%{text}<extra></extra>",
         ))
     for key in RECOMMENDATION_KEYS:
@@ -315,6 +348,11 @@ def _png(points: Sequence[TrialPoint], front: list[TrialPoint], recs: Mapping[st
     if front:
         xs, ys = [p.latency_ms for p in front], [p.val_acc for p in front]
         ax.step(xs, ys, where="post", color=FRONT_COLOR, lw=2)
+        bars = _error_bars(front)
+        if bars:
+            ax.errorbar(xs, ys, xerr=[bars["error_x"]["arrayminus"], bars["error_x"]["array"]],
+                        yerr=[bars["error_y"]["arrayminus"], bars["error_y"]["array"]], fmt="none",
+                        ecolor=FRONT_COLOR, elinewidth=1, capsize=2, alpha=0.7)
         ax.scatter(xs, ys, s=60, color=FRONT_COLOR, edgecolors="black", zorder=3, label="Pareto front")
         for p in front:
             ax.annotate(str(p.number), (p.latency_ms, p.val_acc), textcoords="offset points", xytext=(5, -11), fontsize=8)
@@ -383,17 +421,22 @@ def _td(value: Any, text: str | None = None, num: bool = False) -> str:
     return f'<td{cls} data-v="{html.escape(v)}">{html.escape(text if text is not None else v)}</td>'
 
 
-def _html_table(points: Sequence[TrialPoint], recs: Mapping[str, TrialPoint | None], with_state: bool) -> str:
+def _html_table(points: Sequence[TrialPoint], recs: Mapping[str, TrialPoint | None], with_state: bool,
+                tie_map: Mapping[int, list[int]] | None = None) -> str:
     keys = sorted({k for p in points for k in _flatten(p.params)})
-    head = ["trial", *(["state"] if with_state else []), "val acc %", "test acc %", "latency ms", "picks", *keys]
+    tie_map = tie_map or {}
+    head = ["trial", *(["state"] if with_state else []), "val acc %", "95% CI", "test acc %", "latency ms",
+            "interval", "first ms", "tied with", "picks", *keys]
     out = ['<table class="sortable"><thead><tr>', *(f"<th>{html.escape(h)}</th>" for h in head), "</tr></thead><tbody>"]
     for p in points:
         flat = _flatten(p.params)
         cells = [_td(p.number, num=True)]
         if with_state:
             cells.append(_td(p.state))
-        cells += [_td(p.val_acc, _pct(p.val_acc), True), _td(p.test_acc, _pct(p.test_acc), True),
-                  _td(p.latency_ms, _ms(p.latency_ms), True), _td(", ".join(PICK_LABEL[t] for t in _tags(p, recs)))]
+        first = p.extra.get("latency_first_ms")
+        cells += [_td(p.val_acc, _pct(p.val_acc), True), _td(_acc_ci(p)), _td(p.test_acc, _pct(p.test_acc), True),
+                  _td(p.latency_ms, _ms(p.latency_ms), True), _td(_lat_ci(p)), _td(first, _ms(first), True),
+                  _td(_tied_text(p, tie_map)), _td(", ".join(PICK_LABEL[t] for t in _tags(p, recs)))]
         cells += [_td(flat.get(k), _fmt_value(flat[k]) if k in flat else "") for k in keys]
         out.append("<tr>" + "".join(cells) + "</tr>")
     out.append("</tbody></table>")
@@ -415,10 +458,11 @@ def _html(points: Sequence[TrialPoint], front: list[TrialPoint], recs: Mapping[s
 <p class="meta">{html.escape(_counts_text(counts))}</p>
 <p class="meta">{html.escape(hv_line)}</p>
 <h2>Recommendations</h2><ul>{picks}</ul>
+<p class="meta">Ties: {html.escape(TIE_RULE)}. Error bars are these intervals.</p>
 {plot_div}
 {unplotted_html}
 <h2>Pareto front ({len(front)} trials, click a header to sort)</h2>
-{_html_table(front, recs, with_state=False)}
+{_html_table(front, recs, with_state=False, tie_map=ties(front))}
 <details><summary>All trials ({len(points)})</summary>
 {_html_table(sorted(points, key=lambda p: p.number), recs, with_state=True)}
 </details>
@@ -432,7 +476,9 @@ def _csv(front: list[TrialPoint], recs: Mapping[str, TrialPoint | None]) -> byte
     ekeys = sorted({k for p in front for k, v in p.extra.items() if isinstance(v, (str, int, float, bool))})
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["number", "val_acc", "test_acc", "latency_ms", "recommendations",
+    tie_map = ties(front)
+    w.writerow(["number", "val_acc", "test_acc", "latency_ms", "recommendations", "val_acc_low", "val_acc_high",
+                "latency_low_ms", "latency_high_ms", "tied_with",
                 *(f"param.{k}" for k in pkeys), *(f"extra.{k}" for k in ekeys)])
 
     def cell(v: Any) -> Any:
@@ -442,8 +488,11 @@ def _csv(front: list[TrialPoint], recs: Mapping[str, TrialPoint | None]) -> byte
 
     for p in front:
         flat = _flatten(p.params)
+        acc_ci, lat_ci = p.acc_ci or (None, None), p.latency_ci or (None, None)
         w.writerow([p.number, cell(p.val_acc), cell(p.test_acc), cell(p.latency_ms), ";".join(_tags(p, recs)),
-                    *(cell(flat.get(k)) for k in pkeys), *(cell(p.extra.get(k)) for k in ekeys)])
+                    cell(acc_ci[0]), cell(acc_ci[1]), cell(lat_ci[0]), cell(lat_ci[1]),
+                    ";".join(str(n) for n in tie_map.get(p.number, [])), *(cell(flat.get(k)) for k in pkeys),
+                    *(cell(p.extra.get(k)) for k in ekeys)])
     return buf.getvalue().encode()
 
 
@@ -455,12 +504,15 @@ def _markdown(front: list[TrialPoint], recs: Mapping[str, TrialPoint | None], ti
               counts: Mapping[str, int], hv_line: str, pick_lines: list[str]) -> str:
     lines = [f"# {title}", "", _counts_text(counts), "", "## Recommendations", ""]
     lines += [f"- {_md_cell(t)}" for t in pick_lines]
+    lines += ["", f"Ties: {TIE_RULE}.", ""]
     lines += ["", "## Hypervolume", "", hv_line, "", f"## Pareto front ({len(front)} trials)", ""]
     if front:
-        lines += ["| trial | val acc % | test acc % | latency ms | picks | params |",
-                  "|---:|---:|---:|---:|---|---|"]
+        tie_map = ties(front)
+        lines += ["| trial | val acc % | 95% CI | test acc % | latency ms | interval | tied with | picks | params |",
+                  "|---:|---:|---:|---:|---:|---:|---|---|---|"]
         for p in front:
-            lines.append(f"| {p.number} | {_pct(p.val_acc)} | {_pct(p.test_acc)} | {_ms(p.latency_ms)} | "
+            lines.append(f"| {p.number} | {_pct(p.val_acc)} | {_acc_ci(p)} | {_pct(p.test_acc)} | "
+                         f"{_ms(p.latency_ms)} | {_lat_ci(p)} | {_tied_text(p, tie_map) or '-'} | "
                          f"{_md_cell(', '.join(_tags(p, recs)))} | {_md_cell(_params_text(p.params))} |")
     else:
         lines.append("Empty: no COMPLETE trial with finite accuracy and latency.")
@@ -490,6 +542,11 @@ def write_report(points: Sequence[TrialPoint], out_dir: Path, *, title: str, max
     hv_line = _hv_text(hv, ref, ref_default)
     best_acc = max((p.val_acc for p in front), default=None)  # type: ignore[type-var]
     pick_lines = [_pick_text(k, recs[k], max_latency_ms, tolerance_pp, best_acc) for k in RECOMMENDATION_KEYS]
+    tie_map = ties(front)
+    for i, k in enumerate(RECOMMENDATION_KEYS):
+        if (r := recs[k]) is not None and tie_map.get(r.number):
+            pick_lines[i] += (f" (tied with trial(s) {', '.join(map(str, tie_map[r.number]))}: not told apart by the "
+                              "intervals, see Ties)")
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -15,10 +15,11 @@ What else they must agree on:
   With a local journal on one machine the teacher cache's file lock already does all this, so nothing is
   published. A `--teacher-checkpoint` is not published either: every machine reads its own copy, and the
   study's teacher id (architecture + file SHA-1) makes sure they are the same file.
-* **Latency is measured on one kind of device.** The study records the device signature of the first worker
-  (`latency_device`, e.g. `intel-xeon-platinum-8480-t1` or `nvidia-h100-80gb-hbm3`) and the latency batch
-  size; a worker whose device differs is refused (exit 2) unless it passes `--allow-mixed-latency`, so one
-  Pareto front never mixes milliseconds from different hardware by accident.
+* **Latency is measured on one kind of device.** The study records the latency signature of the first worker
+  (`latency_device`: device, runtime, its version and execution provider, threads, e.g.
+  `cpu-intel-xeon-platinum-8480-t1-onnxruntime-1-32-0-cpu`) and the latency batch size; a worker whose
+  signature differs is refused (exit 2) unless it passes `--allow-mixed-latency`, so one Pareto front never
+  mixes milliseconds from different hardware or runtimes by accident.
 """
 from __future__ import annotations
 
@@ -38,6 +39,8 @@ TEACHER_ATTR = "teacher_artifact"
 TEACHER_FILES = ("model.safetensors", "meta.json")  # meta.json last: its presence marks a complete cache entry
 LATENCY_ATTR = "latency_device"
 LATENCY_BATCH_ATTR = "latency_batch"
+LATENCY_SETTINGS_ATTR = "latency_settings"
+LATENCY_RETIME_ATTR = "latency_retime"
 
 
 def _quiet_mlflow() -> None:
@@ -250,31 +253,46 @@ class StudyLatency:
 
 
 def check_latency_device(study: Any, signature: str, batch: int, allow_mixed: bool,
-                         log: Callable[[str], None] = print) -> None:
+                         log: Callable[[str], None] = print, settings: dict[str, Any] | None = None) -> None:
     """Pin the study's latency device on first use; refuse a worker that would time students on another one.
 
-    Call under the study lock. Raises UserError (exit 2) on a mismatch unless `allow_mixed`.
+    The signature names the device, the runtime (onnxruntime or torch), its version, execution provider and the
+    thread count; ``settings`` is the same as a dict, recorded beside it (``latency_settings``) so the report can
+    re-time the front with them. Call under the study lock. Raises UserError (exit 2) on a mismatch unless
+    `allow_mixed`.
     """
     attrs = study.user_attrs
     stored, stored_batch = attrs.get(LATENCY_ATTR), attrs.get(LATENCY_BATCH_ATTR)
     if stored is None:
         study.set_user_attr(LATENCY_ATTR, signature)
         study.set_user_attr(LATENCY_BATCH_ATTR, batch)
+        if settings is not None:
+            study.set_user_attr(LATENCY_SETTINGS_ATTR, settings)
         return
     if stored == signature and (stored_batch is None or stored_batch == batch):
         return
     what = (f"device {signature!r} (study: {stored!r})" if stored != signature
             else f"batch size {batch} (study: {stored_batch})")
+    stored_settings = attrs.get(LATENCY_SETTINGS_ATTR) or {}
+    if settings and stored_settings:
+        diff = [f"{k} {settings.get(k)!r} (study: {stored_settings.get(k)!r})" for k in sorted(settings)
+                if settings.get(k) != stored_settings.get(k)]
+        what += f": {', '.join(diff)}" if diff else ""
+    elif settings and stored != signature:
+        what += (f": this worker times with {settings.get('runtime')} {settings.get('version')}; the study was "
+                 "timed by an older autokd (eager PyTorch)")
     if allow_mixed:
         log(f"warning: study {study.study_name!r}: this worker measures latency with {what}; mixed in one front "
             "because --allow-mixed-latency was given")
         study.set_user_attr("latency_mixed", True)
         return
+    runtime = stored_settings.get("runtime", "torch")
     raise UserError(
         f"study {study.study_name!r} measures latency on {stored!r} with batch {stored_batch}, but this worker "
-        f"would measure it with {what}. Latencies from different hardware are not comparable in one Pareto front. "
-        "Run this worker on the same kind of machine, or measure where the study does (--latency-device, "
-        "--latency-threads, --latency-batch), or pass --allow-mixed-latency to mix them knowingly.")
+        f"would measure it with {what}. Latencies from different hardware or runtimes are not comparable in one "
+        "Pareto front. Run this worker on the same kind of machine with the study's settings (--latency-runtime "
+        f"{runtime}, --latency-device, --latency-threads, --latency-batch), or pass --allow-mixed-latency to mix "
+        "them knowingly.")
 
 
 # ---------------------------------------------------------------------------------------------------------

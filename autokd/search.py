@@ -187,7 +187,7 @@ def run_search(s: SearchSettings, worker_index: int = 0, log: Callable[[str], No
     asking explicitly for more workers (`jobs`, `devices`, `jobs_per_device`) is then a UserError.
     """
     from autokd.data import TrainViews, load_dataset
-    from autokd.latency import LatencyCache, device_signature
+    from autokd.latency import LatencyCache, LatencyMeter
     from autokd.objective import FatalSearchError, TrialContext, run_trial
     from autokd.space import load_space
     from autokd.teacher import get_teacher, teacher_outputs
@@ -217,10 +217,11 @@ def run_search(s: SearchSettings, worker_index: int = 0, log: Callable[[str], No
               "epochs": s.epochs or space.epochs}
     extra_attrs = {"space": space.canonical(), "space_path": str(s.space), "autokd_version": _version(),
                    "budget": s.budget, "device": device, "input_size": data.input_size, "train_limit": s.train_limit,
-                   "data_dir": s.data_dir}
+                   "data_dir": s.data_dir, "val_images": len(data.y_val)}
     sampler = make_sampler(s.sampler, s.seed + worker_index)
     shared = scaleout.is_shared_storage(s.storage)
-    latency_sig = device_signature(s.latency_device or device, s.latency_threads)
+    meter = LatencyMeter(s.latency_runtime, s.latency_device or device, s.latency_threads, s.latency_batch)
+    latency_sig = meter.signature()
     teacher_kwargs = dict(arch=s.teacher, cache_root=root / "teachers", device=device, pretrained=s.teacher_pretrained,
                           log=log)
     teacher = None
@@ -249,7 +250,8 @@ def run_search(s: SearchSettings, worker_index: int = 0, log: Callable[[str], No
         elif stored_teacher != teacher_id:
             raise UserError(f"study {name!r} was created with teacher {stored_teacher}, now {teacher_id}; resume with "
                             "the same --teacher/--teacher-checkpoint or start a new study with --study NEW_NAME")
-        scaleout.check_latency_device(study, latency_sig, s.latency_batch, s.allow_mixed_latency, log)
+        scaleout.check_latency_device(study, latency_sig, s.latency_batch, s.allow_mixed_latency, log,
+                                      settings={**meter.signature_info(), "torch_device": meter.dev.type})
         parent_run_id = _parent_run(study, tracker, s, name, teacher_id, shared)
         if shared and s.teacher_checkpoint is None and teacher.path is not None:
             scaleout.publish_teacher(study, teacher.path, teacher.arch, tracker.tracking_uri if tracker.enabled
@@ -276,13 +278,12 @@ def run_search(s: SearchSettings, worker_index: int = 0, log: Callable[[str], No
         log(f"worker {worker_index} of {total_workers}: {torch.get_num_threads()} training thread(s)"
             + (f", GPU {gpu}" if gpu is not None else ""))
     train_gate, measure_gate = _gates(root / ".locks", device, s.latency_device or device)
-    shared_latency = scaleout.StudyLatency(study, latency_sig, s.latency_batch) if shared else None
+    meter.cache, meter.lock = LatencyCache(root / "latency_cache"), measure_gate.measuring
+    meter.shared = scaleout.StudyLatency(study, latency_sig, s.latency_batch) if shared else None
     ctx = TrialContext(
         space=space, data=data, teacher_outputs=outputs, teacher_arch=teacher.arch, views=views,
-        latency_cache=LatencyCache(root / "latency_cache"), tracker=tracker, parent_run_id=parent_run_id,
-        trials_dir=sdir / "trials", device=device, latency_device=s.latency_device or device,
-        latency_threads=s.latency_threads, latency_batch=s.latency_batch, latency_lock=measure_gate.measuring,
-        train_lock=train_gate.training, shared_latency=shared_latency, max_latency_ms=s.max_latency_ms,
+        latency=meter, tracker=tracker, parent_run_id=parent_run_id, trials_dir=sdir / "trials", device=device,
+        train_lock=train_gate.training, max_latency_ms=s.max_latency_ms,
         max_epochs=s.epochs, prune=s.prune, seed=s.seed, compile=s.compile, log=log,
     )
     summary = SearchSummary(study_name=name, study_dir=sdir, budget=s.budget)

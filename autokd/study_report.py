@@ -14,7 +14,8 @@ from optuna.trial import FrozenTrial, TrialState
 
 from autokd.checkpoint import atomic_write_json, read_checkpoint
 from autokd.errors import UserError
-from autokd.pareto import TrialPoint
+from autokd import retiming
+from autokd.pareto import TrialPoint, wilson_interval
 from autokd.report import ReportResult, format_front_table, write_report
 from autokd.study import make_storage, sampled_params, storage_missing, storage_url, study_dir
 
@@ -58,13 +59,17 @@ def trial_state(trial: FrozenTrial) -> str:
 
 
 def trial_points(study: optuna.Study) -> list[TrialPoint]:
-    """Every trial of the study as a report point (params flattened, latency from the user attributes)."""
+    """Every trial of the study as a report point (params flattened, latency from the user attributes, replaced by
+    the front's re-timing where there is one; intervals: latency from its measurement, accuracy Wilson on the
+    study's validation images)."""
     points = []
+    val_images = study.user_attrs.get("val_images")
     for t in study.get_trials(deepcopy=False):
         if t.state == TrialState.WAITING:
             continue
         state = trial_state(t)
-        latency = (t.user_attrs.get("latency") or {}).get("median_ms")
+        measured = t.user_attrs.get("latency") or {}
+        latency = measured.get("median_ms")
         val_acc = t.values[0] if state == "COMPLETE" and t.values else None
         params = sampled_params(t.user_attrs)
         curve = t.user_attrs.get("curve") or []
@@ -72,8 +77,15 @@ def trial_points(study: optuna.Study) -> list[TrialPoint]:
                                  "arch_key": t.user_attrs.get("arch_key")}
         if t.user_attrs.get("fail_reason"):
             extra["reason"] = t.user_attrs["fail_reason"]
+        if measured.get("params"):
+            extra["param_count"] = measured["params"]
+        latency_ci = None
+        if measured.get("low_ms") is not None and measured.get("high_ms") is not None:
+            latency_ci = (float(measured["low_ms"]), float(measured["high_ms"]))
+        acc_ci = wilson_interval(val_acc, int(val_images)) if val_acc is not None and val_images else None
         points.append(TrialPoint(number=t.number, state=state, val_acc=val_acc, latency_ms=latency, params=params,
-                                 extra=extra))
+                                 extra=extra, acc_ci=acc_ci, latency_ci=latency_ci))
+    retiming.apply(points, retiming.stored(study))
     return points
 
 
@@ -120,12 +132,18 @@ def build_report(study: optuna.Study, root: Path, data: Any | None = None, max_l
     from autokd import scaleout
     from autokd.pareto import front_points
 
+    if data is None:
+        data = study_data(study, data_dir)
+    if not study.user_attrs.get("val_images"):  # a study from before intervals were recorded
+        for p in points:
+            if p.val_acc is not None:
+                p.acc_ci = wilson_interval(p.val_acc, len(data.y_val))
+    # Every front candidate timed again, together: the report, its picks and `autokd export` use these figures.
+    retiming.apply(points, retiming.retime_front(study, points, data, log=log))
     front = front_points(points)
     # Front students trained on other machines (or removed here) come from their trials' MLflow runs.
     scaleout.fetch_trial_checkpoints(study, study_dir(root, study.study_name) / "trials", [p.number for p in front],
                                      log=log)
-    if data is None:
-        data = study_data(study, data_dir)
     for point in front:
         point.test_acc = test_accuracy(study, point.number, root, data)
     hv_ref = None

@@ -358,12 +358,26 @@ def test_trial_checkpoint_loads_too(study_root: Path, digits: Any) -> None:
         assert torch.equal(model(digits.x_val[:3]), _trial_model(study_root, 0)(digits.x_val[:3]))
 
 
-def test_onnx_falls_back_to_legacy_exporter(study_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_onnx_falls_back_to_dynamo_exporter(study_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The TorchScript-based exporter comes first (a search pays for an export on every trial, issue 13); the
+    # torch.export-based one is the fallback.
     def broken(model: torch.nn.Module, example: torch.Tensor) -> bytes:
         raise RuntimeError("unsupported operator")
 
-    monkeypatch.setattr(export, "_onnx_dynamo", broken)
+    monkeypatch.setattr(export, "_onnx_legacy", broken)
     result = _export(study_root, tmp_path / "out", trial=0, formats="onnx")
-    assert result.onnx_exporter == "legacy" and result.parity["onnx"] <= 1e-4
-    assert result.config["onnx"]["exporter"] == "torch.onnx.export(dynamo=False)"
-    assert any("dynamo exporter failed: RuntimeError: unsupported operator" in m for m in result.messages)
+    assert result.onnx_exporter == "dynamo" and result.parity["onnx"] <= 1e-4
+    assert result.config["onnx"]["exporter"] == "torch.onnx.export(dynamo=True)"
+    assert any("legacy exporter failed: RuntimeError: unsupported operator" in m for m in result.messages)
+
+
+def test_exported_onnx_is_the_one_a_search_times(study_root: Path, tmp_path: Path) -> None:
+    # What latency timed is what ships: the meter's export of the trial's student is byte-identical to the file
+    # `autokd export` wrote (same function, same example batch; the example's values do not enter the graph).
+    from autokd.latency import LatencyMeter
+
+    result = _export(study_root, tmp_path / "out", trial=0, formats="onnx")
+    model = _trial_model(study_root, 0)
+    shape = tuple(result.config["input_size"])
+    timed = LatencyMeter("onnxruntime").export(model, shape)
+    assert timed == (tmp_path / "out" / export.ONNX_FILE).read_bytes()

@@ -143,3 +143,31 @@ def test_recommend_filters_non_front_points() -> None:
     pts = [*FRONT, tp(9, 0.91, 15.0), tp(8, 0.99, 0.1, state="PRUNED")]
     r = recommend(pts, max_latency_ms=16.0)
     assert r["best_under_latency"].number == 3  # 0.925 @ 10 ms beats the dominated 0.91 @ 15 ms
+
+
+def test_wilson_interval_and_ties() -> None:
+    from autokd.pareto import tied, ties, wilson_interval
+
+    lo, hi = wilson_interval(0.9, 360)
+    assert lo < 0.9 < hi and hi - lo == pytest.approx(0.0622, abs=2e-3)
+    assert wilson_interval(1.0, 50)[1] == 1.0 and wilson_interval(0.0, 50)[0] == 0.0
+    a = TrialPoint(1, "COMPLETE", 0.90, 1.0, acc_ci=(0.88, 0.92), latency_ci=(0.98, 1.02))
+    b = TrialPoint(2, "COMPLETE", 0.91, 1.01, acc_ci=(0.89, 0.93), latency_ci=(0.99, 1.03))
+    c = TrialPoint(3, "COMPLETE", 0.91, 1.2, acc_ci=(0.89, 0.93), latency_ci=(1.15, 1.25))
+    assert tied(a, b) and not tied(a, c) and not tied(b, c)  # c: accuracy overlaps, latency does not
+    assert ties([a, b, c]) == {1: [2], 2: [1]}
+    assert not tied(TrialPoint(4, "COMPLETE", 0.9, 1.0), TrialPoint(5, "COMPLETE", 0.9, 1.01))  # no intervals
+
+
+def test_knee_is_settled_among_tied_points_by_parameters() -> None:
+    # The knee by medians is trial 2; trial 1 is tied with it on both axes and smaller: recommended instead.
+    pts = [TrialPoint(0, "COMPLETE", 0.50, 0.5, acc_ci=(0.45, 0.55), latency_ci=(0.49, 0.51)),
+           TrialPoint(1, "COMPLETE", 0.89, 0.99, acc_ci=(0.86, 0.92), latency_ci=(0.97, 1.01),
+                      extra={"param_count": 10}),
+           TrialPoint(2, "COMPLETE", 0.90, 1.0, acc_ci=(0.87, 0.93), latency_ci=(0.98, 1.02),
+                      extra={"param_count": 99}),
+           TrialPoint(3, "COMPLETE", 0.92, 5.0, acc_ci=(0.90, 0.94), latency_ci=(4.9, 5.1))]
+    assert recommend(pts)["knee"].number == 1
+    for p in pts:
+        p.acc_ci = p.latency_ci = None
+    assert recommend(pts)["knee"].number == 2  # without intervals, the plain knee as before

@@ -165,3 +165,31 @@ def test_report_renders_in_headless_browser(report: tuple[ReportResult, Path], t
     img = imread(png)
     colors = np.unique((img[..., :3] * 255).astype(np.uint8).reshape(-1, 3), axis=0)
     assert len(colors) > 50, f"screenshot looks blank ({len(colors)} distinct colours)"
+
+
+def test_intervals_and_ties_in_every_report_file(tmp_path: Path) -> None:
+    # Trials 1 and 2 overlap on both axes (tied); 3 is clearly slower and more accurate. 2 is faster than 1 by less
+    # than their intervals and has more parameters: "fastest" must not choose it on that difference.
+    pts = [
+        TrialPoint(1, "COMPLETE", 0.905, 1.00, {"family": "resnet"}, extra={"param_count": 1000},
+                   acc_ci=(0.875, 0.935), latency_ci=(0.97, 1.03)),
+        TrialPoint(2, "COMPLETE", 0.900, 0.99, {"family": "regnet"}, extra={"param_count": 5000},
+                   acc_ci=(0.87, 0.93), latency_ci=(0.96, 1.02)),
+        TrialPoint(3, "COMPLETE", 0.990, 3.00, {"family": "vit"}, extra={"param_count": 9000},
+                   acc_ci=(0.97, 0.997), latency_ci=(2.9, 3.1)),
+    ]
+    res = write_report(pts, tmp_path, title="ties", tolerance_pp=10.0)
+    assert [p.number for p in res.front] == [2, 1, 3]
+    assert res.recommendations["fastest_within_tolerance"].number == 1  # tied with 2, fewer parameters
+    with open(tmp_path / "front.csv", newline="") as f:
+        rows = {int(r["number"]): r for r in csv.DictReader(f)}
+    assert rows[1]["tied_with"] == "2" and rows[2]["tied_with"] == "1" and rows[3]["tied_with"] == ""
+    assert float(rows[3]["latency_low_ms"]) == 2.9 and float(rows[3]["val_acc_high"]) == 0.997
+    md = (tmp_path / "summary.md").read_text()
+    assert "| 1 | 90.50 | 87.50-93.50 |" in md and "0.970-1.030 | 2 |" in md
+    assert "Ties: front members whose intervals overlap on both axes" in md and "fewest parameters" in md
+    page = (tmp_path / "report.html").read_text()
+    assert '"error_x"' in page and '"error_y"' in page and "arrayminus" in page  # error bars in the plot
+    assert "Ties: front members" in page
+    table = format_front_table(res.front, res.recommendations)
+    assert "0.970-1.030" in table and "tied with" in table

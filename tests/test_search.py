@@ -165,3 +165,43 @@ def test_distill_command_end_to_end(tmp_path: Path, tiny_teacher: tuple[str, Pat
     assert config["loss"] == "kd" and config["loss_params"] == {"temperature": 4.0, "alpha": 0.9}
     assert 0.0 <= config["test_acc"] <= 1.0 and config["val_acc"] > 0.2
     assert (out / "model.safetensors").stat().st_size > 0
+
+
+def test_resume_with_another_latency_runtime_exits_2(tmp_path: Path, tiny_teacher: tuple[str, Path],
+                                                     space_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # A study never mixes runtimes: started with eager PyTorch, resuming with the CPU default (ONNX Runtime) is
+    # refused before any trial runs, naming the runtimes and the option that matches the study.
+    run_search(settings(tmp_path, tiny_teacher, space_file, budget=1, latency_runtime="torch"), log=lambda msg: None)
+    study = load(tmp_path)
+    assert study.user_attrs["latency_settings"]["runtime"] == "torch"
+    assert study.trials[0].user_attrs["latency"]["runtime"] == "torch"
+    arch, ckpt = tiny_teacher
+    code = run_cli(["--root", str(tmp_path / "studies"), "search", "--space", str(space_file), "--budget", "2",
+                    "--teacher", arch, "--teacher-checkpoint", str(ckpt), "--no-mlflow", "--train-limit", "160",
+                    "--device", "cpu", "--sampler", "random", "--seed", "3"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "runtime 'onnxruntime' (study: 'torch')" in err and "--latency-runtime torch" in err, err
+    assert len(load(tmp_path).trials) == 1
+
+
+def test_front_is_retimed_together_before_the_report(tmp_path: Path, tiny_teacher: tuple[str, Path],
+                                                     space_file: Path) -> None:
+    # The default runtime on a CPU is ONNX Runtime; the report re-times the front candidates together and its
+    # figures (with intervals) are what the front, the picks and `autokd export` read; the first stays beside.
+    space_file.write_text(TINY_SPACE.replace("  width: 0.25\n", "  width: {low: 0.25, high: 0.5}\n"))
+    run_search(settings(tmp_path, tiny_teacher, space_file, budget=3, epochs=1), log=lambda msg: None)
+    study = load(tmp_path)
+    assert study.user_attrs["latency_settings"]["runtime"] == "onnxruntime"
+    retime = study.user_attrs["latency_retime"]
+    assert retime["signature"] == study.user_attrs["latency_device"] and retime["archs"]
+    points = {p.number: p for p in trial_points(study)}
+    retimed = [p for p in points.values() if p.extra.get("arch_key") in retime["archs"]]
+    assert retimed
+    for p in retimed:
+        fig = retime["archs"][p.extra["arch_key"]]
+        assert p.latency_ms == fig["median_ms"] and p.latency_ci == (fig["low_ms"], fig["high_ms"])
+        assert p.extra["latency_first_ms"] == study.trials[p.number].user_attrs["latency"]["median_ms"]
+        assert p.acc_ci is not None and p.acc_ci[0] <= p.val_acc <= p.acc_ci[1]
+    csv_text = (tmp_path / "studies" / "digits-tiny" / "report" / "front.csv").read_text()
+    assert "latency_low_ms" in csv_text.splitlines()[0] and "extra.latency_first_ms" in csv_text.splitlines()[0]

@@ -1,0 +1,181 @@
+"""Benchmark: is the front's latency axis what a user deploys, and does it repeat on a noisy host?
+
+Prints, from one run (latency runtime: the CPU default, ONNX Runtime, 1 thread, batch 1):
+(a) the same architectures (sampled from the default space) timed in two separate processes, each
+    architecture alone with the per-trial protocol: worst and median relative difference (target worst <= 5 %);
+(b) a default search's recorded latencies (each trial's own measurement) against an independent re-timing of
+    the same students, all interleaved in shuffled rounds in one process: Spearman (target >= 0.98) and the
+    worst / median relative difference;
+(c) latency bookkeeping (ONNX export + timing, MACs and parameter count included) as a share of trial time in
+    that search (target <= 5 %), with export and timing apart;
+(d) Spearman between eager PyTorch and ONNX Runtime latencies of the (a) architectures (information).
+
+    python benchmarks/latency_validity.py [--quick] [--archs 30] [--budget 50]
+
+--quick: 20 architectures and a 12-trial search (about a minute or two); the full run: 30 and the default
+50-trial search (a few minutes).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import REPO, cleanup, fresh_root, load_study, run_search  # noqa: E402
+
+FAMILIES = ("resnet", "mobilenetv3", "regnet", "convnext", "vit")
+
+
+def spearman(xs: list[float], ys: list[float]) -> float:
+    """Spearman rank correlation (average ranks for ties)."""
+    def ranks(v: list[float]) -> list[float]:
+        order = sorted(range(len(v)), key=lambda i: v[i])
+        r = [0.0] * len(v)
+        i = 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and v[order[j + 1]] == v[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                r[order[k]] = (i + j) / 2.0
+            i = j + 1
+        return r
+
+    rx, ry = ranks(xs), ranks(ys)
+    mx, my = statistics.fmean(rx), statistics.fmean(ry)
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    sx = sum((a - mx) ** 2 for a in rx) ** 0.5
+    sy = sum((b - my) ** 2 for b in ry) ** 0.5
+    return cov / (sx * sy) if sx and sy else float("nan")
+
+
+def rel_diffs(a: list[float], b: list[float]) -> list[float]:
+    """|a - b| / min(a, b) per pair."""
+    return [abs(x - y) / min(x, y) for x, y in zip(a, b)]
+
+
+def sample_specs(n: int, seed: int = 1) -> list:
+    """``n`` architectures of the default space (width/depth ranges as in search_spaces/default.yaml)."""
+    from autokd.students import resolve_student
+
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        family = FAMILIES[i % len(FAMILIES)]
+        width = rng.uniform(0.5, 1.0) if family == "vit" else rng.uniform(0.25, 0.75)
+        out.append(resolve_student(family, width, rng.uniform(0.25, 0.75), num_classes=10, in_chans=1,
+                                   input_size=16))
+    return out
+
+
+def child(folder: Path, out: Path, seed: int) -> None:
+    """(a) in a separate process: time every exported ONNX file of ``folder`` alone, in a shuffled order."""
+    from autokd.latency import LatencyMeter
+
+    meter = LatencyMeter("onnxruntime")
+    files = sorted(folder.glob("*.onnx"))
+    random.Random(seed).shuffle(files)
+    result = {f.stem: meter.time_onnx(f.read_bytes(), key=f.stem).median_ms for f in files}
+    out.write_text(json.dumps(result))
+
+
+def part_a_and_d(n: int) -> None:
+    from autokd.latency import LatencyMeter
+    from autokd.students import build_from_spec
+
+    specs = sample_specs(n)
+    meter = LatencyMeter("onnxruntime")
+    with tempfile.TemporaryDirectory(prefix="autokd-bench-validity-") as tmp:
+        folder = Path(tmp)
+        for spec in specs:
+            (folder / f"{spec.key}.onnx").write_bytes(meter.export(build_from_spec(spec),
+                                                                   (spec.in_chans, spec.input_size, spec.input_size)))
+        runs = []
+        for proc in (1, 2):
+            out = folder / f"process{proc}.json"
+            subprocess.run([sys.executable, __file__, "--child", str(folder), str(out), str(proc)], check=True,
+                           cwd=REPO)
+            runs.append(json.loads(out.read_text()))
+    keys = [s.key for s in specs]
+    first, second = [runs[0][k] for k in keys], [runs[1][k] for k in keys]
+    d = rel_diffs(first, second)
+    print(f"(a) {n} architectures, each timed alone in two separate processes (ONNX Runtime, per-trial protocol): "
+          f"worst {max(d):.1%}, median {statistics.median(d):.1%} relative difference (target worst <= 5 %); "
+          f"latencies {min(first):.4f}-{max(first):.4f} ms", flush=True)
+    eager = LatencyMeter("torch").retime({s.key: s for s in specs})
+    ort_together = meter.retime({s.key: s for s in specs})
+    rho = spearman([eager[k].median_ms for k in keys], [ort_together[k].median_ms for k in keys])
+    ratios = [eager[k].median_ms / ort_together[k].median_ms for k in keys]
+    print(f"(d) eager PyTorch vs ONNX Runtime on the same {n} architectures (each interleaved): Spearman {rho:.2f}; "
+          f"eager/ORT {min(ratios):.1f}-{max(ratios):.1f}x (information)", flush=True)
+
+
+def part_b_and_c(budget: int) -> None:
+    from autokd.latency import LatencyMeter
+    from autokd.study import sampled_params
+    from autokd.students import resolve_student
+
+    root = fresh_root("validity")
+    try:
+        summary, wall = run_search(root, log=lambda msg: None, budget=budget, mlflow=False)
+        study = load_study(root)
+        recorded: dict[str, float] = {}
+        specs = {}
+        export_s = timing_s = 0.0
+        for t in study.trials:
+            lat = t.user_attrs.get("latency")
+            if not lat or "arch_key" not in t.user_attrs:
+                continue
+            flat = sampled_params(t.user_attrs)
+            spec = resolve_student(flat["family"], float(flat["width"]), float(flat["depth"]), num_classes=10,
+                                   in_chans=1, input_size=16)
+            if spec.key != t.user_attrs["arch_key"]:
+                continue
+            if spec.key not in recorded and not lat.get("cache_hit"):
+                export_s += lat.get("export_s", 0.0)
+                timing_s += lat.get("timing_s", 0.0)
+            recorded.setdefault(spec.key, lat["median_ms"])
+            specs[spec.key] = spec
+        again = LatencyMeter("onnxruntime").retime(specs, seed=7)
+        keys = sorted(specs)
+        a, b = [recorded[k] for k in keys], [again[k].median_ms for k in keys]
+        d = rel_diffs(a, b)
+        print(f"(b) default search, {budget} trials, {len(keys)} architectures: recorded vs an independent interleaved "
+              f"re-timing: Spearman {spearman(a, b):.3f} (target >= 0.98); worst {max(d):.1%}, median "
+              f"{statistics.median(d):.1%}", flush=True)
+        trial_s = sum(o.seconds for o in summary.outcomes)
+        latency_s = sum(o.timings.get("latency_s", 0.0) for o in summary.outcomes)
+        print(f"(c) latency bookkeeping: {latency_s:.1f} s of {trial_s:.1f} s trial time = {latency_s / trial_s:.1%} "
+              f"(target <= 5 %); of it ONNX export {export_s:.1f} s, ORT sessions + timing {timing_s:.1f} s, the rest "
+              f"MACs/params/cache; search wall {wall:.0f} s", flush=True)
+    finally:
+        cleanup(root)
+
+
+def main() -> int:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        child(Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4]))
+        return 0
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="20 architectures and a 12-trial search")
+    parser.add_argument("--archs", type=int, help="architectures for (a) and (d) (default 30; --quick 20)")
+    parser.add_argument("--budget", type=int, help="trials of the default search for (b) and (c) (default 50)")
+    args = parser.parse_args()
+    archs = args.archs or (20 if args.quick else 30)
+    budget = args.budget or (12 if args.quick else 50)
+    started = time.perf_counter()
+    part_a_and_d(archs)
+    part_b_and_c(budget)
+    print(f"total {time.perf_counter() - started:.0f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

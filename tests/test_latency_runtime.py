@@ -1,0 +1,92 @@
+"""Latency runtimes (ONNX Runtime, eager PyTorch) behind one LatencyMeter, the rounds protocol and its interval."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from autokd import ort_timing
+from autokd.errors import UserError
+from autokd.latency import LatencyCache, LatencyMeter, LatencyResult, default_runtime
+from autokd.students import build_from_spec, resolve_student
+
+FAST = dict(rounds=5, runs=2, warmup=1)  # the protocol's shape, small enough for a unit test
+
+
+def tiny_spec(family: str = "resnet", width: float = 0.25):
+    return resolve_student(family, width, 0.25, num_classes=3, in_chans=1, input_size=16)
+
+
+def test_median_interval_is_the_order_statistic_interval() -> None:
+    # n = 15: the 4th and 12th smallest cover the median with probability 1 - 2 P(B(15, 1/2) <= 3) = 0.965
+    assert ort_timing.median_interval([float(x) for x in range(15, 0, -1)]) == (4.0, 12.0)
+    assert ort_timing.median_interval([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0]) == (2.0, 8.0)
+    assert ort_timing.median_interval([2.0, 1.0]) == (1.0, 2.0)  # too few for 95 %: the whole range
+    assert ort_timing.widen(1.0, 0.999, 1.001) == pytest.approx((0.98, 1.02))  # the reproducibility floor
+
+
+def test_ort_timing_imports_neither_torch_nor_timm() -> None:
+    # The latency server (issue 14) reuses this module on a target device without torch.
+    code = ("import sys, autokd.ort_timing; bad = [m for m in ('torch', 'timm') if m in sys.modules]; "
+            "print(*bad); sys.exit(1 if bad else 0)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", "torch"])
+def test_meter_times_a_tiny_student_in_each_runtime(runtime: str, tmp_path: Path) -> None:
+    spec = tiny_spec()
+    meter = LatencyMeter(runtime, cache=LatencyCache(tmp_path), **FAST)
+    model = build_from_spec(spec).train()
+    rng_before = torch.random.get_rng_state()
+    result, hit = meter.measure(spec, model)
+    assert not hit and model.training  # the trial's module is left as it was, and so is its random stream
+    assert torch.equal(torch.random.get_rng_state(), rng_before)
+    assert result.runtime == runtime and result.rounds == 5 and result.runs == 10
+    assert result.low_ms <= result.median_ms <= result.high_ms  # type: ignore[operator]
+    assert result.high_ms - result.low_ms >= 0.03 * result.median_ms  # type: ignore[operator] - >= +-2 % floor
+    assert result.params == sum(p.numel() for p in model.parameters()) and result.macs > 0
+    assert (result.export_s > 0) == (runtime == "onnxruntime")
+    again, hit = meter.measure(spec)
+    assert hit and again == result
+    assert (tmp_path / meter.signature() / f"{spec.key}.json").is_file()
+
+
+def test_signature_names_runtime_version_provider_and_threads() -> None:
+    ort_meter, torch_meter = LatencyMeter("onnxruntime"), LatencyMeter("torch", threads=2)
+    info = ort_meter.signature_info()
+    assert info["runtime"] == "onnxruntime" and info["version"] == ort_timing.ort.__version__
+    assert info["provider"] == "CPUExecutionProvider" and info["threads"] == 1 and info["batch"] == 1
+    assert "onnxruntime" in ort_meter.signature() and ort_meter.signature().endswith("-cpu")
+    assert "-t2-torch-" in torch_meter.signature()
+    assert ort_meter.signature() != LatencyMeter("onnxruntime", threads=2).signature()
+    assert default_runtime("cpu") == "onnxruntime"
+    with pytest.raises(UserError, match="--latency-runtime 'tvm'"):
+        LatencyMeter("tvm")
+
+
+def test_meter_times_an_exported_onnx_file(tmp_path: Path) -> None:
+    # Issue 15 times an INT8 ONNX file instead of the fp32 export: the meter takes ONNX bytes or a path.
+    spec = tiny_spec()
+    meter = LatencyMeter("onnxruntime", batch=2, **FAST)
+    blob = meter.export(build_from_spec(spec), (1, 16, 16))
+    path = tmp_path / "m.onnx"
+    path.write_bytes(blob)
+    for source in (blob, path):
+        r = meter.time_onnx(source, key="m")
+        assert isinstance(r, LatencyResult) and r.median_ms > 0 and r.batch_size == 2 and r.runtime == "onnxruntime"
+    with pytest.raises(UserError, match="onnxruntime"):
+        LatencyMeter("torch").time_onnx(blob)
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", "torch"])
+def test_retime_interleaves_several_students(runtime: str) -> None:
+    specs = {"small": tiny_spec(width=0.25), "vit": tiny_spec("vit", width=0.5)}
+    out = LatencyMeter(runtime, **FAST).retime(specs)
+    assert set(out) == {"small", "vit"}
+    for name, r in out.items():
+        assert r.key == specs[name].key and r.rounds == 5 and r.runtime == runtime
+        assert r.low_ms <= r.median_ms <= r.high_ms  # type: ignore[operator]
