@@ -46,6 +46,7 @@ EVAL_BATCH = 256
 QUANT_SETTINGS: dict[str, Any] = {"format": "QDQ", "per_channel": True, "weight_type": "QInt8",
                                   "activation_type": "QUInt8", "reduce_range": False, "calibrate_method": "MinMax"}
 QUANTIZED_OPS = ("QuantizeLinear", "DequantizeLinear")  # plus any QLinear* / *Integer operator
+QUANTISE_STAGE = "quantisation (quantize_static, then a first run of its result)"
 
 
 class QuantizationError(RuntimeError):
@@ -236,7 +237,7 @@ def _isolate(exc: BaseException, model: Any, attempt: Any, max_node_tries: int =
         culprit = op
         break
     if culprit is None:
-        return _failure("quantize_static", exc, model)
+        return _failure(QUANTISE_STAGE, exc, model)
     names = [n.name for n in model.graph.node if n.op_type == culprit]
     nodes = names
     if 1 < len(names) <= max_node_tries:
@@ -249,7 +250,7 @@ def _isolate(exc: BaseException, model: Any, attempt: Any, max_node_tries: int =
             failing.append(name)
         nodes = failing or names
     shown = nodes[:3] + ([f"... ({len(nodes)} in all)"] if len(nodes) > 3 else [])
-    return _failure("quantize_static", exc, model, operator=culprit, nodes=shown)
+    return _failure(QUANTISE_STAGE, exc, model, operator=culprit, nodes=shown)
 
 
 def quantized_op_counts(onnx_bytes: bytes) -> dict[str, int]:
@@ -407,25 +408,13 @@ def export_int8(folder: Path, fp32_file: str, data: Any, views: Any, options: In
     quant_seconds = time.perf_counter() - t0
     atomic_write_bytes(int8_path, blob)
 
-    x_test = data.x_test.detach().cpu().float().numpy()
-    y_test = data.y_test.detach().cpu().numpy()
-    if len(y_test) == 0:
-        raise UserError("the study's test split is empty: no images to measure the INT8 model's accuracy on")
-    logits32 = predict(ort_session(fp32_path), x_test)
-    logits8 = predict(ort_session(int8_path), x_test)
-    pred32, pred8 = logits32.argmax(1), logits8.argmax(1)
-    acc32, acc8 = float((pred32 == y_test).mean()), float((pred8 == y_test).mean())
-    drop_pp = (acc32 - acc8) * 100
-    lat32, lat8 = _ort_latency_ms([fp32_path, int8_path], x_test[:1])
+    acc = test_accuracies(fp32_path, int8_path, data)
+    acc32, acc8, drop_pp = acc["fp32_test_acc"], acc["test_acc"], acc["drop_pp"]
+    lat32, lat8 = _ort_latency_ms([fp32_path, int8_path], data.x_test[:1].detach().cpu().float().numpy())
     entry: dict[str, Any] = {
         "file": INT8_FILE,
-        "test_acc": acc8,
-        "fp32_test_acc": acc32,
-        "drop_pp": round(drop_pp, 4),
+        **acc,
         "max_drop_pp": options.max_drop_pp,
-        "agreement": float((pred32 == pred8).mean()),
-        "test_images": int(len(y_test)),
-        "accuracy_runtime": f"onnxruntime {ort.__version__} (CPU), full test split",
         "latency_ms": lat8,
         "fp32_latency_ms": lat32,
         "latency_ratio": lat8 / lat32 if lat32 > 0 else None,
@@ -443,12 +432,68 @@ def export_int8(folder: Path, fp32_file: str, data: Any, views: Any, options: In
     }
     if drop_pp > options.max_drop_pp:
         entry["warning"] = (f"INT8 test accuracy {acc8:.2%} is {drop_pp:.2f} points below the fp32 model's "
-                            f"{acc32:.2%} (ONNX Runtime, {len(y_test)} test images): more than --max-int8-drop "
+                            f"{acc32:.2%} (ONNX Runtime, {acc['test_images']} test images): more than --max-int8-drop "
                             f"{options.max_drop_pp:g}; {INT8_FILE} was written anyway")
     if len(calib) < options.calibration_images:
         entry["note"] = (f"the training split has {len(calib)} images: calibrated on all of them "
                          f"(--calibration-images {options.calibration_images})")
     return entry
+
+
+def test_accuracies(fp32_model: str | os.PathLike | bytes, int8_model: str | os.PathLike | bytes,
+                    data: Any) -> dict[str, Any]:
+    """Test accuracy of both models under ONNX Runtime on the full test split, the drop in points, and the share
+    of test images where both predict the same class."""
+    import onnxruntime as ort
+
+    x_test = data.x_test.detach().cpu().float().numpy()
+    y_test = data.y_test.detach().cpu().numpy()
+    if len(y_test) == 0:
+        raise UserError("the study's test split is empty: no images to measure the INT8 model's accuracy on")
+    pred32 = predict(ort_session(fp32_model), x_test).argmax(1)
+    pred8 = predict(ort_session(int8_model), x_test).argmax(1)
+    acc32, acc8 = float((pred32 == y_test).mean()), float((pred8 == y_test).mean())
+    return {"test_acc": acc8, "fp32_test_acc": acc32, "drop_pp": round((acc32 - acc8) * 100, 4),
+            "agreement": float((pred32 == pred8).mean()), "test_images": int(len(y_test)),
+            "accuracy_runtime": f"onnxruntime {ort.__version__} (CPU), full test split"}
+
+
+INT8_ACC_FILE = "int8_test_acc.json"
+
+
+def trial_int8_accuracy(study: Any, number: int, root: Path, data: Any,
+                        calibration_count: int = DEFAULT_CALIBRATION_IMAGES) -> dict[str, Any]:
+    """fp32 and int8 test accuracy (ONNX Runtime) of a COMPLETE trial's student, as ``--int8`` exports it, computed
+    once and cached beside its checkpoint (``trials/<n>/int8_test_acc.json``, keyed by data, views, calibration
+    and ONNX Runtime version). For the report of a ``--latency-precision int8`` study: the front only.
+    Raises :class:`QuantizationError` if ONNX Runtime cannot quantise the student."""
+    import json
+
+    import onnxruntime as ort
+
+    from autokd.atomic import atomic_write_json
+    from autokd.export import PARITY_BATCH, export_onnx, load_trial
+    from autokd.study import study_dir
+
+    views = study_views(study)
+    key = {"data_fingerprint": data.fingerprint, "views": views.fingerprint, "calibration_images": calibration_count,
+           "onnxruntime": ort.__version__}
+    cache = study_dir(Path(root), study.study_name) / "trials" / str(number) / INT8_ACC_FILE
+    if cache.is_file():
+        try:
+            stored = json.loads(cache.read_text())
+            if stored.get("key") == key:
+                return dict(stored["result"])
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            pass  # unreadable: computed again
+    model = load_trial(study, number, root)[0]
+    x = data.x_val[:PARITY_BATCH].detach().to("cpu").float()
+    example = x[:2] if len(x) >= 2 else x.repeat(2, 1, 1, 1)  # as export_trial: batch 2, dynamic batch axis
+    fp32 = export_onnx(model, example)[0]
+    int8 = quantize_onnx(fp32, calibration_images(data, views, calibration_count))
+    result = test_accuracies(fp32, int8, data)
+    atomic_write_json(cache, {"key": key, "result": result})
+    return result
 
 
 def summary_lines(entry: dict[str, Any]) -> list[str]:

@@ -285,3 +285,21 @@ def test_bad_int8_flags_exit_2(study_root: Path, tmp_path: Path, capsys: pytest.
     assert rc == 2
     assert expect in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_trial_int8_accuracy_for_the_report(study_root: Path, exported: dict, digits: Any,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a --latency-precision int8 report will show per front member: the same figures as `export --int8`,
+    computed once and cached beside the trial's checkpoint."""
+    study = optuna.load_study(study_name=STUDY, storage=make_storage(None, study_root))
+    result = int8.trial_int8_accuracy(study, 0, study_root, digits)
+    q = json.loads((exported["resnet"][0] / "config.json").read_text())["int8"]
+    assert result["fp32_test_acc"] == q["fp32_test_acc"] and result["test_acc"] == q["test_acc"]
+    assert result["agreement"] == q["agreement"] and result["test_images"] == len(digits.y_test)
+    assert (study_dir(study_root, STUDY) / "trials" / "0" / int8.INT8_ACC_FILE).is_file()
+
+    def no_quantising(*args: Any, **kwargs: Any) -> bytes:
+        raise AssertionError("quantised again instead of reading the cache")
+
+    monkeypatch.setattr(int8, "quantize_onnx", no_quantising)
+    assert int8.trial_int8_accuracy(study, 0, study_root, digits) == result
