@@ -502,7 +502,7 @@ def summary_lines(entry: dict[str, Any]) -> list[str]:
     speed = (f"x{1 / ratio:.2f} faster" if ratio and ratio < 1 else f"x{ratio:.2f} slower" if ratio else "")
     lines = [f"int8: test acc {entry['test_acc']:.2%} vs fp32 {entry['fp32_test_acc']:.2%} "
              f"(ONNX Runtime, {entry['test_images']} test images; drop {entry['drop_pp']:.2f} points, "
-             f"limit {entry['max_drop_pp']:g}; same prediction on {entry['agreement']:.1%})",
+             f"--max-int8-drop {entry['max_drop_pp']:g}; same prediction on {entry['agreement']:.1%})",
              f"      latency {entry['latency_ms']:.4g} ms vs fp32 {entry['fp32_latency_ms']:.4g} ms ({speed}; batch 1, "
              f"1 thread, ONNX Runtime), size {entry['size_bytes'] / 1024:.1f} kB vs "
              f"{entry['fp32_size_bytes'] / 1024:.1f} kB",
