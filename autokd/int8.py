@@ -74,7 +74,8 @@ def int8_options(enabled: bool, calibration_images: int | None = None,
                  if v is not None]
         if given:
             verb, it = ("apply", "them") if len(given) > 1 else ("applies", "it")
-            raise UserError(f"{' and '.join(given)} only {verb} with --int8 (quantised export); add --int8 or drop {it}")
+            raise UserError(f"{' and '.join(given)} only {verb} with --int8 (quantised export); add --int8 or "
+                            f"drop {it}")
         return None
     n = DEFAULT_CALIBRATION_IMAGES if calibration_images is None else calibration_images
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -186,6 +187,24 @@ def quantize_onnx(onnx_bytes: bytes, calibration: np.ndarray) -> bytes:
             # calibration cache cannot be shared: excluding an operator changes the tensors that need ranges.)
             raise _isolate(exc, model, lambda **kw: attempt(calibration[:CALIBRATION_BATCH], **kw)) from exc
         return dst.read_bytes()
+
+
+LATENCY_PRECISIONS = ("fp32", "int8")
+
+
+def validate_latency_precision(value: str | None) -> str:
+    """``--latency-precision`` value (default fp32), lower-cased; anything else is a UserError."""
+    import difflib
+
+    if value is None:
+        return LATENCY_PRECISIONS[0]
+    name = str(value).strip().lower()
+    if name not in LATENCY_PRECISIONS:
+        close = difflib.get_close_matches(name, LATENCY_PRECISIONS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise UserError(f"--latency-precision {value!r}: unknown precision{hint}; valid: "
+                        f"{', '.join(LATENCY_PRECISIONS)} (int8: a student's latency is that of its INT8 ONNX model)")
+    return name
 
 
 def quantize_for_latency(onnx_bytes: bytes, input_shape: Sequence[int], images: int = LATENCY_CALIBRATION_IMAGES,

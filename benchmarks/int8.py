@@ -144,7 +144,8 @@ def main() -> int:
         if p.number in on_front:
             worst_drop = max(worst_drop, q["drop_pp"])
         where = "" if p.number in on_front else " (off front)"
-        print(f"| {p.number}{where} | {family} | {cfg['student'].get('key', cfg['architecture'])} | {q['fp32_test_acc']:.2%} "
+        student = cfg["student"].get("key", cfg["architecture"])
+        print(f"| {p.number}{where} | {family} | {student} | {q['fp32_test_acc']:.2%} "
               f"| {q['test_acc']:.2%} | {q['drop_pp']:+.2f} | {q['agreement']:.1%} | {fp32_ms:.4f} | {int8_ms:.4f} "
               f"| {int8_ms / fp32_ms:.2f} | {q['fp32_size_bytes'] / 1024:.1f} | {q['size_bytes'] / 1024:.1f} |")
     print("\nint8/fp32 latency ratio per family (median; < 1 = INT8 faster): "

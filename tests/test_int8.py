@@ -256,8 +256,21 @@ def test_quantize_for_latency_needs_no_data(digits: Any) -> None:
     sess = ort.InferenceSession(q, providers=["CPUExecutionProvider"])
     assert sess.run(None, {"input": digits.x_val[:3].numpy()})[0].shape == (3, 10)
     assert q == int8.quantize_for_latency(blob, (1, 1, INPUT_SIZE, INPUT_SIZE))  # seeded: the same file
+    # random calibration images change the scales, not the graph that is timed
+    real = int8.quantize_onnx(blob, digits.x_train[:64].numpy())
+
+    def graph(b: bytes) -> list[tuple[str, int, int]]:
+        return [(n.op_type, len(n.input), len(n.output)) for n in onnx.load_from_string(b).graph.node]
+
+    assert graph(q) == graph(real) and q != real
     with pytest.raises(ValueError, match="input_shape"):
         int8.quantize_for_latency(blob, (INPUT_SIZE, INPUT_SIZE))
+
+
+def test_latency_precision_values() -> None:
+    assert int8.validate_latency_precision("INT8") == "int8" and int8.validate_latency_precision(None) == "fp32"
+    with pytest.raises(UserError, match=r"--latency-precision 'int9'.*did you mean 'int8'.*valid: fp32, int8"):
+        int8.validate_latency_precision("int9")
 
 
 def test_calibration_images_are_training_views(digits: Any) -> None:
