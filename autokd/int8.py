@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import statistics
 import tempfile
 import time
 from dataclasses import dataclass
@@ -377,34 +376,20 @@ def load_int8_student(path: str | os.PathLike, threads: int | None = None) -> Or
 # Timing
 
 
-LATENCY_ROUNDS = 15
-LATENCY_RUNS = 5
-LATENCY_PROTOCOL = (f"ONNX Runtime (CPU execution provider), batch 1, 1 thread; {LATENCY_ROUNDS} rounds of "
-                    f"{LATENCY_RUNS} runs, the models' rounds interleaved in shuffled order; minimum per round, "
-                    "median over rounds")
+LATENCY_PROTOCOL = ("ONNX Runtime (CPU execution provider), batch 1, 1 thread, the search's protocol "
+                    "(autokd.ort_timing): both models interleaved in shuffled rounds, minimum per round, median "
+                    "over rounds, order-statistic interval")
 
 
-def _ort_latency_ms(models: Sequence[str | os.PathLike | bytes], x: np.ndarray, threads: int = 1,
-                    rounds: int = LATENCY_ROUNDS, runs: int = LATENCY_RUNS, seed: int = 0) -> list[float]:
-    """Latency in ms of each ONNX model on the batch ``x``, all timed together in one process (a noisy host's
-    slow phases then hit every model alike). Stand-in for the search's ONNX Runtime protocol: its body is to be
-    replaced by autokd.ort_timing's when that lands."""
-    sessions = [ort_session(m, threads) for m in models]
-    feeds = [{s.get_inputs()[0].name: np.ascontiguousarray(x, dtype=np.float32)} for s in sessions]
-    for sess, feed in zip(sessions, feeds):  # warm-up: the first runs build kernels and caches
-        for _ in range(3):
-            sess.run(None, feed)
-    rng = np.random.default_rng(seed)
-    minima: list[list[float]] = [[] for _ in sessions]
-    for _ in range(rounds):
-        for i in rng.permutation(len(sessions)):
-            sess, feed, best = sessions[i], feeds[i], float("inf")
-            for _ in range(runs):
-                t0 = time.perf_counter()
-                sess.run(None, feed)
-                best = min(best, time.perf_counter() - t0)
-            minima[i].append(best * 1e3)
-    return [statistics.median(m) for m in minima]
+def _ort_latency(models: Sequence[str | os.PathLike | bytes], threads: int = 1,
+                 batch: int = 1) -> list[Any]:
+    """ort_timing.Timing of each ONNX model, all timed together in one process (a noisy host's slow phases then
+    hit every model alike), with the protocol a search times its students with."""
+    from autokd import ort_timing
+
+    sessions = {str(i): ort_timing.make_session(m, threads) for i, m in enumerate(models)}
+    timings = ort_timing.time_sessions(sessions, batch=batch)
+    return [timings[str(i)] for i in range(len(models))]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -429,13 +414,16 @@ def export_int8(folder: Path, fp32_file: str, data: Any, views: Any, options: In
 
     acc = test_accuracies(fp32_path, int8_path, data)
     acc32, acc8, drop_pp = acc["fp32_test_acc"], acc["test_acc"], acc["drop_pp"]
-    lat32, lat8 = _ort_latency_ms([fp32_path, int8_path], data.x_test[:1].detach().cpu().float().numpy())
+    t32, t8 = _ort_latency([fp32_path, int8_path])
+    lat32, lat8 = t32.median_ms, t8.median_ms
     entry: dict[str, Any] = {
         "file": INT8_FILE,
         **acc,
         "max_drop_pp": options.max_drop_pp,
         "latency_ms": lat8,
+        "latency_interval_ms": [t8.low_ms, t8.high_ms],
         "fp32_latency_ms": lat32,
+        "fp32_latency_interval_ms": [t32.low_ms, t32.high_ms],
         "latency_ratio": lat8 / lat32 if lat32 > 0 else None,
         "latency_protocol": LATENCY_PROTOCOL,
         "size_bytes": len(blob),

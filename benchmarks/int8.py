@@ -28,10 +28,18 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import fresh_root, load_study, run_search  # noqa: E402
 
+
+
+def _latency_ms(files: list, x: Any) -> list[float]:
+    """Median latency (ms) of each ONNX file at x's batch size, timed together with the search's protocol."""
+    from autokd.int8 import _ort_latency
+
+    return [t.median_ms for t in _ort_latency(files, batch=int(x.shape[0]))]
 
 def _cpu() -> str:
     try:
@@ -89,7 +97,7 @@ def main() -> int:
     import onnxruntime as ort
 
     from autokd.export import export_trial
-    from autokd.int8 import Int8Options, _ort_latency_ms, quantize_for_latency
+    from autokd.int8 import Int8Options, quantize_for_latency
     from autokd.pareto import front_points
     from autokd.study_report import resolve_study, study_data, trial_points
 
@@ -123,7 +131,7 @@ def main() -> int:
         rows.append((p, result.config))
     # Every file of the front timed together: the ratios compare like with like on a noisy host.
     files = [exports / str(p.number) / name for p, _ in rows for name in ("model.onnx", "model.int8.onnx")]
-    latencies = _ort_latency_ms(files, data.x_test[:1].numpy())
+    latencies = _latency_ms(files, data.x_test[:1].numpy())
 
     print(f"\n== INT8 vs fp32 on the front of study {study.study_name!r} ({len(front)} students; "
           f"{len(extra)} more families off the front) ==")
@@ -152,7 +160,7 @@ def main() -> int:
           + ", ".join(f"{f} {statistics.median(r):.2f} (n={len(r)})" for f, r in sorted(ratios.items())))
     print(f"largest accuracy drop on the front: {worst_drop:.2f} points — "
           + ("target met (every front member within 1 point)" if worst_drop <= 1.0 else "target NOT met (> 1 point)"))
-    _scaling(study, data, exports, _ort_latency_ms, quantize_for_latency)
+    _scaling(study, data, exports, _latency_ms, quantize_for_latency)
     print(f"total {time.perf_counter() - started:.0f} s")
     if args.keep:
         print(f"exports kept in {exports}" + (f"; search root {own_root}" if own_root else ""))
