@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--latency-runtime", choices=("onnxruntime", "torch"),
                    help="what times the students: onnxruntime (the exported ONNX file; default on a CPU) or torch "
                         "(eager PyTorch; default on CUDA)")
+    s.add_argument("--latency-precision", default="fp32", metavar="{fp32,int8}",
+                   help="what is timed: the student's fp32 ONNX model (default) or its INT8 quantisation (needs "
+                        "--latency-runtime onnxruntime); a study keeps one precision")
     s.add_argument("--allow-mixed-latency", action="store_true",
                    help="let this worker join a study whose latencies were measured on another kind of device")
     s.add_argument("--compile", action="store_true",
@@ -183,7 +186,7 @@ def _search(args: argparse.Namespace, root: Path) -> int:
         jobs=args.jobs_total or args.jobs,  # a spawned worker is told the total: its share of the CPU threads
         tracking_uri=args.tracking_uri, mlflow=not args.no_mlflow, latency_threads=args.latency_threads,
         latency_batch=args.latency_batch, latency_device=args.latency_device, latency_runtime=args.latency_runtime,
-        allow_mixed_latency=args.allow_mixed_latency, compile=args.compile_mode or args.compile,
+        latency_precision=args.latency_precision, allow_mixed_latency=args.allow_mixed_latency, compile=args.compile_mode or args.compile,
         devices=args.devices, jobs_per_device=args.jobs_per_device,
         train_limit=args.train_limit, root=root,
     )

@@ -94,6 +94,9 @@ def validate_settings(s: SearchSettings) -> None:
         raise UserError(f"--study {s.study!r}: use letters, digits, '-', '_' or '.'")
     if s.jobs_per_device < 1:
         raise UserError(f"--jobs-per-device {s.jobs_per_device}: must be at least 1")
+    from autokd.int8 import validate_latency_precision
+
+    validate_latency_precision(s.latency_precision)
 
 
 def local_workers(s: SearchSettings, device: str) -> list[devices.WorkerSlot]:
@@ -220,7 +223,8 @@ def run_search(s: SearchSettings, worker_index: int = 0, log: Callable[[str], No
                    "data_dir": s.data_dir, "val_images": len(data.y_val)}
     sampler = make_sampler(s.sampler, s.seed + worker_index)
     shared = scaleout.is_shared_storage(s.storage)
-    meter = LatencyMeter(s.latency_runtime, s.latency_device or device, s.latency_threads, s.latency_batch)
+    meter = LatencyMeter(s.latency_runtime, s.latency_device or device, s.latency_threads, s.latency_batch,
+                         precision=s.latency_precision)
     latency_sig = meter.signature()
     teacher_kwargs = dict(arch=s.teacher, cache_root=root / "teachers", device=device, pretrained=s.teacher_pretrained,
                           log=log)
