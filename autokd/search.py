@@ -212,6 +212,9 @@ def run_search(s: SearchSettings, worker_index: int = 0, log: Callable[[str], No
         torch.cuda.set_device(workers[0].device_index)  # so that a plain `cuda` (e.g. --latency-device) is it too
     data = load_dataset(s.dataset, data_dir=s.data_dir, input_size=s.input_size or space.input_size, seed=0,
                         download=s.download, train_limit=s.train_limit)
+    # Built before the storage: a bad latency setting (e.g. int8 with torch) leaves no file behind.
+    meter = LatencyMeter(s.latency_runtime, s.latency_device or device, s.latency_threads, s.latency_batch,
+                         precision=s.latency_precision)
     name = s.study or default_study_name(s.dataset, space.name)
     root = Path(s.root)
     sdir = study_dir(root, name)
@@ -223,8 +226,6 @@ def run_search(s: SearchSettings, worker_index: int = 0, log: Callable[[str], No
                    "data_dir": s.data_dir, "val_images": len(data.y_val)}
     sampler = make_sampler(s.sampler, s.seed + worker_index)
     shared = scaleout.is_shared_storage(s.storage)
-    meter = LatencyMeter(s.latency_runtime, s.latency_device or device, s.latency_threads, s.latency_batch,
-                         precision=s.latency_precision)
     latency_sig = meter.signature()
     teacher_kwargs = dict(arch=s.teacher, cache_root=root / "teachers", device=device, pretrained=s.teacher_pretrained,
                           log=log)
