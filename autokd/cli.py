@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--latency-runtime", choices=("onnxruntime", "torch"),
                    help="what times the students: onnxruntime (the exported ONNX file; default on a CPU) or torch "
                         "(eager PyTorch; default on CUDA)")
+    s.add_argument("--latency-precision", default="fp32", metavar="{fp32,int8}",
+                   help="what is timed: the student's fp32 ONNX model (default) or its INT8 quantisation (needs "
+                        "--latency-runtime onnxruntime); a study keeps one precision")
     s.add_argument("--allow-mixed-latency", action="store_true",
                    help="let this worker join a study whose latencies were measured on another kind of device")
     s.add_argument("--compile", action="store_true",
@@ -135,6 +138,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--format", default="safetensors,onnx,torchscript",
                    help="comma-separated: safetensors (always), onnx, torchscript")
     e.add_argument("--data-dir", help="data directory of the study's dataset (for the parity check inputs)")
+    e.add_argument("--int8", action="store_true",
+                   help="also write model.int8.onnx (ONNX Runtime static quantisation, QDQ, per-channel weights), "
+                        "with its test accuracy, latency and size beside the fp32 model's")
+    e.add_argument("--calibration-images", type=_positive_int,
+                   help="training images that calibrate the INT8 model (default 256; with --int8)")
+    e.add_argument("--max-int8-drop", type=float, metavar="POINTS",
+                   help="warn when the INT8 test accuracy is more than this many points below fp32 (default 1.0)")
 
     u = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1 for the local store")
     u.add_argument("--port", type=int, default=5000)
@@ -176,7 +186,7 @@ def _search(args: argparse.Namespace, root: Path) -> int:
         jobs=args.jobs_total or args.jobs,  # a spawned worker is told the total: its share of the CPU threads
         tracking_uri=args.tracking_uri, mlflow=not args.no_mlflow, latency_threads=args.latency_threads,
         latency_batch=args.latency_batch, latency_device=args.latency_device, latency_runtime=args.latency_runtime,
-        allow_mixed_latency=args.allow_mixed_latency, compile=args.compile_mode or args.compile,
+        latency_precision=args.latency_precision, allow_mixed_latency=args.allow_mixed_latency, compile=args.compile_mode or args.compile,
         devices=args.devices, jobs_per_device=args.jobs_per_device,
         train_limit=args.train_limit, root=root,
     )
@@ -228,9 +238,12 @@ def _report(args: argparse.Namespace, root: Path) -> int:
 
 def _export(args: argparse.Namespace, root: Path) -> int:
     from autokd.export import export_command
+    from autokd.int8 import int8_options
 
+    int8 = int8_options(args.int8, args.calibration_images, args.max_int8_drop)
     export_command(study_name=args.study, storage=args.storage, root=root, trial=args.trial, pick=args.pick,
-                   max_latency_ms=args.max_latency_ms, out=args.out, formats=args.format, data_dir=args.data_dir)
+                   max_latency_ms=args.max_latency_ms, out=args.out, formats=args.format, data_dir=args.data_dir,
+                   int8=int8)
     return 0
 
 
@@ -392,6 +405,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"autokd {args.command}: stopped: {exc}", file=sys.stderr)
             return 1
         if exc.__class__.__name__ == "ParityError":  # export wrote nothing: its own files disagree with PyTorch
+            print(f"autokd {args.command}: error: {exc}", file=sys.stderr)
+            return 1
+        if exc.__class__.__name__ == "QuantizationError":  # the fp32 export is written; no INT8 file
             print(f"autokd {args.command}: error: {exc}", file=sys.stderr)
             return 1
         raise

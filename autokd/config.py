@@ -51,6 +51,7 @@ class SearchSettings:
     latency_batch: int = 1
     latency_device: str | None = None
     latency_runtime: str | None = None  # None: onnxruntime on a CPU, torch on CUDA
+    latency_precision: str = "fp32"  # int8: a student's latency is that of its INT8 ONNX model
     allow_mixed_latency: bool = False
     compile: bool | str = False  # True, or a torch.compile mode (--compile-mode)
     devices: str | None = None  # --devices: 'all' or '0,1,3' (None: all visible GPUs on cuda)

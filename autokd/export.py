@@ -460,8 +460,12 @@ def _build_config(model: nn.Module, cfg: dict[str, Any], ft: FrozenTrial, study:
 
 def export_trial(study: optuna.Study, number: int, root: Path, out: Path, formats: list[str] | str | None = None,
                  data: Any | None = None, data_dir: str | None = None, why: str = "",
-                 storage: str | None = None) -> ExportResult:
-    """Export COMPLETE trial ``number`` of ``study`` to ``out``; every written format is verified for parity."""
+                 storage: str | None = None, int8: Any = None) -> ExportResult:
+    """Export COMPLETE trial ``number`` of ``study`` to ``out``; every written format is verified for parity.
+
+    ``int8`` (:class:`autokd.int8.Int8Options`) adds ``model.int8.onnx`` once the fp32 files are verified; if ONNX
+    Runtime cannot quantise the model, the fp32 export is still published and the QuantizationError raised after.
+    """
     from autokd.study_report import study_data, test_accuracy
 
     formats = parse_formats(formats)
@@ -517,12 +521,31 @@ def export_trial(study: optuna.Study, number: int, root: Path, out: Path, format
                               + ", ".join(f"{f} {d:.3g}" for f, d in bad.items())
                               + f" (max |logit difference| on {len(x)} validation images; limit {PARITY_ATOL:g}); "
                               f"nothing was written to {out}")
+        int8_error = _int8_step(int8, staging, config, study, data, formats)
         atomic_write_json(staging / CONFIG_FILE, config)
         result.files = _publish(staging, out, formats)
         result.config = config
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    if int8_error is not None:
+        raise int8_error
     return result
+
+
+def _int8_step(int8: Any, staging: Path, config: dict[str, Any], study: optuna.Study, data: Any,
+               formats: list[str]) -> Exception | None:
+    """``model.int8.onnx`` into ``staging`` and its entry into ``config``; the QuantizationError if it fails."""
+    if int8 is None:
+        return None
+    from autokd.int8 import INT8_FILE, QuantizationError, export_int8, study_views
+
+    try:
+        config["int8"] = export_int8(staging, ONNX_FILE, data, study_views(study), int8)
+    except QuantizationError as exc:
+        return QuantizationError(f"{exc}. The fp32 export ({', '.join(FORMAT_FILES[f] for f in formats)}) was "
+                                 f"written and verified; no {INT8_FILE}", exc.operator, exc.nodes)
+    config["files"]["int8"] = INT8_FILE
+    return None
 
 
 def _publish(staging: Path, out: Path, formats: list[str]) -> dict[str, Path]:
@@ -535,6 +558,13 @@ def _publish(staging: Path, out: Path, formats: list[str]) -> dict[str, Path]:
             files[fmt] = out / name
         else:
             (out / name).unlink(missing_ok=True)
+    from autokd.int8 import INT8_FILE  # an INT8 file only ever sits beside the export it was made from
+
+    if (staging / INT8_FILE).is_file():
+        os.replace(staging / INT8_FILE, out / INT8_FILE)
+        files["int8"] = out / INT8_FILE
+    else:
+        (out / INT8_FILE).unlink(missing_ok=True)
     os.replace(staging / CONFIG_FILE, out / CONFIG_FILE)
     files["config"] = out / CONFIG_FILE
     return files
@@ -557,6 +587,10 @@ def format_summary(result: ExportResult) -> str:
             note += f"  (opset {ONNX_OPSET}, {result.onnx_exporter} exporter, dynamic batch)"
         lines.append(f"  {path.name:<22}{_human(size):>10}  {note}".rstrip())
     lines.append(f"parity on {cfg['parity']['images']} validation images, limit {PARITY_ATOL:g}: ok")
+    if cfg.get("int8"):
+        from autokd.int8 import summary_lines
+
+        lines += summary_lines(cfg["int8"])
     for msg in result.messages:
         lines.append(f"note: {msg}")
     c, h, w = cfg["input_size"]
@@ -565,6 +599,8 @@ def format_summary(result: ExportResult) -> str:
               f"  model = autokd.load_student({str(result.out_dir)!r})   # timm model, eval mode",
               f"  logits = model(x)   # x: float [B, {c}, {h}, {w}]: pixels in [0, 1], then (x - mean) / std "
               "from config.json"]
+    if cfg.get("int8"):
+        lines.append(f"  int8 = autokd.load_student({str(result.out_dir)!r}, int8=True)   # ONNX Runtime, same call")
     return "\n".join(lines)
 
 
@@ -577,11 +613,14 @@ def _human(n: int) -> str:
 
 
 def export_command(study_name: str | None, storage: str | None, root: Path, trial: int | None, pick: str | None,
-                   max_latency_ms: float | None, out: Path, formats: str | None, data_dir: str | None) -> ExportResult:
+                   max_latency_ms: float | None, out: Path, formats: str | None, data_dir: str | None,
+                   int8: Any = None) -> ExportResult:
     """`autokd export`: choose the trial, export it, print the summary."""
     from autokd.study_report import resolve_study
 
     fmts = parse_formats(formats)  # a bad --format fails before anything is loaded
+    if int8 is not None and "onnx" not in fmts:
+        raise UserError(f"--int8 quantises model.onnx: add onnx to --format (got {','.join(fmts)})")
     try:
         study = resolve_study(study_name, storage, Path(root))
     except UserError as exc:
@@ -589,6 +628,7 @@ def export_command(study_name: str | None, storage: str | None, root: Path, tria
         raise UserError(f"cannot export {target}: {exc}") from exc
     number, why = select_trial(study, trial=trial, pick=pick, max_latency_ms=max_latency_ms)
     print(f"exporting study {study.study_name!r} trial {number} ({why}) as {', '.join(fmts)} ...", flush=True)
-    result = export_trial(study, number, Path(root), Path(out), fmts, data_dir=data_dir, why=why, storage=storage)
+    result = export_trial(study, number, Path(root), Path(out), fmts, data_dir=data_dir, why=why, storage=storage,
+                          int8=int8)
     print(format_summary(result))
     return result

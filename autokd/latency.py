@@ -77,6 +77,8 @@ class LatencyResult:
     timing_s: float = 0.0         # seconds spent timing (sessions, warm-up, rounds)
     host_slowdown: float = 1.0    # reference workload vs the process's fastest when timed (ort_timing.HostCheck)
     attempts: int = 1             # measurements taken (more than 1: retaken after a slow phase of the host)
+    precision: str = "fp32"       # what was timed: the fp32 ONNX model or its INT8 quantisation (older: fp32)
+    quantize_s: float = 0.0       # seconds spent quantising the exported student (--latency-precision int8)
 
     def to_dict(self) -> dict:
         """Plain JSON-serialisable dict."""
@@ -412,11 +414,19 @@ class LatencyMeter:
     def __init__(self, runtime: str | None = None, device: str | torch.device = "cpu", threads: int = 1,
                  batch: int = 1, cache: LatencyCache | None = None, lock: Callable[[], Any] | None = None,
                  shared: Any = None, rounds: int = ort_timing.DEFAULT_ROUNDS, runs: int = ort_timing.DEFAULT_RUNS,
-                 warmup: int = ort_timing.DEFAULT_WARMUP) -> None:
+                 warmup: int = ort_timing.DEFAULT_WARMUP, precision: str | None = None) -> None:
+        from autokd.int8 import validate_latency_precision
+
         self.dev = _torch_device(device)
         runtime = runtime or default_runtime(self.dev)
         if runtime not in RUNTIMES:
             raise UserError(f"--latency-runtime {runtime!r}: unknown runtime; valid: {', '.join(RUNTIMES)}")
+        self.precision = validate_latency_precision(precision)
+        if self.precision == "int8" and runtime != "onnxruntime":
+            raise UserError(f"--latency-precision int8 times the student's INT8 ONNX model, which needs "
+                            f"--latency-runtime onnxruntime (got {runtime!r}"
+                            + (", the default on CUDA" if runtime == default_runtime(self.dev) else "")
+                            + "); use --latency-runtime onnxruntime, or --latency-precision fp32")
         if threads < 1 or batch < 1 or rounds < 1 or runs < 1 or warmup < 0:
             raise UserError(f"latency measurement needs threads, batch, rounds, runs >= 1 and warmup >= 0; got "
                             f"threads={threads}, batch={batch}, rounds={rounds}, runs={runs}, warmup={warmup}")
@@ -441,21 +451,23 @@ class LatencyMeter:
         else:
             info = {"device": _device_name(self.dev), "runtime": "torch", "version": torch.__version__,
                     "provider": self.dev.type, "threads": self.threads}
-        return {**info, "batch": self.batch}
+        return {**info, "batch": self.batch, "precision": self.precision}
 
     def signature(self) -> str:
-        """Filesystem-safe signature: ``<device signature>-<runtime>-<version>[-<provider>]``."""
+        """Filesystem-safe signature: ``<device signature>-<runtime>-<version>[-<provider>][-int8]``."""
         info = self.signature_info()
         parts = [device_signature(self.dev, self.threads), info["runtime"], info["version"]]
         if self.runtime == "onnxruntime":
             parts.append(str(info["provider"]).replace("ExecutionProvider", ""))
+        if self.precision != "fp32":  # fp32 keeps the signature (and cache folder) of studies from before int8
+            parts.append(self.precision)
         return _slug("-".join(parts))
 
     def describe(self) -> str:
         """One line for logs and reports, e.g. ``onnxruntime 1.32.0 CPUExecutionProvider, 1 thread, batch 1``."""
         info = self.signature_info()
         return (f"{info['runtime']} {info['version']} {info['provider']}, {self.threads} thread(s), batch "
-                f"{self.batch} on {info['device']}")
+                f"{self.batch}{', int8 model' if self.precision == 'int8' else ''} on {info['device']}")
 
     # -- one student ----------------------------------------------------------------------------------------
     def measure(self, spec: StudentSpec, model: nn.Module | None = None) -> tuple[LatencyResult, bool]:
@@ -493,6 +505,23 @@ class LatencyMeter:
             model.train(was_training)
         return blob
 
+    # -- what is timed (--latency-precision) ----------------------------------------------------------------
+    def _onnx_for_timing(self, model: nn.Module, input_shape: tuple[int, int, int],
+                         seconds: dict[str, float] | None = None) -> bytes:
+        """The ONNX bytes timed for ``model``: its export, quantised to INT8 when the precision is int8 (a few
+        random calibration images: they set the scales, not the graph, so not the speed). ``seconds`` receives
+        ``export_s`` and ``quantize_s``."""
+        t0 = time.perf_counter()
+        blob = self.export(model, input_shape)
+        t1 = time.perf_counter()
+        if self.precision == "int8":
+            from autokd.int8 import quantize_for_latency
+
+            blob = quantize_for_latency(blob, input_shape)
+        if seconds is not None:
+            seconds.update(export_s=t1 - t0, quantize_s=time.perf_counter() - t1 if self.precision == "int8" else 0.0)
+        return blob
+
     def time_onnx(self, onnx: bytes | str | os.PathLike, key: str = "onnx", params: int = 0,
                   macs: int = 0) -> LatencyResult:
         """Time an already-exported ONNX model (bytes or path) with this meter's runtime settings."""
@@ -508,11 +537,9 @@ class LatencyMeter:
         shape = (spec.in_chans, spec.input_size, spec.input_size)
         params = count_params(model)
         macs = count_macs(model, shape)
-        blob, export_s = None, 0.0
-        if self.runtime == "onnxruntime":  # exporting needs no quiet cores: done before taking the lock
-            t0 = time.perf_counter()
-            blob = self.export(model, shape)
-            export_s = time.perf_counter() - t0
+        blob, prep_s = None, {"export_s": 0.0, "quantize_s": 0.0}
+        if self.runtime == "onnxruntime":  # exporting (and quantising) needs no quiet cores: done before the lock
+            blob = self._onnx_for_timing(model, shape, prep_s)
         gc_was_enabled = gc.isenabled()
         gc.disable()  # a collection in the middle of a timed run is noise, not model latency
         try:
@@ -520,7 +547,7 @@ class LatencyMeter:
             with self.lock() if self.lock else contextlib.nullcontext():
                 if blob is not None:
                     result = self.time_onnx(blob, key, params, macs)
-                    result.export_s = export_s
+                    result.export_s, result.quantize_s = prep_s["export_s"], prep_s["quantize_s"]
                     return result
                 timing = self.time_models({key: model}, {key: shape})[key]
             return self._result(timing, key, params, macs, timing_s=timing.seconds)
@@ -535,7 +562,7 @@ class LatencyMeter:
             batch_size=self.batch, threads=self.threads, device=_device_name(self.dev), host=socket.gethostname(),
             params=params, macs=macs, key=key, runtime=self.runtime, low_ms=timing.low_ms, high_ms=timing.high_ms,
             rounds=len(timing.rounds), export_s=export_s, timing_s=timing_s,
-            host_slowdown=round(timing.host_slowdown, 4), attempts=timing.attempts)
+            host_slowdown=round(timing.host_slowdown, 4), attempts=timing.attempts, precision=self.precision)
 
     # -- several students together --------------------------------------------------------------------------
     def time_models(self, models: dict[str, nn.Module], shapes: dict[str, tuple[int, int, int]],
@@ -545,7 +572,7 @@ class LatencyMeter:
         states = {name: (m, m.training, _model_device(m)) for name, m in models.items()}
         try:
             if self.runtime == "onnxruntime":
-                sessions = {name: ort_timing.make_session(self.export(m, shapes[name]), self.threads,
+                sessions = {name: ort_timing.make_session(self._onnx_for_timing(m, shapes[name]), self.threads,
                                                           self.provider or ort_timing.DEFAULT_PROVIDER)
                             for name, m in models.items()}
                 return ort_timing.time_sessions(sessions, batch=self.batch, rounds=self.rounds, runs=self.runs,

@@ -122,6 +122,20 @@ def _lat_ci(p: TrialPoint) -> str:
     return f"{_ms(p.latency_ci[0])}-{_ms(p.latency_ci[1])}" if p.latency_ci else "-"
 
 
+# A --latency-precision int8 study's front: each member's test accuracy as its fp32 and INT8 ONNX models (ONNX
+# Runtime, full test split), in ``extra`` (autokd.study_report). Columns appear only when a front member has them.
+INT8_ACC_KEYS = ("fp32_test_acc", "int8_test_acc")
+INT8_ACC_HEADERS = ("fp32 test %", "int8 test %")
+
+
+def _int8_keys(points: Sequence[TrialPoint]) -> list[str]:
+    return list(INT8_ACC_KEYS) if any(_finite(p.extra.get(k)) for p in points for k in INT8_ACC_KEYS) else []
+
+
+def _int8_texts(p: TrialPoint, keys: Sequence[str]) -> list[str]:
+    return [_pct(p.extra.get(k)) for k in keys]
+
+
 def _tied_text(p: TrialPoint, tie_map: Mapping[int, list[int]]) -> str:
     return ",".join(str(n) for n in tie_map.get(p.number, []))
 
@@ -197,16 +211,18 @@ def _pick_text(key: str, p: TrialPoint | None, max_latency_ms: float | None, tol
 def format_front_table(front: Sequence[TrialPoint], recommendations: Mapping[str, TrialPoint | None]) -> str:
     """The front as plain aligned text for the terminal (latency ascending), one trial per line."""
     tie_map = ties(front)
-    header = ["trial", "val acc %", "95% CI", "test acc %", "latency ms", "interval", "tied with", "picks", "params"]
+    q = _int8_keys(front)
+    header = ["trial", "val acc %", "95% CI", "test acc %", *INT8_ACC_HEADERS[:len(q)], "latency ms", "interval",
+              "tied with", "picks", "params"]
     rows = [
-        [str(p.number), _pct(p.val_acc), _acc_ci(p), _pct(p.test_acc), _ms(p.latency_ms), _lat_ci(p),
-         _tied_text(p, tie_map) or "-", ",".join(_tags(p, recommendations)) or "-", _params_text(p.params)]
+        [str(p.number), _pct(p.val_acc), _acc_ci(p), _pct(p.test_acc), *_int8_texts(p, q), _ms(p.latency_ms),
+         _lat_ci(p), _tied_text(p, tie_map) or "-", ",".join(_tags(p, recommendations)) or "-", _params_text(p.params)]
         for p in front
     ]
     if not rows:
         return "Pareto front is empty: no COMPLETE trial with finite accuracy and latency."
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    right = {1, 2, 3, 4, 5}  # numbers right-aligned
+    right = set(range(1, 6 + len(q)))  # numbers right-aligned
 
     def line(r: list[str]) -> str:
         cells = [c.rjust(widths[i]) if i in right else c.ljust(widths[i]) for i, c in enumerate(r)]
@@ -223,6 +239,9 @@ def _hover(p: TrialPoint, tags: list[str]) -> str:
         acc += f" (last seen {_pct(_plot_acc(p))}%)"
     lines = [f"<b>trial {p.number}</b> ({html.escape(p.state)})", acc,
              f"test acc: {_pct(p.test_acc)}%", f"latency: {_ms(p.latency_ms)} ms"]
+    if _int8_keys([p]):
+        lines.append(f"test acc (ONNX Runtime): fp32 {_pct(p.extra.get('fp32_test_acc'))}%, int8 "
+                     f"{_pct(p.extra.get('int8_test_acc'))}%")
     if p.acc_ci or p.latency_ci:
         lines.append(f"intervals: acc {_acc_ci(p)}%, latency {_lat_ci(p)} ms")
     if p.extra.get("latency_first_ms") is not None:
@@ -425,8 +444,9 @@ def _html_table(points: Sequence[TrialPoint], recs: Mapping[str, TrialPoint | No
                 tie_map: Mapping[int, list[int]] | None = None) -> str:
     keys = sorted({k for p in points for k in _flatten(p.params)})
     tie_map = tie_map or {}
-    head = ["trial", *(["state"] if with_state else []), "val acc %", "95% CI", "test acc %", "latency ms",
-            "interval", "first ms", "tied with", "picks", *keys]
+    q = _int8_keys(points)
+    head = ["trial", *(["state"] if with_state else []), "val acc %", "95% CI", "test acc %",
+            *INT8_ACC_HEADERS[:len(q)], "latency ms", "interval", "first ms", "tied with", "picks", *keys]
     out = ['<table class="sortable"><thead><tr>', *(f"<th>{html.escape(h)}</th>" for h in head), "</tr></thead><tbody>"]
     for p in points:
         flat = _flatten(p.params)
@@ -435,6 +455,7 @@ def _html_table(points: Sequence[TrialPoint], recs: Mapping[str, TrialPoint | No
             cells.append(_td(p.state))
         first = p.extra.get("latency_first_ms")
         cells += [_td(p.val_acc, _pct(p.val_acc), True), _td(_acc_ci(p)), _td(p.test_acc, _pct(p.test_acc), True),
+                  *(_td(p.extra.get(k), _pct(p.extra.get(k)), True) for k in q),
                   _td(p.latency_ms, _ms(p.latency_ms), True), _td(_lat_ci(p)), _td(first, _ms(first), True),
                   _td(_tied_text(p, tie_map)), _td(", ".join(PICK_LABEL[t] for t in _tags(p, recs)))]
         cells += [_td(flat.get(k), _fmt_value(flat[k]) if k in flat else "") for k in keys]
@@ -473,12 +494,13 @@ def _html(points: Sequence[TrialPoint], front: list[TrialPoint], recs: Mapping[s
 
 def _csv(front: list[TrialPoint], recs: Mapping[str, TrialPoint | None]) -> bytes:
     pkeys = sorted({k for p in front for k in _flatten(p.params)})
-    ekeys = sorted({k for p in front for k, v in p.extra.items() if isinstance(v, (str, int, float, bool))})
+    q = _int8_keys(front)
+    ekeys = sorted({k for p in front for k, v in p.extra.items() if isinstance(v, (str, int, float, bool))} - set(q))
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     tie_map = ties(front)
     w.writerow(["number", "val_acc", "test_acc", "latency_ms", "recommendations", "val_acc_low", "val_acc_high",
-                "latency_low_ms", "latency_high_ms", "tied_with",
+                "latency_low_ms", "latency_high_ms", "tied_with", *q,
                 *(f"param.{k}" for k in pkeys), *(f"extra.{k}" for k in ekeys)])
 
     def cell(v: Any) -> Any:
@@ -491,7 +513,8 @@ def _csv(front: list[TrialPoint], recs: Mapping[str, TrialPoint | None]) -> byte
         acc_ci, lat_ci = p.acc_ci or (None, None), p.latency_ci or (None, None)
         w.writerow([p.number, cell(p.val_acc), cell(p.test_acc), cell(p.latency_ms), ";".join(_tags(p, recs)),
                     cell(acc_ci[0]), cell(acc_ci[1]), cell(lat_ci[0]), cell(lat_ci[1]),
-                    ";".join(str(n) for n in tie_map.get(p.number, [])), *(cell(flat.get(k)) for k in pkeys),
+                    ";".join(str(n) for n in tie_map.get(p.number, [])), *(cell(p.extra.get(k)) for k in q),
+                    *(cell(flat.get(k)) for k in pkeys),
                     *(cell(p.extra.get(k)) for k in ekeys)])
     return buf.getvalue().encode()
 
@@ -508,12 +531,18 @@ def _markdown(front: list[TrialPoint], recs: Mapping[str, TrialPoint | None], ti
     lines += ["", "## Hypervolume", "", hv_line, "", f"## Pareto front ({len(front)} trials)", ""]
     if front:
         tie_map = ties(front)
-        lines += ["| trial | val acc % | 95% CI | test acc % | latency ms | interval | tied with | picks | params |",
-                  "|---:|---:|---:|---:|---:|---:|---|---|---|"]
+        q = _int8_keys(front)
+        lines += ["| trial | val acc % | 95% CI | test acc % | " + "".join(f"{h} | " for h in INT8_ACC_HEADERS[:len(q)])
+                  + "latency ms | interval | tied with | picks | params |",
+                  "|---:|---:|---:|---:|" + "---:|" * len(q) + "---:|---:|---|---|---|"]
         for p in front:
             lines.append(f"| {p.number} | {_pct(p.val_acc)} | {_acc_ci(p)} | {_pct(p.test_acc)} | "
+                         + "".join(f"{t} | " for t in _int8_texts(p, q)) +
                          f"{_ms(p.latency_ms)} | {_lat_ci(p)} | {_tied_text(p, tie_map) or '-'} | "
                          f"{_md_cell(', '.join(_tags(p, recs)))} | {_md_cell(_params_text(p.params))} |")
+        if q:
+            lines += ["", "Latency is that of each student's INT8 model (--latency-precision int8); fp32 and int8 "
+                      "test %: its fp32 and INT8 ONNX models under ONNX Runtime on the full test split."]
     else:
         lines.append("Empty: no COMPLETE trial with finite accuracy and latency.")
     return "\n".join(lines) + "\n"

@@ -66,7 +66,7 @@ def retime_front(study: Any, points: Sequence[TrialPoint], data: Any,
         return previous
     try:
         meter = LatencyMeter(settings.get("runtime"), settings.get("torch_device", "cpu"), settings["threads"],
-                             settings.get("batch", 1))
+                             settings.get("batch", 1), precision=settings.get("precision"))  # older: fp32
     except Exception as exc:  # noqa: BLE001 - no such device or runtime here: keep the stored figures
         log(f"latency: not re-timed here ({exc})")
         return previous

@@ -274,6 +274,7 @@ def check_latency_device(study: Any, signature: str, batch: int, allow_mixed: bo
     what = (f"device {signature!r} (study: {stored!r})" if stored != signature
             else f"batch size {batch} (study: {stored_batch})")
     stored_settings = attrs.get(LATENCY_SETTINGS_ATTR) or {}
+    _check_latency_precision(study, stored_settings, settings)
     if settings and stored_settings:
         diff = [f"{k} {settings.get(k)!r} (study: {stored_settings.get(k)!r})" for k in sorted(settings)
                 if settings.get(k) != stored_settings.get(k)]
@@ -293,6 +294,19 @@ def check_latency_device(study: Any, signature: str, batch: int, allow_mixed: bo
         "Pareto front. Run this worker on the same kind of machine with the study's settings (--latency-runtime "
         f"{runtime}, --latency-device, --latency-threads, --latency-batch), or pass --allow-mixed-latency to mix "
         "them knowingly.")
+
+
+def _check_latency_precision(study: Any, stored_settings: dict[str, Any], settings: dict[str, Any] | None) -> None:
+    """One precision per study (``--latency-precision``; studies from before it are fp32), even with
+    --allow-mixed-latency: an fp32 and an int8 latency of one student are different deployments."""
+    stored = str(stored_settings.get("precision") or "fp32")
+    wanted = str((settings or {}).get("precision") or "fp32")
+    if wanted != stored:
+        raise UserError(
+            f"study {study.study_name!r} times its students' {stored} ONNX models (latency precision {stored}), but "
+            f"this worker would time their {wanted} models (--latency-precision {wanted}). A study keeps one "
+            f"precision, also with --allow-mixed-latency: resume it with --latency-precision {stored}, or start a "
+            "new study with --study NEW_NAME.")
 
 
 # ---------------------------------------------------------------------------------------------------------

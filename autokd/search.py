@@ -94,6 +94,9 @@ def validate_settings(s: SearchSettings) -> None:
         raise UserError(f"--study {s.study!r}: use letters, digits, '-', '_' or '.'")
     if s.jobs_per_device < 1:
         raise UserError(f"--jobs-per-device {s.jobs_per_device}: must be at least 1")
+    from autokd.int8 import validate_latency_precision
+
+    validate_latency_precision(s.latency_precision)
 
 
 def local_workers(s: SearchSettings, device: str) -> list[devices.WorkerSlot]:
@@ -209,6 +212,9 @@ def run_search(s: SearchSettings, worker_index: int = 0, log: Callable[[str], No
         torch.cuda.set_device(workers[0].device_index)  # so that a plain `cuda` (e.g. --latency-device) is it too
     data = load_dataset(s.dataset, data_dir=s.data_dir, input_size=s.input_size or space.input_size, seed=0,
                         download=s.download, train_limit=s.train_limit)
+    # Built before the storage: a bad latency setting (e.g. int8 with torch) leaves no file behind.
+    meter = LatencyMeter(s.latency_runtime, s.latency_device or device, s.latency_threads, s.latency_batch,
+                         precision=s.latency_precision)
     name = s.study or default_study_name(s.dataset, space.name)
     root = Path(s.root)
     sdir = study_dir(root, name)
@@ -220,7 +226,6 @@ def run_search(s: SearchSettings, worker_index: int = 0, log: Callable[[str], No
                    "data_dir": s.data_dir, "val_images": len(data.y_val)}
     sampler = make_sampler(s.sampler, s.seed + worker_index)
     shared = scaleout.is_shared_storage(s.storage)
-    meter = LatencyMeter(s.latency_runtime, s.latency_device or device, s.latency_threads, s.latency_batch)
     latency_sig = meter.signature()
     teacher_kwargs = dict(arch=s.teacher, cache_root=root / "teachers", device=device, pretrained=s.teacher_pretrained,
                           log=log)

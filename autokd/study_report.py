@@ -120,6 +120,28 @@ def test_accuracy(study: optuna.Study, number: int, root: Path, data: Any) -> fl
     return acc
 
 
+def latency_precision(study: optuna.Study) -> str:
+    """What the study timed: ``fp32`` or ``int8`` (``--latency-precision``; studies from before it: fp32)."""
+    from autokd.scaleout import LATENCY_SETTINGS_ATTR
+
+    return str((study.user_attrs.get(LATENCY_SETTINGS_ATTR) or {}).get("precision") or "fp32")
+
+
+def int8_accuracies(study: optuna.Study, front: list[TrialPoint], root: Path, data: Any,
+                    log: Callable[[str], None] = print) -> None:
+    """Each front member's fp32 and INT8 test accuracy (ONNX Runtime, as ``autokd export --int8`` makes them;
+    computed once per trial and cached) into ``extra['fp32_test_acc']`` / ``extra['int8_test_acc']``."""
+    from autokd.int8 import trial_int8_accuracy
+
+    for point in front:
+        try:
+            acc = trial_int8_accuracy(study, point.number, root, data)
+        except Exception as exc:  # noqa: BLE001 - the report is still written, without this member's figures
+            log(f"warning: trial {point.number}: no INT8 test accuracy ({exc.__class__.__name__}: {exc})")
+            continue
+        point.extra["fp32_test_acc"], point.extra["int8_test_acc"] = acc["fp32_test_acc"], acc["test_acc"]
+
+
 def build_report(study: optuna.Study, root: Path, data: Any | None = None, max_latency_ms: float | None = None,
                  tolerance_pp: float = 1.0, hv_ref_ms: float | None = None, tracker: Any = None,
                  parent_run_id: str | None = None, data_dir: str | None = None,
@@ -146,6 +168,8 @@ def build_report(study: optuna.Study, root: Path, data: Any | None = None, max_l
                                      log=log)
     for point in front:
         point.test_acc = test_accuracy(study, point.number, root, data)
+    if latency_precision(study) == "int8":
+        int8_accuracies(study, front, root, data, log)
     hv_ref = None
     if hv_ref_ms is not None:
         hv_ref = (0.0, float(hv_ref_ms))

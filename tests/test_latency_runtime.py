@@ -90,3 +90,49 @@ def test_retime_interleaves_several_students(runtime: str) -> None:
     for name, r in out.items():
         assert r.key == specs[name].key and r.rounds == 5 and r.runtime == runtime
         assert r.low_ms <= r.median_ms <= r.high_ms  # type: ignore[operator]
+
+
+def test_int8_precision_times_the_quantised_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # --latency-precision int8: what the meter hands ONNX Runtime is the INT8 (QDQ) model, both for a trial's
+    # measurement and for the front's re-timing; fp32 and int8 figures live under different signatures.
+    from autokd.int8 import quantized_op_counts
+
+    timed: list[bytes] = []
+    real = ort_timing.make_session
+
+    def spy(onnx, *args, **kwargs):  # type: ignore[no-untyped-def]
+        timed.append(onnx)
+        return real(onnx, *args, **kwargs)
+
+    monkeypatch.setattr(ort_timing, "make_session", spy)
+    spec = tiny_spec()
+    fp32 = LatencyMeter("onnxruntime", cache=LatencyCache(tmp_path), **FAST)
+    q = LatencyMeter("onnxruntime", cache=LatencyCache(tmp_path), precision="INT8", **FAST)
+    assert q.precision == "int8" and q.signature() == fp32.signature() + "-int8"
+    assert q.signature_info() == {**fp32.signature_info(), "precision": "int8"}
+    assert fp32.signature_info()["precision"] == "fp32" and "int8 model" in q.describe()
+
+    result, hit = q.measure(spec, build_from_spec(spec))
+    assert not hit and result.precision == "int8" and result.export_s > 0 and result.quantize_s > 0
+    assert len(timed) == 1 and quantized_op_counts(timed[0]).get("QuantizeLinear", 0) > 0
+    assert LatencyResult.from_dict(result.to_dict()) == result
+    assert (tmp_path / q.signature() / f"{spec.key}.json").is_file()
+    assert q.measure(spec) == (result, True)
+
+    r32, hit = fp32.measure(spec)  # the same student, another cache entry: its fp32 model
+    assert not hit and r32.precision == "fp32" and r32.quantize_s == 0.0
+    assert len(timed) == 2 and quantized_op_counts(timed[1]) == {}
+
+    timed.clear()
+    out = q.retime({"a": spec, "b": tiny_spec("vit", width=0.5)})
+    assert {r.precision for r in out.values()} == {"int8"} and len(timed) == 2
+    assert all(quantized_op_counts(b).get("DequantizeLinear", 0) > 0 for b in timed)
+    assert LatencyResult.from_dict({k: v for k, v in r32.to_dict().items() if k != "precision"}).precision == "fp32"
+
+
+def test_int8_precision_needs_onnxruntime() -> None:
+    with pytest.raises(UserError, match=r"--latency-precision int8 .* needs --latency-runtime onnxruntime "
+                                        r"\(got 'torch'\)"):
+        LatencyMeter("torch", precision="int8")
+    with pytest.raises(UserError, match="--latency-precision 'fp16'"):
+        LatencyMeter("onnxruntime", precision="fp16")

@@ -193,3 +193,32 @@ def test_intervals_and_ties_in_every_report_file(tmp_path: Path) -> None:
     assert "Ties: front members" in page
     table = format_front_table(res.front, res.recommendations)
     assert "0.970-1.030" in table and "tied with" in table
+
+
+def test_int8_study_shows_fp32_and_int8_test_accuracy(tmp_path: Path) -> None:
+    # A --latency-precision int8 study: study_report puts each front member's fp32 and INT8 test accuracy (ONNX
+    # Runtime) into extra; every report file shows them as their own columns. Without them, no such columns.
+    q = {"fp32_test_acc": 0.9125, "int8_test_acc": 0.9050}
+    pts = [TrialPoint(1, "COMPLETE", 0.90, 1.0, {"family": "resnet"}, 0.91, extra=dict(q)),
+           TrialPoint(2, "COMPLETE", 0.95, 2.0, {"family": "vit"}, 0.94,
+                      extra={"fp32_test_acc": 0.9375, "int8_test_acc": 0.875}),
+           TrialPoint(3, "COMPLETE", 0.50, 3.0, {"family": "regnet"}, None)]  # dominated: not computed
+    res = write_report(pts, tmp_path, title="int8")
+    with open(tmp_path / "front.csv", newline="") as f:
+        rows = {int(r["number"]): r for r in csv.DictReader(f)}
+    assert set(rows) == {1, 2}
+    assert float(rows[1]["fp32_test_acc"]) == 0.9125 and float(rows[2]["int8_test_acc"]) == 0.875
+    assert "extra.int8_test_acc" not in rows[1] and float(rows[1]["test_acc"]) == 0.91
+    md = (tmp_path / "summary.md").read_text()
+    assert "| test acc % | fp32 test % | int8 test % | latency ms |" in md
+    assert "| 91.00 | 91.25 | 90.50 | 1.000 |" in md and "--latency-precision int8" in md
+    page = (tmp_path / "report.html").read_text()
+    assert "<th>fp32 test %</th><th>int8 test %</th>" in page
+    assert "test acc (ONNX Runtime): fp32 93.75%, int8 87.50%" in page  # hover
+    table = format_front_table(res.front, res.recommendations).splitlines()
+    assert "fp32 test %  int8 test %" in table[0]
+    assert [line.split()[4:6] for line in table[2:]] == [["91.25", "90.50"], ["93.75", "87.50"]]
+
+    plain = write_report([TrialPoint(1, "COMPLETE", 0.9, 1.0, {"family": "resnet"}, 0.91)], tmp_path / "p", title="p")
+    assert "int8" not in (tmp_path / "p" / "front.csv").read_text() + (tmp_path / "p" / "summary.md").read_text()
+    assert "int8" not in format_front_table(plain.front, plain.recommendations)

@@ -143,6 +143,8 @@ def run_cli(argv: list[str]) -> int:
         (["--device", "tpu"], "--device"),
         (["--sampler", "cmaes"], "cmaes"),
         (["--space", "/no/such/space.yaml"], "/no/such/space.yaml"),
+        (["--latency-precision", "int9"], "--latency-precision 'int9': unknown precision (did you mean 'int8'?)"),
+        (["--latency-precision", "int8", "--latency-runtime", "torch"], "needs --latency-runtime onnxruntime"),
     ],
 )
 def test_cli_bad_inputs_exit_2_before_any_study(tmp_path: Path, capsys: pytest.CaptureFixture[str],
@@ -205,3 +207,74 @@ def test_front_is_retimed_together_before_the_report(tmp_path: Path, tiny_teache
         assert p.acc_ci is not None and p.acc_ci[0] <= p.val_acc <= p.acc_ci[1]
     csv_text = (tmp_path / "studies" / "digits-tiny" / "report" / "front.csv").read_text()
     assert "latency_low_ms" in csv_text.splitlines()[0] and "extra.latency_first_ms" in csv_text.splitlines()[0]
+
+
+def _cli_resume(tmp_path: Path, tiny_teacher: tuple[str, Path], space_file: Path, *extra: str) -> int:
+    arch, ckpt = tiny_teacher
+    return run_cli(["--root", str(tmp_path / "studies"), "search", "--space", str(space_file), "--budget", "3",
+                    "--teacher", arch, "--teacher-checkpoint", str(ckpt), "--no-mlflow", "--train-limit", "160",
+                    "--device", "cpu", "--sampler", "random", "--seed", "3", "--epochs", "1", *extra])
+
+
+def test_int8_latency_search_times_int8_models_and_reports_both_accuracies(
+        tmp_path: Path, tiny_teacher: tuple[str, Path], space_file: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # --latency-precision int8: every ONNX model the search times (each trial's, then the report's re-timing of
+    # the front) is the student's INT8 model; the study pins the precision (resuming with fp32 is exit 2, study
+    # unchanged); the report shows each front member's fp32 and int8 test accuracy.
+    from autokd import ort_timing
+    from autokd.int8 import quantized_op_counts
+
+    timed: list[bytes] = []
+    real = ort_timing.make_session
+
+    def spy(onnx, *args, **kwargs):  # type: ignore[no-untyped-def]
+        timed.append(onnx)
+        return real(onnx, *args, **kwargs)
+
+    monkeypatch.setattr(ort_timing, "make_session", spy)
+    run_search(settings(tmp_path, tiny_teacher, space_file, budget=2, epochs=1, latency_precision="int8"),
+               log=lambda msg: None)
+    study = load(tmp_path)
+    assert study.user_attrs["latency_settings"]["precision"] == "int8"
+    assert study.user_attrs["latency_device"].endswith("-int8")
+    assert len(timed) >= 2  # the trials' measurement (one architecture: cached after the first), the re-timing
+    assert all(quantized_op_counts(b).get("QuantizeLinear", 0) > 0 for b in timed)
+    for t in study.trials:
+        measured = t.user_attrs["latency"]
+        assert measured["precision"] == "int8" and measured["runtime"] == "onnxruntime"
+    first = study.trials[0].user_attrs["latency"]
+    assert first["quantize_s"] > 0 and not first["cache_hit"]
+    assert study.user_attrs["latency_retime"]["signature"] == study.user_attrs["latency_device"]
+
+    report = tmp_path / "studies" / "digits-tiny" / "report"
+    rows = (report / "front.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    assert "fp32_test_acc" in header and "int8_test_acc" in header and "extra.int8_test_acc" not in header
+    for row in rows[1:]:
+        cells = dict(zip(header, row.split(",")))
+        assert 0.0 <= float(cells["fp32_test_acc"]) <= 1.0 and 0.0 <= float(cells["int8_test_acc"]) <= 1.0
+        assert (tmp_path / "studies" / "digits-tiny" / "trials" / cells["number"] / "int8_test_acc.json").is_file()
+    assert "int8 test %" in (report / "summary.md").read_text()
+    assert "int8 test %" in (report / "report.html").read_text()
+
+    capsys.readouterr()
+    assert _cli_resume(tmp_path, tiny_teacher, space_file) == 2  # the default precision, fp32
+    err = capsys.readouterr().err
+    assert "latency precision int8" in err and "resume it with --latency-precision int8" in err, err
+    assert len(load(tmp_path).trials) == 2
+    assert load(tmp_path).user_attrs["latency_settings"]["precision"] == "int8"
+
+
+def test_fp32_study_resumed_with_int8_exits_2(tmp_path: Path, tiny_teacher: tuple[str, Path], space_file: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    run_search(settings(tmp_path, tiny_teacher, space_file, budget=1, epochs=1), log=lambda msg: None)
+    before = load(tmp_path).user_attrs
+    assert before["latency_settings"]["precision"] == "fp32" and not before["latency_device"].endswith("-int8")
+    capsys.readouterr()
+    assert _cli_resume(tmp_path, tiny_teacher, space_file, "--latency-precision", "int8",
+                       "--allow-mixed-latency") == 2
+    err = capsys.readouterr().err
+    assert "latency precision fp32" in err and "resume it with --latency-precision fp32" in err, err
+    study = load(tmp_path)
+    assert len(study.trials) == 1 and study.user_attrs == before
