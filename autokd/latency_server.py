@@ -212,15 +212,17 @@ class LatencyHTTPServer(ThreadingHTTPServer):
 
 
 def _default_measure(model: bytes, batch: int, threads: int) -> dict[str, Any]:
+    from dataclasses import asdict
+
     from autokd import ort_timing
 
-    return ort_timing.measure_onnx(model, batch_size=batch, threads=threads).to_dict()
+    return asdict(ort_timing.time_onnx(model, threads=threads, batch=batch))
 
 
 def _default_signature(threads: int) -> dict[str, Any]:
     from autokd import ort_timing
 
-    return ort_timing.device_signature(threads)
+    return ort_timing.signature(threads)
 
 
 def serve(host: str = "127.0.0.1", port: int = DEFAULT_PORT, token: str | None = None,
