@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -85,6 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--latency-runtime", choices=("onnxruntime", "torch"),
                    help="what times the students: onnxruntime (the exported ONNX file; default on a CPU) or torch "
                         "(eager PyTorch; default on CUDA)")
+    s.add_argument("--latency-target", metavar="URL",
+                   help="time students on another device: the http://HOST:PORT of `autokd latency-server` there")
+    s.add_argument("--latency-token", help="the latency server's token (default: $AUTOKD_LATENCY_TOKEN)")
+    s.add_argument("--latency-target-retry", type=_positive_float, default=30.0, metavar="SECONDS",
+                   help="how long an unreachable latency target is retried before the trial fails (default 30)")
     s.add_argument("--allow-mixed-latency", action="store_true",
                    help="let this worker join a study whose latencies were measured on another kind of device")
     s.add_argument("--compile", action="store_true",
@@ -193,6 +199,8 @@ def _search(args: argparse.Namespace, root: Path) -> int:
         jobs=args.jobs_total or args.jobs,  # a spawned worker is told the total: its share of the CPU threads
         tracking_uri=args.tracking_uri, mlflow=not args.no_mlflow, latency_threads=args.latency_threads,
         latency_batch=args.latency_batch, latency_device=args.latency_device, latency_runtime=args.latency_runtime,
+        latency_target=args.latency_target, latency_target_retry_s=args.latency_target_retry,
+        latency_token=args.latency_token or os.environ.get("AUTOKD_LATENCY_TOKEN") or None,
         allow_mixed_latency=args.allow_mixed_latency, compile=args.compile_mode or args.compile,
         devices=args.devices, jobs_per_device=args.jobs_per_device,
         train_limit=args.train_limit, root=root,

@@ -14,8 +14,18 @@ from urllib.parse import urlencode, urlsplit
 from autokd.errors import UserError
 
 DEFAULT_TIMEOUT_S = 300.0
-#: Back-off between attempts when the target cannot be reached (it may be restarting): about 30 s in all.
+#: Back-off between attempts when the target cannot be reached (it may be restarting): 30 s in all.
 RETRY_DELAYS_S = (1.0, 2.0, 4.0, 8.0, 15.0)
+
+
+def backoff_delays(total_s: float, first_s: float = 1.0) -> tuple[float, ...]:
+    """Doubling delays (1, 2, 4, ... s) that add up to ``total_s``: how long an unreachable target is retried."""
+    delays: list[float] = []
+    step = first_s
+    while sum(delays) < total_s:
+        delays.append(min(step, total_s - sum(delays)))
+        step *= 2
+    return tuple(delays)
 
 
 class RemoteLatencyError(RuntimeError):
@@ -112,4 +122,4 @@ def _reason(exc: BaseException) -> str:
     return f"{exc.__class__.__name__}: {exc}"
 
 
-__all__ = ["RemoteLatencyError", "RemoteTarget", "validate_target_url"]
+__all__ = ["RemoteLatencyError", "RemoteTarget", "backoff_delays", "validate_target_url"]

@@ -105,7 +105,8 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
         url = urlsplit(self.path)
         if url.path == "/health":
-            self._send(200, {"status": "ok", "service": SERVICE, "busy": self.server.busy})
+            self._send(200, {"status": "ok", "service": SERVICE, "busy": self.server.busy,
+                             "measured": self.server.measured})
             return
         if url.path != "/signature":
             self._error(404, f"no such endpoint {url.path!r}: use GET /health, GET /signature, POST /measure")
@@ -168,6 +169,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.server.busy = True
             try:
                 result = self.server.measure_fn(body, batch, threads)
+                self.server.measured += 1
             except Exception as exc:  # noqa: BLE001 - ONNX Runtime's own error is the useful reason
                 self._error(400, f"ONNX Runtime cannot load or run this model: {exc.__class__.__name__}: "
                                  f"{str(exc)[:2000]}")
@@ -203,6 +205,7 @@ class LatencyHTTPServer(ThreadingHTTPServer):
         self.signature_fn = signature_fn or _default_signature
         self.measure_lock = threading.Lock()
         self.busy = False
+        self.measured = 0  # models timed since the start (shown by /health)
         self.verbose = verbose
         try:
             super().__init__(address, _Handler)

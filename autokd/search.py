@@ -220,7 +220,8 @@ def run_search(s: SearchSettings, worker_index: int = 0, log: Callable[[str], No
                    "data_dir": s.data_dir, "val_images": len(data.y_val)}
     sampler = make_sampler(s.sampler, s.seed + worker_index)
     shared = scaleout.is_shared_storage(s.storage)
-    meter = LatencyMeter(s.latency_runtime, s.latency_device or device, s.latency_threads, s.latency_batch)
+    meter = LatencyMeter(s.latency_runtime, s.latency_device or device, s.latency_threads, s.latency_batch,
+                         target=_latency_target(s, log))
     latency_sig = meter.signature()
     teacher_kwargs = dict(arch=s.teacher, cache_root=root / "teachers", device=device, pretrained=s.teacher_pretrained,
                           log=log)
@@ -443,6 +444,20 @@ def _spawn_workers(argv: list[str], slots: list[devices.WorkerSlot], total: int)
     # run are already there, so they only load them).
     return [subprocess.Popen([sys.executable, "-m", "autokd.cli", *worker_argv(argv, slot.index, total)],
                              env={**os.environ, **slot.env}) for slot in slots]
+
+
+def _latency_target(s: SearchSettings, log: Callable[[str], None]) -> Any:
+    """The `autokd latency-server` students are timed on (``--latency-target``), or None to time them here."""
+    if s.latency_target is None:
+        if s.latency_token is not None and s.latency_token != os.environ.get("AUTOKD_LATENCY_TOKEN"):
+            raise UserError("--latency-token is only used with --latency-target URL")
+        return None
+    if s.latency_device is not None:
+        raise UserError("--latency-device and --latency-target both say where latency is measured: give one")
+    from autokd.latency_remote import RemoteTarget, backoff_delays
+
+    return RemoteTarget(s.latency_target, s.latency_token, retry_delays_s=backoff_delays(s.latency_target_retry_s),
+                        log=log)
 
 
 def _gates(lock_dir: Path, device: str, latency_device: str) -> tuple[Any, Any]:

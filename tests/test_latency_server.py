@@ -190,3 +190,110 @@ def test_client_checks_the_token_at_start(server: str) -> None:
         RemoteTarget(server, "wrong").check(threads=1)
     signature = RemoteTarget(server, TOKEN).check(threads=1)
     assert signature["runtime"] == "onnxruntime"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A search timing its students on the server
+# ---------------------------------------------------------------------------------------------------------
+
+# Width is continuous: every trial is a new architecture, so every trial asks the server.
+REMOTE_SPACE = """
+name: remote
+epochs: 1
+input_size: 16
+students:
+  width: {low: 0.25, high: 0.5}
+  depth: 0.25
+  families: [resnet]
+losses:
+  ce: {}
+optimizer: {name: adamw, lr: 0.01, weight_decay: 0.0001}
+batch_size: 32
+"""
+
+
+def search_cmd(tmp_path: Path, tiny_teacher: tuple[str, Path], url: str, budget: int) -> list[str]:
+    arch, ckpt = tiny_teacher
+    space = tmp_path / "remote.yaml"
+    space.write_text(REMOTE_SPACE)
+    return [sys.executable, "-m", "autokd.cli", "--root", str(tmp_path / "studies"), "search", "--budget", str(budget), "--space", str(space),
+            "--teacher", arch, "--teacher-checkpoint", str(ckpt), "--train-limit", "160", "--no-mlflow",
+            "--no-prune", "--sampler", "random", "--device", "cpu", "--latency-target", url, "--latency-target-retry", "1"]
+
+
+def search_env() -> dict[str, str]:
+    return dict(os.environ, PYTHONPATH=str(REPO), AUTOKD_LATENCY_TOKEN=TOKEN)
+
+
+def health(url: str) -> dict:
+    with urllib.request.urlopen(f"{url}/health", timeout=5) as resp:
+        return json.loads(resp.read())
+
+
+def load_study(tmp_path: Path):  # noqa: ANN201 - optuna.Study
+    import optuna
+
+    from autokd.study import make_storage
+
+    return optuna.load_study(study_name="digits-remote", storage=make_storage(None, tmp_path / "studies"))
+
+
+@pytest.mark.slow
+def test_a_search_times_every_student_on_the_server(tmp_path: Path, tiny_teacher: tuple[str, Path]) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = start_server(port)
+    try:
+        done = subprocess.run(search_cmd(tmp_path, tiny_teacher, url, budget=3), env=search_env(),
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        measured = health(url)["measured"]
+    finally:
+        stop_server(proc)
+    study = load_study(tmp_path)
+    trials = [t for t in study.trials if t.state.name == "COMPLETE"]
+    assert len(trials) == 3
+    assert measured == len({t.user_attrs["arch_key"] for t in trials})  # one measurement per architecture
+    assert all(t.user_attrs["latency"]["host"] == url for t in trials)  # the figures came from the server
+    settings = study.user_attrs["latency_settings"]
+    assert settings["target"] == url and settings["runtime"] == "onnxruntime"
+    assert settings["provider"] == "CPUExecutionProvider" and settings["threads"] == 1
+
+
+@pytest.mark.slow
+def test_server_lost_mid_search_fails_that_trial_and_the_study_goes_on(tmp_path: Path,
+                                                                        tiny_teacher: tuple[str, Path]) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = start_server(port)
+    search = subprocess.Popen(search_cmd(tmp_path, tiny_teacher, url, budget=6), env=search_env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    restarted = None
+    try:
+        deadline = time.monotonic() + 300
+        while health(url)["measured"] < 1:  # the first trial has been timed on the server
+            assert search.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        server.kill()  # as a machine that goes away: no goodbye
+        server.wait()
+        while not any(t.state.name == "FAIL" for t in load_study(tmp_path).trials):
+            assert search.poll() is None and time.monotonic() < deadline, search.stdout.read()[-3000:]
+            time.sleep(0.2)
+        restarted = start_server(port)
+        out, _ = search.communicate(timeout=600)
+        assert search.returncode == 0, out[-3000:]
+        measured_after = health(url)["measured"]
+    finally:
+        for proc in (search, server, restarted):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    trials = sorted(load_study(tmp_path).trials, key=lambda t: t.number)
+    failed = [t for t in trials if t.state.name == "FAIL"]
+    assert failed and all("latency target" in t.user_attrs["fail_reason"] and "unreachable" in
+                          t.user_attrs["fail_reason"] for t in failed)
+    after = [t for t in trials if t.number > failed[-1].number and t.state.name == "COMPLETE"]
+    assert after and measured_after >= 1  # the restarted server timed the trials that followed
+    assert all(t.user_attrs["latency"]["host"] == url for t in after)
+    finished = [t for t in trials if t.state.name in ("COMPLETE", "FAIL", "PRUNED")]
+    assert len(finished) == 6  # the budget counts the failed trials, as for any other failure
