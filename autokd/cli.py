@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -88,6 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--latency-precision", default="fp32", metavar="{fp32,int8}",
                    help="what is timed: the student's fp32 ONNX model (default) or its INT8 quantisation (needs "
                         "--latency-runtime onnxruntime); a study keeps one precision")
+    s.add_argument("--latency-target", metavar="URL",
+                   help="time students on another device: the http://HOST:PORT of `autokd latency-server` there")
+    s.add_argument("--latency-token", help="the latency server's token (default: $AUTOKD_LATENCY_TOKEN)")
+    s.add_argument("--latency-target-retry", type=_positive_float, default=30.0, metavar="SECONDS",
+                   help="how long an unreachable latency target is retried before the trial fails (default 30)")
     s.add_argument("--allow-mixed-latency", action="store_true",
                    help="let this worker join a study whose latencies were measured on another kind of device")
     s.add_argument("--compile", action="store_true",
@@ -170,7 +176,24 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--artifacts", default="/srv/mlflow-artifacts",
                    help="folder of the MLflow server's artifacts (default /srv/mlflow-artifacts)")
     w.add_argument("search_args", nargs=argparse.REMAINDER, help="-- then extra `autokd search` arguments")
+
+    ls = sub.add_parser("latency-server", help="time uploaded students on this device, for a search elsewhere",
+                        description="Run on the device that will run the students (needs onnxruntime and numpy, "
+                        "not torch). A search points at it with --latency-target http://HOST:PORT "
+                        "--latency-token T.")
+    add_latency_server_args(ls)
     return parser
+
+
+def add_latency_server_args(p: argparse.ArgumentParser) -> None:
+    """Options of `autokd latency-server` (also `python -m autokd.latency_server`, which needs no torch)."""
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1; any other needs --token)")
+    p.add_argument("--port", type=int, default=8765, help="port (default 8765)")
+    p.add_argument("--token", help="bearer token clients must send (default: $AUTOKD_LATENCY_TOKEN; "
+                   "required unless listening on loopback)")
+    p.add_argument("--max-bytes", type=_positive_int, default=64 * 1024 * 1024,
+                   help="largest model accepted, in bytes (default 64 MiB)")
 
 
 def _search(args: argparse.Namespace, root: Path) -> int:
@@ -186,7 +209,10 @@ def _search(args: argparse.Namespace, root: Path) -> int:
         jobs=args.jobs_total or args.jobs,  # a spawned worker is told the total: its share of the CPU threads
         tracking_uri=args.tracking_uri, mlflow=not args.no_mlflow, latency_threads=args.latency_threads,
         latency_batch=args.latency_batch, latency_device=args.latency_device, latency_runtime=args.latency_runtime,
-        latency_precision=args.latency_precision, allow_mixed_latency=args.allow_mixed_latency, compile=args.compile_mode or args.compile,
+        latency_precision=args.latency_precision,
+        latency_target=args.latency_target, latency_target_retry_s=args.latency_target_retry,
+        latency_token=args.latency_token or os.environ.get("AUTOKD_LATENCY_TOKEN") or None,
+        allow_mixed_latency=args.allow_mixed_latency, compile=args.compile_mode or args.compile,
         devices=args.devices, jobs_per_device=args.jobs_per_device,
         train_limit=args.train_limit, root=root,
     )
@@ -375,8 +401,15 @@ def _workers(args: argparse.Namespace, root: Path) -> int:
     return 0
 
 
+def _latency_server(args: argparse.Namespace, root: Path) -> int:
+    from autokd.latency_server import serve
+
+    serve(host=args.host, port=args.port, token=args.token, max_bytes=args.max_bytes)
+    return 0
+
+
 COMMANDS = {"search": _search, "distill": _distill, "report": _report, "export": _export, "ui": _ui,
-            "workers": _workers, "sync-mlflow": _sync_mlflow}
+            "workers": _workers, "sync-mlflow": _sync_mlflow, "latency-server": _latency_server}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

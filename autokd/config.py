@@ -52,6 +52,9 @@ class SearchSettings:
     latency_device: str | None = None
     latency_runtime: str | None = None  # None: onnxruntime on a CPU, torch on CUDA
     latency_precision: str = "fp32"  # int8: a student's latency is that of its INT8 ONNX model
+    latency_target: str | None = None  # http://HOST:PORT of an `autokd latency-server` on the target device
+    latency_token: str | None = None
+    latency_target_retry_s: float = 30.0  # how long an unreachable target is retried before a trial fails
     allow_mixed_latency: bool = False
     compile: bool | str = False  # True, or a torch.compile mode (--compile-mode)
     devices: str | None = None  # --devices: 'all' or '0,1,3' (None: all visible GPUs on cuda)

@@ -414,11 +414,16 @@ class LatencyMeter:
     def __init__(self, runtime: str | None = None, device: str | torch.device = "cpu", threads: int = 1,
                  batch: int = 1, cache: LatencyCache | None = None, lock: Callable[[], Any] | None = None,
                  shared: Any = None, rounds: int = ort_timing.DEFAULT_ROUNDS, runs: int = ort_timing.DEFAULT_RUNS,
-                 warmup: int = ort_timing.DEFAULT_WARMUP, precision: str | None = None) -> None:
+                 warmup: int = ort_timing.DEFAULT_WARMUP, precision: str | None = None,
+                 target: Any = None) -> None:
         from autokd.int8 import validate_latency_precision
 
-        self.dev = _torch_device(device)
-        runtime = runtime or default_runtime(self.dev)
+        self.target = target  # latency_remote.RemoteTarget: time on that device instead of this one
+        self.dev = torch.device("cpu") if target is not None else _torch_device(device)
+        if target is not None and runtime not in (None, "onnxruntime"):
+            raise UserError(f"--latency-target times ONNX files with ONNX Runtime on the target; --latency-runtime "
+                            f"{runtime!r} cannot be used with it (drop it, or use onnxruntime)")
+        runtime = runtime or ("onnxruntime" if target is not None else default_runtime(self.dev))
         if runtime not in RUNTIMES:
             raise UserError(f"--latency-runtime {runtime!r}: unknown runtime; valid: {', '.join(RUNTIMES)}")
         self.precision = validate_latency_precision(precision)
@@ -435,7 +440,11 @@ class LatencyMeter:
         self.rounds, self.runs, self.warmup = rounds, runs, warmup
         self.cache, self.lock, self.shared = cache, lock, shared
         self.provider = None
-        if runtime == "onnxruntime":
+        self.target_info: dict[str, Any] | None = None
+        if target is not None:  # the target answers with its own signature (exit 2 here if it cannot be reached)
+            self.target_info = target.check(self.threads)
+            self.provider = self.target_info["provider"]
+        elif runtime == "onnxruntime":
             self.provider = "CUDAExecutionProvider" if self.dev.type == "cuda" else ort_timing.DEFAULT_PROVIDER
             if self.provider not in ort_timing.available_providers():
                 raise UserError(f"--latency-runtime onnxruntime on {self.dev}: this onnxruntime build has no "
@@ -445,7 +454,9 @@ class LatencyMeter:
     # -- identity -------------------------------------------------------------------------------------------
     def signature_info(self) -> dict[str, Any]:
         """What the latencies depend on: device, runtime, its version, execution provider, threads, batch."""
-        if self.runtime == "onnxruntime":
+        if self.target_info is not None:
+            info = {**self.target_info, "target": self.target.url}
+        elif self.runtime == "onnxruntime":
             info = ort_timing.signature(self.threads, self.provider or ort_timing.DEFAULT_PROVIDER,
                                         device=_device_name(self.dev))
         else:
@@ -456,7 +467,10 @@ class LatencyMeter:
     def signature(self) -> str:
         """Filesystem-safe signature: ``<device signature>-<runtime>-<version>[-<provider>][-int8]``."""
         info = self.signature_info()
-        parts = [device_signature(self.dev, self.threads), info["runtime"], info["version"]]
+        # A target's device is named as a local one would be: the same hardware gives the same signature.
+        device = (f"{_slug(info['device'])}-t{self.threads}" if self.target_info is not None
+                  else device_signature(self.dev, self.threads))
+        parts = [device, info["runtime"], info["version"]]
         if self.runtime == "onnxruntime":
             parts.append(str(info["provider"]).replace("ExecutionProvider", ""))
         if self.precision != "fp32":  # fp32 keeps the signature (and cache folder) of studies from before int8
@@ -466,8 +480,9 @@ class LatencyMeter:
     def describe(self) -> str:
         """One line for logs and reports, e.g. ``onnxruntime 1.32.0 CPUExecutionProvider, 1 thread, batch 1``."""
         info = self.signature_info()
+        where = f"{info['device']} (latency server {self.target.url})" if self.target is not None else info["device"]
         return (f"{info['runtime']} {info['version']} {info['provider']}, {self.threads} thread(s), batch "
-                f"{self.batch}{', int8 model' if self.precision == 'int8' else ''} on {info['device']}")
+                f"{self.batch}{', int8 model' if self.precision == 'int8' else ''} on {where}")
 
     # -- one student ----------------------------------------------------------------------------------------
     def measure(self, spec: StudentSpec, model: nn.Module | None = None) -> tuple[LatencyResult, bool]:
@@ -527,11 +542,30 @@ class LatencyMeter:
         """Time an already-exported ONNX model (bytes or path) with this meter's runtime settings."""
         if self.runtime != "onnxruntime":
             raise UserError("timing an ONNX file needs --latency-runtime onnxruntime")
+        if self.target is not None:
+            return self._time_remote(onnx, key, params, macs)
         t0 = time.perf_counter()
         session = ort_timing.make_session(onnx, self.threads, self.provider or ort_timing.DEFAULT_PROVIDER)
         timing = ort_timing.time_sessions({key: session}, batch=self.batch, rounds=self.rounds, runs=self.runs,
                                           warmup=self.warmup)[key]
         return self._result(timing, key, params, macs, timing_s=time.perf_counter() - t0)
+
+    def _time_remote(self, onnx: bytes | str | os.PathLike, key: str, params: int, macs: int) -> LatencyResult:
+        from autokd.latency_remote import RemoteLatencyError
+
+        blob = onnx if isinstance(onnx, bytes) else Path(onnx).read_bytes()
+        t0 = time.perf_counter()
+        found, signature = self.target.measure(blob, self.batch, self.threads)
+        # The study is pinned to the target's device: a server restarted on other hardware must not slip in.
+        changed = [k for k in ("device", "runtime", "version", "provider", "threads")
+                   if signature.get(k) != self.target_info.get(k)]
+        if changed:
+            raise RemoteLatencyError(f"latency target {self.target.url} now reports another "
+                                     f"{', '.join(f'{k} {signature.get(k)!r} (was {self.target_info.get(k)!r})' for k in changed)}")
+        timing = ort_timing.Timing(**{f.name: found[f.name] for f in fields(ort_timing.Timing) if f.name in found})
+        result = self._result(timing, key, params, macs, timing_s=time.perf_counter() - t0)
+        result.host, result.device = self.target.url, str(self.target_info["device"])
+        return result
 
     def _measure_now(self, spec: StudentSpec, model: nn.Module, key: str) -> LatencyResult:
         shape = (spec.in_chans, spec.input_size, spec.input_size)
@@ -543,8 +577,9 @@ class LatencyMeter:
         gc_was_enabled = gc.isenabled()
         gc.disable()  # a collection in the middle of a timed run is noise, not model latency
         try:
-            # Timed serialised: a measurement taken while other workers train on the same cores is wrong.
-            with self.lock() if self.lock else contextlib.nullcontext():
+            # Timed serialised: a measurement taken while other workers train on the same cores is wrong. A
+            # target is another machine: its server serialises measurements itself, and training here is no noise.
+            with self.lock() if self.lock and self.target is None else contextlib.nullcontext():
                 if blob is not None:
                     result = self.time_onnx(blob, key, params, macs)
                     result.export_s, result.quantize_s = prep_s["export_s"], prep_s["quantize_s"]
@@ -568,6 +603,8 @@ class LatencyMeter:
     def time_models(self, models: dict[str, nn.Module], shapes: dict[str, tuple[int, int, int]],
                     seed: int = 0) -> dict[str, ort_timing.Timing]:
         """Time several models together, interleaved in shuffled rounds (one process, one slow phase hits all)."""
+        if self.target is not None:
+            raise UserError("timing several models together needs them on this machine, not a latency target")
         prev_threads = torch.get_num_threads()
         states = {name: (m, m.training, _model_device(m)) for name, m in models.items()}
         try:

@@ -214,7 +214,7 @@ def run_search(s: SearchSettings, worker_index: int = 0, log: Callable[[str], No
                         download=s.download, train_limit=s.train_limit)
     # Built before the storage: a bad latency setting (e.g. int8 with torch) leaves no file behind.
     meter = LatencyMeter(s.latency_runtime, s.latency_device or device, s.latency_threads, s.latency_batch,
-                         precision=s.latency_precision)
+                         precision=s.latency_precision, target=_latency_target(s, log))
     name = s.study or default_study_name(s.dataset, space.name)
     root = Path(s.root)
     sdir = study_dir(root, name)
@@ -448,6 +448,20 @@ def _spawn_workers(argv: list[str], slots: list[devices.WorkerSlot], total: int)
     # run are already there, so they only load them).
     return [subprocess.Popen([sys.executable, "-m", "autokd.cli", *worker_argv(argv, slot.index, total)],
                              env={**os.environ, **slot.env}) for slot in slots]
+
+
+def _latency_target(s: SearchSettings, log: Callable[[str], None]) -> Any:
+    """The `autokd latency-server` students are timed on (``--latency-target``), or None to time them here."""
+    if s.latency_target is None:
+        if s.latency_token is not None and s.latency_token != os.environ.get("AUTOKD_LATENCY_TOKEN"):
+            raise UserError("--latency-token is only used with --latency-target URL")
+        return None
+    if s.latency_device is not None:
+        raise UserError("--latency-device and --latency-target both say where latency is measured: give one")
+    from autokd.latency_remote import RemoteTarget, backoff_delays
+
+    return RemoteTarget(s.latency_target, s.latency_token, retry_delays_s=backoff_delays(s.latency_target_retry_s),
+                        log=log)
 
 
 def _gates(lock_dir: Path, device: str, latency_device: str) -> tuple[Any, Any]:
