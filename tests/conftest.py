@@ -15,6 +15,15 @@ from typing import Iterator
 import pytest
 
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def repo_pythonpath() -> str:
+    """PYTHONPATH for a subprocess that must import this checkout's autokd: the repository first, then whatever
+    the caller's PYTHONPATH already holds (packages installed to a folder, as on the GPU check machine)."""
+    return os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that is free right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:

@@ -18,6 +18,7 @@ from autokd.devices import CUDA_ENV, WorkerSlot, parse_devices, plan_workers, vi
 from autokd.errors import UserError
 from autokd.search import local_workers, worker_argv
 from autokd.study import make_storage
+from conftest import repo_pythonpath
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -151,7 +152,7 @@ def test_three_workers_finish_exactly_the_budget(tmp_path: Path, tiny_teacher: t
     argv = ["--root", str(root), "search", "--space", str(space), "--teacher", arch, "--teacher-checkpoint",
             str(ckpt), "--train-limit", "160", "--device", "cpu", "--sampler", "random", "--budget", "7",
             "--study", "jobs3", "--jobs", "3", "--no-mlflow", "--no-prune"]
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONPATH=repo_pythonpath(), OMP_NUM_THREADS="1")
     done = subprocess.run([sys.executable, "-m", "autokd.cli", *argv], cwd=tmp_path, env=env, timeout=600,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert done.returncode == 0, done.stdout[-3000:]

@@ -37,6 +37,7 @@ from autokd.search import MAX_CONSECUTIVE_FAILURES, run_search
 from autokd.study import budget_used, make_storage
 from autokd.tracking import default_tracking_uri
 from test_search import TINY_SPACE, settings
+from conftest import repo_pythonpath
 
 pytestmark = pytest.mark.faults
 
@@ -76,7 +77,7 @@ def cli_argv(root: Path, space: Path, tiny_teacher: tuple[str, Path], *extra: st
 
 
 def start_search(argv: list[str], cwd: Path, log: Path) -> subprocess.Popen:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), AUTOKD_STUDIES=argv[1])
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=repo_pythonpath(), AUTOKD_STUDIES=argv[1])
     with open(log, "wb") as out:
         return subprocess.Popen([sys.executable, "-m", "autokd.cli", *argv], cwd=cwd, env=env, stdout=out,
                                 stderr=subprocess.STDOUT)
@@ -301,7 +302,7 @@ def test_jobs_2_on_one_machine_split_the_cores(tmp_path: Path, tiny_teacher: tup
     space = write_space(tmp_path, TINY_SPACE)
     argv = cli_argv(root, space, tiny_teacher, "--budget", "6", "--study", name, "--jobs", "2", "--no-mlflow")
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # the split is autokd's to make
-    env.update(PYTHONPATH=str(REPO), AUTOKD_STUDIES=str(root))
+    env.update(PYTHONPATH=repo_pythonpath(), AUTOKD_STUDIES=str(root))
     done = subprocess.run([sys.executable, "-m", "autokd.cli", *argv], cwd=tmp_path, env=env, timeout=400,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert done.returncode == 0, done.stdout[-3000:]

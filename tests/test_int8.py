@@ -75,6 +75,7 @@ def study_root(tmp_path_factory: pytest.TempPathFactory, digits: Any) -> Path:
         trial.set_user_attr("latency", {"median_ms": 0.1 * (number + 1), "iqr_ms": 0.01, "runs": 10,
                                         "batch_size": 1, "threads": 1, "device": "cpu:test"})
         trial.set_user_attr("curve", [0.5, 0.9])
+        torch.manual_seed(100 + number)  # fixed initial weights, whatever earlier tests drew
         model = _train(build_from_spec(spec), digits, lr, steps)
         write_checkpoint(model, {"student": spec.to_dict(), "params": params.flat(), "study": STUDY, "trial": number,
                                  "val_acc": 0.9, "latency_ms": 0.1 * (number + 1), "dataset": digits.name,
@@ -221,7 +222,10 @@ def test_quantisation_failure_leaves_fp32_export(study_root: Path, tmp_path: Pat
     out.mkdir()
     (out / "model.int8.onnx").write_bytes(b"stale int8 file of an older export")
     real = export.export_onnx
-    monkeypatch.setattr(export, "export_onnx", lambda model, example: real(_GroupedConvTranspose(model), example))
+    # The wrapper takes the student's mode: the exporter restores the wrapper's mode on all of it afterwards, and
+    # a fresh wrapper (training) would leave the student the parity check then runs in training mode.
+    monkeypatch.setattr(export, "export_onnx", lambda model, example: real(
+        _GroupedConvTranspose(model).train(model.training), example))
     rc = _cli(study_root, "--trial", "0", "--format", "onnx", "--int8", "--out", str(out))
     err = capsys.readouterr().err
     assert rc == 1

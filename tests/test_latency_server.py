@@ -21,7 +21,7 @@ from autokd.errors import UserError
 from autokd.latency_remote import RemoteLatencyError, RemoteTarget, validate_target_url
 from autokd.latency_server import LatencyHTTPServer
 from autokd.onnx_guard import external_data_reason
-from tests.conftest import free_port
+from tests.conftest import repo_pythonpath, free_port
 
 TOKEN = "s3cret-token"
 REPO = Path(__file__).resolve().parents[1]
@@ -42,7 +42,7 @@ def start_server(port: int, *extra: str, token: str | None = TOKEN) -> subproces
     cmd = [sys.executable, "-m", "autokd.latency_server", "--port", str(port), *extra]
     if token is not None:
         cmd += ["--token", token]
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, PYTHONPATH=repo_pythonpath())
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -141,7 +141,7 @@ def test_bad_query_parameters_are_400(server: str) -> None:
 def test_a_non_loopback_bind_without_a_token_is_refused() -> None:
     with pytest.raises(UserError, match="without a token"):
         LatencyHTTPServer(("0.0.0.0", 0), token=None)
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env = dict(os.environ, PYTHONPATH=repo_pythonpath())
     env.pop("AUTOKD_LATENCY_TOKEN", None)
     done = subprocess.run([sys.executable, "-m", "autokd.cli", "latency-server", "--host", "0.0.0.0", "--port",
                            str(free_port())], env=env, capture_output=True, text=True, timeout=60)
@@ -168,7 +168,7 @@ def test_the_server_imports_neither_torch_nor_timm() -> None:
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'timm', 'torchvision'))\n"
         "print('HEAVY', bad)\n"
     )
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env = dict(os.environ, PYTHONPATH=repo_pythonpath())
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
                           cwd=REPO)
     assert done.returncode == 0, done.stderr
@@ -222,7 +222,7 @@ def search_cmd(tmp_path: Path, tiny_teacher: tuple[str, Path], url: str, budget:
 
 
 def search_env() -> dict[str, str]:
-    return dict(os.environ, PYTHONPATH=str(REPO), AUTOKD_LATENCY_TOKEN=TOKEN)
+    return dict(os.environ, PYTHONPATH=repo_pythonpath(), AUTOKD_LATENCY_TOKEN=TOKEN)
 
 
 def health(url: str) -> dict:

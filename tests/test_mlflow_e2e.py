@@ -25,7 +25,7 @@ from autokd.search import run_search
 from autokd.study import make_storage
 from autokd.study_report import trial_state
 from autokd.tracking import default_tracking_uri, make_tracker
-from conftest import free_port, mlflow_rest
+from conftest import repo_pythonpath, free_port, mlflow_rest
 from test_search import TINY_SPACE, settings
 
 pytestmark = pytest.mark.slow
@@ -224,7 +224,7 @@ def _search_cmd(root: Path, space: Path, tiny_teacher: tuple[str, Path], *extra:
 
 
 def _env() -> dict[str, str]:
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=repo_pythonpath())
 
 
 def _wait_for_training_trial(proc: subprocess.Popen, root: Path, name: str, log: Path, timeout: float = 240) -> int:

@@ -16,7 +16,7 @@ import pytest
 
 from autokd.study import make_storage
 from autokd.study_report import trial_state
-from conftest import _mlflow_cli, free_port
+from conftest import repo_pythonpath, _mlflow_cli, free_port
 from test_search import TINY_SPACE
 
 pytestmark = pytest.mark.slow
@@ -81,7 +81,7 @@ def test_server_killed_mid_search_loses_no_run(tmp_path: Path, tiny_teacher: tup
     space.write_text(TINY_SPACE)
     arch, ckpt = tiny_teacher
     log = tmp_path / "search.log"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=repo_pythonpath())
     cmd = [sys.executable, "-m", "autokd.cli", "--root", str(root), "search", "--space", str(space), "--teacher",
            arch, "--teacher-checkpoint", str(ckpt), "--train-limit", "160", "--device", "cpu", "--sampler", "random",
            "--seed", "5", "--budget", "8", "--study", name, "--no-prune", "--tracking-uri", uri]

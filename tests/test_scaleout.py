@@ -22,6 +22,7 @@ from optuna.trial import TrialState
 from autokd.cli import main
 from autokd.study import REQUEUED_ATTR, ask_with_heartbeat, budget_used, fail_stale_trials, make_storage
 from test_search import TINY_SPACE
+from conftest import repo_pythonpath
 
 REPO = Path(__file__).resolve().parents[1]
 PG = {"host": "127.0.0.1", "port": 5432}
@@ -126,7 +127,7 @@ def _argv(root: Path, space: Path, url: str, tracking: str, name: str, budget: i
 
 
 def _start(index: int, argv: list[str], log: Path) -> subprocess.Popen:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), AUTOKD_WORKER_HOST=f"machine-{index}",
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=repo_pythonpath(), AUTOKD_WORKER_HOST=f"machine-{index}",
                **FAST_HEARTBEAT)
     with open(log, "wb") as out:
         return subprocess.Popen([sys.executable, "-m", "autokd.cli", *argv], env=env, stdout=out,

@@ -24,7 +24,7 @@ from autokd.tracking import (
     make_tracker,
     ui_command,
 )
-from conftest import free_port, mlflow_rest
+from conftest import repo_pythonpath, free_port, mlflow_rest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -175,7 +175,7 @@ _WORKER = textwrap.dedent("""
 
 
 def _spawn(args: list[str]) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env = dict(os.environ, PYTHONPATH=repo_pythonpath())
     proc = subprocess.Popen([sys.executable, "-c", _WORKER, *args], cwd=REPO, env=env, stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "ready", proc.stderr.read()[-3000:]
