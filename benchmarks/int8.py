@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -41,14 +40,11 @@ def _latency_ms(files: list, x: Any) -> list[float]:
 
     return [t.median_ms for t in _ort_latency(files, batch=int(x.shape[0]))]
 
+
 def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    from autokd.ort_timing import cpu_model
+
+    return cpu_model()
 
 
 def _scaling(study, data, folder: Path, time_files, quantize) -> None:  # noqa: ANN001
@@ -61,8 +57,8 @@ def _scaling(study, data, folder: Path, time_files, quantize) -> None:  # noqa: 
     space = study.user_attrs.get("space") or {}
     size = int(study.user_attrs.get("input_size") or data.input_size)
     fams = sorted(space.get("students") or ["resnet", "mobilenetv3", "regnet", "convnext", "vit"])
-    print(f"\n== where INT8 pays: width 1.0, depth 1.0 students (untrained), int8/fp32 latency ratio "
-          f"(< 1 = INT8 faster), 1 thread ==")
+    print("\n== where INT8 pays: width 1.0, depth 1.0 students (untrained), int8/fp32 latency ratio "
+          "(< 1 = INT8 faster), 1 thread ==")
     print("| family | input | fp32 ms batch 1 | int8/fp32 batch 1 | fp32 ms batch 32 | int8/fp32 batch 32 |")
     print("|---|---|---|---|---|---|")
     for family in fams:
