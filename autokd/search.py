@@ -207,6 +207,7 @@ def run_search(s: SearchSettings, worker_index: int = 0, log: Callable[[str], No
             raise UserError("several workers on this machine are started from the command line: run `autokd "
                             "search` (run_search needs the argv its workers re-run)")
         workers = workers[:1]  # all visible GPUs is the command line's default, not an in-process call's
+    check_latency_device_for_workers(s.latency_device, workers)
     if workers and workers[0].device_index is not None:
         device = workers[0].device
         torch.cuda.set_device(workers[0].device_index)  # so that a plain `cuda` (e.g. --latency-device) is it too
@@ -448,6 +449,16 @@ def _spawn_workers(argv: list[str], slots: list[devices.WorkerSlot], total: int)
     # run are already there, so they only load them).
     return [subprocess.Popen([sys.executable, "-m", "autokd.cli", *worker_argv(argv, slot.index, total)],
                              env={**os.environ, **slot.env}) for slot in slots]
+
+
+def check_latency_device_for_workers(latency_device: str | None, workers: list[Any]) -> None:
+    """Refuse ``--latency-device cuda:N`` with several GPU workers: each spawned worker sees only its own GPU
+    (``CUDA_VISIBLE_DEVICES``), where ``cuda:N`` would name another device or none."""
+    gpu_workers = [w for w in workers if getattr(w, "device_index", None) is not None]
+    if len(gpu_workers) > 1 and latency_device and latency_device.startswith("cuda:"):
+        raise UserError(f"--latency-device {latency_device} cannot be used with several GPU workers (each sees only "
+                        "its own GPU): use --latency-device cuda (each worker times on its own GPU), --latency-device "
+                        "cpu, or --devices with one GPU")
 
 
 def _latency_target(s: SearchSettings, log: Callable[[str], None]) -> Any:

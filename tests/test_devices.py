@@ -173,3 +173,17 @@ def test_in_process_search_starts_no_worker_processes(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="from the command line"):
         run_search(s, log=lambda msg: None)
     assert not (tmp_path / "r").exists()
+
+
+def test_latency_device_with_an_index_is_refused_with_several_gpu_workers() -> None:
+    from autokd.devices import WorkerSlot
+    from autokd.errors import UserError
+    from autokd.search import check_latency_device_for_workers
+
+    two = [WorkerSlot(index=0, device_index=0, device_id="0", slot=0, env={}),
+           WorkerSlot(index=1, device_index=1, device_id="1", slot=0, env={"CUDA_VISIBLE_DEVICES": "1"})]
+    with pytest.raises(UserError, match="--latency-device cuda:1 cannot be used with several GPU workers"):
+        check_latency_device_for_workers("cuda:1", two)
+    for fine in (None, "cuda", "cpu"):  # a worker's own GPU, or the CPU, mean the same in every worker
+        check_latency_device_for_workers(fine, two)
+    check_latency_device_for_workers("cuda:1", two[:1])  # one worker: cuda:N is what it says
