@@ -6,11 +6,10 @@ the documented examples and the built-ins are one set of files.
 """
 from __future__ import annotations
 
-import difflib
 from importlib import resources
 from pathlib import Path
 
-from autokd.errors import UserError
+from autokd.errors import UserError, did_you_mean
 
 DEFAULT_SPACE = "default"
 
@@ -41,7 +40,5 @@ def resolve_space(value: str | Path | None) -> Path:
         return Path(text)
     if text in spaces:
         return spaces[text]
-    close = difflib.get_close_matches(text, list(spaces), n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    raise UserError(f"--space {text!r}: no such file and not a built-in space{hint}; built-in spaces: "
+    raise UserError(f"--space {text!r}: no such file and not a built-in space{did_you_mean(text, spaces)}; built-in spaces: "
                     f"{', '.join(sorted(spaces))} (or give the path of a YAML file)")

@@ -342,13 +342,13 @@ def _study_page(uri: str, base: str, study: str | None, root: Path) -> str:
 
 def _sync_mlflow(args: argparse.Namespace, root: Path) -> int:
     from autokd.study_report import resolve_study
-    from autokd.tracking import make_tracker
+    from autokd.tracking import make_tracker, spool_dir
 
     study = resolve_study(args.study, args.storage, root)
     uri = args.tracking_uri or study.user_attrs.get("mlflow_tracking_uri")
     if not study.user_attrs.get("mlflow_parent_run_id"):
         raise UserError(f"study {study.study_name!r} does not log to MLflow (it was run with --no-mlflow)")
-    spools = Path(root) / study.study_name / "mlflow_spool"
+    spools = spool_dir(root, study.study_name)
     waiting = len(list(spools.glob("*.jsonl"))) if spools.is_dir() else 0
     make_tracker(uri, True, root, experiment_name=study.study_name)  # sends what spools it finds (and says so)
     left = len(list(spools.glob("*.jsonl"))) if spools.is_dir() else 0

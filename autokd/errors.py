@@ -1,6 +1,16 @@
 """Error types shared by every module."""
 from __future__ import annotations
 
+from typing import Iterable
+
+
+def did_you_mean(value: object, valid: "Iterable[str]") -> str:
+    """`` (did you mean 'x'?)`` for the closest of ``valid`` to ``value``, or '' when none is close."""
+    import difflib
+
+    close = difflib.get_close_matches(str(value), list(valid), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
 
 class UserError(Exception):
     """Bad input from the user (a flag, a file, a name).

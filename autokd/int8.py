@@ -33,7 +33,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 from onnxruntime.quantization import CalibrationDataReader
 
-from autokd.errors import UserError
+from autokd.errors import UserError, did_you_mean
 
 INT8_FILE = "model.int8.onnx"
 DEFAULT_CALIBRATION_IMAGES = 256
@@ -193,15 +193,11 @@ LATENCY_PRECISIONS = ("fp32", "int8")
 
 def validate_latency_precision(value: str | None) -> str:
     """``--latency-precision`` value (default fp32), lower-cased; anything else is a UserError."""
-    import difflib
-
     if value is None:
         return LATENCY_PRECISIONS[0]
     name = str(value).strip().lower()
     if name not in LATENCY_PRECISIONS:
-        close = difflib.get_close_matches(name, LATENCY_PRECISIONS, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise UserError(f"--latency-precision {value!r}: unknown precision{hint}; valid: "
+        raise UserError(f"--latency-precision {value!r}: unknown precision{did_you_mean(name, LATENCY_PRECISIONS)}; valid: "
                         f"{', '.join(LATENCY_PRECISIONS)} (int8: a student's latency is that of its INT8 ONNX model)")
     return name
 

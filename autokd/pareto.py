@@ -73,7 +73,8 @@ def _coords(p: PointLike) -> tuple[float, float] | None:
     return float(acc), float(lat)
 
 
-def _dominates(a: tuple[float, float], b: tuple[float, float]) -> bool:
+def dominates(a: tuple[float, float], b: tuple[float, float]) -> bool:
+    """(accuracy, latency) ``a`` is at least as good as ``b`` on both and better on one."""
     return a[0] >= b[0] and a[1] <= b[1] and (a[0] > b[0] or a[1] < b[1])
 
 

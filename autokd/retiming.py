@@ -13,7 +13,7 @@ import time
 from datetime import datetime, timezone
 from typing import Any, Callable, Sequence
 
-from autokd.pareto import TrialPoint
+from autokd.pareto import TrialPoint, dominates
 
 MARGIN = 0.25   # a student up to 25 % slower than what would keep it on the front is re-timed too
 MAX_CANDIDATES = 40
@@ -25,9 +25,7 @@ def candidates(points: Sequence[TrialPoint], margin: float = MARGIN) -> list[Tri
     out = []
     for p in ok:
         lat = p.latency_ms / (1.0 + margin)  # type: ignore[operator]
-        dominated = any(q is not p and q.val_acc >= p.val_acc and q.latency_ms <= lat  # type: ignore[operator]
-                        and (q.val_acc > p.val_acc or q.latency_ms < lat) for q in ok)  # type: ignore[operator]
-        if not dominated:
+        if not any(q is not p and dominates((q.val_acc, q.latency_ms), (p.val_acc, lat)) for q in ok):
             out.append(p)
     out.sort(key=lambda p: (p.latency_ms, -p.val_acc))  # type: ignore[operator]
     return out[:MAX_CANDIDATES]

@@ -194,7 +194,7 @@ def run_search(s: SearchSettings, worker_index: int = 0, log: Callable[[str], No
     from autokd.objective import FatalSearchError, TrialContext, run_trial
     from autokd.space import load_space
     from autokd.teacher import get_teacher, teacher_outputs
-    from autokd.tracking import make_tracker
+    from autokd.tracking import make_tracker, spool_dir
 
     validate_settings(s)
     validate_teacher_args(s.teacher, s.teacher_checkpoint)
@@ -353,7 +353,7 @@ def run_search(s: SearchSettings, worker_index: int = 0, log: Callable[[str], No
     if parent_run_id:
         _end_parent(study, tracker, parent_run_id, s, "FINISHED")
     if tracker.spooling:
-        log(f"MLflow at {tracker.tracking_uri} does not answer: its calls are kept under {sdir}/mlflow_spool/ and "
+        log(f"MLflow at {tracker.tracking_uri} does not answer: its calls are kept under {spool_dir(root, name)}/ and "
             f"sent at the next start, or with `autokd sync-mlflow --study {name}`")
     return summary
 

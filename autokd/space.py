@@ -30,7 +30,6 @@ names so each family / loss keeps its own range and the samplers model them sepa
 """
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 import math
@@ -39,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from autokd.config import load_yaml
-from autokd.errors import UserError
+from autokd.errors import UserError, did_you_mean
 
 TOP_LEVEL_KEYS = ("name", "description", "epochs", "input_size", "views", "students", "losses", "optimizer",
                   "batch_size", "pruning")
@@ -52,8 +51,7 @@ _DEFAULT_OPTIMIZER = {"name": "adamw", "lr": 0.01, "weight_decay": 5e-4}
 
 
 def _suggest_names(value: str, valid: list[str] | tuple[str, ...]) -> str:
-    close = difflib.get_close_matches(str(value), list(valid), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+    return did_you_mean(value, valid)
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
+from autokd.atomic import atomic_write_text
 from autokd.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -276,6 +277,11 @@ def _now_ms() -> int:
 # How often, during an outage, the store is asked whether it answers again (at most; only when there is a call).
 PROBE_INTERVAL_S = 5.0
 SPOOL_DIRNAME = "mlflow_spool"
+
+
+def spool_dir(studies_root: Path | str, study_name: str) -> Path:
+    """Where a study's unsent MLflow calls wait: ``<study dir>/mlflow_spool`` (the study dir of study.study_dir)."""
+    return Path(studies_root) / study_name / SPOOL_DIRNAME
 RUN_KEY_TAG = "autokd.run_key"
 
 
@@ -506,11 +512,11 @@ class _Sender:
             except json.JSONDecodeError:
                 continue  # a line torn by a crash while it was written: the call never completed
             if self._send(record, replay=True) is not None:
-                done_path.write_text(str(index))
+                atomic_write_text(done_path, str(index))  # a torn count would replay the whole spool again
                 return sent, False
             sent += 1
             if sent % 50 == 0:
-                done_path.write_text(str(index + 1))
+                atomic_write_text(done_path, str(index + 1))
         path.unlink(missing_ok=True)
         done_path.unlink(missing_ok=True)
         return sent, True
@@ -862,6 +868,6 @@ def make_tracker(tracking_uri: str | None, enabled: bool, studies_root: Path, ex
                 else "check the URI (local default: sqlite:///<studies>/mlflow.db)")
         raise UserError(f"cannot use MLflow tracking URI {uri!r}: {first}. Fix it ({hint}), pass another "
                         f"--tracking-uri, or run with --no-mlflow.") from exc
-    spool_dir = studies_root / _safe_dirname(experiment_name) / SPOOL_DIRNAME
-    replay_spools(client, uri, experiment_id, spool_dir)  # what an outage kept from an earlier run
-    return MlflowTracker(client, uri, experiment_name, experiment_id, spool_dir)
+    spool = spool_dir(studies_root, experiment_name)
+    replay_spools(client, uri, experiment_id, spool)  # what an outage kept from an earlier run
+    return MlflowTracker(client, uri, experiment_name, experiment_id, spool)

@@ -10,6 +10,7 @@ NaN guard finds the first non-finite step and the mean loss is taken.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from torch import Tensor, nn
 
 from autokd.data import DataSplits, TrainViews
 from autokd.errors import UserError
+from autokd.students import feature_channels, forward_with_features
 
 if TYPE_CHECKING:
     from autokd.losses import KDLoss
@@ -112,8 +114,6 @@ def distill(student: nn.Module, loss_fn: KDLoss, data: DataSplits, cfg: TrainCon
     if cfg.channels_last:
         student.to(memory_format=torch.channels_last)
     if loss_fn.uses_features:
-        from autokd.students import feature_channels
-
         if getattr(teacher, "feature_channels", None) is None:
             raise ValueError("the loss needs teacher features: build the teacher outputs with need_features=True")
         loss_fn.bind_features(feature_channels(student), teacher.feature_channels)
@@ -135,7 +135,9 @@ def distill(student: nn.Module, loss_fn: KDLoss, data: DataSplits, cfg: TrainCon
 
     step_ctx = _StepContext(student=student, compiled=compiled, loss_fn=loss_fn, optimizer=optimizer, data=data,
                             cfg=cfg, teacher=teacher if loss_fn.uses_teacher else None, views=views,
-                            amp=amp, lr_at=lr_at, on_step=on_step)
+                            lr_at=lr_at, on_step=on_step,
+                            autocast=(lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if amp
+                            else contextlib.nullcontext)
     result = TrainResult(teacher_mode=teacher.mode if teacher is not None and loss_fn.uses_teacher else "none")
     started = time.perf_counter()
 
@@ -179,7 +181,7 @@ class _StepContext:
     cfg: TrainConfig
     teacher: TeacherOutputs | None
     views: TrainViews | None
-    amp: bool
+    autocast: Callable[[], Any]  # bf16 autocast when amp, else a no-op context: chosen once, not per step
     lr_at: Callable[[int, int], float]
     on_step: Callable[[], None] | None
 
@@ -213,10 +215,8 @@ def _train_epoch(ctx: _StepContext, epoch: int, order: Tensor) -> Tensor:
             x = x.contiguous(memory_format=torch.channels_last)
         t_logits = teacher.logits(x, idx, view) if teacher is not None else None
         t_feats = s_feats = None
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=ctx.amp):
+        with ctx.autocast():
             if loss_fn.uses_features:
-                from autokd.students import forward_with_features
-
                 t_feats = teacher.features(x, idx, view)
                 s_logits, s_feats = forward_with_features(ctx.student, x)
             elif ctx.compiled is not None and len(idx) == cfg.batch_size:
