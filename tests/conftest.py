@@ -115,3 +115,31 @@ def mlflow_rest(uri: str, endpoint: str, body: dict | None = None, query: dict |
     req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=30) as resp:
         return json.loads(resp.read() or b"{}")
+
+
+def split_runs(runs: list) -> tuple[list, dict[int, object]]:
+    """(parent runs, trial number -> child run) of a study's MLflow runs; two runs for one trial fail the test."""
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children: dict[int, object] = {}
+    for r in runs:
+        if "mlflow.parentRunId" in r.data.tags:
+            number = int(r.data.tags["autokd.trial"])
+            assert number not in children, f"two runs for trial {number}"
+            children[number] = r
+    return parents, children
+
+
+@pytest.fixture()
+def timed_onnx(monkeypatch: pytest.MonkeyPatch) -> list:
+    """Every ONNX model (bytes or path) handed to ONNX Runtime for timing, in order (a spy on make_session)."""
+    from autokd import ort_timing
+
+    timed: list = []
+    real = ort_timing.make_session
+
+    def spy(onnx, *args, **kwargs):  # type: ignore[no-untyped-def]
+        timed.append(onnx)
+        return real(onnx, *args, **kwargs)
+
+    monkeypatch.setattr(ort_timing, "make_session", spy)
+    return timed

@@ -92,19 +92,12 @@ def test_retime_interleaves_several_students(runtime: str) -> None:
         assert r.low_ms <= r.median_ms <= r.high_ms  # type: ignore[operator]
 
 
-def test_int8_precision_times_the_quantised_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_int8_precision_times_the_quantised_model(tmp_path: Path, timed_onnx: list) -> None:
     # --latency-precision int8: what the meter hands ONNX Runtime is the INT8 (QDQ) model, both for a trial's
     # measurement and for the front's re-timing; fp32 and int8 figures live under different signatures.
     from autokd.int8 import quantized_op_counts
 
-    timed: list[bytes] = []
-    real = ort_timing.make_session
-
-    def spy(onnx, *args, **kwargs):  # type: ignore[no-untyped-def]
-        timed.append(onnx)
-        return real(onnx, *args, **kwargs)
-
-    monkeypatch.setattr(ort_timing, "make_session", spy)
+    timed = timed_onnx
     spec = tiny_spec()
     fp32 = LatencyMeter("onnxruntime", cache=LatencyCache(tmp_path), **FAST)
     q = LatencyMeter("onnxruntime", cache=LatencyCache(tmp_path), precision="INT8", **FAST)

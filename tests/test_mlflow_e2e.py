@@ -25,7 +25,7 @@ from autokd.search import run_search
 from autokd.study import make_storage
 from autokd.study_report import trial_state
 from autokd.tracking import default_tracking_uri, make_tracker
-from conftest import repo_pythonpath, free_port, mlflow_rest
+from conftest import free_port, mlflow_rest, repo_pythonpath, split_runs
 from test_search import TINY_SPACE, settings
 
 pytestmark = pytest.mark.slow
@@ -45,17 +45,6 @@ def _runs(client: Any, study_name: str) -> list[Any]:
     experiment = client.get_experiment_by_name(study_name)
     assert experiment is not None, f"no MLflow experiment named after the study {study_name!r}"
     return client.search_runs([experiment.experiment_id], max_results=1000)
-
-
-def _split(runs: list[Any]) -> tuple[list[Any], dict[int, Any]]:
-    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    children: dict[int, Any] = {}
-    for r in runs:
-        if "mlflow.parentRunId" in r.data.tags:
-            number = int(r.data.tags["autokd.trial"])
-            assert number not in children, f"two runs for trial {number}"
-            children[number] = r
-    return parents, children
 
 
 def _inject_faults(monkeypatch: pytest.MonkeyPatch, seed: int) -> None:
@@ -144,7 +133,7 @@ def _check_study(uri: str, study: optuna.Study, teacher_arch: str) -> str:
     """Everything about the study's runs; returns the parent run id."""
     client = _client(uri)
     runs = _runs(client, study.study_name)
-    parents, children = _split(runs)
+    parents, children = split_runs(runs)
     assert len(parents) == 1, [p.info.run_name for p in parents]
     parent = parents[0]
     assert parent.info.run_id == study.user_attrs["mlflow_parent_run_id"]
@@ -278,7 +267,7 @@ def test_sigterm_leaves_runs_killed(tmp_path: Path, tiny_teacher: tuple[str, Pat
     assert trial.state == optuna.trial.TrialState.FAIL and trial.user_attrs["autokd_state"] == "INTERRUPTED"
     client = _client(uri)
     runs = _runs(client, name)
-    parents, children = _split(runs)
+    parents, children = split_runs(runs)
     # A stopped search ends its parent KILLED (FINISHED is for a search that reached its budget).
     assert len(parents) == 1 and parents[0].info.status == "KILLED"
     # one run per trial that started (an interrupted trial may have been queued again, WAITING)

@@ -16,7 +16,7 @@ import pytest
 
 from autokd.study import make_storage
 from autokd.study_report import trial_state
-from conftest import repo_pythonpath, _mlflow_cli, free_port
+from conftest import _mlflow_cli, free_port, repo_pythonpath, split_runs
 from test_search import TINY_SPACE
 
 pytestmark = pytest.mark.slow
@@ -113,13 +113,7 @@ def test_server_killed_mid_search_loses_no_run(tmp_path: Path, tiny_teacher: tup
         client = MlflowClient(tracking_uri=uri)
         experiment = client.get_experiment_by_name(name)
         runs = client.search_runs([experiment.experiment_id], max_results=1000)
-        parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-        children: dict[int, Any] = {}
-        for r in runs:
-            if "mlflow.parentRunId" in r.data.tags:
-                number = int(r.data.tags["autokd.trial"])
-                assert number not in children, f"two runs for trial {number}"
-                children[number] = r
+        parents, children = split_runs(runs)
         assert len(parents) == 1 and parents[0].info.status == "FINISHED"
         assert sorted(children) == [t.number for t in study.trials] and len(study.trials) == 8
         for t in study.trials:

@@ -218,21 +218,13 @@ def _cli_resume(tmp_path: Path, tiny_teacher: tuple[str, Path], space_file: Path
 
 def test_int8_latency_search_times_int8_models_and_reports_both_accuracies(
         tmp_path: Path, tiny_teacher: tuple[str, Path], space_file: Path, capsys: pytest.CaptureFixture[str],
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        timed_onnx: list) -> None:
     # --latency-precision int8: every ONNX model the search times (each trial's, then the report's re-timing of
     # the front) is the student's INT8 model; the study pins the precision (resuming with fp32 is exit 2, study
     # unchanged); the report shows each front member's fp32 and int8 test accuracy.
-    from autokd import ort_timing
     from autokd.int8 import quantized_op_counts
 
-    timed: list[bytes] = []
-    real = ort_timing.make_session
-
-    def spy(onnx, *args, **kwargs):  # type: ignore[no-untyped-def]
-        timed.append(onnx)
-        return real(onnx, *args, **kwargs)
-
-    monkeypatch.setattr(ort_timing, "make_session", spy)
+    timed = timed_onnx
     run_search(settings(tmp_path, tiny_teacher, space_file, budget=2, epochs=1, latency_precision="int8"),
                log=lambda msg: None)
     study = load(tmp_path)
