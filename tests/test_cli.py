@@ -1,0 +1,89 @@
+"""autokd.cli: how each kind of failure maps to an exit code and a message, and what the parser refuses."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Callable
+
+import pytest
+
+from autokd import cli
+from autokd.errors import UserError
+
+
+def _raising(exc: BaseException) -> Callable[[argparse.Namespace, Path], int]:
+    def command(args: argparse.Namespace, root: Path) -> int:
+        raise exc
+
+    return command
+
+
+def _failure_kinds() -> list[tuple[BaseException, int, str]]:
+    from autokd.export import ParityError
+    from autokd.int8 import QuantizationError
+    from autokd.objective import FatalSearchError, Interrupted
+
+    return [
+        (UserError("--budget 0: must be at least 1"), 2, "autokd report: error: --budget 0: must be at least 1"),
+        (KeyboardInterrupt(), 130, "interrupted; finished trials are kept"),
+        (Interrupted("signal 15"), 130, "terminated (signal 15); finished trials are kept"),
+        (FatalSearchError("disk full"), 1, "autokd report: stopped: disk full"),
+        (ParityError("onnx differs by 0.1"), 1, "autokd report: error: onnx differs by 0.1"),
+        (QuantizationError("no calibration data"), 1, "autokd report: error: no calibration data"),
+    ]
+
+
+@pytest.mark.parametrize("index", range(6))
+def test_each_failure_kind_has_its_exit_code_and_message(index: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    exc, code, message = _failure_kinds()[index]
+    monkeypatch.setitem(cli.COMMANDS, "report", _raising(exc))
+    assert cli.main(["--root", str(tmp_path), "report"]) == code
+    assert message in capsys.readouterr().err
+
+
+def test_an_unexpected_error_is_not_hidden(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(cli.COMMANDS, "report", _raising(ZeroDivisionError("bug")))
+    with pytest.raises(ZeroDivisionError):  # a traceback for a bug, not an exit code that hides it
+        cli.main(["--root", str(tmp_path), "report"])
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["search", "--budget", "0"], "'0' must be >= 1"),
+    (["search", "--budget", "many"], "'many' is not an integer"),
+    (["search", "--max-latency-ms", "-1"], "'-1' must be > 0"),
+    (["frobnicate"], "invalid choice: 'frobnicate'"),
+    ([], "the following arguments are required: command"),
+])
+def test_the_parser_refuses_bad_values_with_exit_2(argv: list[str], fragment: str,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        cli.main(argv)
+    assert exited.value.code == 2
+    assert fragment in capsys.readouterr().err
+
+
+def test_read_only_commands_on_a_missing_study_exit_2_and_create_nothing(tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    root = tmp_path / "studies"
+    for command in (["report"], ["export", "--pick", "knee", "--out", str(tmp_path / "student")]):
+        assert cli.main(["--root", str(root), *command, "--study", "nope"]) == 2
+        assert "nope" in capsys.readouterr().err
+    assert not root.exists() and not (tmp_path / "student").exists()
+
+
+def test_next_steps_name_the_report_ui_and_export(tmp_path: Path) -> None:
+    args = SimpleNamespace(root=None, storage=None, no_mlflow=False, tracking_uri=None)
+    summary = SimpleNamespace(study_dir=tmp_path / "digits-default", study_name="digits-default")
+    lines = cli._next_steps(args, summary).splitlines()  # noqa: SLF001 - the text a user reads after a search
+    assert lines == ["next:", "  autokd report --study digits-default", "  autokd ui --study digits-default",
+                     "  autokd export --study digits-default --pick knee --out student/"]
+
+    (tmp_path / "digits-default" / "report").mkdir(parents=True)
+    (tmp_path / "digits-default" / "report" / "report.html").write_text("<html></html>")
+    args = SimpleNamespace(root=Path("runs"), storage="postgresql://db/x", no_mlflow=True, tracking_uri=None)
+    lines = cli._next_steps(args, summary).splitlines()  # noqa: SLF001
+    assert lines[1] == f"  open {tmp_path / 'digits-default' / 'report' / 'report.html'}"
+    assert lines[2:] == ["  autokd --root runs export --study digits-default --storage postgresql://db/x --pick knee "
+                         "--out student/"]
