@@ -367,9 +367,9 @@ def fail_stale_trials(study: optuna.Study, retry: bool = True) -> list[int]:
         return []
     _, grace = heartbeat_settings()
     failed: list[int] = []
-    # The one private call left: Optuna's public `fail_stale_trials` fails a stale trial before its callback
-    # sees it, when the trial can no longer be annotated or marked requeued, and its stale-trial query (declared
-    # by every heartbeat storage, `BaseHeartbeat._get_stale_trial_ids`) has no public name.
+    # The one private Optuna method used here: Optuna's public `fail_stale_trials` fails a stale trial before
+    # its callback sees it, when the trial can no longer be annotated or marked requeued, and its stale-trial
+    # query (declared by every heartbeat storage, `BaseHeartbeat._get_stale_trial_ids`) has no public name.
     for trial_id in storage._get_stale_trial_ids(study._study_id):  # noqa: SLF001
         trial = storage.get_trial(trial_id)
         if trial.state != TrialState.RUNNING:
