@@ -43,8 +43,7 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import flop_registry
+from torch.utils.flop_counter import FlopCounterMode
 
 from autokd import ort_timing
 from autokd.errors import UserError
@@ -145,54 +144,17 @@ def _model_device(model: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
-# Ops that hold no matrix product or convolution. FlopCounterMode decomposes every op it has no formula for, op
-# by op through Python, only to find nothing to count in these; skipping them (and its per-module tracking)
-# makes counting ~2x faster (~10 ms instead of ~25 ms a default-space student on a 2-core VM, where timing the
-# student takes ~50 ms). The total is the same: tests/test_latency.py compares with FlopCounterMode on every
-# student family.
-_FLOP_FREE_OPS = (
-    "adaptive_avg_pool2d", "add", "add_", "avg_pool2d", "batch_norm", "cat", "clone", "contiguous", "dropout",
-    "expand", "flatten", "gelu", "group_norm", "hardsigmoid", "hardsigmoid_", "hardswish", "hardswish_",
-    "layer_norm", "max_pool2d", "mean", "mul", "mul_", "pad", "permute", "relu", "relu_", "reshape", "select",
-    "sigmoid", "sigmoid_", "silu", "silu_", "softmax", "split", "squeeze", "transpose", "unbind", "unsqueeze",
-    "view",
-)
-
-
-class _MacCounter(TorchDispatchMode):
-    """Sums FLOPs with torch's own formulas (``torch.utils.flop_counter.flop_registry``)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.flops = 0
-        self._flop_free = {getattr(torch.ops.aten, name) for name in _FLOP_FREE_OPS if hasattr(torch.ops.aten, name)}
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        kwargs = kwargs or {}
-        packet = func._overloadpacket
-        formula = flop_registry.get(packet)
-        if formula is None and packet not in self._flop_free and func is not torch.ops.prim.device.default:
-            with self:  # as FlopCounterMode: a composite op (conv2d, linear, sdpa) is counted by its parts
-                out = func.decompose(*args, **kwargs)
-            if out is not NotImplemented:
-                return out
-        out = func(*args, **kwargs)
-        if formula is not None:
-            self.flops += formula(*args, **kwargs, out_val=out)
-        return out
-
-
 def count_macs(model: nn.Module, input_shape: tuple[int, int, int]) -> int:
-    """Multiply-accumulates for one image (FLOPs by ``torch.utils.flop_counter``'s formulas / 2); 0 if they
-    cannot be counted."""
+    """Multiply-accumulates for one image (FLOPs by torch's ``FlopCounterMode`` / 2); 0 if they cannot be
+    counted."""
     was_training = model.training
     try:
         model.eval()
         x = torch.zeros(1, *input_shape, device=_model_device(model))
-        counter = _MacCounter()
+        counter = FlopCounterMode(display=False)
         with torch.inference_mode(), counter:
             model(x)
-        return int(counter.flops) // 2
+        return int(counter.get_total_flops()) // 2
     except Exception:  # noqa: BLE001 - MACs are informational; an op the counter chokes on must not fail a trial
         return 0
     finally:

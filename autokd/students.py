@@ -29,8 +29,9 @@ regnet        ``autokd_regnet``         RegNetX-200MF (``regnetx_002``): widths 
               (registered here)         size 8, stem 32, its depths [1,1,4,7] halved to [1,1,2,4].
                                         timm derives stages from (w0, wa, wm, depth), which cannot scale
                                         each stage's depth (small depths lose whole stages), so a thin
-                                        ``RegNet`` subclass reads explicit ``stage_widths`` /
-                                        ``stage_depths`` from its config. timm strides kept (total 32).
+                                        ``RegNet`` subclass (in ``timm_internals``) reads explicit
+                                        ``stage_widths`` / ``stage_depths`` from its config. timm
+                                        strides kept (total 32).
                                         width: ``stage_widths``, ``stem_width``; depth: ``stage_depths``.
 convnext      ``convnext_atto``         ``depths=[1,1,3,1]``, ``dims=[32,64,128,256]``, atto's
                                         ``conv_mlp``, 4x4 patch stem; ``output_stride=16`` (8 below
@@ -65,16 +66,27 @@ from typing import Any, Callable
 import timm
 import torch
 from torch import nn
-from timm.layers import calculate_drop_path_rates, make_divisible
-from timm.models import build_model_with_cfg, register_model
-from timm.models._efficientnet_builder import decode_arch_def, resolve_act_layer, resolve_bn_args, round_channels
-from timm.models._efficientnet_blocks import SqueezeExcite
-from timm.models._registry import generate_default_cfgs
-from timm.models.efficientnet import _create_effnet
-from timm.models.mobilenetv3 import _create_mnv3
-from timm.models.regnet import RegNet, RegNetCfg, adjust_widths_groups_comp, model_cfgs as _regnet_cfgs
+from timm.layers import make_divisible
+from timm.models import (
+    EfficientNet,
+    MobileNetV3,
+    RegNetCfg,
+    build_model_with_cfg,
+    generate_default_cfgs,
+    register_model,
+)
 
 from autokd.errors import UserError
+from autokd.timm_internals import (
+    SqueezeExcite,
+    StagedRegNet,
+    StagedRegNetCfg,
+    decode_arch_def,
+    regnet_cfgs,
+    resolve_act_layer,
+    resolve_bn_args,
+    round_channels,
+)
 
 MAX_MULTIPLIER = 4.0
 ResolveFn = Callable[[float, float, int], "tuple[str, dict[str, Any]]"]  # (width, depth, input_size)
@@ -158,7 +170,7 @@ def autokd_mobilenetv3(pretrained: bool = False, arch_def: list[list[str]] | Non
                          rd_round_fn=round_channels),
         **kwargs,
     )
-    return _create_mnv3("autokd_mobilenetv3", False, **model_kwargs)
+    return build_model_with_cfg(MobileNetV3, "autokd_mobilenetv3", False, **model_kwargs)
 
 
 @register_model
@@ -178,36 +190,7 @@ def autokd_efficientnet(pretrained: bool = False, arch_def: list[list[str]] | No
         norm_layer=kwargs.pop("norm_layer", None) or partial(nn.BatchNorm2d, **resolve_bn_args(kwargs)),
         **kwargs,
     )
-    return _create_effnet("autokd_efficientnet", False, **model_kwargs)
-
-
-@dataclass
-class _StagedRegNetCfg(RegNetCfg):
-    """RegNet config with explicit per-stage widths and depths (empty = timm's quasi-linear rule)."""
-
-    stage_widths: tuple[int, ...] = ()
-    stage_depths: tuple[int, ...] = ()
-
-
-class _StagedRegNet(RegNet):
-    """timm RegNet whose stage widths/depths come from the config instead of (w0, wa, wm, depth)."""
-
-    def _get_stage_args(self, cfg: _StagedRegNetCfg, default_stride: int = 2, output_stride: int = 32,
-                        drop_path_rate: float = 0.0) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-        per_stage, common = super()._get_stage_args(
-            cfg, default_stride=default_stride, output_stride=output_stride, drop_path_rate=drop_path_rate)
-        if not cfg.stage_widths:
-            return per_stage, common
-        if not (len(cfg.stage_widths) == len(cfg.stage_depths) == len(per_stage)):
-            raise ValueError(f"RegNet needs {len(per_stage)} stage widths and depths, got "
-                             f"{list(cfg.stage_widths)} and {list(cfg.stage_depths)}")
-        widths, groups = adjust_widths_groups_comp(
-            list(cfg.stage_widths), [cfg.bottle_ratio] * len(per_stage), [cfg.group_size] * len(per_stage),
-            min_ratio=cfg.group_min_ratio)
-        dprs = calculate_drop_path_rates(drop_path_rate, list(cfg.stage_depths), stagewise=True)
-        for args, w, g, d, dpr in zip(per_stage, widths, groups, cfg.stage_depths, dprs):
-            args.update(out_chs=w, group_size=g, depth=d, drop_path_rates=dpr)
-        return per_stage, common
+    return build_model_with_cfg(EfficientNet, "autokd_efficientnet", False, **model_kwargs)
 
 
 _REGNET_BASE = "regnetx_002"
@@ -219,12 +202,12 @@ _REGNET_STAGE_DEPTHS = (1, 1, 2, 4)  # regnetx_002 has (1, 1, 4, 7): halved, lik
 def autokd_regnet(pretrained: bool = False, **kwargs: Any) -> nn.Module:
     """RegNetX-200MF with optional explicit ``stage_widths`` / ``stage_depths`` (other RegNetCfg fields too)."""
     _no_pretrained("autokd_regnet", pretrained)
-    base = {f.name: getattr(_regnet_cfgs[_REGNET_BASE], f.name) for f in fields(RegNetCfg)}
-    cfg = _StagedRegNetCfg(**base)
+    base = {f.name: getattr(regnet_cfgs[_REGNET_BASE], f.name) for f in fields(RegNetCfg)}
+    cfg = StagedRegNetCfg(**base)
     for k in ("stage_widths", "stage_depths"):
         if k in kwargs:
             kwargs[k] = tuple(kwargs[k])
-    return build_model_with_cfg(_StagedRegNet, "autokd_regnet", False, model_cfg=cfg, **kwargs)
+    return build_model_with_cfg(StagedRegNet, "autokd_regnet", False, model_cfg=cfg, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -18,18 +18,17 @@ import contextlib
 import fcntl
 import hashlib
 import inspect
-import json
 import os
 import socket
+import threading
 import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import optuna
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage
-from optuna.storages._heartbeat import BaseHeartbeatThread, get_heartbeat_thread, is_heartbeat_enabled
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 
@@ -75,47 +74,6 @@ def storage_url(storage: str | None, root: Path) -> str:
     return storage if storage else str(journal_path(root))
 
 
-def _synced_journal_ops() -> frozenset[int] | None:
-    """Journal writes that are fsynced: a study created or changed, a trial created or finished (or discarded).
-
-    None if this Optuna does not have the (private) operation codes: then every write is fsynced, as Optuna does.
-    """
-    try:
-        from optuna.storages.journal._storage import JournalOperation as Op
-        return frozenset({Op.CREATE_STUDY, Op.DELETE_STUDY, Op.SET_STUDY_USER_ATTR, Op.SET_STUDY_SYSTEM_ATTR,
-                          Op.CREATE_TRIAL, Op.SET_TRIAL_STATE_VALUES, Op.DISCARD_TRIALS})
-    except (ImportError, AttributeError):
-        return None
-
-
-_SYNCED_JOURNAL_OPS = _synced_journal_ops()
-
-
-class TrialSyncedJournalBackend(JournalFileBackend):
-    """Optuna's journal file, fsynced when a trial is created or finishes instead of on every write.
-
-    Optuna fsyncs each append; a trial makes ~30 (each sampled parameter, the learning curve every epoch, rung
-    records, ...), and those fsyncs were ~0.5 % of a default trial's time. A running trial's writes are still
-    written and flushed to the OS under the journal's lock, so other processes see them at once and a crash or
-    ``kill -9`` of the worker loses nothing; they reach the disk with the next synced write (fsync flushes
-    the whole file). A power cut can therefore lose only the in-flight part of a running trial, which is
-    failed and rerun anyway; a finished trial's result is on disk before ``tell`` returns.
-    """
-
-    def append_logs(self, logs: list[dict[str, Any]]) -> None:
-        lock, path = getattr(self, "_lock", None), getattr(self, "_file_path", None)
-        if (lock is None or path is None or _SYNCED_JOURNAL_OPS is None  # (a future Optuna renamed them)
-                or any(log.get("op_code") in _SYNCED_JOURNAL_OPS for log in logs)):
-            return super().append_logs(logs)
-        data = ("\n".join(json.dumps(log, separators=(",", ":")) for log in logs) + "\n").encode("utf-8")
-        lock.acquire()
-        try:
-            with open(path, "ab") as handle:
-                handle.write(data)
-        finally:
-            lock.release()
-
-
 def storage_missing(storage: str | None, root: Path) -> bool:
     """Whether a local storage (journal or SQLite file) does not exist yet: then it holds no study.
 
@@ -136,7 +94,7 @@ def make_storage(storage: str | None, root: Path) -> BaseStorage:
     if not storage or storage.endswith((".journal", ".log")) or storage.startswith("journal:"):
         path = Path(storage.removeprefix("journal:")) if storage else journal_path(root)
         path.parent.mkdir(parents=True, exist_ok=True)
-        return JournalStorage(TrialSyncedJournalBackend(str(path)))
+        return JournalStorage(JournalFileBackend(str(path)))  # fsyncs every append, under its own file lock
     if "://" not in storage:
         raise UserError(f"--storage {storage!r}: not a storage URL; valid: a path ending in .journal, "
                         "sqlite:///FILE.db, or postgresql://USER@HOST/DB")
@@ -404,11 +362,14 @@ def fail_stale_trials(study: optuna.Study, retry: bool = True) -> list[int]:
     that the trial is marked requeued and annotated *before* it is failed: a finished trial's attributes can no
     longer change. Only RDB storages have heartbeats; elsewhere this returns []. Call under `study_lock`.
     """
-    storage = study._storage  # noqa: SLF001 - Optuna's stale-trial query is not public either
-    if not is_heartbeat_enabled(storage):
+    storage = _heartbeat_storage(study)
+    if storage is None:
         return []
     _, grace = heartbeat_settings()
     failed: list[int] = []
+    # The one private Optuna method used here: Optuna's public `fail_stale_trials` fails a stale trial before
+    # its callback sees it, when the trial can no longer be annotated or marked requeued, and its stale-trial
+    # query (declared by every heartbeat storage, `BaseHeartbeat._get_stale_trial_ids`) has no public name.
     for trial_id in storage._get_stale_trial_ids(study._study_id):  # noqa: SLF001
         trial = storage.get_trial(trial_id)
         if trial.state != TrialState.RUNNING:
@@ -423,21 +384,73 @@ def fail_stale_trials(study: optuna.Study, retry: bool = True) -> list[int]:
     return failed
 
 
-def start_heartbeat(study: optuna.Study, trial: optuna.Trial) -> BaseHeartbeatThread:
-    """Start the heartbeat thread of a trial (a no-op thread where the storage has no heartbeat); `.join()` stops it.
+@runtime_checkable
+class _HeartbeatStorage(Protocol):
+    """What heartbeats use of an Optuna storage (RDB storage, and the cache Optuna wraps it in)."""
+
+    def get_trial(self, trial_id: int) -> FrozenTrial: ...
+
+    def record_heartbeat(self, trial_id: int) -> None: ...
+
+    def get_heartbeat_interval(self) -> int | None: ...
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]: ...
+
+
+def _heartbeat_storage(study: optuna.Study) -> _HeartbeatStorage | None:
+    """The study's storage if it records heartbeats (an RDB storage made with an interval), else None."""
+    storage = study._storage  # noqa: SLF001 - Optuna has no public accessor for a study's storage
+    if isinstance(storage, _HeartbeatStorage) and storage.get_heartbeat_interval() is not None:
+        return storage
+    return None
+
+
+class TrialHeartbeat:
+    """Records a trial's heartbeat every interval from a thread of its own until `join()`; a no-op without storage.
+
+    What Optuna's `study.optimize` runs around each trial (a plain thread, not a daemon), through the storage's
+    public `record_heartbeat` and `get_heartbeat_interval`.
+    """
+
+    def __init__(self, storage: _HeartbeatStorage | None, trial_id: int) -> None:
+        self._storage, self._trial_id = storage, trial_id
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Record the first beat now, then one every heartbeat interval."""
+        storage = self._storage
+        interval = storage.get_heartbeat_interval() if storage is not None else None
+        if storage is None or interval is None:
+            return
+        storage.record_heartbeat(self._trial_id)
+        self._thread = threading.Thread(target=self._beat, args=(storage, interval),
+                                        name=f"autokd-heartbeat-{self._trial_id}")
+        self._thread.start()
+
+    def _beat(self, storage: _HeartbeatStorage, interval: int) -> None:
+        while not self._stop.wait(timeout=interval):
+            storage.record_heartbeat(self._trial_id)
+
+    def join(self) -> None:
+        """Stop beating (at once) and wait for the thread."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+
+def start_heartbeat(study: optuna.Study, trial: optuna.Trial) -> TrialHeartbeat:
+    """Start the heartbeat of a trial (a no-op where the storage has no heartbeat); `.join()` stops it.
 
     The first beat is recorded before this returns: a trial without any heartbeat is never found stale.
     """
-    storage = study._storage  # noqa: SLF001
-    if is_heartbeat_enabled(storage):
-        storage.record_heartbeat(trial._trial_id)  # noqa: SLF001
-    thread = get_heartbeat_thread(trial._trial_id, storage)  # noqa: SLF001
-    thread.start()
-    return thread
+    heartbeat = TrialHeartbeat(_heartbeat_storage(study), trial._trial_id)  # noqa: SLF001
+    heartbeat.start()
+    return heartbeat
 
 
-def ask_with_heartbeat(study: optuna.Study) -> tuple[optuna.Trial, BaseHeartbeatThread]:
-    """`study.ask()` plus the trial's heartbeat thread (see `start_heartbeat`); join the thread when it ends.
+def ask_with_heartbeat(study: optuna.Study) -> tuple[optuna.Trial, TrialHeartbeat]:
+    """`study.ask()` plus the trial's heartbeat (see `start_heartbeat`); join it when the trial ends.
 
     Optuna warns that heartbeats are meant for `study.optimize`, which starts the thread itself: here we do.
     """

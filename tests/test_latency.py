@@ -91,7 +91,7 @@ def test_median_rel_error() -> None:
 
 @pytest.mark.parametrize("family", available_families())
 def test_count_macs_matches_torch_flop_counter(family: str) -> None:
-    """The fast counter skips FlopCounterMode's work on ops without FLOPs; the total must not change."""
+    """MACs are torch's FlopCounterMode total / 2, one image, in inference mode."""
     from torch.utils.flop_counter import FlopCounterMode
 
     model = build_student(family, 0.5, 0.5, 10, 1, 16).eval()
@@ -99,6 +99,21 @@ def test_count_macs_matches_torch_flop_counter(family: str) -> None:
     with torch.inference_mode(), counter:
         model(torch.zeros(1, 1, 16, 16))
     assert count_macs(model, (1, 16, 16)) == counter.get_total_flops() // 2 > 0
+
+
+# MACs of the default space's corners (16 px, 1 channel), as counted since MACs were first recorded: a count
+# that changes would make a study's or a latency cache's stored figures disagree with new trials.
+RECORDED_MACS = {
+    "convnext": (86432, 755520), "efficientnet": (206096, 945424), "mobilenetv3": (119200, 926112),
+    "regnet": (60608, 728048), "resnet": (231552, 2594688), "vit": (108704, 2362848),
+}
+
+
+@pytest.mark.parametrize("family", available_families())
+def test_count_macs_matches_recorded_figures(family: str) -> None:
+    small, large = RECORDED_MACS[family]
+    assert count_macs(build_student(family, 0.25, 0.25, 10, 1, 16), (1, 16, 16)) == small
+    assert count_macs(build_student(family, 0.75, 0.75, 10, 1, 16), (1, 16, 16)) == large
 
 
 def test_count_macs_grows_with_width() -> None:
