@@ -119,10 +119,11 @@ def load_dataset(name: str = "digits", data_dir: str | None = None, input_size: 
     return DataSplits(
         name=name, x_train=x_tr, y_train=y_tr, x_val=x_va, y_val=y_va, x_test=x_te, y_test=y_te,
         num_classes=len(classes), in_chans=x_tr.shape[1], input_size=input_size, class_names=classes,
-        mean=tuple(mean.tolist()), std=tuple(std.tolist()), fingerprint=_sha1(ident))
+        mean=tuple(mean.tolist()), std=tuple(std.tolist()), fingerprint=fingerprint_of(ident))
 
 
-def _sha1(obj: object) -> str:
+def fingerprint_of(obj: object) -> str:
+    """SHA-1 hex of ``obj``'s canonical JSON: the fingerprints of data, training views and caches."""
     return hashlib.sha1(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
 
@@ -254,7 +255,7 @@ def _load_folder(path: str, size: int, seed: int):
         x_va, y_va, x_te, y_te = x_va[keep], y_va[keep], x_va[test], y_va[test]
     # The listing (relative names and byte sizes) goes into the fingerprint, so edited folders re-key caches.
     listing = [[str(f.relative_to(root)), f.stat().st_size] for sub in subsets for f, _ in files[sub]]
-    extra = {"path": str(root.resolve()), "files": _sha1(listing), "mode": mode}
+    extra = {"path": str(root.resolve()), "files": fingerprint_of(listing), "mode": mode}
     return x_tr, y_tr, x_va, y_va, x_te, y_te, classes, extra
 
 
@@ -287,8 +288,8 @@ class TrainViews:
         self.seed = seed
         self.max_shift = max_shift
         self.hflip = hflip
-        self.fingerprint = _sha1({"views": num_views, "seed": seed, "shift": max_shift, "hflip": hflip,
-                                  "version": self.VERSION})
+        self.fingerprint = fingerprint_of({"views": num_views, "seed": seed, "shift": max_shift, "hflip": hflip,
+                                           "version": self.VERSION})
 
     def __repr__(self) -> str:
         return (f"TrainViews(num_views={self.num_views}, seed={self.seed}, max_shift={self.max_shift}, "

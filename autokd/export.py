@@ -13,15 +13,12 @@ config always describes the files next to it). A mismatch raises :class:`ParityE
 ``timm.create_model("local-dir:DIR", pretrained=True)`` once ``autokd.students`` is imported (three of the
 families are timm entry points registered there).
 
-ONNX: torch's TorchScript-based exporter (``torch.onnx.export(dynamo=False)``) with a dynamic batch axis, opset
-:data:`ONNX_OPSET`; if it fails on some model, the ``torch.export``-based one (``dynamo=True``) is tried, and the one
-used is recorded in ``config.json``. :func:`export_onnx` is also what a search times with ONNX Runtime (so what was
-timed is what ships), and there its cost counts on every trial: the TorchScript-based exporter takes ~0.1 s for a
-default-space student where the ``torch.export`` one takes 2-3.5 s (README, "Latency protocol").
+ONNX: :func:`autokd.onnx_export.export_onnx`, the function a search times with ONNX Runtime (so what was timed is
+what ships); the exporter it used is recorded in ``config.json``. Reading model files and loading weights is
+:mod:`autokd.checkpoint`'s job.
 """
 from __future__ import annotations
 
-import contextlib
 import difflib
 import io
 import json
@@ -29,10 +26,9 @@ import os
 import shutil
 import tempfile
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import optuna
 import torch
@@ -40,8 +36,9 @@ from optuna.trial import FrozenTrial, TrialState
 from torch import nn
 
 from autokd.checkpoint import (CONFIG_FILE, WEIGHTS_FILE, atomic_save_tensors, atomic_write_bytes,
-                               atomic_write_json, read_checkpoint)
+                               atomic_write_json, load_trial_student, load_weights, read_weights)
 from autokd.errors import UserError
+from autokd.onnx_export import INPUT_NAME, ONNX_OPSET, OUTPUT_NAME, example_batch, export_onnx, quiet_exporter
 from autokd.study import sampled_params
 
 FORMATS = ("safetensors", "onnx", "torchscript")
@@ -49,11 +46,8 @@ ONNX_FILE = "model.onnx"
 TORCHSCRIPT_FILE = "model.torchscript.pt"
 FORMAT_FILES = {"safetensors": WEIGHTS_FILE, "onnx": ONNX_FILE, "torchscript": TORCHSCRIPT_FILE}
 PICKS = ("knee", "best", "fastest")
-ONNX_OPSET = 18
 PARITY_ATOL = 1e-4
 PARITY_BATCH = 32  # validation images used for the parity check
-EXAMPLE_BATCH = 2  # the export's example input: batch 1 would be specialised
-INPUT_NAME, OUTPUT_NAME = "input", "logits"
 EXPORT_FORMAT = "autokd-student/1"
 
 
@@ -110,8 +104,9 @@ def load_student(path: str | os.PathLike) -> nn.Module:
     except Exception as exc:  # noqa: BLE001 - timm raises RuntimeError/TypeError/ValueError for bad configs
         raise UserError(f"{cfg_path}: cannot build timm model {arch!r} with num_classes={num_classes} and "
                         f"{model_args}: {exc.__class__.__name__}: {exc}") from exc
-    state = _read_weights(weights_path)
-    _load_weights(model, state, weights_path, f"{arch} as configured in {cfg_path}")
+    state = read_weights(weights_path)
+    load_weights(model, state, weights_path,
+                 f"the weights in {weights_path} do not fit the architecture {arch} as configured in {cfg_path}")
     model.eval()
     pre = cfg.get("pretrained_cfg")
     if isinstance(pre, dict):  # so timm.data.resolve_data_config(model=model) sees the right mean/std/size
@@ -136,36 +131,6 @@ def _arch_from_config(cfg: dict[str, Any], cfg_path: Path) -> tuple[str, dict[st
             raise UserError(f"{cfg_path}: the 'student' entry is incomplete ({exc!r})") from exc
     raise UserError(f"{cfg_path}: neither an autokd export (no 'architecture' key) nor a trial checkpoint "
                     f"(no 'student' key); keys: {', '.join(sorted(cfg)) or 'none'}")
-
-
-def _read_weights(weights_path: Path, what: str = "") -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(weights_path))
-    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for corrupt headers
-        raise UserError(f"{what}{weights_path} is truncated or corrupt ({exc.__class__.__name__}: {exc})") from exc
-
-
-def _load_weights(model: nn.Module, state: dict[str, torch.Tensor], weights_path: Path, arch: str,
-                  what: str = "") -> None:
-    """`load_state_dict(strict=True)` with a readable error naming the file."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing tensors (e.g. {', '.join(missing[:3])})")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected tensors (e.g. {', '.join(unexpected[:3])})")
-    if shapes:
-        problems.append(f"{len(shapes)} shape mismatches (e.g. {'; '.join(shapes[:2])})")
-    if problems:
-        raise UserError(f"{what}the weights in {weights_path} do not fit the architecture {arch}: "
-                        f"{', '.join(problems)}. The file belongs to a different model.")
-    model.load_state_dict(state, strict=True)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -262,7 +227,6 @@ def load_trial(study: optuna.Study, number: int, root: Path) -> tuple[nn.Module,
     study and the trial.
     """
     from autokd import scaleout
-    from autokd.students import StudentSpec, build_from_spec
     from autokd.study import study_dir
     from autokd.study_report import trial_state
 
@@ -281,23 +245,7 @@ def load_trial(study: optuna.Study, number: int, root: Path) -> tuple[nn.Module,
                         f"trained student to export; {listing}")
     trial_dir = study_dir(root, study.study_name) / "trials" / str(number)
     scaleout.fetch_trial_checkpoints(study, trial_dir.parent, [number])  # if trained on another machine
-    state_dict, cfg = read_checkpoint(trial_dir, what=what)
-    cfg_path, weights_path = trial_dir / CONFIG_FILE, trial_dir / WEIGHTS_FILE
-    if cfg.get("study", study.study_name) != study.study_name or cfg.get("trial", number) != number:
-        raise UserError(f"{what}: {cfg_path} belongs to study {cfg.get('study')!r} trial {cfg.get('trial')} "
-                        "(a leftover of an older study with the same name?); refusing to export it")
-    try:
-        spec = StudentSpec.from_dict(cfg["student"])
-    except (KeyError, TypeError, UserError) as exc:
-        raise UserError(f"{what}: {cfg_path} has no usable 'student' entry ({exc})") from exc
-    try:
-        model = build_from_spec(spec)
-    except Exception as exc:  # noqa: BLE001 - timm raises many kinds for a bad architecture
-        raise UserError(f"{what}: cannot rebuild {spec.model_name} from {cfg_path}: "
-                        f"{exc.__class__.__name__}: {exc}") from exc
-    _load_weights(model, state_dict, weights_path, f"{spec.model_name} ({spec.key}) described in {cfg_path}",
-                  what=f"{what}: ")
-    model.eval()
+    model, cfg = load_trial_student(trial_dir, what, study=study.study_name, trial=number)
     return model, cfg, ft
 
 
@@ -305,50 +253,13 @@ def load_trial(study: optuna.Study, number: int, root: Path) -> tuple[nn.Module,
 # Writing the formats
 
 
-def export_onnx(model: nn.Module, example: torch.Tensor) -> tuple[bytes, str, list[str]]:
-    """ONNX bytes of ``model`` (dynamic batch axis): (bytes, exporter used, notes about failed attempts)."""
-    notes: list[str] = []
-    attempts: list[tuple[str, Callable[[], bytes]]] = [("legacy", lambda: _onnx_legacy(model, example)),
-                                                       ("dynamo", lambda: _onnx_dynamo(model, example))]
-    for name, attempt in attempts:
-        try:
-            with _quiet():
-                return attempt(), name, notes
-        except Exception as exc:  # noqa: BLE001 - any exporter failure: try the next one, report all if none works
-            first_line = (str(exc).strip().splitlines() or [""])[0][:300]
-            notes.append(f"{name} exporter failed: {exc.__class__.__name__}: {first_line}")
-    raise RuntimeError("ONNX export failed with every exporter: " + " | ".join(notes))
-
-
-def _onnx_dynamo(model: nn.Module, example: torch.Tensor) -> bytes:
-    program = torch.onnx.export(model, (example,), None, dynamo=True, external_data=False,
-                                input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], opset_version=ONNX_OPSET,
-                                dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False)
-    return program.model_proto.SerializeToString()
-
-
-def _onnx_legacy(model: nn.Module, example: torch.Tensor) -> bytes:
-    buf = io.BytesIO()
-    torch.onnx.export(model, (example,), buf, dynamo=False, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                      opset_version=ONNX_OPSET, dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
-    return buf.getvalue()
-
-
 def export_torchscript(model: nn.Module, example: torch.Tensor) -> bytes:
     """TorchScript (``torch.jit.trace``) bytes of ``model``; checked for parity by the caller, not by the tracer."""
-    with _quiet(), torch.no_grad():
+    with quiet_exporter(), torch.no_grad():
         traced = torch.jit.trace(model, example, check_trace=False)
         buf = io.BytesIO()
         torch.jit.save(traced, buf)
     return buf.getvalue()
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    # The exporters print progress and deprecation/tracer warnings; parity is checked on real inputs instead.
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        yield
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -379,7 +290,7 @@ def verify_files(folder: Path, formats: list[str], reference: nn.Module, x: torc
         out["onnx"] = max(_max_diff(torch.from_numpy(sess.run([OUTPUT_NAME], {INPUT_NAME: b.numpy()})[0]), r)
                           for b, r in zip((x, x[:1]), refs))
     if "torchscript" in formats:
-        with _quiet():
+        with quiet_exporter():
             scripted = torch.jit.load(str(folder / TORCHSCRIPT_FILE), map_location="cpu")
         with torch.inference_mode():
             out["torchscript"] = max(_max_diff(scripted(b), r) for b, r in zip((x, x[:1]), refs))
@@ -498,7 +409,7 @@ def export_trial(study: optuna.Study, number: int, root: Path, out: Path, format
         config = _build_config(model, ckpt, ft, study, data, test_acc, formats, why, storage)
         atomic_save_tensors(staging / WEIGHTS_FILE, model.state_dict(), metadata={"format": "pt"})
         atomic_write_json(staging / CONFIG_FILE, config)  # load_student needs it for the reload check
-        example = x[:EXAMPLE_BATCH] if len(x) >= EXAMPLE_BATCH else x[:1].repeat(EXAMPLE_BATCH, 1, 1, 1)
+        example = example_batch(x)
         if "onnx" in formats:
             t0 = time.perf_counter()
             blob, exporter, notes = export_onnx(model, example)

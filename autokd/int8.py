@@ -468,20 +468,23 @@ def trial_int8_accuracy(study: Any, number: int, root: Path, data: Any,
                         calibration_count: int = DEFAULT_CALIBRATION_IMAGES) -> dict[str, Any]:
     """fp32 and int8 test accuracy (ONNX Runtime) of a COMPLETE trial's student, as ``--int8`` exports it, computed
     once and cached beside its checkpoint (``trials/<n>/int8_test_acc.json``, keyed by data, views, calibration
-    and ONNX Runtime version). For the report of a ``--latency-precision int8`` study: the front only.
-    Raises :class:`QuantizationError` if ONNX Runtime cannot quantise the student."""
+    and ONNX Runtime version). For the report of a ``--latency-precision int8`` study: the front only, whose
+    checkpoints the report has fetched first. Raises :class:`QuantizationError` if ONNX Runtime cannot quantise
+    the student."""
     import json
 
     import onnxruntime as ort
 
     from autokd.atomic import atomic_write_json
-    from autokd.export import PARITY_BATCH, export_onnx, load_trial
+    from autokd.checkpoint import load_trial_student
+    from autokd.onnx_export import example_batch, export_onnx
     from autokd.study import study_dir
 
     views = study_views(study)
     key = {"data_fingerprint": data.fingerprint, "views": views.fingerprint, "calibration_images": calibration_count,
            "onnxruntime": ort.__version__}
-    cache = study_dir(Path(root), study.study_name) / "trials" / str(number) / INT8_ACC_FILE
+    trial_dir = study_dir(Path(root), study.study_name) / "trials" / str(number)
+    cache = trial_dir / INT8_ACC_FILE
     if cache.is_file():
         try:
             stored = json.loads(cache.read_text())
@@ -489,10 +492,9 @@ def trial_int8_accuracy(study: Any, number: int, root: Path, data: Any,
                 return dict(stored["result"])
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             pass  # unreadable: computed again
-    model = load_trial(study, number, root)[0]
-    x = data.x_val[:PARITY_BATCH].detach().to("cpu").float()
-    example = x[:2] if len(x) >= 2 else x.repeat(2, 1, 1, 1)  # as export_trial: batch 2, dynamic batch axis
-    fp32 = export_onnx(model, example)[0]
+    model = load_trial_student(trial_dir, f"study {study.study_name!r} trial {number}", study=study.study_name,
+                               trial=number)[0]
+    fp32 = export_onnx(model, example_batch(data.x_val).detach().to("cpu").float())[0]  # as export_trial makes it
     int8 = quantize_onnx(fp32, calibration_images(data, views, calibration_count))
     result = test_accuracies(fp32, int8, data)
     atomic_write_json(cache, {"key": key, "result": result})

@@ -367,7 +367,7 @@ class LatencyMeter:
     """The one owner of latency in a search: runtime, protocol, the on-disk cache, the study-wide shared
     measurement and the lock that serialises timing against training.
 
-    ``runtime`` ``onnxruntime`` exports the student with :func:`autokd.export.export_onnx` (the function
+    ``runtime`` ``onnxruntime`` exports the student with :func:`autokd.onnx_export.export_onnx` (the function
     ``autokd export`` ships with) and times the ONNX model with :mod:`autokd.ort_timing`; ``torch`` times the
     eager module. Both use the same rounds protocol (``rounds`` x ``runs``, minimum per round, median over
     rounds, order-statistic interval).
@@ -467,7 +467,7 @@ class LatencyMeter:
 
     def export(self, model: nn.Module, input_shape: tuple[int, int, int]) -> bytes:
         """The ONNX bytes ``autokd export`` would write for ``model`` (same function, same example batch)."""
-        from autokd.export import EXAMPLE_BATCH, export_onnx
+        from autokd.onnx_export import EXAMPLE_BATCH, export_onnx
 
         was_training, prev_threads = model.training, torch.get_num_threads()
         try:

@@ -12,7 +12,7 @@ from typing import Any, Callable
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from autokd.checkpoint import atomic_write_json, read_checkpoint
+from autokd.checkpoint import atomic_write_json, load_trial_student
 from autokd.errors import UserError
 from autokd import retiming
 from autokd.pareto import TrialPoint, wilson_interval
@@ -103,17 +103,16 @@ def study_data(study: optuna.Study, data_dir: str | None = None) -> Any:
 
 
 def test_accuracy(study: optuna.Study, number: int, root: Path, data: Any) -> float:
-    """Test accuracy of a completed trial's checkpoint, evaluated once and cached next to it."""
-    from autokd.students import StudentSpec, build_from_spec
+    """Test accuracy of a completed trial's checkpoint, evaluated once and cached next to it.
+
+    A missing, corrupt or mismatching checkpoint is a UserError naming the file."""
     from autokd.train import evaluate
 
     trial_dir = study_dir(root, study.study_name) / "trials" / str(number)
     cache = trial_dir / "test_acc.json"
     if cache.is_file():
         return float(json.loads(cache.read_text())["test_acc"])
-    state, config = read_checkpoint(trial_dir, what=f"study {study.study_name!r} trial {number}")
-    model = build_from_spec(StudentSpec.from_dict(config["student"]))
-    model.load_state_dict(state)
+    model = load_trial_student(trial_dir, f"study {study.study_name!r} trial {number}")[0]
     # evaluate() runs on the data's device (the GPU in a CUDA search): the model must be there too.
     acc = float(evaluate(model.to(data.x_test.device), data.x_test, data.y_test))
     atomic_write_json(cache, {"test_acc": acc, "data_fingerprint": data.fingerprint})

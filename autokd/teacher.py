@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-import hashlib
 import json
 import os
 import time
@@ -24,8 +23,9 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from autokd.data import DataSplits, TrainViews
 from autokd.atomic import atomic_path, file_digest
+from autokd.checkpoint import atomic_save_tensors, atomic_write_json, load_weights, read_weights
+from autokd.data import DataSplits, TrainViews, fingerprint_of
 from autokd.errors import UserError
 from autokd.locks import file_lock
 
@@ -91,10 +91,6 @@ class Teacher:
     recipe: TeacherRecipe | None = None
 
 
-def _sha1(obj: object) -> str:
-    return hashlib.sha1(json.dumps(obj, sort_keys=True).encode()).hexdigest()
-
-
 def _check_arch(arch: str) -> None:
     import timm
 
@@ -105,11 +101,11 @@ def _check_arch(arch: str) -> None:
                         "List them with `python -c \"import timm; print(timm.list_models())\"`.")
 
 
-def _timm_create(arch: str, data: DataSplits, pretrained: bool) -> nn.Module:
+def _timm_create(arch: str, data: DataSplits, pretrained: bool, **extra: object) -> nn.Module:
     """``timm.create_model`` for this data; models with a fixed input size (ViT, DeiT, ...) are built for it."""
     import timm
 
-    kwargs = {"pretrained": pretrained, "num_classes": data.num_classes, "in_chans": data.in_chans}
+    kwargs = {"pretrained": pretrained, "num_classes": data.num_classes, "in_chans": data.in_chans, **extra}
     try:
         # A vit_*_224 expects 224x224 inputs and fails on anything else; timm resizes its position embedding.
         return timm.create_model(arch, img_size=data.input_size, **kwargs)
@@ -141,75 +137,57 @@ def _create(arch: str, data: DataSplits, pretrained: bool = False) -> nn.Module:
 def _create_model(arch: str, data: DataSplits, pretrained: bool) -> nn.Module:
     if not pretrained:
         return _timm_create(arch, data, pretrained=False)
+    # timm downloads missing weights, and huggingface_hub reads its offline switch (HF_HUB_OFFLINE) once, at
+    # import. So the weights file is looked up in the local caches here and handed to timm as a file: no network.
+    local = _cached_pretrained_file(arch)
     try:
-        import huggingface_hub.constants as hf_constants
-    except ImportError:  # pragma: no cover - timm depends on huggingface_hub
-        hf_constants = None
-    offline = getattr(hf_constants, "HF_HUB_OFFLINE", None)
-    try:
-        if hf_constants is not None:
-            hf_constants.HF_HUB_OFFLINE = True  # only weights already in the local cache; never the network
-        return _timm_create(arch, data, pretrained=True)
-    except Exception as e:  # noqa: BLE001 - any failure here means "no local weights"
+        if local is None:
+            raise FileNotFoundError(f"no weights of {arch!r} in the Hugging Face or torch hub cache")
+        return _timm_create(arch, data, pretrained=True, pretrained_cfg_overlay={"file": local})
+    except Exception as e:  # noqa: BLE001 - any failure here means "no usable local weights"
         raise UserError(f"pretrained weights for {arch!r} are not available locally ({type(e).__name__}: {e}). "
                         "autokd does not download at run time: put them in the Hugging Face cache first, pass a "
                         "local --teacher-checkpoint, or drop --teacher-pretrained to train the teacher here.") from None
-    finally:
-        if hf_constants is not None:
-            hf_constants.HF_HUB_OFFLINE = offline
 
 
-def _read_state_dict(path: Path) -> dict[str, Tensor]:
-    if not path.is_file():
-        raise UserError(f"teacher checkpoint {str(path)!r} does not exist or is not a file.")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+def _cached_pretrained_file(arch: str) -> str | None:
+    """The file timm would load ``arch``'s pretrained weights from, if it is in the local Hugging Face cache (or,
+    for weights published by URL only, the torch hub cache); None when timm would have to download it."""
+    from urllib.parse import urlparse
 
-            obj = load_file(str(path))
-        else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - truncated, corrupt, wrong format, pickled module...
-        raise UserError(f"cannot read teacher checkpoint {str(path)!r}: {type(e).__name__}: {e}. Expected a complete "
-                        "safetensors file (*.safetensors) or a torch state dict (torch.save(model.state_dict())); "
-                        "the file may be truncated or corrupt.") from None
-    if isinstance(obj, dict):
-        for wrapper in ("state_dict", "model", "model_state_dict"):
-            if isinstance(obj.get(wrapper), dict):
-                obj = obj[wrapper]
-                break
-    if not isinstance(obj, dict) or not obj or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise UserError(f"teacher checkpoint {str(path)!r} is not a state dict of tensors "
-                        f"(got {type(obj).__name__}); save it with torch.save(model.state_dict(), path).")
-    for prefix in ("module.", "_orig_mod."):  # DDP / torch.compile wrappers
-        if all(k.startswith(prefix) for k in obj):
-            obj = {k[len(prefix):]: v for k, v in obj.items()}
-    return obj
+    from huggingface_hub import try_to_load_from_cache
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(arch)
+    if cfg is None:
+        return None
+    if cfg.hf_hub_id:
+        repo, _, revision = cfg.hf_hub_id.partition("@")
+        # timm's choice: the configured file name, else safetensors before the pickled torch file
+        for name in [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]:
+            found = try_to_load_from_cache(repo, name, revision=revision or None)
+            if isinstance(found, str):
+                return found
+    if cfg.url:
+        path = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(cfg.url).path).name
+        if path.is_file():
+            return str(path)
+    return None
 
 
-def _load_weights(model: nn.Module, state: dict[str, Tensor], path: Path, arch: str, data: DataSplits) -> None:
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in state if k not in expected]
-    mismatched = [f"{k} {list(state[k].shape)} in the file vs {list(v.shape)} in the model"
-                  for k, v in expected.items() if k in state and state[k].shape != v.shape]
-    if missing or unexpected or mismatched:
-        def some(items: list[str]) -> str:
-            return ", ".join(items[:4]) + (f" (+{len(items) - 4} more)" if len(items) > 4 else "")
-
-        parts = [f"{label}: {some(items)}" for label, items in
-                 (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatch", mismatched)) if items]
-        raise UserError(f"teacher checkpoint {str(path)!r} does not fit timm {arch!r} with num_classes="
-                        f"{data.num_classes}, in_chans={data.in_chans} ({data.name}): {'; '.join(parts)}. "
-                        "Pass the architecture it was trained with (--teacher ARCH) and a checkpoint for this "
-                        "dataset's classes and channels.")
-    model.load_state_dict(state, strict=False)
+def _fit(model: nn.Module, state: dict[str, Tensor], path: Path, arch: str, data: DataSplits) -> None:
+    """Teacher weights read from ``path`` into ``model``, or a UserError naming the file and what does not fit."""
+    load_weights(model, state, path,
+                 f"teacher checkpoint {str(path)!r} does not fit timm {arch!r} with num_classes={data.num_classes}, "
+                 f"in_chans={data.in_chans} ({data.name})",
+                 fix="Pass the architecture it was trained with (--teacher ARCH) and a checkpoint for this dataset's "
+                     "classes and channels.")
 
 
 def _ready(model: nn.Module, device: str) -> nn.Module:
     # channels_last like the students (autokd.train.TrainConfig): the loop feeds the online teacher NHWC
-    # batches, and NCHW weights with NHWC inputs made resnet10t's forward 1.9x slower (28 vs 15 ms a batch of
-    # 64 at 16x16 on a 2-core CPU). A loaded checkpoint comes back NCHW, whatever it was trained in.
+    # batches, and NCHW weights with NHWC inputs slow its forward markedly (README). A loaded checkpoint comes
+    # back NCHW, whatever it was trained in.
     model.to(device).to(memory_format=torch.channels_last).eval()
     model.requires_grad_(False)
     return model
@@ -231,9 +209,9 @@ def get_teacher(data: DataSplits, arch: str | None = None, checkpoint: str | Non
                 arch = json.loads((path.parent / "meta.json").read_text())["arch"]
         arch = arch or default_teacher(data.name)
         _check_arch(arch)
-        state = _read_state_dict(path)
+        state = read_weights(path, "teacher checkpoint")
         model = _create(arch, data)
-        _load_weights(model, state, path, arch, data)
+        _fit(model, state, path, arch, data)
         _ready(model, device)
         val_acc = evaluate(model, data.x_val.to(device), data.y_val.to(device))
         test_acc = evaluate(model, data.x_test.to(device), data.y_test.to(device))
@@ -243,7 +221,7 @@ def get_teacher(data: DataSplits, arch: str | None = None, checkpoint: str | Non
     arch = arch or default_teacher(data.name)
     _check_arch(arch)
     recipe = recipe or default_recipe(data.name)
-    key = _sha1({"data": data.fingerprint, "arch": arch, "recipe": asdict(recipe), "pretrained": pretrained})
+    key = fingerprint_of({"data": data.fingerprint, "arch": arch, "recipe": asdict(recipe), "pretrained": pretrained})
     cache_root = Path(cache_root)
     tdir = cache_root / f"{arch}-{key[:16]}"
     with file_lock(cache_root / f".{tdir.name}.lock"):
@@ -290,14 +268,8 @@ def _train(arch: str, data: DataSplits, recipe: TeacherRecipe, pretrained: bool,
 
 
 def _save(tdir: Path, model: nn.Module, meta: dict) -> None:
-    from safetensors.torch import save_file
-
-    # clone() breaks any storage sharing, which safetensors refuses to write.
-    state = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
-    with atomic_path(tdir / "model.safetensors") as tmp:
-        save_file(state, str(tmp))
-    with atomic_path(tdir / "meta.json") as tmp:  # written last: its presence marks a complete entry
-        tmp.write_text(json.dumps(meta, indent=2, sort_keys=True))
+    atomic_save_tensors(tdir / "model.safetensors", model.state_dict())
+    atomic_write_json(tdir / "meta.json", meta)  # written last: its presence marks a complete entry
 
 
 def _load_cached(tdir: Path, arch: str, data: DataSplits, device: str,
@@ -308,7 +280,7 @@ def _load_cached(tdir: Path, arch: str, data: DataSplits, device: str,
     try:
         meta = json.loads(meta_path.read_text())
         model = _create(arch, data)
-        _load_weights(model, _read_state_dict(weights), weights, arch, data)
+        _fit(model, read_weights(weights), weights, arch, data)
     except (OSError, ValueError, KeyError, UserError) as e:
         log(f"teacher {arch}: cache entry {tdir} is unreadable ({e}); retraining")
         return None
@@ -404,7 +376,7 @@ def teacher_outputs(teacher: Teacher, data: DataSplits, views: TrainViews | None
                 f"(limit {max_feature_bytes / 2**20:.0f} MB); running the teacher online instead of caching")
             return OnlineTeacherOutputs(model, need_features=True, feature_channels=int(probe.shape[1]))
 
-    key = _sha1({"teacher": teacher.fingerprint, "data": data.fingerprint, "views": views.fingerprint,
+    key = fingerprint_of({"teacher": teacher.fingerprint, "data": data.fingerprint, "views": views.fingerprint,
                  "features": need_features, "version": OUTPUTS_VERSION})
     path = Path(cache_root) / "outputs" / f"{key}.pt"
     with file_lock(path.parent / f".{key}.lock"):

@@ -14,7 +14,7 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -25,9 +25,21 @@ from autokd.students import feature_channels, forward_with_features
 
 if TYPE_CHECKING:
     from autokd.losses import KDLoss
-    from autokd.teacher import TeacherOutputs
 
 OPTIMIZERS = ("adamw", "sgd")
+
+
+class TeacherSource(Protocol):
+    """What the loop needs from a teacher (e.g. :mod:`autokd.teacher`'s cached or online outputs): its logits,
+    and its feature maps for a feature loss, for a batch ``x_view`` of training view ``view`` (``idx``: the
+    images' indices in the training split)."""
+
+    mode: str  # "cached" | "online": reported as TrainResult.teacher_mode
+    feature_channels: int | None  # channels of features(); None when it gives none
+
+    def logits(self, x_view: Tensor, idx: Tensor, view: int) -> Tensor: ...
+
+    def features(self, x_view: Tensor, idx: Tensor, view: int) -> Tensor: ...
 
 
 @dataclass
@@ -40,8 +52,8 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     amp: bool | None = None  # None = bf16 autocast on CUDA only
-    # On CUDA and on the CPU too: oneDNN's NHWC convolutions made a training step at 16x16 1.7x faster for
-    # mobilenetv3, 1.5x for regnet, 1.2x for convnext, 1.07x for resnet (2-core Xeon, batch 64).
+    # On CUDA and on the CPU too: oneDNN's NHWC convolutions make training steps faster for every student
+    # family (README).
     channels_last: bool = True
     # False, True (torch.compile's default mode) or a torch.compile mode name: "reduce-overhead" adds CUDA
     # graphs. Compiled steps see one batch shape only: a smaller last batch runs the same module eagerly.
@@ -85,7 +97,7 @@ def _make_optimizer(name: str, groups: list[dict[str, Any]], lr: float) -> torch
 
 
 def distill(student: nn.Module, loss_fn: KDLoss, data: DataSplits, cfg: TrainConfig,
-            teacher: TeacherOutputs | None = None, views: TrainViews | None = None,
+            teacher: TeacherSource | None = None, views: TrainViews | None = None,
             on_epoch: Callable[[EpochResult], None] | None = None,
             on_step: Callable[[], None] | None = None) -> TrainResult:
     """Train ``student`` with ``loss_fn`` for ``cfg.epochs``; validate after every epoch and call ``on_epoch``.
@@ -179,7 +191,7 @@ class _StepContext:
     optimizer: torch.optim.Optimizer
     data: DataSplits
     cfg: TrainConfig
-    teacher: TeacherOutputs | None
+    teacher: TeacherSource | None
     views: TrainViews | None
     autocast: Callable[[], Any]  # bf16 autocast when amp, else a no-op context: chosen once, not per step
     lr_at: Callable[[int, int], float]

@@ -16,7 +16,7 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
-from autokd import export
+from autokd import export, onnx_export
 from autokd.checkpoint import write_checkpoint
 from autokd.cli import main
 from autokd.errors import UserError
@@ -364,7 +364,7 @@ def test_onnx_falls_back_to_dynamo_exporter(study_root: Path, tmp_path: Path, mo
     def broken(model: torch.nn.Module, example: torch.Tensor) -> bytes:
         raise RuntimeError("unsupported operator")
 
-    monkeypatch.setattr(export, "_onnx_legacy", broken)
+    monkeypatch.setattr(onnx_export, "_onnx_legacy", broken)
     result = _export(study_root, tmp_path / "out", trial=0, formats="onnx")
     assert result.onnx_exporter == "dynamo" and result.parity["onnx"] <= 1e-4
     assert result.config["onnx"]["exporter"] == "torch.onnx.export(dynamo=True)"

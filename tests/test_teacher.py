@@ -151,6 +151,29 @@ def test_pretrained_without_local_weights_is_a_user_error(data, tmp_path: Path, 
         get_teacher(data, arch=ARCH, pretrained=True, cache_root=tmp_path, recipe=RECIPE, log=lambda m: None)
 
 
+def test_pretrained_weights_come_from_the_local_hub_cache(data, tmp_path: Path, monkeypatch) -> None:
+    # Weights already in the Hugging Face cache are used (adapted to the data's classes and channels), without
+    # the network: the file is found in the cache and handed to timm.
+    import huggingface_hub.constants
+    from safetensors.torch import save_file
+
+    hub = tmp_path / "hub"
+    repo = hub / "models--timm--test_resnet.r160_in1k"
+    (repo / "snapshots" / "0123abcd").mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    torch.manual_seed(0)
+    source = timm.create_model(ARCH).state_dict()  # ImageNet-shaped: 1000 classes, 3 channels
+    save_file(dict(source), str(repo / "snapshots" / "0123abcd" / "model.safetensors"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub))
+    frozen = TeacherRecipe(epochs=1, batch_size=48, lr=0.0)  # lr 0: the weights stay the loaded ones
+    t = get_teacher(data, arch=ARCH, pretrained=True, cache_root=tmp_path / "t", recipe=frozen, log=lambda m: None)
+    got = t.model.state_dict()
+    assert got["fc.weight"].shape[0] == data.num_classes and got["conv1.0.weight"].shape[1] == data.in_chans
+    assert torch.allclose(got["conv1.0.weight"].cpu(), source["conv1.0.weight"].sum(1, keepdim=True), atol=1e-6)
+    assert torch.equal(got["layer1.0.conv1.weight"].cpu(), source["layer1.0.conv1.weight"])
+
+
 def test_corrupt_cache_entry_is_retrained(data, tmp_path: Path) -> None:
     recipe = TeacherRecipe(epochs=1, batch_size=48, lr=1e-2)
     first = get_teacher(data, arch=ARCH, cache_root=tmp_path, recipe=recipe, log=lambda m: None)
