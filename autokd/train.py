@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 from torch import Tensor, nn
 
+from autokd.config import OPTIMIZERS
 from autokd.data import DataSplits, TrainViews
 from autokd.errors import UserError
 from autokd.students import feature_channels, forward_with_features
@@ -26,8 +27,6 @@ from autokd.students import feature_channels, forward_with_features
 if TYPE_CHECKING:
     from autokd.losses import KDLoss
     from autokd.teacher import TeacherOutputs
-
-OPTIMIZERS = ("adamw", "sgd")
 
 
 @dataclass
