@@ -54,7 +54,6 @@ map ``[B, C, H, W]`` for the conv families; for ViT the patch tokens (prefix tok
 """
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 import math
@@ -74,7 +73,7 @@ from timm.models.efficientnet import _create_effnet
 from timm.models.mobilenetv3 import _create_mnv3
 from timm.models.regnet import RegNet, RegNetCfg, adjust_widths_groups_comp, model_cfgs as _regnet_cfgs
 
-from autokd.errors import UserError
+from autokd.errors import UserError, did_you_mean
 
 MAX_MULTIPLIER = 4.0
 ResolveFn = Callable[[float, float, int], "tuple[str, dict[str, Any]]"]  # (width, depth, input_size)
@@ -390,9 +389,8 @@ def resolve_student(family: str, width: float, depth: float, num_classes: int, i
     """Validate the choice and resolve it to timm arguments (no model is built)."""
     if family not in _families:
         valid = available_families()
-        close = difflib.get_close_matches(str(family), valid, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise UserError(f"unknown student family {family!r}; valid families: {', '.join(valid)}{hint}")
+        raise UserError(f"unknown student family {family!r}{did_you_mean(family, valid)}; valid families: "
+                        f"{', '.join(valid)}")
     width = _check_multiplier("width", width)
     depth = _check_multiplier("depth", depth)
     num_classes = _check_positive_int("num_classes", num_classes, 1)
