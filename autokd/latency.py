@@ -242,6 +242,13 @@ def measure_latency(model: nn.Module, input_shape: tuple[int, int, int], device:
         if is_cuda:
             torch.cuda.synchronize(dev)
 
+    def timed_run() -> float:
+        sync()
+        t0 = time.perf_counter()
+        model(x)
+        sync()
+        return time.perf_counter() - t0
+
     try:
         torch.set_num_threads(threads)
         model.to(dev).eval()
@@ -256,11 +263,7 @@ def measure_latency(model: nn.Module, input_shape: tuple[int, int, int], device:
             warm_times: list[float] = []
             warm_start = time.perf_counter()
             for i in range(warmup):
-                sync()
-                t0 = time.perf_counter()
-                model(x)
-                sync()
-                warm_times.append(time.perf_counter() - t0)
+                warm_times.append(timed_run())
                 if i >= 1 and time.perf_counter() - warm_start > budget_s / 4:
                     break
             per_run = min(warm_times[-3:]) if warm_times else 0.0
@@ -270,11 +273,7 @@ def measure_latency(model: nn.Module, input_shape: tuple[int, int, int], device:
             times: list[float] = []
             enough = min(MIN_RUNS, runs)
             for _ in range(n):
-                sync()
-                t0 = time.perf_counter()
-                model(x)
-                sync()
-                times.append((time.perf_counter() - t0) * 1000.0)
+                times.append(timed_run() * 1000.0)
                 if len(times) >= enough and precision > 0 and median_rel_error(times) <= precision:
                     break
     finally:
