@@ -16,6 +16,8 @@ from autokd.errors import UserError
 
 #: Environment variable that moves the outputs root (default: ./studies).
 STUDIES_ENV = "AUTOKD_STUDIES"
+#: The optimizers autokd.train builds (defined here, torch-free, so space validation can name them too).
+OPTIMIZERS = ("adamw", "sgd")
 
 
 def studies_root() -> Path:

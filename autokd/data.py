@@ -7,7 +7,6 @@ download), ``cifar10``, ``cifar100``, ``mnist``, ``fashion-mnist`` (torchvision 
 """
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 import os
@@ -20,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from autokd.errors import UserError
+from autokd.errors import UserError, close_matches
 
 # Bump when the preprocessing changes, so cached teachers/outputs keyed on DataSplits.fingerprint are rebuilt.
 PREPROCESSING_VERSION = 1
@@ -85,7 +84,7 @@ def load_dataset(name: str = "digits", data_dir: str | None = None, input_size: 
     name = name if key == "folder" else key
     if key not in _DEFAULT_INPUT_SIZE:
         valid = available_datasets() + ["folder:PATH"]
-        close = difflib.get_close_matches(key, valid, n=3)
+        close = close_matches(key, valid, n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
         raise UserError(f"unknown dataset {name!r}.{hint} Valid: {', '.join(valid)}.")
     if input_size is None:

@@ -24,8 +24,6 @@ class WorkerSlot:
 
     index: int  # worker index: 0 is the process the user started, the others are spawned
     device_index: int | None = None  # index among this process's visible CUDA devices; None on the CPU
-    device_id: str | None = None  # how CUDA_VISIBLE_DEVICES names that device (a number or a GPU-UUID)
-    slot: int = 0  # 0..jobs_per_device-1 on its device
     env: dict[str, str] = field(default_factory=dict)  # added to a spawned worker's environment
 
     @property
@@ -86,11 +84,11 @@ def plan_workers(visible: list[str], chosen: list[int], jobs_per_device: int) ->
     if not chosen:
         raise UserError("--devices: no device chosen")
     slots: list[WorkerSlot] = []
-    for slot in range(jobs_per_device):
+    for _ in range(jobs_per_device):
         for index in chosen:
             worker = len(slots)
             env = {} if worker == 0 else {CUDA_ENV: visible[index]}
-            slots.append(WorkerSlot(index=worker, device_index=index, device_id=visible[index], slot=slot, env=env))
+            slots.append(WorkerSlot(index=worker, device_index=index, env=env))
     return slots
 
 

@@ -19,7 +19,6 @@ what ships); the exporter it used is recorded in ``config.json``. Reading model 
 """
 from __future__ import annotations
 
-import difflib
 import io
 import json
 import os
@@ -37,7 +36,7 @@ from torch import nn
 
 from autokd.checkpoint import (CONFIG_FILE, WEIGHTS_FILE, atomic_save_tensors, atomic_write_bytes,
                                atomic_write_json, load_trial_student, load_weights, read_weights)
-from autokd.errors import UserError
+from autokd.errors import UserError, did_you_mean
 from autokd.onnx_export import INPUT_NAME, ONNX_OPSET, OUTPUT_NAME, example_batch, export_onnx, quiet_exporter
 from autokd.study import sampled_params
 
@@ -148,10 +147,8 @@ def parse_formats(formats: str | list[str] | tuple[str, ...] | None) -> list[str
         if not name:
             continue
         if name not in FORMATS:
-            close = difflib.get_close_matches(name, FORMATS, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise UserError(f"--format {raw!r}: unknown export format{hint}; valid: {', '.join(FORMATS)} "
-                            "(safetensors + config.json are always written)")
+            raise UserError(f"--format {raw!r}: unknown export format{did_you_mean(name, FORMATS)}; valid: "
+                            f"{', '.join(FORMATS)} (safetensors + config.json are always written)")
         chosen.add(name)
     return [f for f in FORMATS if f in chosen]
 
@@ -171,9 +168,7 @@ def select_trial(study: optuna.Study, trial: int | None = None, pick: str | None
     if trial is not None:
         return int(trial), "chosen with --trial"
     if pick is not None and pick not in PICKS:
-        close = difflib.get_close_matches(str(pick), PICKS, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise UserError(f"--pick {pick!r}: unknown pick{hint}; valid: {', '.join(PICKS)}")
+        raise UserError(f"--pick {pick!r}: unknown pick{did_you_mean(pick, PICKS)}; valid: {', '.join(PICKS)}")
     points = trial_points(study)
     front = front_points(points)
     if not front:

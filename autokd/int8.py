@@ -34,6 +34,7 @@ import numpy as np
 from onnxruntime.quantization import CalibrationDataReader
 
 from autokd.errors import UserError, did_you_mean
+from autokd.ort_timing import make_session
 
 INT8_FILE = "model.int8.onnx"
 DEFAULT_CALIBRATION_IMAGES = 256
@@ -216,7 +217,7 @@ def quantize_for_latency(onnx_bytes: bytes, input_shape: Sequence[int], images: 
 
 
 def _run_once(path: Path, input_name: str, x: np.ndarray) -> None:
-    sess = ort_session(path, threads=1)
+    sess = make_session(path, threads=1)
     sess.run(None, {input_name: x})
 
 
@@ -282,19 +283,6 @@ def quantized_op_counts(onnx_bytes: bytes) -> dict[str, int]:
 # Running
 
 
-def ort_session(model: str | os.PathLike | bytes, threads: int | None = None) -> Any:
-    """An ONNX Runtime CPU session (``threads`` intra-op threads; None = ONNX Runtime's default)."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    if threads is not None:
-        opts.intra_op_num_threads = int(threads)
-        opts.inter_op_num_threads = 1
-    source = model if isinstance(model, bytes) else str(model)
-    return ort.InferenceSession(source, sess_options=opts, providers=["CPUExecutionProvider"])
-
-
 def predict(session: Any, x: np.ndarray, batch_size: int = EVAL_BATCH) -> np.ndarray:
     """Logits of ``session`` for the images ``x`` (float32 NCHW), in batches."""
     name = session.get_inputs()[0].name
@@ -313,7 +301,7 @@ class OrtStudent:
                  threads: int | None = None) -> None:
         self.path = Path(path)
         self.config = dict(config or {})
-        self.session = ort_session(self.path, threads)
+        self.session = make_session(self.path, threads)
         self.input_name = self.session.get_inputs()[0].name
         self.output_name = self.session.get_outputs()[0].name
         size = self.config.get("input_size")
@@ -453,8 +441,8 @@ def test_accuracies(fp32_model: str | os.PathLike | bytes, int8_model: str | os.
     y_test = data.y_test.detach().cpu().numpy()
     if len(y_test) == 0:
         raise UserError("the study's test split is empty: no images to measure the INT8 model's accuracy on")
-    pred32 = predict(ort_session(fp32_model), x_test).argmax(1)
-    pred8 = predict(ort_session(int8_model), x_test).argmax(1)
+    pred32 = predict(make_session(fp32_model, threads=None), x_test).argmax(1)
+    pred8 = predict(make_session(int8_model, threads=None), x_test).argmax(1)
     acc32, acc8 = float((pred32 == y_test).mean()), float((pred8 == y_test).mean())
     return {"test_acc": acc8, "fp32_test_acc": acc32, "drop_pp": round((acc32 - acc8) * 100, 4),
             "agreement": float((pred32 == pred8).mean()), "test_images": int(len(y_test)),

@@ -4,8 +4,8 @@ A search measures through :class:`LatencyMeter`: the runtime (ONNX Runtime on th
 default, or eager PyTorch), the rounds protocol of :mod:`autokd.ort_timing` (minimum per round, median over
 rounds, an interval), the cache, the study-wide shared figure and the measuring lock; it also re-times several
 students together (the report's front) and times already-exported ONNX files. The rest of this docstring
-describes :func:`measure_latency`, the earlier single-burst eager-PyTorch measurement, kept for
-:func:`measure_cached` and the benchmarks that compare against it.
+describes :func:`measure_latency`, the earlier single-burst eager-PyTorch measurement, kept for the benchmarks
+that compare against it.
 
 Latency is measured, not predicted: batch 1 by default, a fixed thread count, ``model.eval()`` under
 ``torch.inference_mode()``, warm-up runs, then timed runs with ``time.perf_counter`` (CUDA synchronised
@@ -31,11 +31,9 @@ import gc
 import json
 import math
 import os
-import random
 import re
 import socket
 import statistics
-import tempfile
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -46,6 +44,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from autokd import ort_timing
+from autokd.atomic import atomic_write_text
 from autokd.errors import UserError
 from autokd.students import StudentSpec, build_from_spec
 
@@ -205,6 +204,13 @@ def measure_latency(model: nn.Module, input_shape: tuple[int, int, int], device:
         if is_cuda:
             torch.cuda.synchronize(dev)
 
+    def timed_run() -> float:
+        sync()
+        t0 = time.perf_counter()
+        model(x)
+        sync()
+        return time.perf_counter() - t0
+
     try:
         torch.set_num_threads(threads)
         model.to(dev).eval()
@@ -219,11 +225,7 @@ def measure_latency(model: nn.Module, input_shape: tuple[int, int, int], device:
             warm_times: list[float] = []
             warm_start = time.perf_counter()
             for i in range(warmup):
-                sync()
-                t0 = time.perf_counter()
-                model(x)
-                sync()
-                warm_times.append(time.perf_counter() - t0)
+                warm_times.append(timed_run())
                 if i >= 1 and time.perf_counter() - warm_start > budget_s / 4:
                     break
             per_run = min(warm_times[-3:]) if warm_times else 0.0
@@ -233,11 +235,7 @@ def measure_latency(model: nn.Module, input_shape: tuple[int, int, int], device:
             times: list[float] = []
             enough = min(MIN_RUNS, runs)
             for _ in range(n):
-                sync()
-                t0 = time.perf_counter()
-                model(x)
-                sync()
-                times.append((time.perf_counter() - t0) * 1000.0)
+                times.append(timed_run() * 1000.0)
                 if len(times) >= enough and precision > 0 and median_rel_error(times) <= precision:
                     break
     finally:
@@ -253,8 +251,8 @@ def measure_latency(model: nn.Module, input_shape: tuple[int, int, int], device:
 class LatencyCache:
     """Latency results on disk: ``root/<device signature>/<key>.json``, written atomically.
 
-    Several processes may share one cache: each write goes to a temporary file in the same directory and is
-    moved into place with ``os.replace``, so a reader sees either no file or a complete one.
+    Several processes may share one cache: each write is atomic (:mod:`autokd.atomic`), so a reader sees either
+    no file or a complete one.
     """
 
     def __init__(self, root: Path | str) -> None:
@@ -276,44 +274,12 @@ class LatencyCache:
 
     def put(self, result: LatencyResult, device_sig: str) -> None:
         """Store ``result`` under its ``key``."""
-        path = self.path(result.key, device_sig)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{result.key}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(result.to_dict(), f, indent=1, sort_keys=True)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write_text(self.path(result.key, device_sig), json.dumps(result.to_dict(), indent=1, sort_keys=True))
 
 
 def _cache_key(spec: StudentSpec, batch_size: int) -> str:
     # The architecture key alone for the default batch 1; other batch sizes are other measurements.
     return spec.key if batch_size == 1 else f"{spec.key}-b{batch_size}"
-
-
-def measure_cached(spec: StudentSpec, cache: LatencyCache, device: str | torch.device = "cpu",
-                   batch_size: int = 1, threads: int = 1, model: nn.Module | None = None,
-                   **measure_kwargs: Any) -> tuple[LatencyResult, bool]:
-    """(result, cache_hit): the cached latency of ``spec`` on this device, measuring on a miss.
-
-    ``model`` is ``spec`` already built (a trial builds its student once and times that one); without it a
-    miss builds one.
-    """
-    sig = device_signature(device, threads)
-    key = _cache_key(spec, batch_size)
-    hit = cache.get(key, sig)
-    if hit is not None:
-        return hit, True
-    if model is None:
-        model = build_from_spec(spec)
-    result = measure_latency(model, (spec.in_chans, spec.input_size, spec.input_size), device=device,
-                             batch_size=batch_size, threads=threads, key=key, **measure_kwargs)
-    cache.put(result, sig)
-    return result, False
 
 
 RUNTIMES = ("onnxruntime", "torch")
@@ -327,40 +293,16 @@ def default_runtime(device: str | torch.device) -> str:
 def _torch_timings(models: dict[str, tuple[nn.Module, torch.Tensor]], dev: torch.device, rounds: int, runs: int,
                    warmup: int, seed: int = 0) -> dict[str, ort_timing.Timing]:
     """The rounds protocol of :mod:`autokd.ort_timing` for eager PyTorch models (CUDA synchronised per run)."""
-    is_cuda = dev.type == "cuda"
+    def runner(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+        def run() -> None:
+            model(x)
+            if dev.type == "cuda":  # the run ends when the device is done, not when the kernels are queued
+                torch.cuda.synchronize(dev)
+        return run
 
-    def sync() -> None:
-        if is_cuda:
-            torch.cuda.synchronize(dev)
-
-    started = time.perf_counter()
     with torch.inference_mode():
-        for model, x in models.values():
-            for _ in range(warmup):
-                model(x)
-        sync()
-        figures: dict[str, list[float]] = {name: [] for name in models}
-        order = list(models)
-        rng = random.Random(seed)
-        for _ in range(rounds):
-            rng.shuffle(order)
-            for name in order:
-                model, x = models[name]
-                best = math.inf
-                for _ in range(runs):
-                    sync()
-                    t0 = time.perf_counter()
-                    model(x)
-                    sync()
-                    best = min(best, time.perf_counter() - t0)
-                figures[name].append(best * 1000.0)
-    seconds = time.perf_counter() - started
-    out = {}
-    for name, xs in figures.items():
-        low, high = ort_timing.widen(statistics.median(xs), *ort_timing.median_interval(xs))
-        out[name] = ort_timing.Timing(median_ms=statistics.median(xs), low_ms=low, high_ms=high, rounds=xs,
-                                      runs_per_round=runs, seconds=seconds)
-    return out
+        return ort_timing.time_runners({name: runner(m, x) for name, (m, x) in models.items()}, rounds=rounds,
+                                       runs=runs, warmup=warmup, seed=seed, host=None)
 
 
 class LatencyMeter:
@@ -601,6 +543,5 @@ class LatencyMeter:
 
 __all__ = [
     "LatencyCache", "LatencyMeter", "LatencyResult", "RUNTIMES", "count_macs", "count_params", "default_runtime",
-    "device_signature", "measure_cached",
-    "measure_latency", "median_rel_error",
+    "device_signature", "measure_latency", "median_rel_error",
 ]

@@ -11,7 +11,6 @@ Loss arithmetic runs in float32 even under autocast, and teacher outputs are det
 """
 from __future__ import annotations
 
-import difflib
 import math
 from dataclasses import dataclass
 from numbers import Real
@@ -21,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from autokd.errors import UserError
+from autokd.errors import UserError, did_you_mean
 
 __all__ = [
     "KDLoss",
@@ -86,21 +85,9 @@ def build_loss(name: str, **hparams: Any) -> KDLoss:
     key = name.strip().lower() if isinstance(name, str) else name
     if key not in _LOSSES:
         valid = available_losses()
-        msg = f"unknown loss {name!r}; valid losses: {', '.join(valid)}"
-        close = _suggest(str(key), valid)
-        if close:
-            msg += f" (did you mean {close!r}?)"
-        raise UserError(msg)
+        raise UserError(f"unknown loss {name!r}; valid losses: {', '.join(valid)}"
+                        f"{did_you_mean(str(key), valid, prefix=True)}")
     return _LOSSES[key](**hparams)
-
-
-def _suggest(word: str, choices: list[str]) -> str | None:
-    """Closest valid name: difflib match, else a unique name that starts with ``word`` (e.g. "temp")."""
-    close = difflib.get_close_matches(word, choices, n=1)
-    if close:
-        return close[0]
-    prefixed = [c for c in choices if word and c.startswith(word)]
-    return prefixed[0] if len(prefixed) == 1 else None
 
 
 def _check_hparams(loss: str, spec: dict[str, _HParam], given: dict[str, Any]) -> dict[str, float]:
@@ -109,11 +96,8 @@ def _check_hparams(loss: str, spec: dict[str, _HParam], given: dict[str, Any]) -
     resolved: dict[str, float] = {}
     for key, value in given.items():
         if key not in spec:
-            msg = f"loss {loss!r}: unknown hyperparameter {key!r}; valid hyperparameters: {valid_names}"
-            close = _suggest(key, list(spec))
-            if close:
-                msg += f" (did you mean {close!r}?)"
-            raise UserError(msg)
+            raise UserError(f"loss {loss!r}: unknown hyperparameter {key!r}; valid hyperparameters: {valid_names}"
+                            f"{did_you_mean(key, spec, prefix=True)}")
         hp = spec[key]
         # bool is a Real subclass; a flag where a number belongs is almost surely a config mistake
         if isinstance(value, bool) or not isinstance(value, Real):

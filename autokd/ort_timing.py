@@ -15,6 +15,7 @@ the per-round figures (binomial, ~95 %), widened to at least +-:data:`REPRODUCIB
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import platform
@@ -23,7 +24,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Callable, Union
 
 import numpy as np
 import onnxruntime as ort
@@ -86,13 +87,15 @@ def signature(threads: int, provider: str = DEFAULT_PROVIDER, device: str | None
             "provider": provider, "threads": int(threads)}
 
 
-def make_session(onnx: OnnxSource, threads: int = 1, provider: str = DEFAULT_PROVIDER) -> ort.InferenceSession:
-    """An inference session on ``onnx`` (bytes or a path) with ``threads`` intra-op threads on ``provider``."""
+def make_session(onnx: OnnxSource, threads: int | None = 1, provider: str = DEFAULT_PROVIDER) -> ort.InferenceSession:
+    """An inference session on ``onnx`` (bytes or a path) on ``provider``, run sequentially with ``threads``
+    intra-op threads (None: ONNX Runtime's default)."""
     if provider not in available_providers():
         raise ValueError(f"ONNX Runtime execution provider {provider!r} is not available here; available: "
                          f"{', '.join(available_providers())}")
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads = int(threads)
+    if threads is not None:
+        opts.intra_op_num_threads = int(threads)
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.log_severity_level = 3
@@ -132,12 +135,12 @@ def widen(median: float, low: float, high: float, rel: float = REPRODUCIBILITY) 
     return min(low, median * (1.0 - rel)), max(high, median * (1.0 + rel))
 
 
-def _run_round(session: ort.InferenceSession, feed: dict[str, np.ndarray], runs: int) -> float:
+def _run_round(run: Callable[[], object], runs: int) -> float:
     best = math.inf
     clock = time.perf_counter
     for _ in range(runs):
         t0 = clock()
-        session.run(None, feed)
+        run()
         best = min(best, clock() - t0)
     return best * 1000.0
 
@@ -202,13 +205,23 @@ def time_sessions(sessions: dict[str, ort.InferenceSession], batch: int = 1, rou
     if rounds < 1 or runs < 1 or warmup < 0 or batch < 1:
         raise ValueError(f"timing needs rounds, runs, batch >= 1 and warmup >= 0; got rounds={rounds}, "
                          f"runs={runs}, batch={batch}, warmup={warmup}")
-    feeds = {name: make_input(s, batch) for name, s in sessions.items()}
+    runners = {name: functools.partial(s.run, None, make_input(s, batch)) for name, s in sessions.items()}
+    return time_runners(runners, rounds=rounds, runs=runs, warmup=warmup, seed=seed, host=host)
+
+
+def time_runners(runners: dict[str, Callable[[], object]], rounds: int = DEFAULT_ROUNDS, runs: int = DEFAULT_RUNS,
+                 warmup: int = DEFAULT_WARMUP, seed: int = 0, host: HostCheck | None = HOST) -> dict[str, Timing]:
+    """The protocol of :func:`time_sessions` for any runtime: each runner runs its model once on its input and
+    returns when the result is ready (a GPU runner synchronises the device)."""
+    if rounds < 1 or runs < 1 or warmup < 0:
+        raise ValueError(f"timing needs rounds, runs >= 1 and warmup >= 0; got rounds={rounds}, runs={runs}, "
+                         f"warmup={warmup}")
     started = time.perf_counter()
     if host is not None:
         host.calibrate(runs)
-    for name, s in sessions.items():
+    for run in runners.values():
         for _ in range(warmup):
-            s.run(None, feeds[name])
+            run()
     rng = random.Random(seed)
     best: tuple[float, dict[str, list[float]]] | None = None
     attempts = 0
@@ -216,7 +229,7 @@ def time_sessions(sessions: dict[str, ort.InferenceSession], batch: int = 1, rou
         attempts = attempt + 1
         if attempt and host is not None:
             time.sleep(host.pause_s * attempt)
-        figures, reference = _rounds(sessions, feeds, rounds, runs, rng, host)
+        figures, reference = _rounds(runners, rounds, runs, rng, host)
         slow = host.slowdown(statistics.median(reference)) if host is not None else 1.0
         if best is None or slow < best[0]:
             best = (slow, figures)
@@ -232,11 +245,11 @@ def time_sessions(sessions: dict[str, ort.InferenceSession], batch: int = 1, rou
     return out
 
 
-def _rounds(sessions: dict[str, ort.InferenceSession], feeds: dict[str, dict[str, np.ndarray]], rounds: int,
-            runs: int, rng: random.Random, host: HostCheck | None) -> tuple[dict[str, list[float]], list[float]]:
+def _rounds(runners: dict[str, Callable[[], object]], rounds: int, runs: int, rng: random.Random,
+            host: HostCheck | None) -> tuple[dict[str, list[float]], list[float]]:
     ref = object()  # the reference workload's place in the shuffled order
-    order: list[Any] = [*sessions, *([ref] if host is not None else [])]
-    figures: dict[str, list[float]] = {name: [] for name in sessions}
+    order: list[Any] = [*runners, *([ref] if host is not None else [])]
+    figures: dict[str, list[float]] = {name: [] for name in runners}
     reference: list[float] = []
     for _ in range(rounds):
         rng.shuffle(order)
@@ -244,7 +257,7 @@ def _rounds(sessions: dict[str, ort.InferenceSession], feeds: dict[str, dict[str
             if name is ref:
                 reference.append(host.reference(runs))  # type: ignore[union-attr]
             else:
-                figures[name].append(_run_round(sessions[name], feeds[name], runs))
+                figures[name].append(_run_round(runners[name], runs))
     return figures, reference or [1.0]
 
 
@@ -256,4 +269,4 @@ def time_onnx(onnx: OnnxSource, threads: int = 1, batch: int = 1, provider: str 
 
 __all__ = ["CONFIDENCE", "DEFAULT_PROVIDER", "DEFAULT_ROUNDS", "DEFAULT_RUNS", "DEFAULT_WARMUP", "HOST", "HostCheck",
            "REPRODUCIBILITY", "RUNTIME", "Timing", "available_providers", "cpu_model", "make_input", "make_session",
-           "median_interval", "signature", "time_onnx", "time_sessions", "widen"]
+           "median_interval", "signature", "time_onnx", "time_runners", "time_sessions", "widen"]

@@ -4,9 +4,8 @@ Accuracies are fractions in [0, 1] (as ``autokd.train.evaluate`` returns them); 
 percentage points are divided by 100. Every function accepts either :class:`TrialPoint` objects or plain
 ``(accuracy, latency_ms)`` pairs. Only COMPLETE trials with finite accuracy and latency enter a front (a
 pruned trial's partial accuracy is not comparable with a finished one); pairs enter when both are finite.
-
-Report files (HTML/PNG/CSV/Markdown) are written by :mod:`autokd.report`; ``write_report`` is re-exported
-here for the contract's sake.
+Dominance and non-dominated sorting live here too, for the rung pruner (:mod:`autokd.pruning`). Report files
+are written by :mod:`autokd.report`.
 """
 from __future__ import annotations
 
@@ -22,13 +21,15 @@ __all__ = [
     "TrialPoint",
     "front_points",
     "hypervolume",
+    "dominates",
+    "is_finite",
     "knee_index",
+    "nondominated_fronts",
     "pareto_front",
     "recommend",
     "tied",
     "ties",
     "wilson_interval",
-    "write_report",
 ]
 
 STATES = ("COMPLETE", "PRUNED", "FAIL", "INFEASIBLE", "RUNNING")
@@ -57,18 +58,19 @@ class TrialPoint:
 PointLike = Union[TrialPoint, Sequence[float]]
 
 
-def _finite(x: Any) -> bool:
+def is_finite(x: Any) -> bool:
+    """True for a finite int or float (a bool, None or any other type is not a number here)."""
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def _coords(p: PointLike) -> tuple[float, float] | None:
     """``(accuracy, latency)`` of a point eligible for a front, else None."""
     if isinstance(p, TrialPoint):
-        if p.state != "COMPLETE" or not (_finite(p.val_acc) and _finite(p.latency_ms)):
+        if p.state != "COMPLETE" or not (is_finite(p.val_acc) and is_finite(p.latency_ms)):
             return None
         return float(p.val_acc), float(p.latency_ms)  # type: ignore[arg-type]
     acc, lat = p
-    if not (_finite(acc) and _finite(lat)):
+    if not (is_finite(acc) and is_finite(lat)):
         return None
     return float(acc), float(lat)
 
@@ -78,6 +80,33 @@ def dominates(a: tuple[float, float], b: tuple[float, float]) -> bool:
     return a[0] >= b[0] and a[1] <= b[1] and (a[0] > b[0] or a[1] < b[1])
 
 
+def _first_front(items: Sequence[tuple[int, tuple[float, float]]]) -> list[int]:
+    """Indices of the non-dominated ``(index, (accuracy, latency))`` items, which must come sorted by latency
+    ascending, then accuracy descending; the result keeps that order.
+
+    A sweep instead of pairwise :func:`dominates` tests, with the same answer: an item is non-dominated iff it is
+    strictly more accurate than every strictly faster item and as accurate as the best at its own latency.
+    """
+    front: list[int] = []
+    best_faster: float | None = None  # best accuracy among strictly faster items (None: there are none)
+    k = 0
+    while k < len(items):
+        lat = items[k][1][1]
+        group = []
+        while k < len(items) and items[k][1][1] == lat:
+            group.append(items[k])
+            k += 1
+        top = group[0][1][0]
+        if best_faster is None or top > best_faster:
+            front.extend(i for i, (acc, _) in group if acc == top)
+            best_faster = top
+    return front
+
+
+def _by_latency(items: list[tuple[int, tuple[float, float]]]) -> list[tuple[int, tuple[float, float]]]:
+    return sorted(items, key=lambda ic: (ic[1][1], -ic[1][0], ic[0]))
+
+
 def pareto_front(points: Sequence[PointLike]) -> list[int]:
     """Indices of the non-dominated eligible points, ordered by latency ascending (then accuracy descending).
 
@@ -85,24 +114,29 @@ def pareto_front(points: Sequence[PointLike]) -> list[int]:
     one. Exact duplicates do not dominate each other, so both are kept (they are different trials that
     reached the same result; dropping one arbitrarily would hide it).
     """
-    eligible = [(i, c) for i, p in enumerate(points) if (c := _coords(p)) is not None]
-    # Sweep by latency ascending (accuracy descending within a latency): a point is on the front iff it is
-    # strictly more accurate than every strictly faster point, and as accurate as the best at its latency.
-    eligible.sort(key=lambda ic: (ic[1][1], -ic[1][0], ic[0]))
-    front: list[int] = []
-    best_faster = -math.inf  # best accuracy among strictly faster points
-    k = 0
-    while k < len(eligible):
-        lat = eligible[k][1][1]
-        group = []
-        while k < len(eligible) and eligible[k][1][1] == lat:
-            group.append(eligible[k])
-            k += 1
-        top = group[0][1][0]
-        if top > best_faster:
-            front.extend(i for i, (acc, _) in group if acc == top)
-            best_faster = top
-    return front
+    return _first_front(_by_latency([(i, c) for i, p in enumerate(points) if (c := _coords(p)) is not None]))
+
+
+def nondominated_fronts(points: Sequence[tuple[float, float]]) -> list[list[int]]:
+    """Non-dominated sorting of ``(accuracy, latency_ms)`` points (accuracy maximized, latency minimized).
+
+    Returns fronts as lists of indices into ``points``, best front first, indices ascending within a front;
+    front k is the non-dominated set of the points fronts 1..k-1 leave. Identical points do not
+    dominate each other, so duplicates and ties share a front. Every point is ranked: a NaN accuracy counts
+    as -inf and a NaN latency as +inf (worst), so the order stays total.
+    """
+    def worst_for_nan(acc: float, lat: float) -> tuple[float, float]:
+        acc, lat = float(acc), float(lat)
+        return (-math.inf if math.isnan(acc) else acc), (math.inf if math.isnan(lat) else lat)
+
+    remaining = _by_latency([(i, worst_for_nan(acc, lat)) for i, (acc, lat) in enumerate(points)])
+    fronts: list[list[int]] = []
+    while remaining:  # each pass takes at least the first item (nothing is faster than it), so this ends
+        front = _first_front(remaining)
+        fronts.append(sorted(front))
+        taken = set(front)
+        remaining = [item for item in remaining if item[0] not in taken]
+    return fronts
 
 
 def front_points(points: Sequence[TrialPoint]) -> list[TrialPoint]:
@@ -153,7 +187,7 @@ def hypervolume(points: Sequence[PointLike], ref: tuple[float, float]) -> float:
     ref_latency counts, so points beyond the reference add nothing. Dominated points add nothing either.
     """
     ref_acc, ref_lat = ref
-    if not (_finite(ref_acc) and _finite(ref_lat)):
+    if not (is_finite(ref_acc) and is_finite(ref_lat)):
         raise ValueError(f"hypervolume reference must be finite (accuracy, latency_ms), got {ref!r}")
     inside = [c for p in points if (c := _coords(p)) is not None and c[0] > ref_acc and c[1] < ref_lat]
     front = [inside[i] for i in pareto_front(inside)]  # latency ascending => accuracy ascending
@@ -167,7 +201,7 @@ def hypervolume(points: Sequence[PointLike], ref: tuple[float, float]) -> float:
 
 def wilson_interval(acc: float, n: int, z: float = 1.96) -> tuple[float, float]:
     """Wilson score interval (~95 % for z = 1.96) of an accuracy measured on ``n`` images."""
-    if n <= 0 or not _finite(acc):
+    if n <= 0 or not is_finite(acc):
         return (0.0, 1.0)
     centre = (acc + z * z / (2 * n)) / (1 + z * z / n)
     half = z / (1 + z * z / n) * math.sqrt(acc * (1 - acc) / n + z * z / (4 * n * n))
@@ -198,7 +232,7 @@ def ties(front: Sequence[TrialPoint]) -> dict[int, list[int]]:
 
 def _param_count(p: TrialPoint) -> float:
     n = p.extra.get("param_count")
-    return float(n) if _finite(n) else math.inf
+    return float(n) if is_finite(n) else math.inf
 
 
 def _settle(pick: TrialPoint, group: Sequence[TrialPoint]) -> TrialPoint:
@@ -224,9 +258,9 @@ def recommend(front: Sequence[TrialPoint], max_latency_ms: float | None = None,
       ``fastest_within_tolerance``: fastest with accuracy >= best - ``tolerance_pp`` percentage points,
       settled among those within tolerance whose latency intervals overlap its own (:data:`TIE_RULE`).
     """
-    if max_latency_ms is not None and not (_finite(max_latency_ms) and max_latency_ms > 0):
+    if max_latency_ms is not None and not (is_finite(max_latency_ms) and max_latency_ms > 0):
         raise UserError(f"max latency must be a positive number of milliseconds, got {max_latency_ms!r}")
-    if not (_finite(tolerance_pp) and tolerance_pp >= 0):
+    if not (is_finite(tolerance_pp) and tolerance_pp >= 0):
         raise UserError(f"accuracy tolerance must be >= 0 percentage points, got {tolerance_pp!r}")
     pts = front_points(list(front))
     out: dict[str, TrialPoint | None] = dict.fromkeys(RECOMMENDATION_KEYS)
@@ -247,10 +281,3 @@ def recommend(front: Sequence[TrialPoint], max_latency_ms: float | None = None,
         q for q in within if q is not fastest and _overlap(q.latency_ci, fastest.latency_ci, q.latency_ms,
                                                            fastest.latency_ms)])
     return out
-
-
-def write_report(*args: Any, **kwargs: Any) -> Any:
-    """Re-export of :func:`autokd.report.write_report` (imported lazily: plotting libraries are heavy)."""
-    from autokd.report import write_report as _write_report
-
-    return _write_report(*args, **kwargs)

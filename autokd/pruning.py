@@ -2,9 +2,9 @@
 
 Optuna cannot prune multi-objective studies, so autokd does it itself. At a rung epoch k, a trial's
 accuracy@k is compared only with other trials' accuracy at the same epoch k. All records at that rung are
-ranked by non-dominated sorting on (accuracy@k maximize, latency minimize); whole fronts are admitted in
-order until at least ``ceil(n / eta)`` trials are admitted (``n`` = peers + candidate). The candidate
-continues iff it is admitted. Consequences, by construction:
+ranked by non-dominated sorting on (accuracy@k maximize, latency minimize; :func:`autokd.pareto.nondominated_fronts`);
+whole fronts are admitted in order until at least ``ceil(n / eta)`` trials are admitted (``n`` = peers +
+candidate). The candidate continues iff it is admitted. Consequences, by construction:
 
 * ties are never split (a front is admitted whole or not at all);
 * a trial on the first front always survives, so a trial is never pruned for being slow alone, only for
@@ -20,11 +20,12 @@ reached the rung so far.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from autokd.errors import UserError
+from autokd.pareto import nondominated_fronts
 
 __all__ = [
     "RUNG_ATTR_PREFIX",
@@ -33,7 +34,6 @@ __all__ = [
     "decide",
     "decode_rungs",
     "encode_rung",
-    "nondominated_fronts",
     "records_at",
     "rung_attr_key",
     "rung_epochs",
@@ -91,56 +91,6 @@ def rung_epochs(max_epochs: int, min_epoch: int = 1, eta: int = 3) -> list[int]:
         rungs.append(epoch)
         epoch *= eta
     return rungs
-
-
-def _sanitize(acc: float, lat: float) -> tuple[float, float]:
-    # A non-finite accuracy can never be good and a non-finite latency can never be fast: map them to the
-    # worst values so the ordering stays total instead of NaN comparisons silently returning False.
-    acc = float(acc)
-    lat = float(lat)
-    if math.isnan(acc):
-        acc = -math.inf
-    if math.isnan(lat):
-        lat = math.inf
-    return acc, lat
-
-
-def _dominates(a: tuple[float, float], b: tuple[float, float]) -> bool:
-    """True if ``a`` is at least as accurate and as fast as ``b`` and strictly better in one."""
-    return a[0] >= b[0] and a[1] <= b[1] and (a[0] > b[0] or a[1] < b[1])
-
-
-def nondominated_fronts(points: Sequence[tuple[float, float]]) -> list[list[int]]:
-    """Non-dominated sorting of ``(accuracy, latency_ms)`` points (accuracy maximized, latency minimized).
-
-    Returns fronts as lists of indices into ``points``, best front first, indices ascending within a front.
-    Identical points do not dominate each other, so duplicates and ties share a front. NaN accuracy is
-    treated as -inf and NaN latency as +inf.
-    """
-    pts = [_sanitize(a, lat) for a, lat in points]
-    n = len(pts)
-    dominated_by_count = [0] * n
-    dominates: list[list[int]] = [[] for _ in range(n)]
-    for i in range(n):
-        for j in range(i + 1, n):
-            if _dominates(pts[i], pts[j]):
-                dominates[i].append(j)
-                dominated_by_count[j] += 1
-            elif _dominates(pts[j], pts[i]):
-                dominates[j].append(i)
-                dominated_by_count[i] += 1
-    fronts: list[list[int]] = []
-    current = [i for i in range(n) if dominated_by_count[i] == 0]
-    while current:
-        fronts.append(sorted(current))
-        nxt: list[int] = []
-        for i in current:
-            for j in dominates[i]:
-                dominated_by_count[j] -= 1
-                if dominated_by_count[j] == 0:
-                    nxt.append(j)
-        current = nxt
-    return fronts
 
 
 def _peers_at_rung(candidate: RungRecord, peers: Iterable[RungRecord]) -> list[RungRecord]:

@@ -28,6 +28,7 @@ from autokd.pareto import (
     TrialPoint,
     front_points,
     hypervolume,
+    is_finite,
     recommend,
     ties,
 )
@@ -79,10 +80,6 @@ class ReportResult:
 
 # ---------------------------------------------------------------- small helpers
 
-def _finite(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
 def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
@@ -107,11 +104,11 @@ def _params_text(params: Mapping[str, Any]) -> str:
 
 
 def _pct(x: float | None) -> str:
-    return f"{100 * x:.2f}" if _finite(x) else "-"
+    return f"{100 * x:.2f}" if is_finite(x) else "-"
 
 
 def _ms(x: float | None) -> str:
-    return f"{x:.3f}" if _finite(x) else "-"
+    return f"{x:.3f}" if is_finite(x) else "-"
 
 
 def _acc_ci(p: TrialPoint) -> str:
@@ -129,7 +126,7 @@ INT8_ACC_HEADERS = ("fp32 test %", "int8 test %")
 
 
 def _int8_keys(points: Sequence[TrialPoint]) -> list[str]:
-    return list(INT8_ACC_KEYS) if any(_finite(p.extra.get(k)) for p in points for k in INT8_ACC_KEYS) else []
+    return list(INT8_ACC_KEYS) if any(is_finite(p.extra.get(k)) for p in points for k in INT8_ACC_KEYS) else []
 
 
 def _int8_texts(p: TrialPoint, keys: Sequence[str]) -> list[str]:
@@ -160,10 +157,10 @@ def _tags(p: TrialPoint, recs: Mapping[str, TrialPoint | None]) -> list[str]:
 
 def _plot_acc(p: TrialPoint) -> float | None:
     """Where a trial is drawn on the accuracy axis: its value, else its last known accuracy, else not at all."""
-    if _finite(p.val_acc):
+    if is_finite(p.val_acc):
         return float(p.val_acc)  # type: ignore[arg-type]
     last = p.extra.get("last_val_acc")
-    return float(last) if _finite(last) else None
+    return float(last) if is_finite(last) else None
 
 
 def _counts(points: Sequence[TrialPoint]) -> dict[str, int]:
@@ -180,7 +177,7 @@ def _counts_text(counts: Mapping[str, int]) -> str:
 
 def default_hv_ref(points: Sequence[TrialPoint]) -> tuple[float, float]:
     """(0.0, 1.1 x max latency among COMPLETE trials with finite latency); (0.0, 0.0) if there are none."""
-    lats = [float(p.latency_ms) for p in points if p.state == "COMPLETE" and _finite(p.latency_ms)]  # type: ignore[arg-type]
+    lats = [float(p.latency_ms) for p in points if p.state == "COMPLETE" and is_finite(p.latency_ms)]  # type: ignore[arg-type]
     return (0.0, 1.1 * max(lats)) if lats else (0.0, 0.0)
 
 
@@ -235,7 +232,7 @@ def format_front_table(front: Sequence[TrialPoint], recommendations: Mapping[str
 
 def _hover(p: TrialPoint, tags: list[str]) -> str:
     acc = f"val acc: {_pct(p.val_acc)}%"
-    if not _finite(p.val_acc) and _plot_acc(p) is not None:
+    if not is_finite(p.val_acc) and _plot_acc(p) is not None:
         acc += f" (last seen {_pct(_plot_acc(p))}%)"
     lines = [f"<b>trial {p.number}</b> ({html.escape(p.state)})", acc,
              f"test acc: {_pct(p.test_acc)}%", f"latency: {_ms(p.latency_ms)} ms"]
@@ -267,7 +264,7 @@ def zoom_ranges(points: Sequence[TrialPoint], front: Sequence[TrialPoint]) -> tu
     the front into a few pixels; this view spans the front's accuracies plus a margin below (half its spread,
     at least 2 points) and its latencies plus a margin on both sides.
     """
-    pts = [p for p in front if _finite(p.val_acc) and _finite(p.latency_ms)]
+    pts = [p for p in front if is_finite(p.val_acc) and is_finite(p.latency_ms)]
     if not pts:
         return None
     accs = [float(p.val_acc) for p in pts]  # type: ignore[arg-type]
@@ -276,7 +273,7 @@ def zoom_ranges(points: Sequence[TrialPoint], front: Sequence[TrialPoint]) -> tu
     da = max(0.03, 0.5 * (a_hi - a_lo))
     y = [a_lo - da, a_hi + 0.3 * da]
     # Students near the front: those in its accuracy band, up to 3x its slowest member's latency.
-    near = [float(p.latency_ms) for p in points if _finite(p.latency_ms) and (acc := _plot_acc(p)) is not None  # type: ignore[arg-type]
+    near = [float(p.latency_ms) for p in points if is_finite(p.latency_ms) and (acc := _plot_acc(p)) is not None  # type: ignore[arg-type]
             and y[0] <= acc <= y[1] and float(p.latency_ms) <= 3 * l_hi]  # type: ignore[arg-type]
     right = max([l_hi, *near])
     dl = max(0.1 * right, 0.05 * (right - l_lo))
@@ -292,7 +289,7 @@ def _plotly_figure(points: Sequence[TrialPoint], front: list[TrialPoint], recs: 
     states = [s for s in STATES] + sorted({p.state for p in points} - set(STATES))
     for state in states:
         pts = [p for p in points if p.state == state and p.number not in front_numbers
-               and _finite(p.latency_ms) and _plot_acc(p) is not None]
+               and is_finite(p.latency_ms) and _plot_acc(p) is not None]
         if not pts:
             continue
         label = state if state != "PRUNED" else "PRUNED (at last accuracy)"
@@ -359,7 +356,7 @@ def _png(points: Sequence[TrialPoint], front: list[TrialPoint], recs: Mapping[st
     front_numbers = {p.number for p in front}
     for state in [*STATES, *sorted({p.state for p in points} - set(STATES))]:
         pts = [p for p in points if p.state == state and p.number not in front_numbers
-               and _finite(p.latency_ms) and _plot_acc(p) is not None]
+               and is_finite(p.latency_ms) and _plot_acc(p) is not None]
         if pts:
             ax.scatter([p.latency_ms for p in pts], [_plot_acc(p) for p in pts], s=28,
                        color=STATE_COLORS.get(state, "#8c564b"), alpha=0.85 if state == "COMPLETE" else 0.55,
@@ -466,7 +463,7 @@ def _html_table(points: Sequence[TrialPoint], recs: Mapping[str, TrialPoint | No
 
 def _html(points: Sequence[TrialPoint], front: list[TrialPoint], recs: Mapping[str, TrialPoint | None], title: str,
           plot_div: str, counts: Mapping[str, int], hv_line: str, pick_lines: list[str]) -> str:
-    unplotted = [p for p in points if not (_finite(p.latency_ms) and _plot_acc(p) is not None)]
+    unplotted = [p for p in points if not (is_finite(p.latency_ms) and _plot_acc(p) is not None)]
     unplotted_html = ("<p class=meta>Not plotted (no accuracy or latency): "
                       + ", ".join(f"trial {p.number} ({html.escape(p.state)})" for p in unplotted) + "</p>"
                       if unplotted else "")
@@ -561,7 +558,7 @@ def write_report(points: Sequence[TrialPoint], out_dir: Path, *, title: str, max
     if hv_ref is None:
         ref, ref_default = default_hv_ref(points), True
     else:
-        if len(hv_ref) != 2 or not all(_finite(v) for v in hv_ref):
+        if len(hv_ref) != 2 or not all(is_finite(v) for v in hv_ref):
             raise UserError(f"hypervolume reference must be two finite numbers (accuracy, latency_ms), got {hv_ref!r}")
         ref, ref_default = (float(hv_ref[0]), float(hv_ref[1])), False
     front = front_points(points)

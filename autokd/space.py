@@ -37,14 +37,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from autokd.config import load_yaml
+from autokd.config import OPTIMIZERS, load_yaml
 from autokd.errors import UserError, did_you_mean
 
 TOP_LEVEL_KEYS = ("name", "description", "epochs", "input_size", "views", "students", "losses", "optimizer",
                   "batch_size", "pruning")
 PARAM_KEYS = ("low", "high", "log", "step", "type", "choices")
 OPTIMIZER_KEYS = ("name", "lr", "weight_decay")
-OPTIMIZERS = ("adamw", "sgd")
 PRUNING_KEYS = ("eta", "min_epoch", "min_peers")
 
 _DEFAULT_OPTIMIZER = {"name": "adamw", "lr": 0.01, "weight_decay": 5e-4}

@@ -55,7 +55,6 @@ map ``[B, C, H, W]`` for the conv families; for ViT the patch tokens (prefix tok
 """
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 import math
@@ -76,7 +75,7 @@ from timm.models import (
     register_model,
 )
 
-from autokd.errors import UserError
+from autokd.errors import UserError, did_you_mean
 from autokd.timm_internals import (
     SqueezeExcite,
     StagedRegNet,
@@ -373,9 +372,8 @@ def resolve_student(family: str, width: float, depth: float, num_classes: int, i
     """Validate the choice and resolve it to timm arguments (no model is built)."""
     if family not in _families:
         valid = available_families()
-        close = difflib.get_close_matches(str(family), valid, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise UserError(f"unknown student family {family!r}; valid families: {', '.join(valid)}{hint}")
+        raise UserError(f"unknown student family {family!r}{did_you_mean(family, valid)}; valid families: "
+                        f"{', '.join(valid)}")
     width = _check_multiplier("width", width)
     depth = _check_multiplier("depth", depth)
     num_classes = _check_positive_int("num_classes", num_classes, 1)

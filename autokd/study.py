@@ -15,7 +15,6 @@ itself (`start_heartbeat`, `fail_stale_trials`).
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import inspect
 import os
@@ -33,6 +32,7 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 
 from autokd.errors import UserError
+from autokd.locks import file_lock
 
 DIRECTIONS = ["maximize", "minimize"]  # validation accuracy, latency (ms)
 FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
@@ -161,14 +161,8 @@ def study_lock(storage: str | None, root: Path, study_name: str) -> Iterator[Non
         with _pg_advisory_lock(storage, f"autokd:{study_name}"):
             yield
         return
-    lock_dir = root / ".locks"
-    lock_dir.mkdir(parents=True, exist_ok=True)
-    with open(lock_dir / f"{study_name}.lock", "a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    with file_lock(root / ".locks" / f"{study_name}.lock"):
+        yield
 
 
 @contextlib.contextmanager

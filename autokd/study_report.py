@@ -13,7 +13,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from autokd.checkpoint import atomic_write_json, load_trial_student
-from autokd.errors import UserError
+from autokd.errors import UserError, did_you_mean
 from autokd import retiming
 from autokd.pareto import TrialPoint, wilson_interval
 from autokd.report import ReportResult, format_front_table, write_report
@@ -38,11 +38,8 @@ def resolve_study(study_name: str | None, storage: str | None, root: Path) -> op
             print(f"(no --study given: using the most recent study {study_name!r}; others: "
                   f"{', '.join(n for n in names if n != study_name)})")
     if study_name not in names:
-        import difflib
-
-        close = difflib.get_close_matches(study_name, names, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise UserError(f"--study {study_name!r}: no such study in {storage_url(storage, root)}{hint}; "
+        raise UserError(f"--study {study_name!r}: no such study in {storage_url(storage, root)}"
+                        f"{did_you_mean(study_name, names)}; "
                         f"studies there: {', '.join(names) or 'none'}")
     return optuna.load_study(study_name=study_name, storage=store)
 

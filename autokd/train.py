@@ -19,14 +19,13 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol
 import torch
 from torch import Tensor, nn
 
+from autokd.config import OPTIMIZERS
 from autokd.data import DataSplits, TrainViews
 from autokd.errors import UserError
 from autokd.students import feature_channels, forward_with_features
 
 if TYPE_CHECKING:
     from autokd.losses import KDLoss
-
-OPTIMIZERS = ("adamw", "sgd")
 
 
 class TeacherSource(Protocol):

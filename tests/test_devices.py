@@ -26,15 +26,15 @@ REPO = Path(__file__).resolve().parents[1]
 def test_plan_one_worker_per_device_and_slot() -> None:
     visible = ["0", "1", "2", "3"]
     plan = plan_workers(visible, [0, 1, 3], jobs_per_device=2)
-    assert [(w.index, w.device_index, w.slot) for w in plan] == [
-        (0, 0, 0), (1, 1, 0), (2, 3, 0),  # every device's first slot comes first
-        (3, 0, 1), (4, 1, 1), (5, 3, 1)]
+    assert [(w.index, w.device_index) for w in plan] == [
+        (0, 0), (1, 1), (2, 3),  # every device's first slot comes first
+        (3, 0), (4, 1), (5, 3)]
     # Worker 0 is the process the user started: not re-pinned, it trains on cuda:<its index>.
     assert plan[0].env == {} and plan[0].device == "cuda:0"
     # A spawned worker sees only its own GPU, which is then its `cuda`.
     assert [w.env for w in plan[1:]] == [{CUDA_ENV: d} for d in ("1", "3", "0", "1", "3")]
     assert {w.device for w in plan[1:]} == {"cuda"}
-    assert plan_workers(["0"], [0], 1) == [WorkerSlot(index=0, device_index=0, device_id="0", slot=0, env={})]
+    assert plan_workers(["0"], [0], 1) == [WorkerSlot(index=0, device_index=0, env={})]
     with pytest.raises(UserError, match="--jobs-per-device 0"):
         plan_workers(visible, [0], 0)
 
@@ -180,8 +180,8 @@ def test_latency_device_with_an_index_is_refused_with_several_gpu_workers() -> N
     from autokd.errors import UserError
     from autokd.search import check_latency_device_for_workers
 
-    two = [WorkerSlot(index=0, device_index=0, device_id="0", slot=0, env={}),
-           WorkerSlot(index=1, device_index=1, device_id="1", slot=0, env={"CUDA_VISIBLE_DEVICES": "1"})]
+    two = [WorkerSlot(index=0, device_index=0, env={}),
+           WorkerSlot(index=1, device_index=1, env={"CUDA_VISIBLE_DEVICES": "1"})]
     with pytest.raises(UserError, match="--latency-device cuda:1 cannot be used with several GPU workers"):
         check_latency_device_for_workers("cuda:1", two)
     for fine in (None, "cuda", "cpu"):  # a worker's own GPU, or the CPU, mean the same in every worker

@@ -14,10 +14,10 @@ import autokd.latency as latency
 from autokd.errors import UserError
 from autokd.latency import (
     LatencyCache,
+    LatencyMeter,
     LatencyResult,
     count_macs,
     device_signature,
-    measure_cached,
     measure_latency,
     median_rel_error,
 )
@@ -197,18 +197,20 @@ def test_cache_concurrent_writers_never_expose_partial_files(tmp_path: Path) -> 
     assert [p.name for p in (tmp_path / "sig").iterdir()] == ["resnet-0123456789.json"]
 
 
-def test_measure_cached_hits_without_building(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_meter_cache_hits_without_building(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     spec = resolve_student("resnet", 0.25, 0.25, 10, 1, 16)
     cache = LatencyCache(tmp_path)
-    first, hit = measure_cached(spec, cache, warmup=1, runs=3)
+    meter = LatencyMeter("torch", cache=cache, rounds=3, runs=1, warmup=1)
+    first, hit = meter.measure(spec)
     assert not hit and first.key == spec.key and first.macs > 0 and first.median_ms > 0
 
     def no_build(*_: object) -> nn.Module:
         raise AssertionError("a cache hit must not build the model")
 
     monkeypatch.setattr(latency, "build_from_spec", no_build)
-    second, hit = measure_cached(spec, cache, warmup=1, runs=3)
+    second, hit = meter.measure(spec)
     assert hit and second == first
-    assert (tmp_path / device_signature("cpu", 1) / f"{spec.key}.json").exists()
+    assert meter.signature().startswith(device_signature("cpu", 1))
+    assert (tmp_path / meter.signature() / f"{spec.key}.json").exists()
     with pytest.raises(AssertionError):  # another batch size is another measurement
-        measure_cached(spec, cache, batch_size=4, warmup=1, runs=3)
+        LatencyMeter("torch", batch=4, cache=cache, rounds=3, runs=1, warmup=1).measure(spec)

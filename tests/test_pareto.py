@@ -5,7 +5,15 @@ import math
 import pytest
 
 from autokd.errors import UserError
-from autokd.pareto import TrialPoint, front_points, hypervolume, knee_index, pareto_front, recommend
+from autokd.pareto import (
+    TrialPoint,
+    front_points,
+    hypervolume,
+    knee_index,
+    nondominated_fronts,
+    pareto_front,
+    recommend,
+)
 
 
 def tp(number: int, acc: float | None, lat: float | None, state: str = "COMPLETE", **params: object) -> TrialPoint:
@@ -46,6 +54,49 @@ def test_front_of_ties_in_latency_and_accuracy() -> None:
     pts = [(0.8, 1.0), (0.8, 2.0), (0.9, 2.0), (0.9, 1.5)]
     # (0.8, 2.0) dominated by (0.8, 1.0); (0.9, 2.0) dominated by (0.9, 1.5)
     assert pareto_front(pts) == [0, 3]
+
+
+# ---------------------------------------------------------------- nondominated_fronts (the rung pruner's ranking)
+
+def test_fronts_simple_chain() -> None:
+    # (acc, latency): 0 is best in both, 2 is dominated by 1, which is dominated by 0
+    assert nondominated_fronts([(0.9, 1.0), (0.8, 2.0), (0.7, 3.0)]) == [[0], [1], [2]]
+
+
+def test_fronts_tradeoff_and_duplicates() -> None:
+    pts = [
+        (0.9, 5.0),  # 0 accurate, slow            -> front 1
+        (0.6, 1.0),  # 1 fast, inaccurate          -> front 1
+        (0.9, 5.0),  # 2 exact duplicate of 0      -> front 1 too (duplicates never dominate each other)
+        (0.8, 5.0),  # 3 dominated by 0 (same latency, less accurate) -> front 2
+        (0.6, 2.0),  # 4 dominated by 1 (same acc, slower)            -> front 2
+        (0.5, 6.0),  # 5 dominated by 3 and 4                         -> front 3
+    ]
+    assert nondominated_fronts(pts) == [[0, 1, 2], [3, 4], [5]]
+
+
+def test_fronts_empty_and_nan() -> None:
+    assert nondominated_fronts([]) == []
+    # NaN accuracy ranks as -inf: dominated by any point at least as fast
+    assert nondominated_fronts([(math.nan, 1.0), (0.5, 1.0)]) == [[1], [0]]
+
+
+def test_fronts_are_the_dominance_definition() -> None:
+    """The sweep behind both front functions gives what pairwise ``dominates`` tests give (ties included)."""
+    import random
+
+    from autokd.pareto import dominates
+
+    rng = random.Random(0)
+    for _ in range(300):
+        pts = [(rng.choice([0.5, 0.7, 0.9]), rng.choice([1.0, 2.0, 3.0])) for _ in range(rng.randint(0, 8))]
+        left, expected = list(range(len(pts))), []
+        while left:
+            front = [i for i in left if not any(dominates(pts[j], pts[i]) for j in left)]
+            expected.append(front)
+            left = [i for i in left if i not in front]
+        assert nondominated_fronts(pts) == expected
+        assert sorted(pareto_front(pts)) == (expected[0] if expected else [])
 
 
 # ---------------------------------------------------------------- knee_index

@@ -12,7 +12,6 @@ from autokd.pruning import (
     decide,
     decode_rungs,
     encode_rung,
-    nondominated_fronts,
     records_at,
     rung_attr_key,
     rung_epochs,
@@ -50,31 +49,6 @@ def test_rung_epochs_defaults() -> None:
 def test_rung_epochs_rejects_bad_values(kwargs: dict) -> None:
     with pytest.raises(UserError, match=r"pruning (max_epochs|min_epoch|eta)"):
         rung_epochs(**kwargs)
-
-
-# ---------------------------------------------------------------- nondominated_fronts
-
-def test_fronts_simple_chain() -> None:
-    # (acc, latency): 0 is best in both, 2 is dominated by 1, which is dominated by 0
-    assert nondominated_fronts([(0.9, 1.0), (0.8, 2.0), (0.7, 3.0)]) == [[0], [1], [2]]
-
-
-def test_fronts_tradeoff_and_duplicates() -> None:
-    pts = [
-        (0.9, 5.0),  # 0 accurate, slow            -> front 1
-        (0.6, 1.0),  # 1 fast, inaccurate          -> front 1
-        (0.9, 5.0),  # 2 exact duplicate of 0      -> front 1 too (duplicates never dominate each other)
-        (0.8, 5.0),  # 3 dominated by 0 (same latency, less accurate) -> front 2
-        (0.6, 2.0),  # 4 dominated by 1 (same acc, slower)            -> front 2
-        (0.5, 6.0),  # 5 dominated by 3 and 4                         -> front 3
-    ]
-    assert nondominated_fronts(pts) == [[0, 1, 2], [3, 4], [5]]
-
-
-def test_fronts_empty_and_nan() -> None:
-    assert nondominated_fronts([]) == []
-    # NaN accuracy ranks as -inf: dominated by any point at least as fast
-    assert nondominated_fronts([(math.nan, 1.0), (0.5, 1.0)]) == [[1], [0]]
 
 
 # ---------------------------------------------------------------- should_prune / decide
