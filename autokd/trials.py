@@ -115,7 +115,7 @@ def finish(study: optuna.Study, trial: optuna.Trial, state: State, *, values: Se
         if requeue:
             requeue_trial(study, trial)
         study.tell(trial, None if values is None else list(values), state=OPTUNA_STATE[state])
-    except Exception:  # noqa: BLE001
+    except Exception:  # noqa: BLE001 - a failing trial must not raise again; the reaper fails it if this did not
         if not failing:
             raise
     if run is not None:
