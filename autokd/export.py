@@ -38,7 +38,7 @@ from autokd.checkpoint import (CONFIG_FILE, WEIGHTS_FILE, atomic_save_tensors, a
                                atomic_write_json, load_trial_student, load_weights, read_weights)
 from autokd.errors import UserError, did_you_mean
 from autokd.onnx_export import INPUT_NAME, ONNX_OPSET, OUTPUT_NAME, example_batch, export_onnx, quiet_exporter
-from autokd.study import sampled_params
+from autokd.trials import ARCH_KEY_ATTR, CURVE_ATTR, LATENCY_ATTR, State, outcome_reason, sampled_params, trial_state
 
 FORMATS = ("safetensors", "onnx", "torchscript")
 ONNX_FILE = "model.onnx"
@@ -223,15 +223,12 @@ def load_trial(study: optuna.Study, number: int, root: Path) -> tuple[nn.Module,
     """
     from autokd import scaleout
     from autokd.study import study_dir
-    from autokd.study_report import trial_state
 
     ft = _frozen_trial(study, number)
     what = f"study {study.study_name!r} trial {number}"
     state = "WAITING" if ft.state == TrialState.WAITING else trial_state(ft)
-    if state != "COMPLETE":
-        reason = (ft.user_attrs.get("infeasible_reason") or ft.user_attrs.get("fail_reason")
-                  or (f"pruned at epoch {ft.user_attrs['pruned_at_epoch']}" if "pruned_at_epoch" in ft.user_attrs
-                      else None))
+    if state != State.COMPLETE:
+        reason = outcome_reason(ft)
         still = {"RUNNING": "still RUNNING", "WAITING": "WAITING (queued, not started)"}.get(state, state)
         completed = [t.number for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
         listing = (f"completed trials: {_short_list(completed)} (or use --pick knee)" if completed
@@ -310,7 +307,7 @@ def _distillation(cfg: dict[str, Any], ft: FrozenTrial, study: optuna.Study) -> 
                     "lr_schedule": "cosine"})
     except (KeyError, TypeError, ValueError):
         pass  # params of an unexpected shape: the raw dict below still says everything
-    out["epochs_trained"] = len(ft.user_attrs.get("curve") or []) or None
+    out["epochs_trained"] = len(ft.user_attrs.get(CURVE_ATTR) or []) or None
     out["params"] = flat
     return out
 
@@ -323,10 +320,10 @@ def _build_config(model: nn.Module, cfg: dict[str, Any], ft: FrozenTrial, study:
     in_chans, size = int(s["in_chans"]), int(s["input_size"])
     input_size = [in_chans, size, size]
     mean, std = [float(v) for v in data.mean], [float(v) for v in data.std]
-    latency = dict(ft.user_attrs.get("latency") or {})
+    latency = dict(ft.user_attrs.get(LATENCY_ATTR) or {})
     from autokd import retiming
 
-    retimed = retiming.stored(study).get(ft.user_attrs.get("arch_key") or "")
+    retimed = retiming.stored(study).get(ft.user_attrs.get(ARCH_KEY_ATTR) or "")
     if retimed:  # the front's re-timing (all candidates together) is the figure the report and the picks used
         latency = {**latency, "first_median_ms": latency.get("median_ms"), **retimed, "retimed": True}
     return {
@@ -359,7 +356,7 @@ def _build_config(model: nn.Module, cfg: dict[str, Any], ft: FrozenTrial, study:
         "source": {"study": study.study_name, "trial": ft.number, "selected_by": why, "storage": storage,
                    "dataset": cfg.get("dataset") or study.user_attrs.get("dataset"),
                    "data_fingerprint": cfg.get("data_fingerprint"), "train_device": study.user_attrs.get("device"),
-                   "arch_key": ft.user_attrs.get("arch_key")},
+                   "arch_key": ft.user_attrs.get(ARCH_KEY_ATTR)},
         "files": {f: FORMAT_FILES[f] for f in formats},
     }
 

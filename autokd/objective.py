@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import json
 import math
 import time
 import traceback
@@ -18,19 +17,18 @@ from typing import Any, Callable
 
 import optuna
 import torch
-from optuna.trial import TrialState
 
-from autokd import pruning
+from autokd import pruning, trials
 from autokd.checkpoint import write_checkpoint
 from autokd.data import DataSplits, TrainViews
 from autokd.latency import LatencyMeter, LatencyResult
 from autokd.losses import build_loss
 from autokd.space import SearchSpace, TrialParams, sample
-from autokd.study import PARAMS_ATTR, requeue_trial
 from autokd.students import StudentSpec, build_from_spec, resolve_student
 from autokd.teacher import TeacherOutputs
 from autokd.tracking import Tracker
 from autokd.train import EpochResult, NonFiniteLossError, TrainConfig, distill
+from autokd.trials import State
 
 
 class FatalSearchError(RuntimeError):
@@ -46,7 +44,7 @@ class TrialOutcome:
     """What happened to one trial, for the progress line and the tell."""
 
     number: int
-    state: str  # COMPLETE | PRUNED | INFEASIBLE | FAIL | INTERRUPTED
+    state: State  # a terminal state
     params: TrialParams | None = None
     val_acc: float | None = None
     latency_ms: float | None = None
@@ -89,7 +87,7 @@ def _save_checkpoint(model: torch.nn.Module, spec: StudentSpec, params: TrialPar
 def run_trial(study: optuna.Study, trial: optuna.Trial, ctx: TrialContext) -> TrialOutcome:
     """Run one trial end to end and tell the study its result."""
     started = time.perf_counter()
-    outcome = TrialOutcome(number=trial.number, state="FAIL")
+    outcome = TrialOutcome(number=trial.number, state=State.FAIL)
     run = None
     student = None
     timings: dict[str, float] = {}
@@ -100,9 +98,9 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, ctx: TrialContext) -> Tr
         spec = resolve_student(params.family, params.width, params.depth, num_classes=ctx.data.num_classes,
                                in_chans=ctx.data.in_chans, input_size=ctx.data.input_size)
         # One storage write for all sampled values (a journal append each): read back with sampled_params().
-        trial.set_user_attr(PARAMS_ATTR, params.flat())
-        trial.set_user_attr("arch_key", spec.key)
-        trial.set_user_attr("timm", {"model_name": spec.model_name, "kwargs": spec.kwargs})
+        trial.set_user_attr(trials.PARAMS_ATTR, params.flat())
+        trial.set_user_attr(trials.ARCH_KEY_ATTR, spec.key)
+        trial.set_user_attr(trials.TIMM_ATTR, {"model_name": spec.model_name, "kwargs": spec.kwargs})
         timings["sample_s"] = time.perf_counter() - t0
 
         # The student is built once, before its latency is measured, and the same module is then trained. Its
@@ -132,41 +130,30 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, ctx: TrialContext) -> Tr
                          "params": float(latency[0].params), "macs": float(latency[0].macs)})
 
         if ctx.max_latency_ms is not None and latency[0].median_ms > ctx.max_latency_ms:
-            outcome.state = "INFEASIBLE"
+            outcome.state = State.INFEASIBLE
             outcome.reason = f"latency {latency[0].median_ms:.3f} ms > --max-latency-ms {ctx.max_latency_ms}"
-            trial.set_user_attr("autokd_state", "INFEASIBLE")
-            trial.set_user_attr("infeasible_reason", outcome.reason)
-            study.tell(trial, state=TrialState.PRUNED)
-            run.end("INFEASIBLE", outcome.reason)
+            trials.finish(study, trial, State.INFEASIBLE, reason=outcome.reason, run=run)
             return outcome
 
         outcome = _train(study, trial, ctx, params, spec, student, latency[0], run, outcome, timings)
         return outcome
     except optuna.TrialPruned:
-        outcome.state = "PRUNED"
-        trial.set_user_attr("autokd_state", "PRUNED")
-        study.tell(trial, state=TrialState.PRUNED)
-        if run is not None:
-            run.end("PRUNED", outcome.reason)
+        outcome.state = State.PRUNED
+        trials.finish(study, trial, State.PRUNED, reason=outcome.reason, run=run)
         return outcome
     except (KeyboardInterrupt, Interrupted):
-        outcome.state = "INTERRUPTED"
+        outcome.state = State.INTERRUPTED
         # Not the trial's fault: the same command resumes the study and runs these parameters again.
-        _fail(study, trial, "interrupted (Ctrl-C / SIGTERM)", "INTERRUPTED", requeue=True)
-        if run is not None:
-            run.end("INTERRUPTED", "interrupted")
+        trials.finish(study, trial, State.INTERRUPTED, reason="interrupted (Ctrl-C / SIGTERM)", requeue=True, run=run,
+                      run_reason="interrupted")
         raise
     except FatalSearchError as exc:
-        _fail(study, trial, str(exc), "FAIL", requeue=True)  # e.g. a full disk: retried once it is fixed
-        if run is not None:
-            run.end("FAIL", str(exc))
+        # e.g. a full disk: retried once it is fixed
+        trials.finish(study, trial, State.FAIL, reason=str(exc), requeue=True, run=run)
         raise
     except Exception as exc:  # noqa: BLE001 - a trial's failure must not end the study
         outcome.reason = _failure_reason(exc)
-        _fail(study, trial, outcome.reason, "FAIL", traceback.format_exc())
-        if run is not None:
-            run.set_tags({"autokd.traceback": traceback.format_exc()[-4500:]})
-            run.end("FAIL", outcome.reason)
+        trials.finish(study, trial, State.FAIL, reason=outcome.reason, traceback=traceback.format_exc(), run=run)
         return outcome
     finally:
         outcome.seconds = time.perf_counter() - started
@@ -208,7 +195,7 @@ def _measure(spec: StudentSpec, ctx: TrialContext, model: torch.nn.Module) -> tu
 
 
 def _record_latency(trial: optuna.Trial, result: LatencyResult, hit: bool) -> None:
-    trial.set_user_attr("latency", {**result.to_dict(), "cache_hit": hit})
+    trial.set_user_attr(trials.LATENCY_ATTR, {**result.to_dict(), "cache_hit": hit})
 
 
 def _run_params(params: TrialParams, spec: StudentSpec, ctx: TrialContext) -> dict[str, Any]:
@@ -235,7 +222,7 @@ def _train(study: optuna.Study, trial: optuna.Trial, ctx: TrialContext, params: 
         t0 = time.perf_counter()
         curve.append(result.val_acc)
         outcome.epochs_trained = result.epoch
-        trial.set_user_attr("curve", curve)
+        trial.set_user_attr(trials.CURVE_ATTR, curve)
         run.log_epoch(result.epoch, {"train_loss": result.train_loss, "val_acc": result.val_acc, "lr": result.lr,
                                      "epoch_seconds": result.seconds})
         if result.epoch in rungs:
@@ -248,7 +235,7 @@ def _train(study: optuna.Study, trial: optuna.Trial, ctx: TrialContext, params: 
                 if pruning.should_prune(record, peers, eta=ctx.space.pruning.eta,
                                         min_peers=ctx.space.pruning.min_peers):
                     outcome.reason = f"dominated at epoch {result.epoch} among {len(peers) + 1} trials"
-                    trial.set_user_attr("pruned_at_epoch", result.epoch)
+                    trial.set_user_attr(trials.PRUNED_AT_EPOCH_ATTR, result.epoch)
                     run.set_tags({"autokd.prune_rung": str(result.epoch)})
                     bookkeeping["s"] += time.perf_counter() - t0
                     raise optuna.TrialPruned(outcome.reason)
@@ -282,12 +269,10 @@ def _train(study: optuna.Study, trial: optuna.Trial, ctx: TrialContext, params: 
                                "same command: finished trials are kept.") from exc
     run.log_metrics({"final_val_acc": val_acc, "train_seconds": result.seconds})
     run.log_artifacts(out_dir, "student")
-    trial.set_user_attr("autokd_state", "COMPLETE")
-    trial.set_user_attr("checkpoint", str(out_dir))
+    trial.set_user_attr(trials.CHECKPOINT_ATTR, str(out_dir))
     timings["save_s"] = time.perf_counter() - t0 - (timings.get("tracking_s", 0.0) - tracked)
-    study.tell(trial, [val_acc, latency.median_ms])
-    run.end("COMPLETE")
-    outcome.state = "COMPLETE"
+    trials.finish(study, trial, State.COMPLETE, values=[val_acc, latency.median_ms], run=run)
+    outcome.state = State.COMPLETE
     outcome.val_acc = val_acc
     del student, loss_fn, result
     return outcome
@@ -301,27 +286,9 @@ def _failure_reason(exc: BaseException) -> str:
     return f"error: {exc.__class__.__name__}: {exc}"
 
 
-def _fail(study: optuna.Study, trial: optuna.Trial, reason: str, state: str, tb: str | None = None,
-          requeue: bool = False) -> None:
-    try:
-        trial.set_user_attr("fail_reason", reason)
-        trial.set_user_attr("autokd_state", state)
-        if tb:
-            trial.set_user_attr("traceback", tb[-8000:])
-        if requeue:
-            requeue_trial(study, trial)
-        study.tell(trial, state=TrialState.FAIL)
-    except Exception:  # noqa: BLE001 - already failing; the reaper fails it on the next start if this did not
-        pass
-
-
 def _release_memory(device: str) -> None:
     # Models, optimizers and autograd graphs of the finished trial must not accumulate across 50 trials.
     gc.collect()
     if device.startswith("cuda") and torch.cuda.is_available():
         torch.cuda.empty_cache()
 
-
-def trial_checkpoint_meta(trial_dir: Path) -> dict[str, Any]:
-    """Read the config a completed trial saved next to its weights."""
-    return json.loads((trial_dir / "config.json").read_text())

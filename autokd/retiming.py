@@ -50,16 +50,16 @@ def retime_front(study: Any, points: Sequence[TrialPoint], data: Any,
     re-timed together.
     """
     from autokd.latency import LatencyMeter
-    from autokd.scaleout import LATENCY_ATTR, LATENCY_RETIME_ATTR, LATENCY_SETTINGS_ATTR
-    from autokd.study import sampled_params
+    from autokd.scaleout import LATENCY_ATTR, LATENCY_MIXED_ATTR, LATENCY_RETIME_ATTR, LATENCY_SETTINGS_ATTR
     from autokd.students import resolve_student
+    from autokd.trials import sampled_params
 
     attrs = study.user_attrs
     settings = attrs.get(LATENCY_SETTINGS_ATTR)
     previous = stored(study)
     if not settings:
         return previous
-    if attrs.get("latency_mixed"):
+    if attrs.get(LATENCY_MIXED_ATTR):
         log("latency: not re-timed (the study mixes latency devices: --allow-mixed-latency)")
         return previous
     try:

@@ -41,6 +41,7 @@ LATENCY_ATTR = "latency_device"
 LATENCY_BATCH_ATTR = "latency_batch"
 LATENCY_SETTINGS_ATTR = "latency_settings"
 LATENCY_RETIME_ATTR = "latency_retime"
+LATENCY_MIXED_ATTR = "latency_mixed"  # the study's trials were timed on several latency devices (allowed explicitly)
 
 
 def _quiet_mlflow() -> None:
@@ -285,7 +286,7 @@ def check_latency_device(study: Any, signature: str, batch: int, allow_mixed: bo
     if allow_mixed:
         log(f"warning: study {study.study_name!r}: this worker measures latency with {what}; mixed in one front "
             "because --allow-mixed-latency was given")
-        study.set_user_attr("latency_mixed", True)
+        study.set_user_attr(LATENCY_MIXED_ATTR, True)
         return
     runtime = stored_settings.get("runtime", "torch")
     raise UserError(

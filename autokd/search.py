@@ -27,7 +27,6 @@ from autokd import devices, scaleout
 from autokd.config import SAMPLERS, SearchSettings
 from autokd.errors import UserError
 from autokd.study import (
-    REQUEUED_ATTR,
     ask_with_heartbeat,
     budget_used,
     fail_stale_trials,
@@ -42,6 +41,7 @@ from autokd.study import (
     worker_host,
     worker_identity,
 )
+from autokd.trials import REQUEUED_ATTR, WORKER_ATTR, State, recorded_states, trial_state
 
 # After this many failures in a row the search stops instead of burning the rest of the budget.
 MAX_CONSECUTIVE_FAILURES = 5
@@ -313,8 +313,8 @@ def run_search(s: SearchSettings, worker_index: int = 0, log: Callable[[str], No
                         "queued again")
                 if budget_used(study) < s.budget:
                     trial, heartbeat = ask_with_heartbeat(study)
-                    trial.set_user_attr("worker", {**worker_identity(), "heartbeat": bool(heartbeat_interval),
-                                                   "threads": torch.get_num_threads(), "gpu": gpu})
+                    trial.set_user_attr(WORKER_ATTR, {**worker_identity(), "heartbeat": bool(heartbeat_interval),
+                                                      "threads": torch.get_num_threads(), "gpu": gpu})
                 elif not _beating_elsewhere(study):
                     break
             if trial is None:
@@ -341,7 +341,7 @@ def run_search(s: SearchSettings, worker_index: int = 0, log: Callable[[str], No
             _wait_child(child)
         tracker.flush()  # trial runs end without waiting for MLflow: everything is written before we go on
         if parent_run_id:
-            tracker.close_stale_runs(parent_run_id, _trial_states(study))
+            tracker.close_stale_runs(parent_run_id, recorded_states(study))
             if sys.exc_info()[0] is not None:  # stopped (signal, repeated failures): the search ends here
                 _end_parent(study, tracker, parent_run_id, s, "KILLED")
         if previous_sigterm is not None:
@@ -385,7 +385,7 @@ def _existing_study(name: str, storage: Any, sampler: optuna.samplers.BaseSample
 
 def _beating_elsewhere(study: optuna.Study) -> bool:
     """Whether a RUNNING trial has a worker with heartbeats (which `fail_stale_trials` fails if it dies)."""
-    return any((t.user_attrs.get("worker") or {}).get("heartbeat")
+    return any((t.user_attrs.get(WORKER_ATTR) or {}).get("heartbeat")
                for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)))
 
 
@@ -410,15 +410,6 @@ def _parent_run(study: optuna.Study, tracker: Any, s: SearchSettings, name: str,
     study.set_user_attr("mlflow_parent_run_id", run_id)
     study.set_user_attr("mlflow_tracking_uri", tracker.tracking_uri)
     return run_id
-
-
-def _trial_states(study: optuna.Study) -> dict[int, str]:
-    out = {}
-    for t in study.get_trials(deepcopy=False):
-        out[t.number] = t.user_attrs.get("autokd_state") or t.state.name
-        if t.state == optuna.trial.TrialState.RUNNING:
-            out[t.number] = "RUNNING"
-    return out
 
 
 # Options that plan this machine's workers: the first process acts on them, spawned workers get their own.
@@ -502,11 +493,11 @@ def _wait_child(proc: subprocess.Popen) -> None:
 def _progress_line(study: optuna.Study, outcome: Any, budget: int, started: float) -> str:
     trials = study.get_trials(deepcopy=False)
     finished = [t for t in trials if t.state.is_finished()]
-    pruned = sum(1 for t in finished if t.user_attrs.get("autokd_state") == "PRUNED")
+    pruned = sum(1 for t in finished if trial_state(t) == State.PRUNED)
     front = len(study.best_trials) if any(t.state == optuna.trial.TrialState.COMPLETE for t in finished) else 0
     elapsed = time.perf_counter() - started
     done = len([t for t in finished if not t.user_attrs.get(REQUEUED_ATTR)])  # what counts against the budget
-    mine = max(1, len([t for t in finished if t.user_attrs.get("worker", {}).get("pid") == os.getpid()]))
+    mine = max(1, len([t for t in finished if t.user_attrs.get(WORKER_ATTR, {}).get("pid") == os.getpid()]))
     eta = elapsed / mine * max(0, budget - done) if done < budget else 0.0
     p = outcome.params
     desc = (f"{p.family:<12} w={p.width:.2f} d={p.depth:.2f} {p.loss:<5}" if p else "(no params)")

@@ -33,6 +33,8 @@ from optuna.trial import FrozenTrial, TrialState
 
 from autokd.errors import UserError
 from autokd.locks import file_lock
+from autokd.trials import (FAIL_REASON_ATTR, REQUEUED_ATTR, RETRY_OF_ATTR, STATE_ATTR, WORKER_ATTR, State,
+                           requeue_trial)
 
 DIRECTIONS = ["maximize", "minimize"]  # validation accuracy, latency (ms)
 FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
@@ -50,18 +52,6 @@ PINNED_ATTRS = ("space_fingerprint", "dataset", "data_fingerprint", "teacher", "
 METRIC_NAMES = ["val_acc", "latency_ms"]
 # The settings behind data_fingerprint, named when a resume with other data is refused.
 DATA_SETTINGS = ("dataset", "input_size", "train_limit", "data_dir")
-# Trial user attribute: the trial was interrupted and its parameters queued again, so its retry (the trial
-# with user attribute retry_of) takes its place in the budget.
-REQUEUED_ATTR = "requeued"
-PARAMS_ATTR = "params"  # user attribute: the trial's sampled values, flat ({"family": ..., "kd.alpha": ...})
-
-
-def sampled_params(user_attrs: dict[str, Any]) -> dict[str, Any]:
-    """A trial's sampled values from its user attributes (also from studies that stored them as ``p.<name>``)."""
-    found = user_attrs.get(PARAMS_ATTR)
-    if isinstance(found, dict):
-        return dict(found)
-    return {k[2:]: v for k, v in user_attrs.items() if k.startswith("p.")}
 
 
 def journal_path(root: Path) -> Path:
@@ -252,23 +242,10 @@ def budget_used(study: optuna.Study) -> int:
     callback can mark it.
     """
     trials = study.get_trials(deepcopy=False)
-    retried = {t.user_attrs.get("retry_of") for t in trials} - {None}
+    retried = {t.user_attrs.get(RETRY_OF_ATTR) for t in trials} - {None}
     states = (*FINISHED_STATES, TrialState.RUNNING)
     return sum(1 for t in trials if t.state in states and not t.user_attrs.get(REQUEUED_ATTR)
                and not (t.state == TrialState.FAIL and t.number in retried))
-
-
-def requeue_trial(study: optuna.Study, trial: FrozenTrial | optuna.Trial) -> bool:
-    """Queue an unfinished trial's parameters again (user attribute retry_of) and mark it requeued.
-
-    Call before the trial is told FAIL (a finished trial's attributes cannot change). Returns False when the
-    trial had no parameters yet (it died while sampling), so there is nothing to retry.
-    """
-    if not trial.params:
-        return False
-    study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number}, skip_if_exists=False)
-    study._storage.set_trial_user_attr(trial._trial_id, REQUEUED_ATTR, True)  # noqa: SLF001
-    return True
 
 
 def _proc_start_time(pid: int) -> str | None:
@@ -323,7 +300,7 @@ def reap_dead_trials(study: optuna.Study, retry: bool = True) -> list[int]:
     """
     failed: list[int] = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        worker = trial.user_attrs.get("worker")
+        worker = trial.user_attrs.get(WORKER_ATTR)
         if not worker or not _same_node(worker) or _worker_alive(worker):
             continue
         fail_trial(study, trial, "worker died (process killed while the trial was running)", retry=retry)
@@ -338,12 +315,12 @@ def fail_trial(study: optuna.Study, trial: FrozenTrial, reason: str, retry: bool
     OOM killer, say) would otherwise be retried on every restart and the search would never get past it.
     """
     storage = study._storage  # noqa: SLF001 - Optuna has no public API to annotate another worker's trial
-    first = trial.user_attrs.get("retry_of")
+    first = trial.user_attrs.get(RETRY_OF_ATTR)
     if retry and first is not None:
         reason += (f"; not queued again: it was already the retry of trial {first} (a trial whose worker keeps "
                    "dying, e.g. killed by the kernel's OOM killer, is retried once)")
-    storage.set_trial_user_attr(trial._trial_id, "fail_reason", reason)  # noqa: SLF001
-    storage.set_trial_user_attr(trial._trial_id, "autokd_state", "INTERRUPTED")  # noqa: SLF001
+    storage.set_trial_user_attr(trial._trial_id, FAIL_REASON_ATTR, reason)  # noqa: SLF001
+    storage.set_trial_user_attr(trial._trial_id, STATE_ATTR, State.INTERRUPTED.value)  # noqa: SLF001
     if retry and first is None:
         requeue_trial(study, trial)
     storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)  # noqa: SLF001
@@ -368,7 +345,7 @@ def fail_stale_trials(study: optuna.Study, retry: bool = True) -> list[int]:
         trial = storage.get_trial(trial_id)
         if trial.state != TrialState.RUNNING:
             continue
-        host = (trial.user_attrs.get("worker") or {}).get("host", "an unknown host")
+        host = (trial.user_attrs.get(WORKER_ATTR) or {}).get("host", "an unknown host")
         try:
             fail_trial(study, trial, f"worker died: no heartbeat from its worker on {host} for more than {grace} s "
                        "(process killed, machine down or network cut)", retry=retry)
@@ -460,8 +437,8 @@ def heartbeat_retry_callback(study: optuna.Study, trial: FrozenTrial) -> None:
     autokd's worker loop runs `fail_stale_trials` first, so this only acts on trials Optuna failed itself. The
     trial is already FAIL and cannot be marked requeued; `budget_used` recognises it by its retry's retry_of.
     """
-    if trial.params and trial.user_attrs.get("retry_of") is None:
-        study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number}, skip_if_exists=False)
+    if trial.params and trial.user_attrs.get(RETRY_OF_ATTR) is None:
+        study.enqueue_trial(trial.params, user_attrs={RETRY_OF_ATTR: trial.number}, skip_if_exists=False)
 
 
 def study_dir(root: Path, name: str) -> Path:

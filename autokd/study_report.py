@@ -10,14 +10,16 @@ from pathlib import Path
 from typing import Any, Callable
 
 import optuna
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import TrialState
 
 from autokd.checkpoint import atomic_write_json, load_trial_student
 from autokd.errors import UserError, did_you_mean
 from autokd import retiming
 from autokd.pareto import TrialPoint, wilson_interval
 from autokd.report import ReportResult, format_front_table, write_report
-from autokd.study import make_storage, sampled_params, storage_missing, storage_url, study_dir
+from autokd.study import make_storage, storage_missing, storage_url, study_dir
+from autokd.trials import (ARCH_KEY_ATTR, CURVE_ATTR, FAIL_REASON_ATTR, LATENCY_ATTR, State, sampled_params,
+                           trial_state)
 
 
 def resolve_study(study_name: str | None, storage: str | None, root: Path) -> optuna.Study:
@@ -44,17 +46,6 @@ def resolve_study(study_name: str | None, storage: str | None, root: Path) -> op
     return optuna.load_study(study_name=study_name, storage=store)
 
 
-def trial_state(trial: FrozenTrial) -> str:
-    """autokd's state of a trial: COMPLETE, PRUNED, INFEASIBLE, FAIL (incl. interrupted) or RUNNING."""
-    if trial.state == TrialState.RUNNING:
-        return "RUNNING"
-    if trial.state == TrialState.COMPLETE:
-        return "COMPLETE"
-    if trial.state == TrialState.PRUNED:
-        return "INFEASIBLE" if trial.user_attrs.get("autokd_state") == "INFEASIBLE" else "PRUNED"
-    return "FAIL"
-
-
 def trial_points(study: optuna.Study) -> list[TrialPoint]:
     """Every trial of the study as a report point (params flattened, latency from the user attributes, replaced by
     the front's re-timing where there is one; intervals: latency from its measurement, accuracy Wilson on the
@@ -65,15 +56,15 @@ def trial_points(study: optuna.Study) -> list[TrialPoint]:
         if t.state == TrialState.WAITING:
             continue
         state = trial_state(t)
-        measured = t.user_attrs.get("latency") or {}
+        measured = t.user_attrs.get(LATENCY_ATTR) or {}
         latency = measured.get("median_ms")
-        val_acc = t.values[0] if state == "COMPLETE" and t.values else None
+        val_acc = t.values[0] if state == State.COMPLETE and t.values else None
         params = sampled_params(t.user_attrs)
-        curve = t.user_attrs.get("curve") or []
+        curve = t.user_attrs.get(CURVE_ATTR) or []
         extra: dict[str, Any] = {"last_val_acc": curve[-1] if curve else None, "epochs": len(curve),
-                                 "arch_key": t.user_attrs.get("arch_key")}
-        if t.user_attrs.get("fail_reason"):
-            extra["reason"] = t.user_attrs["fail_reason"]
+                                 "arch_key": t.user_attrs.get(ARCH_KEY_ATTR)}
+        if t.user_attrs.get(FAIL_REASON_ATTR):
+            extra["reason"] = t.user_attrs[FAIL_REASON_ATTR]
         if measured.get("params"):
             extra["param_count"] = measured["params"]
         latency_ci = None
@@ -144,7 +135,7 @@ def build_report(study: optuna.Study, root: Path, data: Any | None = None, max_l
                  log: Callable[[str], None] = print) -> ReportResult | None:
     """Write studies/<name>/report/ for the study, print the front table, attach the files to MLflow."""
     points = trial_points(study)
-    if not any(p.state == "COMPLETE" for p in points):
+    if not any(p.state == State.COMPLETE for p in points):
         log(f"study {study.study_name!r}: no completed trial yet, no report")
         return None
     from autokd import scaleout

@@ -55,16 +55,9 @@ from typing import Any, Callable, Iterator, TypeVar
 
 from autokd.atomic import atomic_write_text
 from autokd.errors import UserError
+from autokd.trials import MLFLOW_STATUS, State
 
 logger = logging.getLogger(__name__)
-
-TERMINAL_STATUS: dict[str, str] = {
-    "COMPLETE": "FINISHED",
-    "PRUNED": "FINISHED",
-    "INFEASIBLE": "FINISHED",
-    "FAIL": "FAILED",
-    "INTERRUPTED": "KILLED",
-}
 
 PARENT_RUN_TAG = "mlflow.parentRunId"
 ROLE_TAG = "autokd.role"
@@ -198,7 +191,7 @@ class TrialRun:
         """Wait until everything logged so far is in the store (an interrupted run's ``end`` does this)."""
 
     def end(self, state: str, reason: str | None = None) -> None:
-        """End the run with the MLflow status for autokd ``state`` (see TERMINAL_STATUS); idempotent."""
+        """End the run with the MLflow status for autokd ``state`` (see ``trials.MLFLOW_STATUS``); idempotent."""
 
 
 class Tracker:
@@ -614,8 +607,8 @@ class MlflowTrialRun(TrialRun):
             logger.warning("MLflow: run %s still has calls queued after 300 s; going on", self._key)
 
     def end(self, state: str, reason: str | None = None) -> None:
-        if state not in TERMINAL_STATUS:
-            raise ValueError(f"unknown terminal trial state {state!r}; expected one of {sorted(TERMINAL_STATUS)}")
+        if state not in MLFLOW_STATUS:
+            raise ValueError(f"unknown terminal trial state {state!r}; expected one of {sorted(MLFLOW_STATUS)}")
         if self._ended:
             return
         self._ended = True
@@ -623,8 +616,8 @@ class MlflowTrialRun(TrialRun):
         if reason:
             tags[FAIL_REASON_TAG] = reason
         self.set_tags(tags)
-        self._submit("set_terminated", status=TERMINAL_STATUS[state])
-        if state == "INTERRUPTED":
+        self._submit("set_terminated", status=MLFLOW_STATUS[state])
+        if state == State.INTERRUPTED:
             self.flush()  # the process is about to exit: the KILLED status must be in the store (or spool) first
 
 
@@ -749,12 +742,12 @@ class MlflowTracker(Tracker):
             raw = run.data.tags.get(TRIAL_TAG)
             number = int(raw) if raw is not None and raw.lstrip("-").isdigit() else None
             state = trial_states.get(number) if number is not None else None
-            if state == "RUNNING":
+            if state == State.RUNNING:
                 continue
-            if state == "FAIL":
+            if state == State.FAIL:
                 status, reason = "KILLED", "worker died while the trial was running (stale trial)"
-            elif state in TERMINAL_STATUS:
-                status, reason = TERMINAL_STATUS[state], None
+            elif state in MLFLOW_STATUS:
+                status, reason = MLFLOW_STATUS[state], None
             else:
                 status, reason = "KILLED", f"trial {raw} is unknown to the study"
             tags = {STATE_TAG: state or "UNKNOWN"}

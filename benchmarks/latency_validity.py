@@ -119,8 +119,8 @@ def part_a_and_d(n: int) -> None:
 
 def part_b_and_c(budget: int) -> None:
     from autokd.latency import LatencyMeter
-    from autokd.study import sampled_params
     from autokd.students import resolve_student
+    from autokd.trials import sampled_params
 
     root = fresh_root("validity")
     try:

@@ -239,7 +239,8 @@ def test_sigterm_exits_130_promptly_and_resumes(tmp_path: Path, tiny_teacher: tu
 
 
 def test_a_retry_whose_worker_dies_again_is_not_retried_forever(tmp_path: Path) -> None:
-    from autokd.study import REQUEUED_ATTR, reap_dead_trials, worker_identity
+    from autokd.study import reap_dead_trials, worker_identity
+    from autokd.trials import REQUEUED_ATTR
 
     study = optuna.create_study(study_name="reap", storage=make_storage(None, tmp_path),
                                 directions=["maximize", "minimize"])

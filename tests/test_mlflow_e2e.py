@@ -23,8 +23,8 @@ import pytest
 from autokd import objective
 from autokd.search import run_search
 from autokd.study import make_storage
-from autokd.study_report import trial_state
 from autokd.tracking import default_tracking_uri, make_tracker
+from autokd.trials import trial_state
 from conftest import free_port, mlflow_rest, repo_pythonpath, split_runs
 from test_search import TINY_SPACE, settings
 

@@ -15,7 +15,7 @@ import optuna
 import pytest
 
 from autokd.study import make_storage
-from autokd.study_report import trial_state
+from autokd.trials import trial_state
 from conftest import _mlflow_cli, free_port, repo_pythonpath, split_runs
 from test_search import TINY_SPACE
 

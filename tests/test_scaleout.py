@@ -20,7 +20,8 @@ import pytest
 from optuna.trial import TrialState
 
 from autokd.cli import main
-from autokd.study import REQUEUED_ATTR, ask_with_heartbeat, budget_used, fail_stale_trials, make_storage
+from autokd.study import ask_with_heartbeat, budget_used, fail_stale_trials, make_storage
+from autokd.trials import REQUEUED_ATTR
 from test_search import TINY_SPACE
 from conftest import repo_pythonpath
 

@@ -81,7 +81,8 @@ def _dead_worker() -> dict:
 
 
 def test_requeue_queues_the_same_params_once_and_the_retry_takes_the_budget_slot(tmp_path: Path) -> None:
-    from autokd.study import REQUEUED_ATTR, budget_used, requeue_trial
+    from autokd.study import budget_used
+    from autokd.trials import REQUEUED_ATTR, requeue_trial
 
     study = _journal_study(tmp_path)
     trial = study.ask()
@@ -103,7 +104,7 @@ def test_requeue_queues_the_same_params_once_and_the_retry_takes_the_budget_slot
 
 
 def test_requeue_of_a_trial_without_params_queues_nothing(tmp_path: Path) -> None:
-    from autokd.study import requeue_trial
+    from autokd.trials import requeue_trial
 
     study = _journal_study(tmp_path)
     trial = study.ask()
@@ -132,7 +133,8 @@ def test_budget_counts_finished_and_running_but_not_a_failed_trial_with_a_retry(
 
 
 def test_reaper_fails_and_requeues_the_trial_of_a_dead_worker_once(tmp_path: Path) -> None:
-    from autokd.study import REQUEUED_ATTR, reap_dead_trials, worker_identity
+    from autokd.study import reap_dead_trials, worker_identity
+    from autokd.trials import REQUEUED_ATTR
 
     study = _journal_study(tmp_path)
     alive = study.ask()

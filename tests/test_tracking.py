@@ -17,13 +17,13 @@ import pytest
 
 from autokd.errors import UserError
 from autokd.tracking import (
-    TERMINAL_STATUS,
     Tracker,
     TrialRun,
     default_tracking_uri,
     make_tracker,
     ui_command,
 )
+from autokd.trials import MLFLOW_STATUS
 from conftest import repo_pythonpath, free_port, mlflow_rest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -259,7 +259,7 @@ def test_end_rejects_unknown_state(studies: Path) -> None:
     from mlflow.tracking import MlflowClient
 
     got = MlflowClient(tracking_uri=tracker.tracking_uri).get_run(run.run_id)
-    assert got.info.status == TERMINAL_STATUS["INTERRUPTED"] == "KILLED"
+    assert got.info.status == MLFLOW_STATUS["INTERRUPTED"] == "KILLED"
     assert "mlflow.parentRunId" not in got.data.tags
 
 
