@@ -243,8 +243,7 @@ def run_search(s: SearchSettings, worker_index: int = 0, log: Callable[[str], No
             study, _ = open_study(name, storage, pinned, extra_attrs, sampler)  # checks space/data pins
         if teacher is None:
             if study is not None and shared:
-                uris = [tracker.tracking_uri] if tracker.enabled else []
-                scaleout.fetch_teacher(study, root / "teachers", uris, log)
+                scaleout.fetch_teacher(study, root / "teachers", tracker, log)
             teacher = get_teacher(data, **teacher_kwargs)
         if study is None:  # created only once the teacher is ready: a teacher that fails leaves no study
             study, created = open_study(name, storage, pinned, extra_attrs, sampler)
@@ -260,8 +259,8 @@ def run_search(s: SearchSettings, worker_index: int = 0, log: Callable[[str], No
                                       settings={**meter.signature_info(), "torch_device": meter.dev.type})
         parent_run_id = _parent_run(study, tracker, s, name, teacher_id, shared)
         if shared and s.teacher_checkpoint is None and teacher.path is not None:
-            scaleout.publish_teacher(study, teacher.path, teacher.arch, tracker.tracking_uri if tracker.enabled
-                                     else None, parent_run_id, worker_host(), log)
+            scaleout.publish_teacher(study, teacher.path, teacher.arch, tracker, parent_run_id, worker_host(),
+                                     log)
         joined = int(study.user_attrs.get("workers_started", 0))
         study.set_user_attr("workers_started", joined + 1)
     if worker_index == 0:
