@@ -42,6 +42,7 @@ from autokd.study import (
     worker_host,
     worker_identity,
 )
+from autokd.tracking import Tracker
 
 # After this many failures in a row the search stops instead of burning the rest of the budget.
 MAX_CONSECUTIVE_FAILURES = 5
@@ -357,7 +358,7 @@ def run_search(s: SearchSettings, worker_index: int = 0, log: Callable[[str], No
     return summary
 
 
-def _end_parent(study: optuna.Study, tracker: Any, parent_run_id: str, s: SearchSettings, status: str) -> None:
+def _end_parent(study: optuna.Study, tracker: Tracker, parent_run_id: str, s: SearchSettings, status: str) -> None:
     """End the study's MLflow parent run, unless a trial still runs in another worker (which then ends it)."""
     with study_lock(s.storage, Path(s.root), study.study_name):
         if study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
@@ -388,7 +389,7 @@ def _beating_elsewhere(study: optuna.Study) -> bool:
                for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)))
 
 
-def _parent_run(study: optuna.Study, tracker: Any, s: SearchSettings, name: str, teacher_id: str,
+def _parent_run(study: optuna.Study, tracker: Tracker, s: SearchSettings, name: str, teacher_id: str,
                 shared: bool) -> str | None:
     """The study's MLflow parent run, created by its first worker. Call under the study lock."""
     if not tracker.enabled:
@@ -522,7 +523,7 @@ def _fmt(seconds: float) -> str:
     return f"{seconds // 60:02d}:{seconds % 60:02d}"
 
 
-def _final_report(study: optuna.Study, s: SearchSettings, data: Any, tracker: Any, parent_run_id: str | None,
+def _final_report(study: optuna.Study, s: SearchSettings, data: Any, tracker: Tracker, parent_run_id: str | None,
                   log: Callable[[str], None]) -> list[Path]:
     from autokd.study_report import build_report
 
