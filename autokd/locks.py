@@ -33,6 +33,18 @@ def file_lock(path: Path, shared: bool = False) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def try_lock(handle: IO[str]) -> bool:
+    """Take an exclusive flock on the open file `handle` without waiting; False if another process holds one.
+
+    The lock lasts until the handle is closed (or the process ends).
+    """
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    return True
+
+
 class TrainingHold:
     """The shared hold of one trainer; `pause_point()` lets a waiting measurement in between two steps."""
 

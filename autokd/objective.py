@@ -26,7 +26,7 @@ from autokd.losses import build_loss
 from autokd.space import SearchSpace, TrialParams, sample
 from autokd.students import StudentSpec, build_from_spec, resolve_student
 from autokd.teacher import TeacherOutputs
-from autokd.tracking import Tracker
+from autokd.tracking import Tracker, TrialRun
 from autokd.train import EpochResult, NonFiniteLossError, TrainConfig, distill
 from autokd.trials import State
 
@@ -169,7 +169,7 @@ class _TimedRun:
     included), and the other buckets (``epoch_bookkeeping_s``, ``save_s``) leave it out: they add up.
     """
 
-    def __init__(self, run: Any, timings: dict[str, float]) -> None:
+    def __init__(self, run: TrialRun, timings: dict[str, float]) -> None:
         self._run = run
         self._timings = timings
 
@@ -208,7 +208,7 @@ def _run_params(params: TrialParams, spec: StudentSpec, ctx: TrialContext) -> di
 
 
 def _train(study: optuna.Study, trial: optuna.Trial, ctx: TrialContext, params: TrialParams, spec: StudentSpec,
-           student: torch.nn.Module, latency: LatencyResult, run: Any, outcome: TrialOutcome,
+           student: torch.nn.Module, latency: LatencyResult, run: TrialRun, outcome: TrialOutcome,
            timings: dict[str, float]) -> TrialOutcome:
     loss_fn = build_loss(params.loss, **params.loss_params)
     cfg = TrainConfig(epochs=params.epochs, batch_size=params.batch_size, lr=params.lr,

@@ -28,12 +28,18 @@ import shlex
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 from urllib.parse import urlsplit, urlunsplit
 
+from autokd import tracking
 from autokd.atomic import file_digest
 from autokd.checkpoint import WEIGHTS_FILE
 from autokd.errors import UserError
+
+if TYPE_CHECKING:
+    import optuna
+
+    from autokd.latency import LatencyResult
 
 TEACHER_ATTR = "teacher_artifact"
 TEACHER_FILES = ("model.safetensors", "meta.json")  # meta.json last: its presence marks a complete cache entry
@@ -42,11 +48,6 @@ LATENCY_BATCH_ATTR = "latency_batch"
 LATENCY_SETTINGS_ATTR = "latency_settings"
 LATENCY_RETIME_ATTR = "latency_retime"
 LATENCY_MIXED_ATTR = "latency_mixed"  # the study's trials were timed on several latency devices (allowed explicitly)
-
-
-def _quiet_mlflow() -> None:
-    # MLflow draws a progress bar per download: noise between a worker's progress lines.
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def is_shared_storage(storage: str | None) -> bool:
@@ -58,26 +59,23 @@ def is_shared_storage(storage: str | None) -> bool:
 # the shared teacher
 # ---------------------------------------------------------------------------------------------------------
 
-def publish_teacher(study: Any, weights: Path, arch: str, tracking_uri: str | None, parent_run_id: str | None,
-                    host: str, log: Callable[[str], None] = print) -> dict[str, Any] | None:
+def publish_teacher(study: optuna.Study, weights: Path, arch: str, tracker: tracking.Tracker,
+                    parent_run_id: str | None, host: str, log: Callable[[str], None] = print) -> dict[str, Any] | None:
     """Publish the teacher cache entry holding `weights` for the other workers of `study` (once per study).
 
-    Uploads it to the MLflow parent run when there is one and records `teacher_artifact` in the study. Call
-    under the study lock. Returns the record, or None when the study already has one.
+    Uploads it to the study's MLflow parent run when tracking is on and records `teacher_artifact` in the study.
+    Call under the study lock. Returns the record, or None when the study already has one.
     """
     if study.user_attrs.get(TEACHER_ATTR):
         return None
     entry = weights.parent
     record: dict[str, Any] = {"arch": arch, "entry": entry.name, "sha256": file_digest(weights), "host": host,
                               "path": str(entry.resolve())}
-    if tracking_uri and parent_run_id:
-        from mlflow.tracking import MlflowClient
-
+    tracking_uri = tracker.tracking_uri
+    if tracker.enabled and parent_run_id:
         artifact_path = f"teacher/{entry.name}"
         try:
-            client = MlflowClient(tracking_uri=tracking_uri)
-            for name in TEACHER_FILES:
-                client.log_artifact(parent_run_id, str(entry / name), artifact_path)
+            tracker.upload_artifacts(parent_run_id, [entry / name for name in TEACHER_FILES], artifact_path)
         except Exception as exc:  # noqa: BLE001 - any failure means the other workers could not get it
             raise UserError(f"cannot publish the teacher {entry} to MLflow run {parent_run_id} at {tracking_uri}: "
                             f"{exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. The other "
@@ -92,12 +90,13 @@ def publish_teacher(study: Any, weights: Path, arch: str, tracking_uri: str | No
     return record
 
 
-def fetch_teacher(study: Any, cache_root: Path, tracking_uris: list[str],
+def fetch_teacher(study: optuna.Study, cache_root: Path, tracker: tracking.Tracker,
                   log: Callable[[str], None] = print) -> Path | None:
     """Put the study's published teacher into this machine's teacher cache (verified), unless it is there.
 
-    `tracking_uris`: MLflow URIs to try, in order, besides the one recorded by the publisher. Returns the
-    cache entry, or None when the study has published no teacher (this worker is the first).
+    Tried in order: this worker's MLflow store (`tracker`, when tracking is on), the store recorded by the
+    publisher, the publisher's folder. Returns the cache entry, or None when the study has published no
+    teacher (this worker is the first).
     """
     record = study.user_attrs.get(TEACHER_ATTR)
     if not record:
@@ -115,7 +114,7 @@ def fetch_teacher(study: Any, cache_root: Path, tracking_uris: list[str],
         cache_root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=cache_root, prefix=".fetch-"))
         try:
-            source, where, errors = _download(record, tmp, tracking_uris)
+            source, where, errors = _download(record, tmp, tracker)
             if source is None:
                 raise UserError(
                     f"study {study.study_name!r}: its teacher was trained on {record.get('host')} and cannot be "
@@ -141,24 +140,21 @@ def _entry_matches(entry: Path, sha256: str) -> bool:
     return weights.is_file() and (entry / "meta.json").is_file() and file_digest(weights) == sha256
 
 
-def _download(record: dict[str, Any], tmp: Path, tracking_uris: list[str]) -> tuple[Path | None, str, list[str]]:
+def _download(record: dict[str, Any], tmp: Path, tracker: tracking.Tracker) -> tuple[Path | None, str, list[str]]:
     """(folder holding the teacher files, where they came from, errors of the sources that failed)."""
     errors: list[str] = []
     if record.get("run_id"):
-        from mlflow.tracking import MlflowClient
-
-        _quiet_mlflow()
-        uris = list(dict.fromkeys([*tracking_uris, record["tracking_uri"]]))
-        for uri in uris:
+        own = [tracker.tracking_uri] if tracker.tracking_uri else []  # this worker's store first
+        for uri in dict.fromkeys([*own, record["tracking_uri"]]):
             try:
-                local = MlflowClient(tracking_uri=uri).download_artifacts(record["run_id"], record["artifact_path"],
-                                                                        str(tmp))
+                reader = tracker if uri == tracker.tracking_uri else tracking.artifact_reader(uri)
+                local = reader.download_artifacts(record["run_id"], record["artifact_path"], tmp)
             except Exception as exc:  # noqa: BLE001 - try the next source
                 first = str(exc).splitlines()[0][:200] if str(exc) else ""
                 errors.append(f"MLflow {uri}: {exc.__class__.__name__}: {first}")
                 continue
-            if all((Path(local) / name).is_file() for name in TEACHER_FILES):
-                return Path(local), f"MLflow run {record['run_id']} ({uri})", errors
+            if local is not None and all((local / name).is_file() for name in TEACHER_FILES):
+                return local, f"MLflow run {record['run_id']} ({uri})", errors
             errors.append(f"MLflow {uri}: run {record['run_id']} has no {record['artifact_path']}/ artifacts")
     path = Path(record["path"])
     if all((path / name).is_file() for name in TEACHER_FILES):
@@ -171,7 +167,7 @@ def _download(record: dict[str, Any], tmp: Path, tracking_uris: list[str]) -> tu
     return None, "", errors
 
 
-def fetch_trial_checkpoints(study: Any, trials_dir: Path, numbers: list[int],
+def fetch_trial_checkpoints(study: optuna.Study, trials_dir: Path, numbers: list[int],
                             log: Callable[[str], None] = print) -> list[int]:
     """Download the checkpoints of trials ``numbers`` that this machine lacks from their MLflow runs.
 
@@ -186,27 +182,21 @@ def fetch_trial_checkpoints(study: Any, trials_dir: Path, numbers: list[int],
     missing = [n for n in numbers if not (Path(trials_dir) / str(n) / WEIGHTS_FILE).is_file()]
     if not missing or not tracking_uri or not parent_run_id:
         return []
-    from mlflow.tracking import MlflowClient
-
-    from autokd.tracking import PARENT_RUN_TAG, TRIAL_TAG, limit_http_retries
-
-    _quiet_mlflow()
-    limit_http_retries(tracking_uri)  # `autokd export` with the server down: an error in seconds, not minutes
-    client = MlflowClient(tracking_uri=tracking_uri)
+    tracking.limit_http_retries(tracking_uri)  # `autokd export` with the server down: an error in seconds, not minutes
+    reader = tracking.artifact_reader(tracking_uri)
     fetched: list[int] = []
     try:
-        experiment_id = client.get_run(parent_run_id).info.experiment_id
         for number in missing:
-            runs = client.search_runs([experiment_id], max_results=1, filter_string=(
-                f"tags.`{PARENT_RUN_TAG}` = '{parent_run_id}' and tags.`{TRIAL_TAG}` = '{number}' "
-                "and attributes.status = 'FINISHED'"))
-            if not runs:
+            run_id = reader.finished_trial_run(parent_run_id, number)
+            if run_id is None:
                 continue
             out = Path(trials_dir) / str(number)
             out.parent.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".fetch-{number}-"))
             try:
-                local = Path(client.download_artifacts(runs[0].info.run_id, "student", str(tmp)))
+                local = reader.download_artifacts(run_id, "student", tmp)
+                if local is None:
+                    continue
                 out.mkdir(exist_ok=True)
                 for f in sorted(local.iterdir(), key=lambda f: f.name == WEIGHTS_FILE):
                     os.replace(f, out / f.name)  # the weights last: their presence marks a complete checkpoint
@@ -233,18 +223,18 @@ class StudyLatency:
     in the front. The first measurement recorded in the study wins.
     """
 
-    def __init__(self, study: Any, device_sig: str, batch: int) -> None:
+    def __init__(self, study: optuna.Study, device_sig: str, batch: int) -> None:
         self.study = study
         self.prefix = f"latency:{device_sig}:b{batch}:"
 
-    def get(self, arch_key: str) -> Any:
+    def get(self, arch_key: str) -> LatencyResult | None:
         """The study's measurement of `arch_key` on this device kind, or None."""
         from autokd.latency import LatencyResult
 
         found = self.study.user_attrs.get(self.prefix + arch_key)
         return LatencyResult.from_dict(found) if found else None
 
-    def put(self, arch_key: str, result: Any) -> Any:
+    def put(self, arch_key: str, result: LatencyResult) -> LatencyResult:
         """Record `result` unless another worker recorded this architecture first; returns the one that counts."""
         first = self.get(arch_key)
         if first is not None:
@@ -253,7 +243,7 @@ class StudyLatency:
         return result
 
 
-def check_latency_device(study: Any, signature: str, batch: int, allow_mixed: bool,
+def check_latency_device(study: optuna.Study, signature: str, batch: int, allow_mixed: bool,
                          log: Callable[[str], None] = print, settings: dict[str, Any] | None = None) -> None:
     """Pin the study's latency device on first use; refuse a worker that would time students on another one.
 
@@ -297,7 +287,8 @@ def check_latency_device(study: Any, signature: str, batch: int, allow_mixed: bo
         "them knowingly.")
 
 
-def _check_latency_precision(study: Any, stored_settings: dict[str, Any], settings: dict[str, Any] | None) -> None:
+def _check_latency_precision(study: optuna.Study, stored_settings: dict[str, Any],
+                             settings: dict[str, Any] | None) -> None:
     """One precision per study (``--latency-precision``; studies from before it are fp32), even with
     --allow-mixed-latency: an fp32 and an int8 latency of one student are different deployments."""
     stored = str(stored_settings.get("precision") or "fp32")

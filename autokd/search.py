@@ -41,6 +41,7 @@ from autokd.study import (
     worker_host,
     worker_identity,
 )
+from autokd.tracking import Tracker
 from autokd.trials import REQUEUED_ATTR, WORKER_ATTR, State, recorded_states, trial_state
 
 # After this many failures in a row the search stops instead of burning the rest of the budget.
@@ -243,8 +244,7 @@ def run_search(s: SearchSettings, worker_index: int = 0, log: Callable[[str], No
             study, _ = open_study(name, storage, pinned, extra_attrs, sampler)  # checks space/data pins
         if teacher is None:
             if study is not None and shared:
-                uris = [tracker.tracking_uri] if tracker.enabled else []
-                scaleout.fetch_teacher(study, root / "teachers", uris, log)
+                scaleout.fetch_teacher(study, root / "teachers", tracker, log)
             teacher = get_teacher(data, **teacher_kwargs)
         if study is None:  # created only once the teacher is ready: a teacher that fails leaves no study
             study, created = open_study(name, storage, pinned, extra_attrs, sampler)
@@ -260,8 +260,8 @@ def run_search(s: SearchSettings, worker_index: int = 0, log: Callable[[str], No
                                       settings={**meter.signature_info(), "torch_device": meter.dev.type})
         parent_run_id = _parent_run(study, tracker, s, name, teacher_id, shared)
         if shared and s.teacher_checkpoint is None and teacher.path is not None:
-            scaleout.publish_teacher(study, teacher.path, teacher.arch, tracker.tracking_uri if tracker.enabled
-                                     else None, parent_run_id, worker_host(), log)
+            scaleout.publish_teacher(study, teacher.path, teacher.arch, tracker, parent_run_id, worker_host(),
+                                     log)
         joined = int(study.user_attrs.get("workers_started", 0))
         study.set_user_attr("workers_started", joined + 1)
     if worker_index == 0:
@@ -358,7 +358,7 @@ def run_search(s: SearchSettings, worker_index: int = 0, log: Callable[[str], No
     return summary
 
 
-def _end_parent(study: optuna.Study, tracker: Any, parent_run_id: str, s: SearchSettings, status: str) -> None:
+def _end_parent(study: optuna.Study, tracker: Tracker, parent_run_id: str, s: SearchSettings, status: str) -> None:
     """End the study's MLflow parent run, unless a trial still runs in another worker (which then ends it)."""
     with study_lock(s.storage, Path(s.root), study.study_name):
         if study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
@@ -389,7 +389,7 @@ def _beating_elsewhere(study: optuna.Study) -> bool:
                for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)))
 
 
-def _parent_run(study: optuna.Study, tracker: Any, s: SearchSettings, name: str, teacher_id: str,
+def _parent_run(study: optuna.Study, tracker: Tracker, s: SearchSettings, name: str, teacher_id: str,
                 shared: bool) -> str | None:
     """The study's MLflow parent run, created by its first worker. Call under the study lock."""
     if not tracker.enabled:
@@ -514,7 +514,7 @@ def _fmt(seconds: float) -> str:
     return f"{seconds // 60:02d}:{seconds % 60:02d}"
 
 
-def _final_report(study: optuna.Study, s: SearchSettings, data: Any, tracker: Any, parent_run_id: str | None,
+def _final_report(study: optuna.Study, s: SearchSettings, data: Any, tracker: Tracker, parent_run_id: str | None,
                   log: Callable[[str], None]) -> list[Path]:
     from autokd.study_report import build_report
 

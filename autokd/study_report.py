@@ -18,6 +18,7 @@ from autokd import retiming
 from autokd.pareto import TrialPoint, wilson_interval
 from autokd.report import ReportResult, format_front_table, write_report
 from autokd.study import make_storage, storage_missing, storage_url, study_dir
+from autokd.tracking import Tracker
 from autokd.trials import (ARCH_KEY_ATTR, CURVE_ATTR, FAIL_REASON_ATTR, LATENCY_ATTR, State, sampled_params,
                            trial_state)
 
@@ -130,7 +131,7 @@ def int8_accuracies(study: optuna.Study, front: list[TrialPoint], root: Path, da
 
 
 def build_report(study: optuna.Study, root: Path, data: Any | None = None, max_latency_ms: float | None = None,
-                 tolerance_pp: float = 1.0, hv_ref_ms: float | None = None, tracker: Any = None,
+                 tolerance_pp: float = 1.0, hv_ref_ms: float | None = None, tracker: Tracker | None = None,
                  parent_run_id: str | None = None, data_dir: str | None = None,
                  log: Callable[[str], None] = print) -> ReportResult | None:
     """Write studies/<name>/report/ for the study, print the front table, attach the files to MLflow."""

@@ -51,7 +51,7 @@ def _scaling(study, data, folder: Path, time_files, quantize) -> None:  # noqa: 
     """fp32 vs int8 latency of each family's base-size student, batch 1 and 32, at 1x and 4x the input side."""
     import torch
 
-    from autokd.export import export_onnx
+    from autokd.onnx_export import export_onnx
     from autokd.students import build_student
 
     space = study.user_attrs.get("space") or {}

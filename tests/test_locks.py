@@ -56,3 +56,29 @@ def test_trainers_share_the_gate(tmp_path: Path) -> None:
     with gate.training() as first, gate.training() as second:  # two trainers at once: no deadlock
         first.pause_point()
         second.pause_point()
+
+
+def _try_lock_in_child(path: str, result: "mp.Queue[bool]") -> None:
+    from autokd.locks import try_lock
+
+    with open(path, "a") as handle:
+        result.put(try_lock(handle))
+
+
+def test_try_lock_does_not_wait_and_lasts_until_the_handle_closes(tmp_path: Path) -> None:
+    from autokd.locks import try_lock
+
+    ctx = mp.get_context("fork")
+    path = tmp_path / "spool.jsonl"
+    result: "mp.Queue[bool]" = ctx.Queue()
+
+    def other_process_gets_it() -> bool:
+        child = ctx.Process(target=_try_lock_in_child, args=(str(path), result))
+        child.start()
+        child.join(10)
+        return result.get(timeout=10)
+
+    with open(path, "a") as handle:
+        assert try_lock(handle)
+        assert not other_process_gets_it()
+    assert other_process_gets_it()

@@ -145,9 +145,9 @@ def test_outage_mid_run_is_replayed_in_order_when_the_store_answers(tmp_path: Pa
 
     from mlflow.tracking import MlflowClient
 
-    from autokd import tracking
+    from autokd import _mlflow_tracking, tracking
 
-    monkeypatch.setattr(tracking, "PROBE_INTERVAL_S", 0.0)
+    monkeypatch.setattr(_mlflow_tracking, "PROBE_INTERVAL_S", 0.0)
     root = tmp_path / "studies"
     tracker = tracking.make_tracker(None, True, root, "flaky")
     parent = tracker.create_parent_run("flaky", {}, {"budget": 1})

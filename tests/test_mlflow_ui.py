@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from autokd._mlflow_tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG
 from autokd.cli import main
 from autokd.search import run_search
-from autokd.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG
 from browser import Browser, chromium
 from test_search import TINY_SPACE, settings
 
