@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from autokd.config import SAMPLERS, SearchSettings, studies_root
-from autokd.errors import UserError
+from autokd.errors import FatalSearchError, Interrupted, UserError
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
@@ -263,13 +263,20 @@ def _report(args: argparse.Namespace, root: Path) -> int:
 
 
 def _export(args: argparse.Namespace, root: Path) -> int:
-    from autokd.export import export_command
-    from autokd.int8 import int8_options
+    from autokd.export import ParityError, export_command
+    from autokd.int8 import QuantizationError, int8_options
 
     int8 = int8_options(args.int8, args.calibration_images, args.max_int8_drop)
-    export_command(study_name=args.study, storage=args.storage, root=root, trial=args.trial, pick=args.pick,
-                   max_latency_ms=args.max_latency_ms, out=args.out, formats=args.format, data_dir=args.data_dir,
-                   int8=int8)
+    try:
+        export_command(study_name=args.study, storage=args.storage, root=root, trial=args.trial, pick=args.pick,
+                       max_latency_ms=args.max_latency_ms, out=args.out, formats=args.format, data_dir=args.data_dir,
+                       int8=int8)
+    except ParityError as exc:  # export wrote nothing: its own files disagree with PyTorch
+        print(f"autokd {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except QuantizationError as exc:  # the fp32 export is written; no INT8 file
+        print(f"autokd {args.command}: error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -427,23 +434,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"autokd {args.command}: interrupted; finished trials are kept — rerun the same command to resume",
               file=sys.stderr)
         return EXIT_INTERRUPTED
-    except BaseException as exc:
-        from autokd.objective import FatalSearchError, Interrupted
-
-        if isinstance(exc, Interrupted):
-            print(f"autokd {args.command}: terminated ({exc}); finished trials are kept — rerun the same command "
-                  "to resume", file=sys.stderr)
-            return EXIT_INTERRUPTED
-        if isinstance(exc, FatalSearchError):
-            print(f"autokd {args.command}: stopped: {exc}", file=sys.stderr)
-            return 1
-        if exc.__class__.__name__ == "ParityError":  # export wrote nothing: its own files disagree with PyTorch
-            print(f"autokd {args.command}: error: {exc}", file=sys.stderr)
-            return 1
-        if exc.__class__.__name__ == "QuantizationError":  # the fp32 export is written; no INT8 file
-            print(f"autokd {args.command}: error: {exc}", file=sys.stderr)
-            return 1
-        raise
+    except Interrupted as exc:
+        print(f"autokd {args.command}: terminated ({exc}); finished trials are kept — rerun the same command "
+              "to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except FatalSearchError as exc:
+        print(f"autokd {args.command}: stopped: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from optuna.trial import TrialState
 from autokd import pruning
 from autokd.checkpoint import write_checkpoint
 from autokd.data import DataSplits, TrainViews
+from autokd.errors import FatalSearchError, Interrupted
 from autokd.latency import LatencyMeter, LatencyResult
 from autokd.losses import build_loss
 from autokd.space import SearchSpace, TrialParams, sample
@@ -31,14 +32,6 @@ from autokd.students import StudentSpec, build_from_spec, resolve_student
 from autokd.teacher import TeacherOutputs
 from autokd.tracking import Tracker
 from autokd.train import EpochResult, NonFiniteLossError, TrainConfig, distill
-
-
-class FatalSearchError(RuntimeError):
-    """An error that would make every following trial fail too (e.g. the outputs directory is unwritable)."""
-
-
-class Interrupted(BaseException):
-    """Raised from the SIGTERM handler so that `finally` blocks run, like KeyboardInterrupt for Ctrl-C."""
 
 
 @dataclass

@@ -25,7 +25,7 @@ import torch
 
 from autokd import devices, scaleout
 from autokd.config import SAMPLERS, SearchSettings
-from autokd.errors import UserError
+from autokd.errors import FatalSearchError, Interrupted, UserError
 from autokd.study import (
     REQUEUED_ATTR,
     ask_with_heartbeat,
@@ -155,8 +155,6 @@ def _install_sigterm() -> Any:
     """Turn SIGTERM into `Interrupted`; returns the previous handler (None where signals cannot be set)."""
     import threading
 
-    from autokd.objective import Interrupted
-
     first: list[float] = []
 
     def handler(signum: int, frame: Any) -> None:
@@ -191,7 +189,7 @@ def run_search(s: SearchSettings, worker_index: int = 0, log: Callable[[str], No
     """
     from autokd.data import TrainViews, load_dataset
     from autokd.latency import LatencyCache, LatencyMeter
-    from autokd.objective import FatalSearchError, TrialContext, run_trial
+    from autokd.objective import TrialContext, run_trial
     from autokd.space import load_space
     from autokd.teacher import get_teacher, teacher_outputs
     from autokd.tracking import make_tracker, spool_dir
