@@ -60,17 +60,6 @@ class SearchSummary:
     report_files: list[Path] = field(default_factory=list)
 
 
-def resolve_device(device: str) -> str:
-    """`auto` → cuda when available else cpu; validates explicit choices."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu" or device.startswith("cuda"):
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise UserError(f"--device {device}: no CUDA device is available on this machine; use --device cpu or auto")
-        return device
-    raise UserError(f"--device {device!r}: not a device; valid: auto, cpu, cuda, cuda:N")
-
-
 def default_study_name(dataset: str, space_name: str) -> str:
     """`<dataset>-<space>`, filesystem-safe (folder datasets use the folder's name)."""
     base = dataset.split(":", 1)[1].rstrip("/").split("/")[-1] if dataset.startswith("folder:") else dataset
@@ -197,7 +186,7 @@ def run_search(s: SearchSettings, worker_index: int = 0, log: Callable[[str], No
     validate_settings(s)
     validate_teacher_args(s.teacher, s.teacher_checkpoint)
     space = load_space(s.space)  # all input errors surface here, before any study or training exists
-    device = resolve_device(s.device)
+    device = devices.resolve_device(s.device)
     # Spawned workers are told the total (--jobs-total) and, on GPUs, see only their own device.
     workers = local_workers(s, device) if worker_index == 0 else []
     if len(workers) > 1 and argv is None:
