@@ -1,4 +1,4 @@
-"""Command line: argument parsing, exit codes (2 = bad input, 130 = interrupted), and nothing else.
+"""Command line: argument parsing, the search's progress lines, exit codes (2 = bad input, 130 = interrupted).
 
     autokd search --budget 50       run/resume a study (digits, default space, CPU/GPU automatically)
     autokd distill --family resnet  train one student against the cached teacher
@@ -14,10 +14,15 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from autokd.config import SAMPLERS, SearchSettings, studies_root
-from autokd.errors import UserError
+from autokd.errors import FatalSearchError, Interrupted, UserError
+
+if TYPE_CHECKING:
+    from autokd.objective import TrialOutcome
+    from autokd.search import SearchSummary
+    from autokd.worker_loop import SearchProgress
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
@@ -197,10 +202,26 @@ def add_latency_server_args(p: argparse.ArgumentParser) -> None:
 
 
 def _search(args: argparse.Namespace, root: Path) -> int:
-    from autokd.builtin_spaces import resolve_space
+    from autokd.processes import SETTINGS_ENV, settings_from_json
     from autokd.search import run_search
 
-    settings = SearchSettings(
+    if args.worker_index > 0 and SETTINGS_ENV in os.environ:  # a worker the first process started
+        settings = settings_from_json(os.environ.pop(SETTINGS_ENV))
+    else:
+        settings = _search_settings(args, root)
+    summary = run_search(settings, worker_index=args.worker_index, on_trial=_print_progress)
+    if args.worker_index == 0:
+        print(f"done: {summary.finished_in_study}/{summary.budget} trials in study {summary.study_name!r}; "
+              f"files under {summary.study_dir}/")
+        print(_next_steps(args, summary))
+    return 0
+
+
+def _search_settings(args: argparse.Namespace, root: Path) -> SearchSettings:
+    """The settings of `autokd search` from its options."""
+    from autokd.builtin_spaces import resolve_space
+
+    return SearchSettings(
         budget=args.budget, space=resolve_space(args.space), dataset=args.dataset, data_dir=args.data_dir,
         download=args.download, input_size=args.input_size, teacher=args.teacher,
         teacher_checkpoint=args.teacher_checkpoint, teacher_pretrained=args.teacher_pretrained, study=args.study,
@@ -216,15 +237,30 @@ def _search(args: argparse.Namespace, root: Path) -> int:
         devices=args.devices, jobs_per_device=args.jobs_per_device,
         train_limit=args.train_limit, root=root,
     )
-    summary = run_search(settings, worker_index=args.worker_index, argv=args.argv)
-    if args.worker_index == 0:
-        print(f"done: {summary.finished_in_study}/{summary.budget} trials in study {summary.study_name!r}; "
-              f"files under {summary.study_dir}/")
-        print(_next_steps(args, summary))
-    return 0
 
 
-def _next_steps(args: argparse.Namespace, summary: Any) -> str:
+def progress_line(outcome: TrialOutcome, progress: SearchProgress) -> str:
+    """The line `autokd search` prints after each trial: the trial, then where the study stands."""
+    p = outcome.params
+    desc = (f"{p.family:<12} w={p.width:.2f} d={p.depth:.2f} {p.loss:<5}" if p else "(no params)")
+    acc = f"val {outcome.val_acc:.4f}" if outcome.val_acc is not None else "val   —   "
+    lat = f"{outcome.latency_ms:7.3f} ms" if outcome.latency_ms is not None else "      — ms"
+    extra = f" ({outcome.reason})" if outcome.state in ("FAIL", "INFEASIBLE") and outcome.reason else ""
+    return (f"[{progress.done:>3}/{progress.budget}] #{outcome.number:<3} {desc} {acc} {lat} {outcome.state:<10} "
+            f"ep {outcome.epochs_trained:<2} {outcome.seconds:5.1f}s | pruned {progress.pruned} · "
+            f"front {progress.front} · {_mm_ss(progress.elapsed_s)} elapsed · ETA {_mm_ss(progress.eta_s)}{extra}")
+
+
+def _print_progress(outcome: TrialOutcome, progress: SearchProgress) -> None:
+    print(progress_line(outcome, progress))
+
+
+def _mm_ss(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 60:02d}:{seconds % 60:02d}"
+
+
+def _next_steps(args: argparse.Namespace, summary: SearchSummary) -> str:
     """The commands a user runs after a search: the report, the MLflow UI, the export of the knee student."""
     base = "autokd" + (f" --root {args.root}" if args.root else "")
     where = (f" --storage {args.storage}" if args.storage else "")
@@ -263,13 +299,20 @@ def _report(args: argparse.Namespace, root: Path) -> int:
 
 
 def _export(args: argparse.Namespace, root: Path) -> int:
-    from autokd.export import export_command
-    from autokd.int8 import int8_options
+    from autokd.export import ParityError, export_command
+    from autokd.int8 import QuantizationError, int8_options
 
     int8 = int8_options(args.int8, args.calibration_images, args.max_int8_drop)
-    export_command(study_name=args.study, storage=args.storage, root=root, trial=args.trial, pick=args.pick,
-                   max_latency_ms=args.max_latency_ms, out=args.out, formats=args.format, data_dir=args.data_dir,
-                   int8=int8)
+    try:
+        export_command(study_name=args.study, storage=args.storage, root=root, trial=args.trial, pick=args.pick,
+                       max_latency_ms=args.max_latency_ms, out=args.out, formats=args.format, data_dir=args.data_dir,
+                       int8=int8)
+    except ParityError as exc:  # export wrote nothing: its own files disagree with PyTorch
+        print(f"autokd {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except QuantizationError as exc:  # the fp32 export is written; no INT8 file
+        print(f"autokd {args.command}: error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -416,7 +459,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `autokd` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)  # what `search` re-runs for its other workers
     root = args.root or studies_root()
     try:
         return COMMANDS[args.command](args, root)
@@ -427,23 +469,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"autokd {args.command}: interrupted; finished trials are kept — rerun the same command to resume",
               file=sys.stderr)
         return EXIT_INTERRUPTED
-    except BaseException as exc:
-        from autokd.objective import FatalSearchError, Interrupted
-
-        if isinstance(exc, Interrupted):
-            print(f"autokd {args.command}: terminated ({exc}); finished trials are kept — rerun the same command "
-                  "to resume", file=sys.stderr)
-            return EXIT_INTERRUPTED
-        if isinstance(exc, FatalSearchError):
-            print(f"autokd {args.command}: stopped: {exc}", file=sys.stderr)
-            return 1
-        if exc.__class__.__name__ == "ParityError":  # export wrote nothing: its own files disagree with PyTorch
-            print(f"autokd {args.command}: error: {exc}", file=sys.stderr)
-            return 1
-        if exc.__class__.__name__ == "QuantizationError":  # the fp32 export is written; no INT8 file
-            print(f"autokd {args.command}: error: {exc}", file=sys.stderr)
-            return 1
-        raise
+    except Interrupted as exc:
+        print(f"autokd {args.command}: terminated ({exc}); finished trials are kept — rerun the same command "
+              "to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except FatalSearchError as exc:
+        print(f"autokd {args.command}: stopped: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""The GPUs of one machine: which ones `autokd search` uses, and the environment of each worker.
+"""Devices: checking a device name, and the GPUs of one machine (which ones `autokd search` uses, and the
+environment of each worker).
 
 `--devices all|0,1,3` picks among the CUDA devices this process sees (numbered 0.. as torch numbers them, so
 after any `CUDA_VISIBLE_DEVICES` the user set) and `--jobs-per-device K` runs K workers on each. Every
@@ -12,10 +13,57 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from autokd.errors import UserError
 
+if TYPE_CHECKING:
+    import torch
+
 CUDA_ENV = "CUDA_VISIBLE_DEVICES"
+
+
+def resolve_device(device: str) -> str:
+    """``--device``: `auto` → cuda when available else cpu; `cpu`, `cuda` and `cuda:N` are checked and kept."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    check_device(device, flag="--device")
+    return device
+
+
+def torch_device(device: str | torch.device) -> torch.device:
+    """The checked torch device ``device`` names, a plain ``cuda`` as the current CUDA device."""
+    import torch
+
+    dev = check_device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
+
+
+def check_device(device: str | torch.device, flag: str | None = None) -> torch.device:
+    """``device`` as a torch device, or a UserError for a name torch does not know or CUDA where there is none.
+
+    With ``flag`` (the option that gave it, e.g. ``--device``) only `cpu` and `cuda[:N]` are accepted and the
+    messages name the option; without it any torch device type is. CUDA is not initialised here.
+    """
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        if flag is not None:
+            raise UserError(f"{flag} {device!r}: not a device; valid: auto, cpu, cuda, cuda:N") from None
+        raise UserError(f"invalid device {device!r}: {e}; use e.g. 'cpu', 'cuda' or 'cuda:1'") from None
+    if flag is not None and device != "cpu" and dev.type != "cuda":
+        raise UserError(f"{flag} {device!r}: not a device; valid: auto, cpu, cuda, cuda:N")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        if flag is not None:
+            raise UserError(f"{flag} {device}: no CUDA device is available on this machine; use {flag} cpu or auto")
+        raise UserError(f"device {str(device)!r} was requested but CUDA is not available here; use 'cpu'")
+    return dev
 
 
 @dataclass(frozen=True)

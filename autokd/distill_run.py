@@ -17,8 +17,8 @@ def run_distill(*, family: str, width: float, depth: float, loss: str, loss_para
                 log: Callable[[str], None] = print) -> dict[str, Any]:
     """Distil one student; returns the saved config (incl. val/test accuracy) and writes it under `out`."""
     from autokd.data import TrainViews, load_dataset
+    from autokd.devices import resolve_device
     from autokd.losses import build_loss
-    from autokd.search import resolve_device
     from autokd.students import build_from_spec, resolve_student
     from autokd.teacher import get_teacher, teacher_outputs
     from autokd.train import EpochResult, TrainConfig, distill, evaluate

@@ -29,3 +29,17 @@ class UserError(Exception):
 
     The CLI prints the message and exits with code 2. Messages say what was wrong, where, and what is valid.
     """
+
+
+class FatalSearchError(RuntimeError):
+    """An error that would make every following trial fail too (e.g. the outputs directory is unwritable).
+
+    The search stops; the CLI prints the message and exits with code 1.
+    """
+
+
+class Interrupted(BaseException):
+    """Raised from the SIGTERM handler so that `finally` blocks run, like KeyboardInterrupt for Ctrl-C.
+
+    The CLI exits with code 130.
+    """

@@ -45,6 +45,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from autokd import ort_timing
 from autokd.atomic import atomic_write_text
+from autokd.devices import torch_device
 from autokd.errors import UserError
 from autokd.students import StudentSpec, build_from_spec
 
@@ -95,19 +96,6 @@ class LatencyResult:
         return float(low), float(high)
 
 
-def _torch_device(device: str | torch.device) -> torch.device:
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise UserError(f"invalid device {device!r}: {e}; use e.g. 'cpu', 'cuda' or 'cuda:1'") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"device {str(device)!r} was requested but CUDA is not available here; use 'cpu'")
-        if dev.index is None:
-            dev = torch.device("cuda", torch.cuda.current_device())
-    return dev
-
-
 def _cpu_model() -> str:
     return ort_timing.cpu_model()
 
@@ -127,7 +115,7 @@ def _slug(text: str) -> str:
 
 def device_signature(device: str | torch.device, threads: int) -> str:
     """Filesystem-safe name of what latency depends on: ``cpu-<cpu model>-t<threads>`` or ``cuda-<gpu name>``."""
-    dev = _torch_device(device)
+    dev = torch_device(device)
     if dev.type == "cuda":  # the thread count barely matters once the work is on the GPU
         return _slug(_device_name(dev))
     return f"{_slug(_device_name(dev))}-t{int(threads)}"
@@ -194,7 +182,7 @@ def measure_latency(model: nn.Module, input_shape: tuple[int, int, int], device:
     if batch_size < 1 or threads < 1 or runs < 1 or warmup < 0:
         raise UserError(f"latency measurement needs batch_size, threads, runs >= 1 and warmup >= 0; got "
                         f"batch_size={batch_size}, threads={threads}, runs={runs}, warmup={warmup}")
-    dev = _torch_device(device)
+    dev = torch_device(device)
     orig_device, was_training = _model_device(model), model.training
     prev_threads = torch.get_num_threads()
     gc_was_enabled = gc.isenabled()
@@ -287,7 +275,7 @@ RUNTIMES = ("onnxruntime", "torch")
 
 def default_runtime(device: str | torch.device) -> str:
     """``onnxruntime`` on a CPU (what ``autokd export`` ships), ``torch`` on CUDA (as trained)."""
-    return "torch" if _torch_device(device).type == "cuda" else "onnxruntime"
+    return "torch" if torch_device(device).type == "cuda" else "onnxruntime"
 
 
 def _torch_timings(models: dict[str, tuple[nn.Module, torch.Tensor]], dev: torch.device, rounds: int, runs: int,
@@ -323,7 +311,7 @@ class LatencyMeter:
         from autokd.int8 import validate_latency_precision
 
         self.target = target  # latency_remote.RemoteTarget: time on that device instead of this one
-        self.dev = torch.device("cpu") if target is not None else _torch_device(device)
+        self.dev = torch.device("cpu") if target is not None else torch_device(device)
         if target is not None and runtime not in (None, "onnxruntime"):
             raise UserError(f"--latency-target times ONNX files with ONNX Runtime on the target; --latency-runtime "
                             f"{runtime!r} cannot be used with it (drop it, or use onnxruntime)")

@@ -21,6 +21,7 @@ import torch
 from autokd import pruning, trials
 from autokd.checkpoint import write_checkpoint
 from autokd.data import DataSplits, TrainViews
+from autokd.errors import FatalSearchError, Interrupted
 from autokd.latency import LatencyMeter, LatencyResult
 from autokd.losses import build_loss
 from autokd.space import SearchSpace, TrialParams, sample
@@ -29,14 +30,6 @@ from autokd.teacher import TeacherOutputs
 from autokd.tracking import Tracker, TrialRun
 from autokd.train import EpochResult, NonFiniteLossError, TrainConfig, distill
 from autokd.trials import State
-
-
-class FatalSearchError(RuntimeError):
-    """An error that would make every following trial fail too (e.g. the outputs directory is unwritable)."""
-
-
-class Interrupted(BaseException):
-    """Raised from the SIGTERM handler so that `finally` blocks run, like KeyboardInterrupt for Ctrl-C."""
 
 
 @dataclass

@@ -1,51 +1,50 @@
-"""One search worker: validate inputs, open the study, prepare teacher/data once, then run trials to the budget.
+"""`autokd search` for one worker: prepare the search (inputs, study, teacher, parent run), start this machine's
+other workers (`autokd.processes`), run trials to the budget (`autokd.worker_loop`), write the report.
 
-`run_search` is what `autokd search` calls. With `--jobs N` (on the CPU) or `--devices`/`--jobs-per-device`
-(on GPUs: one worker per device and slot, each pinned to its GPU, see `autokd.devices`) the first process
-prepares everything shared (the teacher, its outputs cache, the study, the MLflow parent run) and then starts
-the other worker processes on the same storage; the budget is claimed slot by slot under the study lock, so
-together they finish exactly `--budget` trials. The same holds for workers started separately on several
-machines against one PostgreSQL storage: the first creates the study, trains and publishes the teacher (see
-`autokd.scaleout`), the others wait for it on the study lock and join.
+The first worker prepares everything shared (the teacher, its outputs cache, the study, the MLflow parent run)
+before it starts the others. Workers started on other machines against one PostgreSQL storage wait for the
+first on the study lock, then join (see `autokd.scaleout`).
 """
 from __future__ import annotations
 
 import gc
 import os
-import signal
-import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Callable
 
 import optuna
 import torch
 
-from autokd import devices, scaleout
+from autokd import devices, processes, scaleout
 from autokd.config import SAMPLERS, SearchSettings
 from autokd.errors import UserError
 from autokd.study import (
-    ask_with_heartbeat,
     budget_used,
-    fail_stale_trials,
     heartbeat_settings,
     make_sampler,
     make_storage,
     open_study,
-    reap_dead_trials,
     storage_url,
     study_dir,
     study_lock,
     worker_host,
-    worker_identity,
 )
 from autokd.tracking import Tracker
-from autokd.trials import REQUEUED_ATTR, WORKER_ATTR, State, recorded_states, trial_state
+from autokd.trials import recorded_states
 
-# After this many failures in a row the search stops instead of burning the rest of the budget.
-MAX_CONSECUTIVE_FAILURES = 5
+if TYPE_CHECKING:
+    from optuna.storages import BaseStorage
+
+    from autokd.data import DataSplits, TrainViews
+    from autokd.latency import LatencyMeter
+    from autokd.latency_remote import RemoteTarget
+    from autokd.locks import CpuGate
+    from autokd.objective import TrialOutcome
+    from autokd.space import SearchSpace
+    from autokd.teacher import Teacher, TeacherOutputs
+    from autokd.worker_loop import OnTrial
 
 
 @dataclass
@@ -54,22 +53,37 @@ class SearchSummary:
 
     study_name: str
     study_dir: Path
-    outcomes: list[Any] = field(default_factory=list)
+    outcomes: list[TrialOutcome] = field(default_factory=list)
     seconds: float = 0.0
     finished_in_study: int = 0
     budget: int = 0
     report_files: list[Path] = field(default_factory=list)
 
 
-def resolve_device(device: str) -> str:
-    """`auto` → cuda when available else cpu; validates explicit choices."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu" or device.startswith("cuda"):
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise UserError(f"--device {device}: no CUDA device is available on this machine; use --device cpu or auto")
-        return device
-    raise UserError(f"--device {device!r}: not a device; valid: auto, cpu, cuda, cuda:N")
+@dataclass
+class PreparedSearch:
+    """Everything a worker has before its first trial: checked inputs, the study, the teacher and its outputs,
+    the latency meter, the tracker and the study's MLflow parent run."""
+
+    settings: SearchSettings
+    worker_index: int
+    name: str
+    root: Path
+    study_dir: Path
+    study: optuna.Study
+    created: bool  # this worker created the study
+    space: SearchSpace
+    data: DataSplits  # on ``device``
+    device: str  # what this worker trains on
+    workers: list[devices.WorkerSlot]  # this machine's workers, this one first (none in a spawned worker)
+    teacher: Teacher
+    views: TrainViews
+    teacher_outputs: TeacherOutputs | None  # None when no loss of the space uses the teacher
+    meter: LatencyMeter
+    latency_signature: str
+    shared: bool  # a storage several machines share
+    tracker: Tracker
+    parent_run_id: str | None
 
 
 def default_study_name(dataset: str, space_name: str) -> str:
@@ -135,79 +149,34 @@ def validate_teacher_args(arch: str | None, checkpoint: str | None) -> None:
         raise UserError(f"--teacher-checkpoint {checkpoint}: file not found (give a local .safetensors or .pt file)")
 
 
-# An exception raised from a signal handler lands wherever the main thread is. Inside Optuna's journal file
-# lock (between its rename and unlink) it turns into a FileNotFoundError and leaves the lock file behind: the
-# trial FAILs instead of being interrupted, the search goes on (exit 0), and every worker stalls for the
-# lock's 30 s grace period. Storage and tracking calls take milliseconds, so SIGTERM waits for them to return.
-_NO_INTERRUPT_IN = tuple(f"{os.sep}{part}{os.sep}".replace("/", os.sep)
-                         for part in ("optuna/storages", "sqlalchemy", "mlflow/store"))
-_MAX_DEFER_S = 5.0
+def check_latency_device_for_workers(latency_device: str | None, workers: list[devices.WorkerSlot]) -> None:
+    """Refuse ``--latency-device cuda:N`` with several GPU workers: each spawned worker sees only its own GPU
+    (``CUDA_VISIBLE_DEVICES``), where ``cuda:N`` would name another device or none."""
+    gpu_workers = [w for w in workers if w.device_index is not None]
+    if len(gpu_workers) > 1 and latency_device and latency_device.startswith("cuda:"):
+        raise UserError(f"--latency-device {latency_device} cannot be used with several GPU workers (each sees only "
+                        "its own GPU): use --latency-device cuda (each worker times on its own GPU), --latency-device "
+                        "cpu, or --devices with one GPU")
 
 
-def _in_storage_call(frame: Any) -> bool:
-    while frame is not None:
-        if any(part in frame.f_code.co_filename for part in _NO_INTERRUPT_IN):
-            return True
-        frame = frame.f_back
-    return False
+def prepare_search(s: SearchSettings, worker_index: int = 0, log: Callable[[str], None] = print) -> PreparedSearch:
+    """Check the inputs, then open (or create) the study, get the teacher and its outputs and the parent run.
 
-
-def _install_sigterm() -> Any:
-    """Turn SIGTERM into `Interrupted`; returns the previous handler (None where signals cannot be set)."""
-    import threading
-
-    from autokd.objective import Interrupted
-
-    first: list[float] = []
-
-    def handler(signum: int, frame: Any) -> None:
-        first.append(time.monotonic())
-        if _in_storage_call(frame) and time.monotonic() - first[0] < _MAX_DEFER_S:
-            # Deliver the signal again in a moment, once the storage call has returned.
-            threading.Timer(0.02, os.kill, (os.getpid(), signum)).start()
-            return
-        raise Interrupted(f"signal {signum}")
-
-    if threading.current_thread() is not threading.main_thread():
-        return None  # signal.signal only works in the main thread; run_search may be called from others
-    return signal.signal(signal.SIGTERM, handler)
-
-
-def _train_threads(jobs: int) -> int:
-    """Torch CPU threads per worker: an explicit OMP_NUM_THREADS wins, else the cores split over the jobs."""
-    # Overriding a user's OMP_NUM_THREADS oversubscribes shared machines (tiny models run 10x slower).
-    env = os.environ.get("OMP_NUM_THREADS", "").strip()
-    if env.isdigit() and int(env) >= 1:
-        return int(env)
-    return max(1, (os.cpu_count() or 1) // max(1, jobs))
-
-
-def run_search(s: SearchSettings, worker_index: int = 0, log: Callable[[str], None] = print,
-               argv: list[str] | None = None) -> SearchSummary:
-    """Run (or resume, or top up) a study until it holds `s.budget` finished trials.
-
-    ``argv`` is the `autokd` command line that spawned workers re-run (the CLI passes its own). Without it (a
-    call from Python) this process is the only worker of this machine: on GPUs the first of ``s.devices``;
-    asking explicitly for more workers (`jobs`, `devices`, `jobs_per_device`) is then a UserError.
+    Every input error is a UserError raised before any study or training exists. The study lock is held while
+    the first worker trains the teacher: the others wait for it, then load (or, across machines, fetch) it.
     """
     from autokd.data import TrainViews, load_dataset
-    from autokd.latency import LatencyCache, LatencyMeter
-    from autokd.objective import FatalSearchError, TrialContext, run_trial
+    from autokd.latency import LatencyMeter
     from autokd.space import load_space
     from autokd.teacher import get_teacher, teacher_outputs
-    from autokd.tracking import make_tracker, spool_dir
+    from autokd.tracking import make_tracker
 
     validate_settings(s)
     validate_teacher_args(s.teacher, s.teacher_checkpoint)
     space = load_space(s.space)  # all input errors surface here, before any study or training exists
-    device = resolve_device(s.device)
-    # Spawned workers are told the total (--jobs-total) and, on GPUs, see only their own device.
+    device = devices.resolve_device(s.device)
+    # Spawned workers are told the total (s.jobs) and, on GPUs, see only their own device.
     workers = local_workers(s, device) if worker_index == 0 else []
-    if len(workers) > 1 and argv is None:
-        if s.jobs > 1 or s.devices is not None or s.jobs_per_device > 1:
-            raise UserError("several workers on this machine are started from the command line: run `autokd "
-                            "search` (run_search needs the argv its workers re-run)")
-        workers = workers[:1]  # all visible GPUs is the command line's default, not an in-process call's
     check_latency_device_for_workers(s.latency_device, workers)
     if workers and workers[0].device_index is not None:
         device = workers[0].device
@@ -265,7 +234,8 @@ def run_search(s: SearchSettings, worker_index: int = 0, log: Callable[[str], No
         joined = int(study.user_attrs.get("workers_started", 0))
         study.set_user_attr("workers_started", joined + 1)
     if worker_index == 0:
-        log(f"study {name!r} ({'new' if created else 'resumed'}) — files under {sdir}/, storage {storage_url(s.storage, root)}")
+        log(f"study {name!r} ({'new' if created else 'resumed'}) — files under {sdir}/, "
+            f"storage {storage_url(s.storage, root)}")
     if created is False:
         # A resumed or joined study's sampler must not replay the draws of another worker with the same seed
         # (workers on other machines all have worker index 0): the join count makes each worker's seed its own.
@@ -274,87 +244,76 @@ def run_search(s: SearchSettings, worker_index: int = 0, log: Callable[[str], No
     views = TrainViews(num_views=space.views, seed=0)
     outputs = (teacher_outputs(teacher, data, views, cache_root=root / "teachers", device=device,
                                need_features=space.uses_features(), log=log) if space.uses_teacher() else None)
-    data = data.to(device)
+    return PreparedSearch(
+        settings=s, worker_index=worker_index, name=name, root=root, study_dir=sdir, study=study, created=created,
+        space=space, data=data.to(device), device=device, workers=workers, teacher=teacher, views=views,
+        teacher_outputs=outputs, meter=meter, latency_signature=latency_sig, shared=shared, tracker=tracker,
+        parent_run_id=parent_run_id)
 
-    total_workers = len(workers) if worker_index == 0 else s.jobs
-    children = _spawn_workers(argv or [], workers[1:], total_workers) if worker_index == 0 else []
-    torch.set_num_threads(_train_threads(total_workers))
-    gpu = devices.physical_id(device) if device.startswith("cuda") else None
+
+def run_search(s: SearchSettings, worker_index: int = 0, log: Callable[[str], None] = print,
+               on_trial: OnTrial | None = None) -> SearchSummary:
+    """Run (or resume, or top up) a study until it holds `s.budget` finished trials.
+
+    Worker 0 (the default) plans this machine's workers (`s.jobs` on the CPU; on GPUs `s.devices` x
+    `s.jobs_per_device`) and starts the others with the same settings; worker ``worker_index`` > 0 is one of
+    those, with `s.jobs` the total. ``on_trial(outcome, progress)`` is called after each trial of this worker
+    (the CLI prints its progress line there).
+    """
+    from autokd.latency import LatencyCache
+    from autokd.objective import TrialContext
+    from autokd.tracking import spool_dir
+    from autokd.worker_loop import run_trials
+
+    p = prepare_search(s, worker_index, log)
+    total_workers = len(p.workers) if worker_index == 0 else s.jobs
+    children = processes.spawn_workers(s, p.workers[1:], total_workers) if worker_index == 0 else []
+    torch.set_num_threads(processes.train_threads(total_workers))
+    gpu = devices.physical_id(p.device) if p.device.startswith("cuda") else None
     if total_workers > 1:
         log(f"worker {worker_index} of {total_workers}: {torch.get_num_threads()} training thread(s)"
             + (f", GPU {gpu}" if gpu is not None else ""))
-    train_gate, measure_gate = _gates(root / ".locks", device, s.latency_device or device)
-    meter.cache, meter.lock = LatencyCache(root / "latency_cache"), measure_gate.measuring
-    meter.shared = scaleout.StudyLatency(study, latency_sig, s.latency_batch) if shared else None
+    train_gate, measure_gate = _gates(p.root / ".locks", p.device, s.latency_device or p.device)
+    meter = p.meter
+    meter.cache, meter.lock = LatencyCache(p.root / "latency_cache"), measure_gate.measuring
+    meter.shared = scaleout.StudyLatency(p.study, p.latency_signature, s.latency_batch) if p.shared else None
     ctx = TrialContext(
-        space=space, data=data, teacher_outputs=outputs, teacher_arch=teacher.arch, views=views,
-        latency=meter, tracker=tracker, parent_run_id=parent_run_id, trials_dir=sdir / "trials", device=device,
-        train_lock=train_gate.training, max_latency_ms=s.max_latency_ms,
+        space=p.space, data=p.data, teacher_outputs=p.teacher_outputs, teacher_arch=p.teacher.arch, views=p.views,
+        latency=meter, tracker=p.tracker, parent_run_id=p.parent_run_id, trials_dir=p.study_dir / "trials",
+        device=p.device, train_lock=train_gate.training, max_latency_ms=s.max_latency_ms,
         max_epochs=s.epochs, prune=s.prune, seed=s.seed, compile=s.compile, log=log,
     )
-    summary = SearchSummary(study_name=name, study_dir=sdir, budget=s.budget)
-    previous_sigterm = _install_sigterm()
-    # Everything built so far (torch, timm, MLflow, data, teacher) lives for the whole search: freezing it keeps
-    # the per-trial gc.collect (which releases the last trial's model and graphs) from rescanning it: 0.3 s a
-    # trial otherwise, 15 s of a 5-minute default search.
-    gc.freeze()
-    started = time.perf_counter()
-    consecutive_failures = 0
-    heartbeat_interval = heartbeat_settings()[0] if shared else 0
-    try:
-        while True:
-            trial = None
-            claim_started = time.perf_counter()
-            with study_lock(s.storage, root, name):
-                for number in reap_dead_trials(study):
-                    log(f"trial {number}: its worker died; marked FAIL and queued again")
-                for number in fail_stale_trials(study):
-                    log(f"trial {number}: no heartbeat from its worker (on another machine?); marked FAIL and "
-                        "queued again")
-                if budget_used(study) < s.budget:
-                    trial, heartbeat = ask_with_heartbeat(study)
-                    trial.set_user_attr(WORKER_ATTR, {**worker_identity(), "heartbeat": bool(heartbeat_interval),
-                                                      "threads": torch.get_num_threads(), "gpu": gpu})
-                elif not _beating_elsewhere(study):
-                    break
-            if trial is None:
-                # The budget is taken, but other workers' trials still run: one of them may be a dead worker's,
-                # failed once its heartbeats stop, and its retry needs a worker. Wait and look again.
-                time.sleep(heartbeat_interval)
-                continue
-            try:
-                outcome = run_trial(study, trial, ctx)
-            finally:
-                heartbeat.join()
-            outcome.timings["claim_s"] = time.perf_counter() - claim_started - outcome.seconds
-            summary.outcomes.append(outcome)
-            log(_progress_line(study, outcome, s.budget, started))
-            consecutive_failures = consecutive_failures + 1 if outcome.state == "FAIL" else 0
-            if consecutive_failures >= MAX_CONSECUTIVE_FAILURES:
-                raise FatalSearchError(
-                    f"the last {consecutive_failures} trials all failed (last reason: {outcome.reason}); stopping "
-                    f"instead of burning the budget. See the trials' fail_reason/traceback in optuna-dashboard or "
-                    "MLflow, fix the cause, and rerun the same command to resume.")
-    finally:
-        summary.seconds = time.perf_counter() - started
-        for child in children:
-            _wait_child(child)
-        tracker.flush()  # trial runs end without waiting for MLflow: everything is written before we go on
-        if parent_run_id:
-            tracker.close_stale_runs(parent_run_id, recorded_states(study))
-            if sys.exc_info()[0] is not None:  # stopped (signal, repeated failures): the search ends here
-                _end_parent(study, tracker, parent_run_id, s, "KILLED")
-        if previous_sigterm is not None:
-            signal.signal(signal.SIGTERM, previous_sigterm)
-        gc.unfreeze()  # a caller that goes on (tests, notebooks) gets its objects collectable again
+    summary = SearchSummary(study_name=p.name, study_dir=p.study_dir, budget=s.budget)
+    study, tracker, parent_run_id = p.study, p.tracker, p.parent_run_id
+    with processes.sigterm_interrupts():
+        # Everything built so far (torch, timm, MLflow, data, teacher) lives for the whole search: freezing it
+        # keeps the per-trial gc.collect (which releases the last trial's model and graphs) from rescanning it.
+        gc.freeze()
+        started = time.perf_counter()
+        stopped = True
+        try:
+            summary.outcomes = run_trials(
+                study, ctx, s.budget, lambda: study_lock(s.storage, p.root, p.name),
+                heartbeat_interval=heartbeat_settings()[0] if p.shared else 0, gpu=gpu, log=log, on_trial=on_trial)
+            stopped = False
+        finally:
+            summary.seconds = time.perf_counter() - started
+            for child in children:
+                processes.wait_worker(child)
+            tracker.flush()  # trial runs end without waiting for MLflow: everything is written before we go on
+            if parent_run_id:
+                tracker.close_stale_runs(parent_run_id, recorded_states(study))
+                if stopped:  # a signal, repeated failures: the search ends here
+                    _end_parent(study, tracker, parent_run_id, s, "KILLED")
+            gc.unfreeze()  # a caller that goes on (tests, notebooks) gets its objects collectable again
     summary.finished_in_study = budget_used(study)
     if worker_index == 0:
-        summary.report_files = _final_report(study, s, data, tracker, parent_run_id, log)
+        summary.report_files = _final_report(study, s, p.data, tracker, parent_run_id, log)
     if parent_run_id:
         _end_parent(study, tracker, parent_run_id, s, "FINISHED")
     if tracker.spooling:
-        log(f"MLflow at {tracker.tracking_uri} does not answer: its calls are kept under {spool_dir(root, name)}/ and "
-            f"sent at the next start, or with `autokd sync-mlflow --study {name}`")
+        log(f"MLflow at {tracker.tracking_uri} does not answer: its calls are kept under {spool_dir(p.root, p.name)}/ "
+            f"and sent at the next start, or with `autokd sync-mlflow --study {p.name}`")
     return summary
 
 
@@ -376,17 +335,11 @@ def _claim_report(study: optuna.Study, s: SearchSettings, root: Path) -> bool:
         return True
 
 
-def _existing_study(name: str, storage: Any, sampler: optuna.samplers.BaseSampler) -> optuna.Study | None:
+def _existing_study(name: str, storage: BaseStorage, sampler: optuna.samplers.BaseSampler) -> optuna.Study | None:
     try:
         return optuna.load_study(study_name=name, storage=storage, sampler=sampler)
     except KeyError:
         return None
-
-
-def _beating_elsewhere(study: optuna.Study) -> bool:
-    """Whether a RUNNING trial has a worker with heartbeats (which `fail_stale_trials` fails if it dies)."""
-    return any((t.user_attrs.get(WORKER_ATTR) or {}).get("heartbeat")
-               for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)))
 
 
 def _parent_run(study: optuna.Study, tracker: Tracker, s: SearchSettings, name: str, teacher_id: str,
@@ -412,47 +365,7 @@ def _parent_run(study: optuna.Study, tracker: Tracker, s: SearchSettings, name: 
     return run_id
 
 
-# Options that plan this machine's workers: the first process acts on them, spawned workers get their own.
-_PLANNING_OPTIONS = ("--jobs", "--devices", "--jobs-per-device")
-
-
-def worker_argv(argv: list[str], index: int, total: int) -> list[str]:
-    """The `autokd` arguments of spawned worker ``index``: the user's, without the worker-planning options, as
-    worker ``index`` of ``total`` running one job."""
-    cleaned: list[str] = []
-    skip = False
-    for arg in argv:
-        if skip:
-            skip = False
-            continue
-        if arg in _PLANNING_OPTIONS:
-            skip = True
-            continue
-        if arg.split("=", 1)[0] in _PLANNING_OPTIONS:
-            continue
-        cleaned.append(arg)
-    return [*cleaned, "--jobs", "1", "--worker-index", str(index), "--jobs-total", str(total)]
-
-
-def _spawn_workers(argv: list[str], slots: list[devices.WorkerSlot], total: int) -> list[subprocess.Popen]:
-    # Extra workers are the same command as one job with a worker index (and, on GPUs, CUDA_VISIBLE_DEVICES
-    # set to their device): they join the study the first process created (teacher, outputs cache and parent
-    # run are already there, so they only load them).
-    return [subprocess.Popen([sys.executable, "-m", "autokd.cli", *worker_argv(argv, slot.index, total)],
-                             env={**os.environ, **slot.env}) for slot in slots]
-
-
-def check_latency_device_for_workers(latency_device: str | None, workers: list[Any]) -> None:
-    """Refuse ``--latency-device cuda:N`` with several GPU workers: each spawned worker sees only its own GPU
-    (``CUDA_VISIBLE_DEVICES``), where ``cuda:N`` would name another device or none."""
-    gpu_workers = [w for w in workers if getattr(w, "device_index", None) is not None]
-    if len(gpu_workers) > 1 and latency_device and latency_device.startswith("cuda:"):
-        raise UserError(f"--latency-device {latency_device} cannot be used with several GPU workers (each sees only "
-                        "its own GPU): use --latency-device cuda (each worker times on its own GPU), --latency-device "
-                        "cpu, or --devices with one GPU")
-
-
-def _latency_target(s: SearchSettings, log: Callable[[str], None]) -> Any:
+def _latency_target(s: SearchSettings, log: Callable[[str], None]) -> RemoteTarget | None:
     """The `autokd latency-server` students are timed on (``--latency-target``), or None to time them here."""
     if s.latency_target is None:
         if s.latency_token is not None and s.latency_token != os.environ.get("AUTOKD_LATENCY_TOKEN"):
@@ -466,7 +379,7 @@ def _latency_target(s: SearchSettings, log: Callable[[str], None]) -> Any:
                         log=log)
 
 
-def _gates(lock_dir: Path, device: str, latency_device: str) -> tuple[Any, Any]:
+def _gates(lock_dir: Path, device: str, latency_device: str) -> tuple[CpuGate, CpuGate]:
     """(gate trainers hold, gate a latency measurement takes). Latency on the CPU: one machine-wide gate, as
     training on any device uses the CPU too. Training and latency both on GPUs: one gate per GPU, so that a
     measurement stops only the workers training on the GPU it measures on."""
@@ -481,40 +394,7 @@ def _gates(lock_dir: Path, device: str, latency_device: str) -> tuple[Any, Any]:
     return gate, gate
 
 
-def _wait_child(proc: subprocess.Popen) -> None:
-    try:
-        proc.wait()
-    except BaseException:
-        proc.terminate()
-        proc.wait(timeout=30)
-        raise
-
-
-def _progress_line(study: optuna.Study, outcome: Any, budget: int, started: float) -> str:
-    trials = study.get_trials(deepcopy=False)
-    finished = [t for t in trials if t.state.is_finished()]
-    pruned = sum(1 for t in finished if trial_state(t) == State.PRUNED)
-    front = len(study.best_trials) if any(t.state == optuna.trial.TrialState.COMPLETE for t in finished) else 0
-    elapsed = time.perf_counter() - started
-    done = len([t for t in finished if not t.user_attrs.get(REQUEUED_ATTR)])  # what counts against the budget
-    mine = max(1, len([t for t in finished if t.user_attrs.get(WORKER_ATTR, {}).get("pid") == os.getpid()]))
-    eta = elapsed / mine * max(0, budget - done) if done < budget else 0.0
-    p = outcome.params
-    desc = (f"{p.family:<12} w={p.width:.2f} d={p.depth:.2f} {p.loss:<5}" if p else "(no params)")
-    acc = f"val {outcome.val_acc:.4f}" if outcome.val_acc is not None else "val   —   "
-    lat = f"{outcome.latency_ms:7.3f} ms" if outcome.latency_ms is not None else "      — ms"
-    extra = f" ({outcome.reason})" if outcome.state in ("FAIL", "INFEASIBLE") and outcome.reason else ""
-    return (f"[{done:>3}/{budget}] #{outcome.number:<3} {desc} {acc} {lat} {outcome.state:<10} "
-            f"ep {outcome.epochs_trained:<2} {outcome.seconds:5.1f}s | pruned {pruned} · front {front} · "
-            f"{_fmt(elapsed)} elapsed · ETA {_fmt(eta)}{extra}")
-
-
-def _fmt(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 60:02d}:{seconds % 60:02d}"
-
-
-def _final_report(study: optuna.Study, s: SearchSettings, data: Any, tracker: Tracker, parent_run_id: str | None,
+def _final_report(study: optuna.Study, s: SearchSettings, data: DataSplits, tracker: Tracker, parent_run_id: str | None,
                   log: Callable[[str], None]) -> list[Path]:
     from autokd.study_report import build_report
 

@@ -32,13 +32,17 @@ def fresh_root(prefix: str, latency_cache: Path | None = None) -> Path:
 
 
 def run_search(root: Path, log: Any = None, **overrides: Any) -> tuple[Any, float]:
-    """Run `autokd search` in-process with the CLI defaults plus `overrides`; returns (summary, wall seconds)."""
+    """Run `autokd search` in-process with the CLI defaults plus `overrides`; returns (summary, wall seconds).
+
+    `log` gets the search's messages and, after each trial, the CLI's progress line."""
+    from autokd.cli import progress_line
     from autokd.config import SearchSettings
     from autokd.search import run_search as _run
 
     settings = SearchSettings(space=REPO / "search_spaces" / "default.yaml", root=root, **overrides)
+    say = log or (lambda msg: print(msg, flush=True))
     started = time.perf_counter()
-    summary = _run(settings, log=log or (lambda msg: print(msg, flush=True)))
+    summary = _run(settings, log=say, on_trial=lambda outcome, progress: say(progress_line(outcome, progress)))
     return summary, time.perf_counter() - started
 
 

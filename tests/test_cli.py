@@ -9,7 +9,7 @@ from typing import Callable
 import pytest
 
 from autokd import cli
-from autokd.errors import UserError
+from autokd.errors import FatalSearchError, Interrupted, UserError
 
 
 def _raising(exc: BaseException) -> Callable[[argparse.Namespace, Path], int]:
@@ -20,27 +20,39 @@ def _raising(exc: BaseException) -> Callable[[argparse.Namespace, Path], int]:
 
 
 def _failure_kinds() -> list[tuple[BaseException, int, str]]:
-    from autokd.export import ParityError
-    from autokd.int8 import QuantizationError
-    from autokd.objective import FatalSearchError, Interrupted
-
     return [
         (UserError("--budget 0: must be at least 1"), 2, "autokd report: error: --budget 0: must be at least 1"),
         (KeyboardInterrupt(), 130, "interrupted; finished trials are kept"),
         (Interrupted("signal 15"), 130, "terminated (signal 15); finished trials are kept"),
         (FatalSearchError("disk full"), 1, "autokd report: stopped: disk full"),
-        (ParityError("onnx differs by 0.1"), 1, "autokd report: error: onnx differs by 0.1"),
-        (QuantizationError("no calibration data"), 1, "autokd report: error: no calibration data"),
     ]
 
 
-@pytest.mark.parametrize("index", range(6))
+@pytest.mark.parametrize("index", range(4))
 def test_each_failure_kind_has_its_exit_code_and_message(index: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                          capsys: pytest.CaptureFixture[str]) -> None:
     exc, code, message = _failure_kinds()[index]
     monkeypatch.setitem(cli.COMMANDS, "report", _raising(exc))
     assert cli.main(["--root", str(tmp_path), "report"]) == code
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["parity", "quantization"])
+def test_export_failures_after_checks_exit_1_with_the_reason(kind: str, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    import autokd.export
+    from autokd.export import ParityError
+    from autokd.int8 import QuantizationError
+
+    exc = ParityError("onnx differs by 0.1") if kind == "parity" else QuantizationError("no calibration data")
+
+    def export_command(**kwargs: object) -> None:
+        raise exc
+
+    monkeypatch.setattr(autokd.export, "export_command", export_command)
+    assert cli.main(["--root", str(tmp_path), "export", "--pick", "knee", "--out", str(tmp_path / "s")]) == 1
+    assert f"autokd export: error: {exc}" in capsys.readouterr().err
 
 
 def test_an_unexpected_error_is_not_hidden(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,4 +1,4 @@
-"""Workers on the GPUs of one machine: the device/slot plan (pure), the worker command line, bad `--devices`
+"""Workers on the GPUs of one machine: the device/slot plan (pure), bad `--devices`
 input (exit 2 before any study), and an exact budget with several workers (real processes, on the CPU)."""
 from __future__ import annotations
 
@@ -16,11 +16,9 @@ from autokd.cli import main
 from autokd.config import SearchSettings
 from autokd.devices import CUDA_ENV, WorkerSlot, parse_devices, plan_workers, visible_ids
 from autokd.errors import UserError
-from autokd.search import local_workers, worker_argv
+from autokd.search import local_workers
 from autokd.study import make_storage
 from conftest import repo_pythonpath
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def test_plan_one_worker_per_device_and_slot() -> None:
@@ -70,13 +68,6 @@ def test_bad_devices_name_the_visible_ones(text: str, fragments: list[str]) -> N
         assert fragment in str(err.value)
     with pytest.raises(UserError, match="no CUDA device is visible"):
         parse_devices("all", [])
-
-
-def test_worker_argv_drops_the_planning_options() -> None:
-    argv = ["--root", "r", "search", "--devices", "0,1", "--jobs-per-device=2", "--device", "cuda", "--jobs", "1",
-            "--jobs=1", "--budget", "9"]
-    assert worker_argv(argv, 3, 4) == ["--root", "r", "search", "--device", "cuda", "--budget", "9", "--jobs", "1",
-                                       "--worker-index", "3", "--jobs-total", "4"]
 
 
 @pytest.fixture()
@@ -163,16 +154,6 @@ def test_three_workers_finish_exactly_the_budget(tmp_path: Path, tiny_teacher: t
     assert all(t.state.is_finished() for t in study.trials)
     assert sorted(t.number for t in study.trials) == list(range(7))
     assert {t.user_attrs["worker"]["gpu"] for t in study.trials} == {None}
-
-
-def test_in_process_search_starts_no_worker_processes(tmp_path: Path) -> None:
-    """Spawned workers re-run the `autokd` command line; a call from Python has none to give them."""
-    from autokd.search import run_search
-
-    s = SearchSettings(jobs=2, device="cpu", space=REPO / "search_spaces" / "default.yaml", root=tmp_path / "r")
-    with pytest.raises(UserError, match="from the command line"):
-        run_search(s, log=lambda msg: None)
-    assert not (tmp_path / "r").exists()
 
 
 def test_latency_device_with_an_index_is_refused_with_several_gpu_workers() -> None:

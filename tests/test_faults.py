@@ -33,7 +33,8 @@ from torch import nn
 
 from autokd import atomic, checkpoint, objective, search, students
 from autokd.cli import main
-from autokd.search import MAX_CONSECUTIVE_FAILURES, run_search
+from autokd.search import run_search
+from autokd.worker_loop import MAX_CONSECUTIVE_FAILURES
 from autokd.study import budget_used, make_storage
 from autokd.tracking import default_tracking_uri
 from test_search import TINY_SPACE, settings

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 
 import optuna
@@ -10,9 +12,12 @@ import pytest
 from autokd.cli import main
 from autokd.config import SearchSettings
 from autokd.errors import UserError
+from autokd.objective import TrialOutcome
+from autokd.processes import SETTINGS_ENV
 from autokd.search import run_search
-from autokd.study import make_storage
+from autokd.study import budget_used, make_storage
 from autokd.study_report import trial_points
+from autokd.worker_loop import SearchProgress
 
 pytestmark = pytest.mark.slow
 
@@ -92,6 +97,38 @@ def test_search_budget_states_pruning_and_top_up(tmp_path: Path, tiny_teacher: t
     # Same budget again: nothing to do.
     again = run_search(settings(tmp_path, tiny_teacher, space_file, budget=10), log=lambda msg: None)
     assert again.outcomes == []
+
+
+def test_in_process_search_with_two_jobs_spawns_a_worker(tmp_path: Path, tiny_teacher: tuple[str, Path],
+                                                        space_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`run_search` with jobs=2 from Python does what `autokd search --jobs 2` does: it starts a second worker
+    process with the same settings, and together they finish exactly the budget."""
+    from conftest import repo_pythonpath
+
+    monkeypatch.setenv("PYTHONPATH", repo_pythonpath())  # the spawned worker imports this checkout's autokd
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    storage = make_storage(None, tmp_path / "studies")
+    progress: list[SearchProgress] = []
+
+    def on_trial(outcome: TrialOutcome, where: SearchProgress) -> None:
+        progress.append(where)
+        # After its first trial this worker waits for the spawned one to claim a trial, so that both work
+        # however long the spawned worker takes to start.
+        deadline = time.monotonic() + 300
+        while not {t.user_attrs.get("worker", {}).get("pid") for t in load(tmp_path).trials} - {os.getpid()}:
+            assert time.monotonic() < deadline, "the spawned worker never claimed a trial"
+            time.sleep(0.2)
+
+    summary = run_search(settings(tmp_path, tiny_teacher, space_file, budget=4, jobs=2), log=lambda msg: None,
+                         on_trial=on_trial)
+    study = optuna.load_study(study_name="digits-tiny", storage=storage)
+    assert summary.finished_in_study == 4 == len(study.trials)
+    assert all(t.state.is_finished() for t in study.trials) and budget_used(study) == 4
+    pids = {t.user_attrs["worker"]["pid"] for t in study.trials}
+    assert len(pids) == 2 and os.getpid() in pids
+    assert {t.user_attrs["worker"]["threads"] for t in study.trials} == {1}
+    assert len(progress) == len(summary.outcomes) >= 1 and progress[-1].budget == 4
+    assert os.environ.get(SETTINGS_ENV) is None  # the settings went to the spawned worker only
 
 
 def test_resume_with_changed_space_is_refused(tmp_path: Path, tiny_teacher: tuple[str, Path],
