@@ -38,8 +38,11 @@ TRACEBACK_TAG = "autokd.traceback"  # ... and in its MLflow run's tags (MLflow l
 TRACEBACK_TAG_CHARS = 4500
 
 
-class State(enum.StrEnum):
-    """autokd's state of a trial. RUNNING is only ever read back; the others are terminal."""
+class State(str, enum.Enum):
+    """autokd's state of a trial. RUNNING is only ever read back; the others are terminal.
+
+    A string (``State.PRUNED == "PRUNED"``) that prints as its value, like ``enum.StrEnum`` (Python 3.11+).
+    """
 
     COMPLETE = "COMPLETE"
     PRUNED = "PRUNED"  # stopped at a rung, dominated by its peers
@@ -47,6 +50,12 @@ class State(enum.StrEnum):
     FAIL = "FAIL"
     INTERRUPTED = "INTERRUPTED"  # Ctrl-C, SIGTERM or a dead worker: not the trial's fault, queued again
     RUNNING = "RUNNING"
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
 
 
 TERMINAL_STATES = (State.COMPLETE, State.PRUNED, State.INFEASIBLE, State.FAIL, State.INTERRUPTED)

@@ -33,14 +33,14 @@ def test_parent_run_spans_the_search_and_the_ui_opens_on_its_trials(
     name = "ui-newcomer"
     seen: list[str] = []
 
-    def log(message: str) -> None:  # called after each trial: the parent must be RUNNING then
+    def on_trial(outcome: object, progress: object) -> None:  # called after each trial: the parent is RUNNING then
         experiment = client.get_experiment_by_name(name)
-        if experiment is not None and message.startswith("["):
+        if experiment is not None:
             parents = client.search_runs([experiment.experiment_id], "tags.`autokd.role` = 'parent'")
             seen.extend(r.info.status for r in parents)
 
     run_search(settings(tmp_path, tiny_teacher, space, budget=3, study=name, mlflow=True,
-                        tracking_uri=mlflow_server), log=log)
+                        tracking_uri=mlflow_server), on_trial=on_trial)
     assert seen == ["RUNNING"] * 3
 
     experiment = client.get_experiment_by_name(name)
@@ -62,8 +62,9 @@ def test_parent_run_spans_the_search_and_the_ui_opens_on_its_trials(
     browser = Browser(tmp_path / "profile")
     try:
         browser.goto(url)
-        text = browser.wait_for_text("matching runs", timeout=90)
-        assert name in text and "Run Name" in text, text[:2000]  # the runs table, not the GenAI overview
+        # The runs table's header, not the GenAI overview (the table draws after its "matching runs" count).
+        text = browser.wait_for_text("Run Name", timeout=90)
+        assert name in text and "Run Name" in text and "matching runs" in text, text[:2000]
         expanded = 0
         deadline = time.monotonic() + 30
         while not expanded and time.monotonic() < deadline:

@@ -45,7 +45,7 @@ def test_spawned_workers_get_the_settings_without_the_planning_options(monkeypat
 
     monkeypatch.setattr(processes.subprocess, "Popen", popen)
     s = SearchSettings(devices="0,1", jobs_per_device=2, device="cuda", budget=9, root=Path("r"))
-    slot = WorkerSlot(index=3, device_index=1, device_id="1", slot=1, env={CUDA_ENV: "1"})
+    slot = WorkerSlot(index=3, device_index=1, env={CUDA_ENV: "1"})
     processes.spawn_workers(s, [slot], total=4)
     [(cmd, env)] = started
     assert cmd == [sys.executable, "-m", "autokd.cli", "search", "--worker-index", "3"]
