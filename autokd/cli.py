@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from autokd.config import SAMPLERS, SearchSettings, studies_root
+from autokd.config import OPTIMIZERS, SAMPLERS, SearchSettings, studies_root
 from autokd.errors import FatalSearchError, Interrupted, UserError
 
 if TYPE_CHECKING:
@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--batch-size", type=_positive_int, default=64)
     d.add_argument("--lr", type=_positive_float, default=0.01)
     d.add_argument("--weight-decay", type=float, default=5e-4)
-    d.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw")
+    d.add_argument("--optimizer", choices=OPTIMIZERS, default=OPTIMIZERS[0])
     d.add_argument("--out", type=Path, help="where to save the student (default studies/distill/<name>)")
     _add_data_args(d)
 

@@ -287,12 +287,16 @@ def check_latency_device(study: optuna.Study, signature: str, batch: int, allow_
         "them knowingly.")
 
 
+def stored_latency_precision(settings: dict[str, Any] | None) -> str:
+    """The precision stored latency settings name (``--latency-precision``): studies from before it timed fp32."""
+    return str((settings or {}).get("precision") or "fp32")
+
+
 def _check_latency_precision(study: optuna.Study, stored_settings: dict[str, Any],
                              settings: dict[str, Any] | None) -> None:
     """One precision per study (``--latency-precision``; studies from before it are fp32), even with
     --allow-mixed-latency: an fp32 and an int8 latency of one student are different deployments."""
-    stored = str(stored_settings.get("precision") or "fp32")
-    wanted = str((settings or {}).get("precision") or "fp32")
+    stored, wanted = stored_latency_precision(stored_settings), stored_latency_precision(settings)
     if wanted != stored:
         raise UserError(
             f"study {study.study_name!r} times its students' {stored} ONNX models (latency precision {stored}), but "

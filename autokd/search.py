@@ -19,7 +19,7 @@ import torch
 
 from autokd import devices, processes, scaleout
 from autokd.config import SAMPLERS, SearchSettings
-from autokd.errors import UserError
+from autokd.errors import UserError, close_matches
 from autokd.study import (
     budget_used,
     heartbeat_settings,
@@ -137,12 +137,10 @@ def local_workers(s: SearchSettings, device: str) -> list[devices.WorkerSlot]:
 
 def validate_teacher_args(arch: str | None, checkpoint: str | None) -> None:
     """Fail fast on a teacher name timm does not know or a checkpoint path that does not exist."""
-    import difflib
-
     import timm
 
     if arch is not None and not timm.is_model(arch):
-        close = difflib.get_close_matches(arch, timm.list_models(), n=3)
+        close = close_matches(arch, timm.list_models(), n=3)
         hint = f"; close matches: {', '.join(close)}" if close else ""
         raise UserError(f"--teacher {arch!r}: not a timm model name{hint} (list them with timm.list_models())")
     if checkpoint is not None and not Path(checkpoint).is_file():

@@ -49,10 +49,6 @@ PRUNING_KEYS = ("eta", "min_epoch", "min_peers")
 _DEFAULT_OPTIMIZER = {"name": "adamw", "lr": 0.01, "weight_decay": 5e-4}
 
 
-def _suggest_names(value: str, valid: list[str] | tuple[str, ...]) -> str:
-    return did_you_mean(value, valid)
-
-
 @dataclass(frozen=True)
 class ParamSpec:
     """One searchable (or constant) parameter."""
@@ -99,7 +95,7 @@ def parse_param(raw: Any, where: str) -> ParamSpec:
         raise UserError(f"{where}: expected a constant, {{low, high}} or {{choices: [...]}}, got {type(raw).__name__}")
     unknown = [k for k in raw if k not in PARAM_KEYS]
     if unknown:
-        raise UserError(f"{where}: unknown key {unknown[0]!r}{_suggest_names(unknown[0], PARAM_KEYS)}; "
+        raise UserError(f"{where}: unknown key {unknown[0]!r}{did_you_mean(unknown[0], PARAM_KEYS)}; "
                         f"valid keys: {', '.join(PARAM_KEYS)}")
     if "choices" in raw:
         extra = [k for k in raw if k != "choices"]
@@ -267,7 +263,7 @@ def _parse_students(raw: Any, src: str) -> dict[str, dict[str, ParamSpec]]:
     for family, overrides in families.items():
         where = f"{src}: students.families.{family}"
         if family not in valid:
-            raise UserError(f"{where}: unknown student family {family!r}{_suggest_names(family, valid)}; "
+            raise UserError(f"{where}: unknown student family {family!r}{did_you_mean(family, valid)}; "
                             f"valid families: {', '.join(valid)}")
         overrides = _require_mapping(overrides if overrides is not None else {}, where)
         bad = [k for k in overrides if k not in ("width", "depth")]
@@ -298,7 +294,7 @@ def _parse_losses(raw: Any, src: str) -> dict[str, dict[str, ParamSpec]]:
     for name, hparams in raw.items():
         where = f"{src}: losses.{name}"
         if name not in valid:
-            raise UserError(f"{where}: unknown loss {name!r}{_suggest_names(name, valid)}; valid losses: "
+            raise UserError(f"{where}: unknown loss {name!r}{did_you_mean(name, valid)}; valid losses: "
                             f"{', '.join(valid)}")
         hparams = _require_mapping(hparams if hparams is not None else {}, where)
         specs = {k: parse_param(v, f"{where}.{k}") for k, v in hparams.items()}
@@ -319,7 +315,7 @@ def _parse_optimizer(raw: Any, src: str) -> dict[str, ParamSpec]:
     raw = _require_mapping(raw if raw is not None else {}, f"{src}: optimizer")
     unknown = [k for k in raw if k not in OPTIMIZER_KEYS]
     if unknown:
-        raise UserError(f"{src}: optimizer.{unknown[0]}: unknown key{_suggest_names(unknown[0], OPTIMIZER_KEYS)}; "
+        raise UserError(f"{src}: optimizer.{unknown[0]}: unknown key{did_you_mean(unknown[0], OPTIMIZER_KEYS)}; "
                         f"valid keys: {', '.join(OPTIMIZER_KEYS)}")
     merged = dict(_DEFAULT_OPTIMIZER)
     merged.update(raw)
@@ -342,7 +338,7 @@ def load_space(path: str | Path) -> SearchSpace:
     raw = _require_mapping(load_yaml(path), src)
     unknown = [k for k in raw if k not in TOP_LEVEL_KEYS]
     if unknown:
-        raise UserError(f"{src}: {unknown[0]}: unknown key{_suggest_names(unknown[0], TOP_LEVEL_KEYS)}; "
+        raise UserError(f"{src}: {unknown[0]}: unknown key{did_you_mean(unknown[0], TOP_LEVEL_KEYS)}; "
                         f"valid keys: {', '.join(TOP_LEVEL_KEYS)}")
     for required in ("students", "losses"):
         if required not in raw:

@@ -150,6 +150,12 @@ def _no_pretrained(name: str, pretrained: bool) -> None:
                         "(build it with pretrained=False)")
 
 
+def _block_model_kwargs(arch_def: list[list[str]], num_features: int, stem_size: int) -> dict[str, Any]:
+    """What timm's MobileNetV3 and EfficientNet classes take alike: the decoded blocks, head and stem sizes."""
+    return dict(block_args=decode_arch_def(arch_def), num_features=num_features, stem_size=stem_size, fix_stem=True,
+                round_chs_fn=round_channels)
+
+
 @register_model
 def autokd_mobilenetv3(pretrained: bool = False, arch_def: list[list[str]] | None = None, stem_size: int = 16,
                        num_features: int = 1024, **kwargs: Any) -> nn.Module:
@@ -158,11 +164,7 @@ def autokd_mobilenetv3(pretrained: bool = False, arch_def: list[list[str]] | Non
     if arch_def is None:
         arch_def = _mnv3_arch_def(1.0, 1.0)
     model_kwargs = dict(
-        block_args=decode_arch_def(arch_def),
-        num_features=num_features,
-        stem_size=stem_size,
-        fix_stem=True,
-        round_chs_fn=round_channels,
+        **_block_model_kwargs(arch_def, num_features, stem_size),
         norm_layer=partial(nn.BatchNorm2d, **resolve_bn_args(kwargs)),
         act_layer=resolve_act_layer(kwargs, "hard_swish"),
         se_layer=partial(SqueezeExcite, gate_layer="hard_sigmoid", force_act_layer=nn.ReLU,
@@ -180,11 +182,7 @@ def autokd_efficientnet(pretrained: bool = False, arch_def: list[list[str]] | No
     if arch_def is None:
         arch_def = _effnet_arch_def(1.0, 1.0)
     model_kwargs = dict(
-        block_args=decode_arch_def(arch_def),
-        num_features=num_features,
-        stem_size=stem_size,
-        fix_stem=True,
-        round_chs_fn=round_channels,
+        **_block_model_kwargs(arch_def, num_features, stem_size),
         act_layer=resolve_act_layer(kwargs, "swish"),
         norm_layer=kwargs.pop("norm_layer", None) or partial(nn.BatchNorm2d, **resolve_bn_args(kwargs)),
         **kwargs,

@@ -33,6 +33,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from autokd.errors import UserError
 from autokd.locks import file_lock
+from autokd.optuna_internals import stale_trial_ids, storage_of, trial_id
 from autokd.trials import (FAIL_REASON_ATTR, REQUEUED_ATTR, RETRY_OF_ATTR, STATE_ATTR, WORKER_ATTR, State,
                            requeue_trial)
 
@@ -314,16 +315,16 @@ def fail_trial(study: optuna.Study, trial: FrozenTrial, reason: str, retry: bool
     A trial that was itself a retry is not queued a second time: a trial that kills its worker (the kernel's
     OOM killer, say) would otherwise be retried on every restart and the search would never get past it.
     """
-    storage = study._storage  # noqa: SLF001 - Optuna has no public API to annotate another worker's trial
+    storage = storage_of(study)  # Optuna has no public API to annotate another worker's trial
     first = trial.user_attrs.get(RETRY_OF_ATTR)
     if retry and first is not None:
         reason += (f"; not queued again: it was already the retry of trial {first} (a trial whose worker keeps "
                    "dying, e.g. killed by the kernel's OOM killer, is retried once)")
-    storage.set_trial_user_attr(trial._trial_id, FAIL_REASON_ATTR, reason)  # noqa: SLF001
-    storage.set_trial_user_attr(trial._trial_id, STATE_ATTR, State.INTERRUPTED.value)  # noqa: SLF001
+    storage.set_trial_user_attr(trial_id(trial), FAIL_REASON_ATTR, reason)
+    storage.set_trial_user_attr(trial_id(trial), STATE_ATTR, State.INTERRUPTED.value)
     if retry and first is None:
         requeue_trial(study, trial)
-    storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)  # noqa: SLF001
+    storage.set_trial_state_values(trial_id(trial), TrialState.FAIL)
 
 
 def fail_stale_trials(study: optuna.Study, retry: bool = True) -> list[int]:
@@ -338,11 +339,10 @@ def fail_stale_trials(study: optuna.Study, retry: bool = True) -> list[int]:
         return []
     _, grace = heartbeat_settings()
     failed: list[int] = []
-    # The one private Optuna method used here: Optuna's public `fail_stale_trials` fails a stale trial before
-    # its callback sees it, when the trial can no longer be annotated or marked requeued, and its stale-trial
-    # query (declared by every heartbeat storage, `BaseHeartbeat._get_stale_trial_ids`) has no public name.
-    for trial_id in storage._get_stale_trial_ids(study._study_id):  # noqa: SLF001
-        trial = storage.get_trial(trial_id)
+    # Not Optuna's public `fail_stale_trials`: it fails a stale trial before its callback sees it, when the
+    # trial can no longer be annotated or marked requeued (see autokd.optuna_internals).
+    for stale_id in stale_trial_ids(storage, study):
+        trial = storage.get_trial(stale_id)
         if trial.state != TrialState.RUNNING:
             continue
         host = (trial.user_attrs.get(WORKER_ATTR) or {}).get("host", "an unknown host")
@@ -365,12 +365,10 @@ class _HeartbeatStorage(Protocol):
 
     def get_heartbeat_interval(self) -> int | None: ...
 
-    def _get_stale_trial_ids(self, study_id: int) -> list[int]: ...
-
 
 def _heartbeat_storage(study: optuna.Study) -> _HeartbeatStorage | None:
     """The study's storage if it records heartbeats (an RDB storage made with an interval), else None."""
-    storage = study._storage  # noqa: SLF001 - Optuna has no public accessor for a study's storage
+    storage = storage_of(study)
     if isinstance(storage, _HeartbeatStorage) and storage.get_heartbeat_interval() is not None:
         return storage
     return None
@@ -415,7 +413,7 @@ def start_heartbeat(study: optuna.Study, trial: optuna.Trial) -> TrialHeartbeat:
 
     The first beat is recorded before this returns: a trial without any heartbeat is never found stale.
     """
-    heartbeat = TrialHeartbeat(_heartbeat_storage(study), trial._trial_id)  # noqa: SLF001
+    heartbeat = TrialHeartbeat(_heartbeat_storage(study), trial_id(trial))
     heartbeat.start()
     return heartbeat
 

@@ -110,9 +110,9 @@ def test_accuracy(study: optuna.Study, number: int, root: Path, data: Any) -> fl
 
 def latency_precision(study: optuna.Study) -> str:
     """What the study timed: ``fp32`` or ``int8`` (``--latency-precision``; studies from before it: fp32)."""
-    from autokd.scaleout import LATENCY_SETTINGS_ATTR
+    from autokd.scaleout import LATENCY_SETTINGS_ATTR, stored_latency_precision
 
-    return str((study.user_attrs.get(LATENCY_SETTINGS_ATTR) or {}).get("precision") or "fp32")
+    return stored_latency_precision(study.user_attrs.get(LATENCY_SETTINGS_ATTR))
 
 
 def int8_accuracies(study: optuna.Study, front: list[TrialPoint], root: Path, data: Any,

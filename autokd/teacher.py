@@ -12,7 +12,6 @@ Files are written to a temporary name in the same directory and renamed, so a re
 from __future__ import annotations
 
 import contextlib
-import difflib
 import json
 import os
 import time
@@ -26,7 +25,7 @@ from torch import Tensor, nn
 from autokd.atomic import atomic_path, file_digest
 from autokd.checkpoint import atomic_save_tensors, atomic_write_json, load_weights, read_weights
 from autokd.data import DataSplits, TrainViews, fingerprint_of
-from autokd.errors import UserError
+from autokd.errors import UserError, close_matches
 from autokd.locks import file_lock
 
 # digits: resnet10t (4.9M params) at 32x32 with DEFAULT_RECIPES["digits"] (4 epochs, AdamW 5e-3, 2 views)
@@ -95,7 +94,7 @@ def _check_arch(arch: str) -> None:
     import timm
 
     if not timm.is_model(arch):
-        close = difflib.get_close_matches(arch, timm.list_models(), n=5, cutoff=0.6)
+        close = close_matches(arch, timm.list_models(), n=5)
         hint = f"close matches: {', '.join(close)}" if close else "no close matches"
         raise UserError(f"unknown teacher architecture {arch!r} (not a timm model name); {hint}. "
                         "List them with `python -c \"import timm; print(timm.list_models())\"`.")

@@ -14,6 +14,8 @@ from typing import Any, Protocol
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from autokd.optuna_internals import storage_of, trial_id
+
 # Trial user-attribute keys.
 STATE_ATTR = "autokd_state"  # a State value, written by `finish` after the reason: the record is then whole
 PARAMS_ATTR = "params"  # the sampled values, flat ({"family": ..., "kd.alpha": ...}): read with `sampled_params`
@@ -142,7 +144,7 @@ def requeue_trial(study: optuna.Study, trial: FrozenTrial | optuna.Trial) -> boo
     if not trial.params:
         return False
     study.enqueue_trial(trial.params, user_attrs={RETRY_OF_ATTR: trial.number}, skip_if_exists=False)
-    study._storage.set_trial_user_attr(trial._trial_id, REQUEUED_ATTR, True)  # noqa: SLF001
+    storage_of(study).set_trial_user_attr(trial_id(trial), REQUEUED_ATTR, True)  # also another worker's trial
     return True
 
 
