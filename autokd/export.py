@@ -27,7 +27,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 import torch
@@ -39,6 +39,11 @@ from autokd.checkpoint import (CONFIG_FILE, WEIGHTS_FILE, atomic_save_tensors, a
 from autokd.errors import UserError, did_you_mean
 from autokd.onnx_export import INPUT_NAME, ONNX_OPSET, OUTPUT_NAME, example_batch, export_onnx, quiet_exporter
 from autokd.trials import ARCH_KEY_ATTR, CURVE_ATTR, LATENCY_ATTR, State, outcome_reason, sampled_params, trial_state
+
+if TYPE_CHECKING:
+    from autokd.data import DataSplits
+    from autokd.int8 import Int8Options
+
 
 FORMATS = ("safetensors", "onnx", "torchscript")
 ONNX_FILE = "model.onnx"
@@ -312,7 +317,7 @@ def _distillation(cfg: dict[str, Any], ft: FrozenTrial, study: optuna.Study) -> 
     return out
 
 
-def _build_config(model: nn.Module, cfg: dict[str, Any], ft: FrozenTrial, study: optuna.Study, data: Any,
+def _build_config(model: nn.Module, cfg: dict[str, Any], ft: FrozenTrial, study: optuna.Study, data: DataSplits,
                   test_acc: float | None, formats: list[str], why: str, storage: str | None) -> dict[str, Any]:
     import autokd
 
@@ -362,8 +367,8 @@ def _build_config(model: nn.Module, cfg: dict[str, Any], ft: FrozenTrial, study:
 
 
 def export_trial(study: optuna.Study, number: int, root: Path, out: Path, formats: list[str] | str | None = None,
-                 data: Any | None = None, data_dir: str | None = None, why: str = "",
-                 storage: str | None = None, int8: Any = None) -> ExportResult:
+                 data: DataSplits | None = None, data_dir: str | None = None, why: str = "",
+                 storage: str | None = None, int8: Int8Options | None = None) -> ExportResult:
     """Export COMPLETE trial ``number`` of ``study`` to ``out``; every written format is verified for parity.
 
     ``int8`` (:class:`autokd.int8.Int8Options`) adds ``model.int8.onnx`` once the fp32 files are verified; if ONNX
@@ -435,7 +440,7 @@ def export_trial(study: optuna.Study, number: int, root: Path, out: Path, format
     return result
 
 
-def _int8_step(int8: Any, staging: Path, config: dict[str, Any], study: optuna.Study, data: Any,
+def _int8_step(int8: Int8Options, staging: Path, config: dict[str, Any], study: optuna.Study, data: DataSplits,
                formats: list[str]) -> Exception | None:
     """``model.int8.onnx`` into ``staging`` and its entry into ``config``; the QuantizationError if it fails."""
     if int8 is None:
@@ -517,7 +522,7 @@ def _human(n: int) -> str:
 
 def export_command(study_name: str | None, storage: str | None, root: Path, trial: int | None, pick: str | None,
                    max_latency_ms: float | None, out: Path, formats: str | None, data_dir: str | None,
-                   int8: Any = None) -> ExportResult:
+                   int8: Int8Options | None = None) -> ExportResult:
     """`autokd export`: choose the trial, export it, print the summary."""
     from autokd.study_report import resolve_study
 

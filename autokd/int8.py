@@ -28,13 +28,20 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
 from onnxruntime.quantization import CalibrationDataReader
 
 from autokd.errors import UserError, did_you_mean
 from autokd.ort_timing import make_session
+
+if TYPE_CHECKING:
+    import onnx
+    import optuna
+
+    from autokd.data import DataSplits, TrainViews
+
 
 INT8_FILE = "model.int8.onnx"
 DEFAULT_CALIBRATION_IMAGES = 256
@@ -92,7 +99,7 @@ def int8_options(enabled: bool, calibration_images: int | None = None,
 # Calibration images
 
 
-def study_views(study: Any) -> Any:
+def study_views(study: optuna.Study) -> TrainViews:
     """The training views of a study's students (its space's ``views``), as :class:`autokd.data.TrainViews`."""
     from autokd.data import TrainViews
 
@@ -100,7 +107,7 @@ def study_views(study: Any) -> Any:
     return TrainViews(num_views=int(space.get("views", 0) or 0), seed=0)  # as autokd.search.run_search builds them
 
 
-def calibration_images(data: Any, views: Any, n: int, seed: int = 0) -> np.ndarray:
+def calibration_images(data: DataSplits, views: TrainViews, n: int, seed: int = 0) -> np.ndarray:
     """``n`` training images (float32 NCHW) preprocessed as in training: a seeded random choice of the training
     split, image k shown in view k mod the number of views (view 0 is the image itself)."""
     import torch
@@ -146,7 +153,7 @@ class _Batches(CalibrationDataReader):
         return next(self._it, None)
 
 
-def _input_name(model: Any) -> str:
+def _input_name(model: onnx.ModelProto) -> str:
     initializers = {t.name for t in model.graph.initializer}
     return next(i.name for i in model.graph.input if i.name not in initializers)
 
@@ -221,7 +228,7 @@ def _run_once(path: Path, input_name: str, x: np.ndarray) -> None:
     sess.run(None, {input_name: x})
 
 
-def _failure(stage: str, exc: BaseException, model: Any, operator: str | None = None,
+def _failure(stage: str, exc: BaseException, model: onnx.ModelProto, operator: str | None = None,
              nodes: Sequence[str] = ()) -> QuantizationError:
     text = (str(exc).strip().splitlines() or [""])[0][:400]
     if operator is None:  # ONNX Runtime's own errors name the node: "... node with name 'X'"
@@ -237,7 +244,7 @@ def _failure(stage: str, exc: BaseException, model: Any, operator: str | None = 
                              operator=operator, nodes=nodes)
 
 
-def _isolate(exc: BaseException, model: Any, attempt: Any, max_node_tries: int = 16) -> QuantizationError:
+def _isolate(exc: BaseException, model: onnx.ModelProto, attempt: Callable[..., object], max_node_tries: int = 16) -> QuantizationError:
     """Name the operator behind ``exc``: the op type whose exclusion lets the rest quantise (then its node)."""
     op_types: list[str] = []
     for node in model.graph.node:
@@ -380,7 +387,7 @@ def _ort_latency(models: Sequence[str | os.PathLike | bytes], threads: int = 1,
 # The export step
 
 
-def export_int8(folder: Path, fp32_file: str, data: Any, views: Any, options: Int8Options) -> dict[str, Any]:
+def export_int8(folder: Path, fp32_file: str, data: DataSplits, views: TrainViews, options: Int8Options) -> dict[str, Any]:
     """Quantise ``folder/fp32_file`` into ``folder/model.int8.onnx`` and measure both: the ``config.json`` entry.
 
     Raises :class:`QuantizationError` (nothing written) when ONNX Runtime cannot quantise the model.
@@ -452,7 +459,7 @@ def test_accuracies(fp32_model: str | os.PathLike | bytes, int8_model: str | os.
 INT8_ACC_FILE = "int8_test_acc.json"
 
 
-def trial_int8_accuracy(study: Any, number: int, root: Path, data: Any,
+def trial_int8_accuracy(study: optuna.Study, number: int, root: Path, data: DataSplits,
                         calibration_count: int = DEFAULT_CALIBRATION_IMAGES) -> dict[str, Any]:
     """fp32 and int8 test accuracy (ONNX Runtime) of a COMPLETE trial's student, as ``--int8`` exports it, computed
     once and cached beside its checkpoint (``trials/<n>/int8_test_acc.json``, keyed by data, views, calibration

@@ -11,9 +11,15 @@ from __future__ import annotations
 
 import time
 from datetime import datetime, timezone
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from autokd.pareto import TrialPoint, dominates
+
+if TYPE_CHECKING:
+    import optuna
+
+    from autokd.data import DataSplits
+
 
 MARGIN = 0.25   # a student up to 25 % slower than what would keep it on the front is re-timed too
 MAX_CANDIDATES = 40
@@ -31,7 +37,7 @@ def candidates(points: Sequence[TrialPoint], margin: float = MARGIN) -> list[Tri
     return out[:MAX_CANDIDATES]
 
 
-def stored(study: Any) -> dict[str, dict[str, Any]]:
+def stored(study: optuna.Study) -> dict[str, dict[str, Any]]:
     """arch_key -> re-timed latency (``median_ms``, ``low_ms``, ``high_ms``) valid for the study's latency device."""
     from autokd.scaleout import LATENCY_ATTR, LATENCY_RETIME_ATTR
 
@@ -41,7 +47,7 @@ def stored(study: Any) -> dict[str, dict[str, Any]]:
     return record.get("archs") or {}
 
 
-def retime_front(study: Any, points: Sequence[TrialPoint], data: Any,
+def retime_front(study: optuna.Study, points: Sequence[TrialPoint], data: DataSplits,
                  log: Callable[[str], None] = print) -> dict[str, dict[str, Any]]:
     """Re-time the front candidates of ``points`` together (see the module doc) and record them in the study.
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import optuna
 from optuna.trial import TrialState
@@ -21,6 +21,9 @@ from autokd.study import make_storage, storage_missing, storage_url, study_dir
 from autokd.tracking import Tracker
 from autokd.trials import (ARCH_KEY_ATTR, CURVE_ATTR, FAIL_REASON_ATTR, LATENCY_ATTR, State, sampled_params,
                            trial_state)
+
+if TYPE_CHECKING:
+    from autokd.data import DataSplits
 
 
 def resolve_study(study_name: str | None, storage: str | None, root: Path) -> optuna.Study:
@@ -78,7 +81,7 @@ def trial_points(study: optuna.Study) -> list[TrialPoint]:
     return points
 
 
-def study_data(study: optuna.Study, data_dir: str | None = None) -> Any:
+def study_data(study: optuna.Study, data_dir: str | None = None) -> DataSplits:
     """Reload the study's dataset exactly as the search saw it (checked against the stored fingerprint)."""
     from autokd.data import load_dataset
 
@@ -91,7 +94,7 @@ def study_data(study: optuna.Study, data_dir: str | None = None) -> Any:
     return data
 
 
-def test_accuracy(study: optuna.Study, number: int, root: Path, data: Any) -> float:
+def test_accuracy(study: optuna.Study, number: int, root: Path, data: DataSplits) -> float:
     """Test accuracy of a completed trial's checkpoint, evaluated once and cached next to it.
 
     A missing, corrupt or mismatching checkpoint is a UserError naming the file."""
@@ -115,7 +118,7 @@ def latency_precision(study: optuna.Study) -> str:
     return stored_latency_precision(study.user_attrs.get(LATENCY_SETTINGS_ATTR))
 
 
-def int8_accuracies(study: optuna.Study, front: list[TrialPoint], root: Path, data: Any,
+def int8_accuracies(study: optuna.Study, front: list[TrialPoint], root: Path, data: DataSplits,
                     log: Callable[[str], None] = print) -> None:
     """Each front member's fp32 and INT8 test accuracy (ONNX Runtime, as ``autokd export --int8`` makes them;
     computed once per trial and cached) into ``extra['fp32_test_acc']`` / ``extra['int8_test_acc']``."""
@@ -130,7 +133,7 @@ def int8_accuracies(study: optuna.Study, front: list[TrialPoint], root: Path, da
         point.extra["fp32_test_acc"], point.extra["int8_test_acc"] = acc["fp32_test_acc"], acc["test_acc"]
 
 
-def build_report(study: optuna.Study, root: Path, data: Any | None = None, max_latency_ms: float | None = None,
+def build_report(study: optuna.Study, root: Path, data: DataSplits | None = None, max_latency_ms: float | None = None,
                  tolerance_pp: float = 1.0, hv_ref_ms: float | None = None, tracker: Tracker | None = None,
                  parent_run_id: str | None = None, data_dir: str | None = None,
                  log: Callable[[str], None] = print) -> ReportResult | None:
