@@ -578,7 +578,7 @@ class MlflowTracker(Tracker):
         if parent_run_id:
             all_tags[PARENT_RUN_TAG] = parent_run_id
         # Created on the background writer like the run's other calls: a synchronous create_run was most of
-        # what MLflow still cost a trial (~10 ms a SQLite round trip).
+        # what MLflow still cost a trial (a SQLite or HTTP round trip in line).
         self._sender.submit({"op": "create_run", "key": key, "experiment_id": self.experiment_id,
                              "name": f"trial-{trial_number}", "tags": all_tags,
                              "what": f"create run for trial {trial_number}"})
@@ -704,7 +704,7 @@ def _get_or_create_experiment(client: MlflowClient, name: str, artifact_location
 
 
 def limit_http_retries(uri: str | None) -> None:
-    """For an HTTP tracking server, fail in seconds rather than MLflow's ~4 minutes of retries per call, unless
+    """For an HTTP tracking server, fail in seconds rather than after MLflow's minutes of retries per call, unless
     the user chose their own ``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` / ``MLFLOW_HTTP_REQUEST_TIMEOUT``."""
     if uri and is_http(uri):
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")

@@ -1,21 +1,8 @@
 """Export a trial's student: safetensors + config.json (+ ONNX, TorchScript), each verified against PyTorch.
 
-``autokd export --study S (--trial N | --pick knee|best|fastest | --max-latency-ms X) --out DIR``
-
-Everything is written into a staging folder inside ``DIR`` first and checked there on real inputs (a batch of
-the study's validation images): the weights are reloaded through timm (:func:`load_student`), the ONNX file is
-run by ONNX Runtime (CPU), the TorchScript file by ``torch.jit.load``; each must match the trial's own model
-within :data:`PARITY_ATOL`. Only then do the files move into ``DIR`` (``config.json`` last, so a complete
-config always describes the files next to it). A mismatch raises :class:`ParityError`, never a silent success.
-
-``config.json`` is a superset of timm's hub format (``architecture``, ``num_classes``, ``model_args``,
-``pretrained_cfg``, ``label_names``), so besides ``autokd.load_student(DIR)`` the folder also loads with
-``timm.create_model("local-dir:DIR", pretrained=True)`` once ``autokd.students`` is imported (three of the
-families are timm entry points registered there).
-
-ONNX: :func:`autokd.onnx_export.export_onnx`, the function a search times with ONNX Runtime (so what was timed is
-what ships); the exporter it used is recorded in ``config.json``. Reading model files and loading weights is
-:mod:`autokd.checkpoint`'s job.
+Owns trial selection, the format writers and the parity checks (:class:`ParityError`, never a silent
+success). The ONNX file comes from :func:`autokd.onnx_export.export_onnx`, the function a search times, so
+what was timed is what ships; reading model files and loading weights is :mod:`autokd.checkpoint`'s job.
 """
 from __future__ import annotations
 
@@ -82,6 +69,11 @@ def load_student(path: str | os.PathLike) -> nn.Module:
 
     Also accepts a trial checkpoint directory (``studies/<study>/trials/<n>``). Missing, corrupt or
     mismatching files raise :class:`UserError` naming the file.
+
+    ``config.json`` is a superset of timm's hub format (``architecture``, ``num_classes``, ``model_args``,
+    ``pretrained_cfg``, ``label_names``), so an export also loads with
+    ``timm.create_model("local-dir:DIR", pretrained=True)`` once ``autokd.students`` is imported (three of the
+    families are timm entry points registered there).
     """
     import timm
 
@@ -370,6 +362,13 @@ def export_trial(study: optuna.Study, number: int, root: Path, out: Path, format
                  data: DataSplits | None = None, data_dir: str | None = None, why: str = "",
                  storage: str | None = None, int8: Int8Options | None = None) -> ExportResult:
     """Export COMPLETE trial ``number`` of ``study`` to ``out``; every written format is verified for parity.
+
+    Everything is written into a staging folder inside ``out`` first and checked there on a batch of the
+    study's validation images: the weights reloaded through timm (:func:`load_student`), the ONNX file run by
+    ONNX Runtime (CPU), the TorchScript file by ``torch.jit.load``; each must match the trial's own model
+    within :data:`PARITY_ATOL`, else :class:`ParityError`. Only then do the files move into ``out``
+    (``config.json`` last, so a complete config always describes the files next to it); the ONNX exporter used
+    is recorded in ``config.json``.
 
     ``int8`` (:class:`autokd.int8.Int8Options`) adds ``model.int8.onnx`` once the fp32 files are verified; if ONNX
     Runtime cannot quantise the model, the fp32 export is still published and the QuantizationError raised after.

@@ -1,23 +1,8 @@
 """INT8 students: ONNX Runtime static quantisation of an exported ONNX student, checked on real images.
 
-``autokd export ... --int8`` writes ``model.int8.onnx`` beside ``model.onnx``:
-
-- the quantiser's pre-processing step (``onnxruntime.quantization.shape_inference.quant_pre_process``: symbolic
-  shape inference and graph optimisation), then ``onnxruntime.quantization.quantize_static`` in QDQ format
-  (QuantizeLinear/DequantizeLinear pairs that ONNX Runtime fuses into integer kernels), per-channel int8
-  weights, uint8 activations (the combination ONNX Runtime's documentation recommends for x86 CPUs), MinMax
-  calibration;
-- calibrated on ``--calibration-images`` training images of the study's dataset, preprocessed exactly as in
-  training: normalised like every split, and shown in the training views the students were trained on (the
-  teacher-cache views, :class:`autokd.data.TrainViews`), never the validation or test split;
-- then measured: accuracy of both files under ONNX Runtime on the full test split, their agreement, latency of
-  both (same runtime, batch 1, 1 thread, interleaved rounds), file sizes.
-
-A quantisation that fails raises :class:`QuantizationError` naming the operator: the failing operator type is
-isolated by quantising again without it (on a few calibration images: only the failure matters there).
-
-:func:`quantize_for_latency` is the search-side entry point (``--latency-precision int8``): a few random
-calibration images, which set the scales but not the graph, so not the speed. It imports no torch.
+``export_int8`` is ``autokd export --int8`` (quantise the verified ``model.onnx``, calibrated on training
+views, never the validation or test split; then measure both files); ``quantize_for_latency`` is the search's
+``--latency-precision int8`` and imports no torch.
 """
 from __future__ import annotations
 
@@ -161,8 +146,12 @@ def _input_name(model: onnx.ModelProto) -> str:
 def quantize_onnx(onnx_bytes: bytes, calibration: np.ndarray) -> bytes:
     """INT8 (QDQ) ONNX bytes of a float ONNX model, calibrated on ``calibration`` (float32 NCHW images).
 
-    The result is loaded and run once by ONNX Runtime before it is returned. Any failure raises
-    :class:`QuantizationError` naming the operator ONNX Runtime cannot quantise (when it can be isolated).
+    The recipe: the quantiser's pre-processing (``quant_pre_process``: symbolic shape inference and graph
+    optimisation), then ``quantize_static`` in QDQ format (QuantizeLinear/DequantizeLinear pairs that ONNX
+    Runtime fuses into integer kernels), per-channel int8 weights, uint8 activations (what ONNX Runtime's
+    documentation recommends for x86 CPUs), MinMax calibration. The result is loaded and run once by ONNX
+    Runtime before it is returned. Any failure raises :class:`QuantizationError` naming the operator ONNX
+    Runtime cannot quantise, isolated by quantising again without each operator type (when it can be).
     """
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -389,6 +378,11 @@ def _ort_latency(models: Sequence[str | os.PathLike | bytes], threads: int = 1,
 
 def export_int8(folder: Path, fp32_file: str, data: DataSplits, views: TrainViews, options: Int8Options) -> dict[str, Any]:
     """Quantise ``folder/fp32_file`` into ``folder/model.int8.onnx`` and measure both: the ``config.json`` entry.
+
+    Calibrated on ``options.calibration_images`` training images, preprocessed exactly as in training (the
+    training views the students saw, :class:`autokd.data.TrainViews`). Measured: accuracy of both files under
+    ONNX Runtime on the full test split and their agreement, latency of both (same runtime, batch 1, 1 thread,
+    interleaved rounds), file sizes.
 
     Raises :class:`QuantizationError` (nothing written) when ONNX Runtime cannot quantise the model.
     """

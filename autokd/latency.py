@@ -1,28 +1,9 @@
 """Measured latency (plus params and MACs) of a student on a device, and a multi-process-safe cache.
 
-A search measures through :class:`LatencyMeter`: the runtime (ONNX Runtime on the exported student, the CPU
-default, or eager PyTorch), the rounds protocol of :mod:`autokd.ort_timing` (minimum per round, median over
-rounds, an interval), the cache, the study-wide shared figure and the measuring lock; it also re-times several
-students together (the report's front) and times already-exported ONNX files. The rest of this docstring
-describes :func:`measure_latency`, the earlier single-burst eager-PyTorch measurement, kept for the benchmarks
-that compare against it.
-
-Latency is measured, not predicted: batch 1 by default, a fixed thread count, ``model.eval()`` under
-``torch.inference_mode()``, warm-up runs, then timed runs with ``time.perf_counter`` (CUDA synchronised
-around each run). The result is the median and the inter-quartile range in milliseconds. Defaults: 3 warm-up
-runs (only the first run of a fresh model is slow: oneDNN builds its kernels), then between 10 and 20 timed
-runs: timing stops once the median is known to within 1 % (its standard error, estimated from the
-inter-quartile range, see ``median_rel_error``). On a quiet CPU that is after 10 runs. A noisy one gets 20:
-more would buy little there, because its slow phases (the same code running up to 2x slower for 0.1-1 s on a
-shared VM) outlast a whole measurement, so the run-to-run spread does not average out within one. On a quiet
-CPU the medians repeat within a few percent (benchmarks/latency_stability.py) while measurement stays a small
-share of a trial.
-
-Adaptive run count: one measurement aims to take at most ``budget_s`` (2 s by default). The warm-up stops
-early once it has used a quarter of the budget (after at least 2 runs), and the number of timed runs is cut
-to what fits in the budget at the warm-up's per-run time, but never below 10 (or ``runs``, if smaller). A
-model slower than 0.2 s per run therefore takes longer than the budget: 10 runs are the floor for a
-median and IQR worth recording.
+:class:`LatencyMeter` is what a search uses: the runtime (ONNX Runtime on the exported student, the CPU
+default, or eager PyTorch), the rounds protocol of :mod:`autokd.ort_timing`, the cache, the study-wide shared
+figure and the measuring lock. :func:`measure_latency` is the earlier single-burst eager-PyTorch measurement,
+kept for the benchmarks that compare against it.
 """
 from __future__ import annotations
 
@@ -172,12 +153,23 @@ def median_rel_error(samples_ms: list[float]) -> float:
 def measure_latency(model: nn.Module, input_shape: tuple[int, int, int], device: str | torch.device = "cpu",
                     batch_size: int = 1, threads: int = 1, warmup: int = 3, runs: int = 20, key: str = "",
                     budget_s: float = DEFAULT_BUDGET_S, precision: float = DEFAULT_PRECISION) -> LatencyResult:
-    """Time ``model`` on ``[batch_size, *input_shape]`` inputs; see the module docstring for the procedure.
+    """Time ``model`` on ``[batch_size, *input_shape]`` inputs in one burst of eager runs (the earlier protocol).
+
+    Measured, not predicted: ``threads`` torch threads, ``model.eval()`` under ``torch.inference_mode()``,
+    ``warmup`` runs (only the first run of a fresh model is slow: oneDNN builds its kernels), then timed runs
+    with ``time.perf_counter`` (CUDA synchronised around each run); the result is their median and
+    inter-quartile range in milliseconds.
 
     ``runs`` is the most timed runs; timing stops earlier, after at least ``min(MIN_RUNS, runs)``, once
-    ``median_rel_error`` is at most ``precision`` (0 = always ``runs``, budget permitting). The model is put
-    in eval mode and moved to ``device`` for the measurement; its training mode and device are restored
-    afterwards, as is torch's thread count.
+    ``median_rel_error`` is at most ``precision`` (0 = always ``runs``, budget permitting). More runs would
+    buy little on a noisy host: its slow phases outlast a whole measurement, so they do not average out
+    within one. One measurement aims to take at most ``budget_s``: the warm-up stops once it has used a
+    quarter of it (after at least 2 runs), and the timed runs are cut to what fits at the warm-up's per-run
+    time, but never below ``MIN_RUNS`` (or ``runs``, if smaller), the floor for a median and IQR worth
+    recording, so a slow enough model takes longer than the budget.
+
+    The model is put in eval mode and moved to ``device`` for the measurement; its training mode and device
+    are restored afterwards, as is torch's thread count.
     """
     if batch_size < 1 or threads < 1 or runs < 1 or warmup < 0:
         raise UserError(f"latency measurement needs batch_size, threads, runs >= 1 and warmup >= 0; got "
@@ -402,8 +394,8 @@ class LatencyMeter:
         was_training, prev_threads = model.training, torch.get_num_threads()
         try:
             model.eval()
-            # One thread: tracing a small student gains nothing from more, and on a busy 2-core host two threads
-            # made the export ~3x slower (README, "Latency protocol"). The graph does not depend on it.
+            # One thread: tracing a small student gains nothing from more, and on a busy host more threads made
+            # the export markedly slower (README, "Latency protocol"). The graph does not depend on it.
             torch.set_num_threads(1)
             example = torch.zeros(EXAMPLE_BATCH, *input_shape)
             blob, _, _ = export_onnx(model, example)

@@ -1,19 +1,8 @@
 """`autokd latency-server`: times uploaded ONNX students on the device that will run them, over HTTP.
 
-Runs on the target (a Raspberry Pi, an ARM board, an edge box) with ONNX Runtime and numpy only: this module
-and what it imports must never import torch or timm (a test pins that). One model is timed at a time, with
-the same protocol as a local measurement (`autokd.ort_timing`).
-
-Contract:
-    GET  /health                       200 {"status": "ok", "service": ...}; no token needed, nothing secret
-    GET  /signature?threads=T          the device signature latencies are recorded under (token needed)
-    POST /measure?batch=B&threads=T    body: the ONNX file; 200 {"result": {...}, "signature": {...}}
-
-Security model: a shared bearer token (``Authorization: Bearer T``), compared in constant time; without a
-token the server refuses any non-loopback bind. Bodies over ``max_bytes`` are 413 before being read. An
-upload is parsed in memory and never written anywhere; a model that references external data (a path the
-uploader chooses) is refused before ONNX Runtime sees it. There is no TLS and no authentication beyond the
-token: keep the port on a private network.
+Runs on the target with ONNX Runtime and numpy only: this module and what it imports must never import torch
+or timm (a test pins that). One model is timed at a time, with the protocol of a local measurement
+(:mod:`autokd.ort_timing`). Contract and security model: the README, "Latency on a target device".
 """
 from __future__ import annotations
 
@@ -67,6 +56,10 @@ def _query_int(query: dict[str, list[str]], name: str, default: int, high: int) 
 
 
 class _Handler(BaseHTTPRequestHandler):
+    """GET /health (no token), GET /signature?threads=T and POST /measure?batch=B&threads=T (body: the ONNX
+    file; ``Authorization: Bearer T``). An upload is parsed in memory and never written anywhere; a model that
+    references external data (a path the uploader chooses) is refused before ONNX Runtime sees it."""
+
     server: LatencyHTTPServer
     protocol_version = "HTTP/1.1"
 

@@ -1,13 +1,6 @@
-"""Knowledge-distillation losses behind a small timm-style registry.
+"""Knowledge-distillation losses behind a small timm-style registry (``register_loss``, ``build_loss``).
 
-Every loss is an ``nn.Module`` with one call signature::
-
-    loss_fn(student_logits, teacher_logits, targets, epoch=None,
-            student_features=None, teacher_features=None) -> scalar tensor
-
-The returned value already includes the hard-label (cross-entropy) term, so the training loop only calls
-``backward()`` on it. Arguments a loss does not use are ignored (``ce`` accepts ``teacher_logits=None``).
-Loss arithmetic runs in float32 even under autocast, and teacher outputs are detached.
+Every loss is a :class:`KDLoss` with one call signature, whose value already includes the hard-label term.
 """
 from __future__ import annotations
 
@@ -130,7 +123,14 @@ class KDLoss(nn.Module):
     """Base class of every registered loss.
 
     Subclasses declare ``hparam_spec`` and implement ``forward``; the resolved hyperparameters are in
-    ``self.hparams`` and also set as attributes (``self.temperature``...).
+    ``self.hparams`` and also set as attributes (``self.temperature``...). Every loss is called as::
+
+        loss_fn(student_logits, teacher_logits, targets, epoch=None,
+                student_features=None, teacher_features=None) -> scalar tensor
+
+    The returned value already includes the hard-label (cross-entropy) term, so the training loop only calls
+    ``backward()`` on it. Arguments a loss does not use are ignored (``ce`` accepts ``teacher_logits=None``).
+    Loss arithmetic runs in float32 even under autocast, and teacher outputs are detached.
     """
 
     name: ClassVar[str] = ""

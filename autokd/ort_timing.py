@@ -1,17 +1,8 @@
 """The ONNX Runtime timing protocol: sessions, rounds, the statistic, its interval, the device signature.
 
-This module imports only the standard library, numpy and onnxruntime (never torch or timm), so a latency server
-on a target device can time uploaded ONNX files with exactly the protocol a search uses.
-
-Protocol (see the README's "Latency protocol" for the measurements behind it): warm-up runs, then ``rounds``
-rounds of ``runs`` back-to-back runs each; a round's figure is its **minimum** run (a slow phase of a shared host
-that catches part of a round does not move it), and the measurement is the **median over rounds** (slow phases
-that catch whole rounds do not move it either, as long as fewer than half the rounds are caught). A whole
-measurement (a few milliseconds) can still fall inside one slow phase: a reference workload timed in every round
-detects that, and the measurement is then taken again after a pause (:class:`HostCheck`). Several
-models are timed together by interleaving them round by round in a shuffled order, so a slow phase hits them
-alike. The interval is the distribution-free confidence interval of that median from the order statistics of
-the per-round figures (binomial, ~95 %), widened to at least +-:data:`REPRODUCIBILITY`.
+Imports only the standard library, numpy and onnxruntime (never torch or timm), so a latency server on a
+target device times uploaded ONNX files with exactly the protocol a search uses (:func:`time_sessions`; the
+measurements behind it: the README's "Latency protocol").
 """
 from __future__ import annotations
 
@@ -149,8 +140,8 @@ class HostCheck:
     """Detects a slow phase of the host: a fixed reference workload (numpy, single-threaded) is timed in every
     round beside the models; when its figure is more than ``tolerance`` above the process's baseline, the whole
     measurement is taken again after a pause (at most ``retries`` times; the attempt with the fastest reference
-    is kept). A measurement of a few milliseconds can fall entirely inside a slow phase of 0.1-1 s, where the
-    minimum per round does not help; on a quiet host this costs one reference run per model run.
+    is kept). A short measurement can fall entirely inside one slow phase, where the minimum per round does
+    not help; on a quiet host this costs one reference run per model run.
 
     The baseline is the lowest reference figure seen in the process, first calibrated over ``calibrate_s``
     seconds (so a process that starts in a slow phase still finds a fast one).
@@ -198,6 +189,11 @@ def time_sessions(sessions: dict[str, ort.InferenceSession], batch: int = 1, rou
                   host: HostCheck | None = HOST) -> dict[str, Timing]:
     """Time several sessions together: ``rounds`` rounds, each visiting every session once in a shuffled order
     for ``runs`` runs (its figure: the minimum); result per session: median over rounds and its interval.
+
+    Why: a round's minimum ignores a slow phase of a shared host that catches part of the round, and the
+    median over rounds ignores slow phases that catch whole rounds, as long as fewer than half are caught;
+    interleaving the sessions in shuffled order makes a slow phase hit them alike. The interval is
+    :func:`median_interval` of the per-round figures, widened by :func:`widen`.
 
     With ``host`` (default: the process's :data:`HOST`), the reference workload runs in every round too, and a
     measurement taken in a slow phase of the host is taken again (see :class:`HostCheck`).

@@ -1,21 +1,8 @@
 """Pareto-aware successive-halving rung pruner (the MO-ASHA idea), as pure logic over rung records.
 
-Optuna cannot prune multi-objective studies, so autokd does it itself. At a rung epoch k, a trial's
-accuracy@k is compared only with other trials' accuracy at the same epoch k. All records at that rung are
-ranked by non-dominated sorting on (accuracy@k maximize, latency minimize; :func:`autokd.pareto.nondominated_fronts`);
-whole fronts are admitted in order until at least ``ceil(n / eta)`` trials are admitted (``n`` = peers +
-candidate). The candidate continues iff it is admitted. Consequences, by construction:
-
-* ties are never split (a front is admitted whole or not at all);
-* a trial on the first front always survives, so a trial is never pruned for being slow alone, only for
-  being dominated (by trials at least as fast and at least as accurate at the same epoch);
-* no pruning at a rung until ``min_peers`` other trials have a record there (warm-up).
-
-The module does no I/O. Rung records are stored by the caller in Optuna trial user attributes as plain
-JSON dicts (``"rung_<epoch>" -> {"accuracy": ..., "latency_ms": ...}``, see :func:`encode_rung` and
-:func:`decode_rungs`) so every worker sharing the storage sees them. Records from trials in any state count
-(running, pruned, complete): this is the asynchronous variant, where a trial is judged against whoever has
-reached the rung so far.
+Optuna cannot prune multi-objective studies, so autokd does it itself (the rule: :func:`decide`). The module
+does no I/O: the caller stores rung records in trial user attributes (:func:`encode_rung`,
+:func:`decode_rungs`) so every worker sharing the storage sees them.
 """
 from __future__ import annotations
 
@@ -106,7 +93,20 @@ def _peers_at_rung(candidate: RungRecord, peers: Iterable[RungRecord]) -> list[R
 def decide(candidate: RungRecord, peers: Iterable[RungRecord], eta: int = 3, min_peers: int = 3) -> PruneDecision:
     """Decide whether ``candidate`` stops at its rung, given other trials' records (any epochs; filtered here).
 
-    See the module docstring for the rule. Peers at other epochs and the candidate's own records are ignored.
+    At rung epoch k, the candidate's accuracy@k is compared only with other trials' accuracy at the same epoch
+    k. All records at that rung are ranked by non-dominated sorting on (accuracy@k maximize, latency minimize;
+    :func:`autokd.pareto.nondominated_fronts`); whole fronts are admitted in order until at least
+    ``ceil(n / eta)`` trials are admitted (``n`` = peers + candidate). The candidate continues iff it is
+    admitted. Consequences, by construction:
+
+    * ties are never split (a front is admitted whole or not at all);
+    * a trial on the first front always survives, so a trial is never pruned for being slow alone, only for
+      being dominated (by trials at least as fast and at least as accurate at the same epoch);
+    * no pruning at a rung until ``min_peers`` other trials have a record there (warm-up).
+
+    Records from trials in any state count (running, pruned, complete): this is the asynchronous variant,
+    where a trial is judged against whoever has reached the rung so far. Peers at other epochs and the
+    candidate's own records are ignored.
     """
     _check_eta(eta)
     if isinstance(min_peers, bool) or not isinstance(min_peers, int) or min_peers < 0:
@@ -150,7 +150,8 @@ def rung_attr_key(epoch: int) -> str:
 
 
 def encode_rung(record: RungRecord) -> tuple[str, dict[str, float | None]]:
-    """``(key, value)`` to store with ``trial.set_user_attr(key, value)``; non-finite numbers become None."""
+    """``(key, value)`` to store with ``trial.set_user_attr(key, value)``: ``"rung_<epoch>" -> {"accuracy": ...,
+    "latency_ms": ...}``, plain JSON; non-finite numbers become None."""
     def num(x: float) -> float | None:
         x = float(x)
         return x if math.isfinite(x) else None

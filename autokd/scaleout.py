@@ -1,25 +1,9 @@
 """One study over many machines: the shared teacher, comparable latencies, and the commands to start workers.
 
-Workers on several machines share the Optuna study through PostgreSQL (`--storage postgresql://...`) and the
-MLflow runs through a tracking server (`--tracking-uri http://...`); their `studies/` folders are their own.
-What else they must agree on:
-
-* **The teacher is trained once per study.** The first worker, holding the study lock, trains it (or finds it
-  in its local cache) and publishes `model.safetensors` + `meta.json` as artifacts of the study's MLflow parent
-  run, under `teacher/<cache entry>/`; the study user attribute `teacher_artifact` records the run, the cache
-  entry's name, its host path and the weights' SHA-256. Every other worker, before it prepares its teacher,
-  downloads the entry into its own teacher cache (or copies it from the recorded path where a shared
-  filesystem makes it visible), verifies the SHA-256, and then `get_teacher` loads it from the cache as
-  usual. Other workers wait for the first one on the study lock. Teacher *outputs* (logits per training view)
-  are recomputed once per machine from those weights: cheap next to training, and deterministic.
-  With a local journal on one machine the teacher cache's file lock already does all this, so nothing is
-  published. A `--teacher-checkpoint` is not published either: every machine reads its own copy, and the
-  study's teacher id (architecture + file SHA-1) makes sure they are the same file.
-* **Latency is measured on one kind of device.** The study records the latency signature of the first worker
-  (`latency_device`: device, runtime, its version and execution provider, threads, e.g.
-  `cpu-intel-xeon-platinum-8480-t1-onnxruntime-1-32-0-cpu`) and the latency batch size; a worker whose
-  signature differs is refused (exit 2) unless it passes `--allow-mixed-latency`, so one Pareto front never
-  mixes milliseconds from different hardware or runtimes by accident.
+Workers share the Optuna study through PostgreSQL and the MLflow runs through a tracking server; their
+`studies/` folders are their own. This module owns what else they must agree on: the teacher (published once,
+fetched and verified by the others) and the study's latency signature. It reaches MLflow only through
+:mod:`autokd.tracking`.
 """
 from __future__ import annotations
 
@@ -63,8 +47,14 @@ def publish_teacher(study: optuna.Study, weights: Path, arch: str, tracker: trac
                     parent_run_id: str | None, host: str, log: Callable[[str], None] = print) -> dict[str, Any] | None:
     """Publish the teacher cache entry holding `weights` for the other workers of `study` (once per study).
 
-    Uploads it to the study's MLflow parent run when tracking is on and records `teacher_artifact` in the study.
-    Call under the study lock. Returns the record, or None when the study already has one.
+    Uploads it to the study's MLflow parent run (under `teacher/<cache entry>/`) when tracking is on and records
+    `teacher_artifact` in the study: the run, the entry's name, its host path and the weights' SHA-256. Call
+    under the study lock; the other workers wait on that lock for it. Returns the record, or None when the
+    study already has one.
+
+    Only shared storages publish: with a local journal the teacher cache's file lock already shares the
+    teacher. A `--teacher-checkpoint` is not published either: every machine reads its own copy, and the
+    study's teacher id (architecture + file SHA-1) makes sure they are the same file.
     """
     if study.user_attrs.get(TEACHER_ATTR):
         return None
@@ -95,8 +85,10 @@ def fetch_teacher(study: optuna.Study, cache_root: Path, tracker: tracking.Track
     """Put the study's published teacher into this machine's teacher cache (verified), unless it is there.
 
     Tried in order: this worker's MLflow store (`tracker`, when tracking is on), the store recorded by the
-    publisher, the publisher's folder. Returns the cache entry, or None when the study has published no
-    teacher (this worker is the first).
+    publisher, the publisher's folder (where a shared filesystem makes it visible). The SHA-256 is verified,
+    then ``get_teacher`` loads the entry from the cache as usual; the teacher's outputs are recomputed on each
+    machine from those weights (cheap next to training, and deterministic). Returns the cache entry, or None
+    when the study has published no teacher (this worker is the first).
     """
     record = study.user_attrs.get(TEACHER_ATTR)
     if not record:

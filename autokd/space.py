@@ -1,32 +1,5 @@
-"""Search-space schema: load and validate a YAML space, then `sample(trial)` the parameters of one trial.
-
-Schema (every key is optional except `students` and `losses`; see search_spaces/default.yaml for a commented
-example)::
-
-    name: default                     # used in the default study name
-    description: free text
-    epochs: 6                         # max epochs per trial (--epochs overrides)
-    input_size: 16                    # image side the data is resized to (default: the dataset's own)
-    views: 0                          # replayable augmented views per image (0 = no augmentation)
-    students:
-      width: <param>                  # defaults for every family below
-      depth: <param>
-      families:                       # a list of timm families, or a mapping family -> {width, depth} overrides
-        resnet: {}
-        mobilenetv3: {width: <param>}
-    losses:                           # loss name -> its hyperparameters (each a <param>)
-      ce: {}
-      kd: {temperature: <param>, alpha: <param>}
-    optimizer: {name: <param>, lr: <param>, weight_decay: <param>}
-    batch_size: <param>
-    pruning: {eta: 3, min_epoch: 1, min_peers: 3}
-
-A <param> is a constant (`4`, `adamw`), a range `{low: 1, high: 8}` (float; add `log: true` for a log scale,
-`step: 0.5` for a grid, `type: int` for integers) or a categorical `{choices: [32, 64]}`.
-
-Parameters are named in the Optuna study as `family`, `<family>.width`, `<family>.depth`, `loss`,
-`<loss>.<hyperparameter>`, `optimizer`, `lr`, `weight_decay`, `batch_size`: conditional parameters get their own
-names so each family / loss keeps its own range and the samplers model them separately.
+"""Search-space schema: load and validate a YAML space (``load_space``), then ``sample(trial)`` one trial's
+parameters. Every validation error names the file and the key path; the module does no training.
 """
 from __future__ import annotations
 
@@ -333,7 +306,32 @@ def _parse_optimizer(raw: Any, src: str) -> dict[str, ParamSpec]:
 
 
 def load_space(path: str | Path) -> SearchSpace:
-    """Load and fully validate a search-space YAML file; every error names the file and the key path."""
+    """Load and fully validate a search-space YAML file; every error names the file and the key path.
+
+    Schema (every key is optional except `students` and `losses`; see search_spaces/default.yaml for a commented
+    example)::
+
+        name: default                     # used in the default study name
+        description: free text
+        epochs: 6                         # max epochs per trial (--epochs overrides)
+        input_size: 16                    # image side the data is resized to (default: the dataset's own)
+        views: 0                          # replayable augmented views per image (0 = no augmentation)
+        students:
+          width: <param>                  # defaults for every family below
+          depth: <param>
+          families:                       # a list of timm families, or a mapping family -> {width, depth} overrides
+            resnet: {}
+            mobilenetv3: {width: <param>}
+        losses:                           # loss name -> its hyperparameters (each a <param>)
+          ce: {}
+          kd: {temperature: <param>, alpha: <param>}
+        optimizer: {name: <param>, lr: <param>, weight_decay: <param>}
+        batch_size: <param>
+        pruning: {eta: 3, min_epoch: 1, min_peers: 3}
+
+    A <param> is a constant (`4`, `adamw`), a range `{low: 1, high: 8}` (float; add `log: true` for a log scale,
+    `step: 0.5` for a grid, `type: int` for integers) or a categorical `{choices: [32, 64]}`.
+    """
     src = str(path)
     raw = _require_mapping(load_yaml(path), src)
     unknown = [k for k in raw if k not in TOP_LEVEL_KEYS]
@@ -373,7 +371,12 @@ def load_space(path: str | Path) -> SearchSpace:
 
 
 def sample(space: SearchSpace, trial: Any, max_epochs: int | None = None) -> TrialParams:
-    """Sample one trial's parameters (conditional on the family and the loss) from an Optuna trial."""
+    """Sample one trial's parameters (conditional on the family and the loss) from an Optuna trial.
+
+    Parameters are named in the Optuna study as `family`, `<family>.width`, `<family>.depth`, `loss`,
+    `<loss>.<hyperparameter>`, `optimizer`, `lr`, `weight_decay`, `batch_size`: conditional parameters get their own
+    names so each family / loss keeps its own range and the samplers model them separately.
+    """
     family = trial.suggest_categorical("family", list(space.students))
     fam = space.students[family]
     width = float(fam["width"].suggest(trial, f"{family}.width"))

@@ -1,57 +1,8 @@
-"""Student architectures: timm families scaled by two multipliers, and their architecture key.
+"""Student architectures: timm families scaled by two multipliers (width, depth), and their architecture key.
 
-Every family maps ``width`` and ``depth`` the same way: ``width`` scales channel counts / embedding dims
-(rounded to multiples of 8, or of the head dim for ViT), ``depth`` scales the number of blocks in every
-stage (``max(1, round(n * depth))``, half rounds up, so each stage keeps at least one block). ``1.0`` is a
-small base network per family, sized for 16-32 px inputs and a few ms per image on one CPU core (the
-bases with many small ops, MobileNetV3 / EfficientNet / RegNet, keep about half of their timm depth so their
-CPU latency is close to the others'):
-
-============  ========================  ===============================================================
-family        timm entry point          base (width = depth = 1.0); what width / depth set
-============  ========================  ===============================================================
-resnet        ``resnet18``              BasicBlock ``layers=[2,2,2,2]``, ``channels=[32,64,128,256]``,
-                                        deep stem (``stem_type="deep"``, ``stem_width=channels[0]/2``;
-                                        timm's 7x7 stem is fixed at 64 ch). timm strides kept: stem 4,
-                                        total 32 (1x1 last map at 32 px; 16 px works too).
-                                        width: ``channels``, ``stem_width``; depth: ``layers``.
-mobilenetv3   ``autokd_mobilenetv3``    MobileNetV3-Small layout with about half its blocks, one block
-              (registered here)         string per stage: stem 16, ds16, ir24, ir40 x2, ir48, ir96 x2,
-                                        conv 576, head 1024; the ds stage has stride 1, not 2 (total
-                                        stride 16). width: every ``c`` in ``arch_def``, ``stem_size``,
-                                        ``num_features``; depth: every ``r`` but the last 1x1 conv's.
-efficientnet  ``autokd_efficientnet``   EfficientNet-B0 layout at channel multiplier 0.5 with about half
-              (registered here)         its blocks: stem 16, ds8, ir16, ir24, ir40 x2, ir56 x2, ir96 x2,
-                                        ir160, head 640; the ir16 stage has stride 1 (total stride 16).
-                                        width: every ``c``, ``stem_size``, ``num_features``; depth:
-                                        every ``r``.
-regnet        ``autokd_regnet``         RegNetX-200MF (``regnetx_002``): widths [24,56,152,368], group
-              (registered here)         size 8, stem 32, its depths [1,1,4,7] halved to [1,1,2,4].
-                                        timm derives stages from (w0, wa, wm, depth), which cannot scale
-                                        each stage's depth (small depths lose whole stages), so a thin
-                                        ``RegNet`` subclass (in ``timm_internals``) reads explicit
-                                        ``stage_widths`` / ``stage_depths`` from its config. timm
-                                        strides kept (total 32).
-                                        width: ``stage_widths``, ``stem_width``; depth: ``stage_depths``.
-convnext      ``convnext_atto``         ``depths=[1,1,3,1]``, ``dims=[32,64,128,256]``, atto's
-                                        ``conv_mlp``, 4x4 patch stem; ``output_stride=16`` (8 below
-                                        16 px): the last stage is dilated, not downsampled, as its
-                                        unpadded 2x2 downsample conv cannot take a 1x1 map.
-                                        width: ``dims``; depth: ``depths``.
-vit           ``vit_tiny_patch16_224``  ``embed_dim=64``, ``depth=6``, head dim 16 (``num_heads=4``),
-                                        ``patch_size=4`` (8 from 64 px, 16 from 128 px),
-                                        ``img_size=input_size``, class token. width: ``embed_dim``
-                                        (multiple of 16), ``num_heads``; depth: ``depth``.
-============  ========================  ===============================================================
-
-The three ``autokd_*`` entry points are registered in timm's model registry when this module is imported,
-so ``timm.create_model`` builds every family. They take resolved counts, not multipliers: the spec's
-``kwargs`` then describe the network itself, and two multipliers that round to the same network share one
-architecture key (and one latency measurement).
-
-For the hint loss, ``forward_with_features`` returns timm's ``forward_features`` output: the last feature
-map ``[B, C, H, W]`` for the conv families; for ViT the patch tokens (prefix tokens dropped) reshaped to
-``[B, C, h, w]`` on the patch grid.
+Owns the family registry, the three ``autokd_*`` timm entry points (registered in timm's model registry on
+import, so ``timm.create_model`` builds every family) and ``forward_with_features`` for the hint loss. Builds
+models only; it never trains or times them.
 """
 from __future__ import annotations
 
@@ -190,6 +141,8 @@ def autokd_efficientnet(pretrained: bool = False, arch_def: list[list[str]] | No
     return build_model_with_cfg(EfficientNet, "autokd_efficientnet", False, **model_kwargs)
 
 
+# timm derives RegNet stages from (w0, wa, wm, depth), which cannot scale each stage's depth (small depths lose
+# whole stages): StagedRegNet (timm_internals) takes explicit stage widths and depths instead.
 _REGNET_BASE = "regnetx_002"
 _REGNET_STAGE_WIDTHS = (24, 56, 152, 368)  # what timm derives from regnetx_002's (w0, wa, wm, depth)
 _REGNET_STAGE_DEPTHS = (1, 1, 2, 4)  # regnetx_002 has (1, 1, 4, 7): halved, like the other bases
@@ -209,8 +162,11 @@ def autokd_regnet(pretrained: bool = False, **kwargs: Any) -> nn.Module:
 
 # ---------------------------------------------------------------------------------------------------------
 # Families: base layouts and width/depth -> timm kwargs
+# The bases with many small ops (MobileNetV3, EfficientNet, RegNet) keep about half of their timm depth, so
+# their CPU latency is close to the other families'.
 
 # (block string with {r} repeats and {c} channels, base repeats, base channels, depth-scaled)
+# MobileNetV3-Small with about half its blocks; its ds stage has stride 1, not 2 (total stride 16).
 _MNV3_BASE: list[tuple[str, int, int, bool]] = [
     ("ds_r{r}_k3_s1_e1_c{c}_se0.25_nre", 1, 16, True),
     ("ir_r{r}_k3_s2_e4_c{c}_nre", 1, 24, True),
@@ -219,6 +175,7 @@ _MNV3_BASE: list[tuple[str, int, int, bool]] = [
     ("ir_r{r}_k5_s2_e6_c{c}_se0.25", 2, 96, True),
     ("cn_r{r}_k1_s1_c{c}", 1, 576, False),  # the 1x1 conv before pooling is not a block: never repeated
 ]
+# EfficientNet-B0 at channel multiplier 0.5 with about half its blocks; the ir16 stage has stride 1 (total 16).
 _EFFNET_BASE: list[tuple[str, int, int, bool]] = [
     ("ds_r{r}_k3_s1_e1_c{c}_se0.25", 1, 8, True),
     ("ir_r{r}_k3_s1_e6_c{c}_se0.25", 1, 16, True),
@@ -245,6 +202,8 @@ def _effnet_arch_def(width: float, depth: float) -> list[list[str]]:
 
 @register_family("resnet")
 def _resnet(width: float, depth: float, input_size: int) -> tuple[str, dict[str, Any]]:
+    # Deep stem: timm's 7x7 stem is fixed at 64 channels. timm's strides are kept (total 32: a 1x1 last map
+    # at 32 px; 16 px works too).
     channels = [_width(c, width) for c in (32, 64, 128, 256)]
     return "resnet18", {
         "layers": [_depth(n, depth) for n in (2, 2, 2, 2)],
@@ -367,7 +326,15 @@ def _check_positive_int(name: str, value: Any, minimum: int) -> int:
 
 def resolve_student(family: str, width: float, depth: float, num_classes: int, in_chans: int,
                     input_size: int) -> StudentSpec:
-    """Validate the choice and resolve it to timm arguments (no model is built)."""
+    """Validate the choice and resolve it to timm arguments (no model is built).
+
+    Every family maps the multipliers the same way: ``width`` scales channel counts / embedding dims (rounded
+    to multiples of 8, or of the head dim for ViT); ``depth`` scales the blocks of every stage
+    (``max(1, round(n * depth))``, half rounding up, so each stage keeps at least one block). ``1.0`` is the
+    family's small base network, sized for 16-32 px inputs. The spec's kwargs are resolved counts, not
+    multipliers, so two multiplier pairs that round to the same network share one architecture key (and one
+    latency measurement).
+    """
     if family not in _families:
         valid = available_families()
         raise UserError(f"unknown student family {family!r}{did_you_mean(family, valid)}; valid families: "
@@ -407,7 +374,8 @@ def feature_channels(model: nn.Module) -> int:
 
 
 def forward_with_features(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits, last feature map ``[B, C, H, W]``) from one forward pass; ViT tokens go onto the patch grid."""
+    """(logits, last feature map ``[B, C, H, W]``) from one forward pass (timm's ``forward_features``); for ViT,
+    the patch tokens (prefix tokens dropped) reshaped onto the patch grid."""
     feats = model.forward_features(x)
     logits = model.forward_head(feats)
     if feats.ndim == 3:

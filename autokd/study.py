@@ -1,16 +1,8 @@
 """Create, load and resume studies: storage choice, the cross-process study lock, the budget and stale trials.
 
-Storage: the local default is one Optuna journal file shared by all studies (`studies/optuna.journal`), which
-is safe for several worker processes on one machine (the journal backend appends under a file lock, where
-SQLite raises "database is locked") and which `optuna-dashboard studies/optuna.journal` opens directly.
-A `postgresql://` (or any SQLAlchemy) URL selects Optuna's RDB storage, with heartbeats so that a trial of a
-worker that died on another machine is failed and retried.
-
-Dead workers. A worker on this machine that died (kill -9, OOM killer) is found by its pid (`reap_dead_trials`);
-one on another machine by its missing heartbeats (`fail_stale_trials`, RDB storages only). Either way its trial
-is failed, marked requeued and its parameters queued again once. Optuna starts heartbeat threads and checks for
-stale trials only inside `study.optimize`; autokd drives trials with ask/tell, so the worker loop does both
-itself (`start_heartbeat`, `fail_stale_trials`).
+Also finds the trials of dead workers: by pid on this machine (`reap_dead_trials`), by missing heartbeats on
+others (`fail_stale_trials`, RDB storages only); either way the trial is failed, marked requeued and its
+parameters queued again once.
 """
 from __future__ import annotations
 
@@ -81,7 +73,13 @@ def storage_missing(storage: str | None, root: Path) -> bool:
 
 
 def make_storage(storage: str | None, root: Path) -> BaseStorage:
-    """Open the Optuna storage: the shared local journal by default, or an RDB URL (PostgreSQL for scale-out)."""
+    """Open the Optuna storage: the shared local journal by default, or an RDB URL (PostgreSQL for scale-out).
+
+    The journal (`studies/optuna.journal`, one file for all studies) is safe for several worker processes on
+    one machine (appends go under a file lock, where SQLite raises "database is locked") and
+    `optuna-dashboard studies/optuna.journal` opens it directly. An RDB storage gets heartbeats, so that a
+    trial of a worker that died on another machine is failed and retried.
+    """
     if not storage or storage.endswith((".journal", ".log")) or storage.startswith("journal:"):
         path = Path(storage.removeprefix("journal:")) if storage else journal_path(root)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -410,6 +408,9 @@ class TrialHeartbeat:
 
 def start_heartbeat(study: optuna.Study, trial: optuna.Trial) -> TrialHeartbeat:
     """Start the heartbeat of a trial (a no-op where the storage has no heartbeat); `.join()` stops it.
+
+    Optuna starts heartbeat threads and checks for stale trials only inside `study.optimize`; autokd drives
+    trials with ask/tell, so the worker loop does both itself (this and `fail_stale_trials`).
 
     The first beat is recorded before this returns: a trial without any heartbeat is never found stale.
     """
