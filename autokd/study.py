@@ -26,8 +26,7 @@ from optuna.trial import FrozenTrial, TrialState
 from autokd.errors import UserError
 from autokd.locks import file_lock
 from autokd.optuna_internals import stale_trial_ids, storage_of, trial_id
-from autokd.trials import (FAIL_REASON_ATTR, REQUEUED_ATTR, RETRY_OF_ATTR, STATE_ATTR, WORKER_ATTR, State,
-                           requeue_trial)
+from autokd.trials import REQUEUED_ATTR, RETRY_OF_ATTR, WORKER_ATTR, fail_dead_worker_trial
 
 DIRECTIONS = ["maximize", "minimize"]  # validation accuracy, latency (ms)
 FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
@@ -302,27 +301,9 @@ def reap_dead_trials(study: optuna.Study, retry: bool = True) -> list[int]:
         worker = trial.user_attrs.get(WORKER_ATTR)
         if not worker or not _same_node(worker) or _worker_alive(worker):
             continue
-        fail_trial(study, trial, "worker died (process killed while the trial was running)", retry=retry)
+        fail_dead_worker_trial(study, trial, "worker died (process killed while the trial was running)", retry=retry)
         failed.append(trial.number)
     return failed
-
-
-def fail_trial(study: optuna.Study, trial: FrozenTrial, reason: str, retry: bool) -> None:
-    """Mark a RUNNING trial of a dead worker as FAIL with `reason`, and enqueue its parameters again.
-
-    A trial that was itself a retry is not queued a second time: a trial that kills its worker (the kernel's
-    OOM killer, say) would otherwise be retried on every restart and the search would never get past it.
-    """
-    storage = storage_of(study)  # Optuna has no public API to annotate another worker's trial
-    first = trial.user_attrs.get(RETRY_OF_ATTR)
-    if retry and first is not None:
-        reason += (f"; not queued again: it was already the retry of trial {first} (a trial whose worker keeps "
-                   "dying, e.g. killed by the kernel's OOM killer, is retried once)")
-    storage.set_trial_user_attr(trial_id(trial), FAIL_REASON_ATTR, reason)
-    storage.set_trial_user_attr(trial_id(trial), STATE_ATTR, State.INTERRUPTED.value)
-    if retry and first is None:
-        requeue_trial(study, trial)
-    storage.set_trial_state_values(trial_id(trial), TrialState.FAIL)
 
 
 def fail_stale_trials(study: optuna.Study, retry: bool = True) -> list[int]:
@@ -345,7 +326,7 @@ def fail_stale_trials(study: optuna.Study, retry: bool = True) -> list[int]:
             continue
         host = (trial.user_attrs.get(WORKER_ATTR) or {}).get("host", "an unknown host")
         try:
-            fail_trial(study, trial, f"worker died: no heartbeat from its worker on {host} for more than {grace} s "
+            fail_dead_worker_trial(study, trial, f"worker died: no heartbeat from its worker on {host} for more than {grace} s "
                        "(process killed, machine down or network cut)", retry=retry)
         except optuna.exceptions.UpdateFinishedTrialError:
             continue  # its worker finished it after all, just now

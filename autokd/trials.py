@@ -148,6 +148,25 @@ def requeue_trial(study: optuna.Study, trial: FrozenTrial | optuna.Trial) -> boo
     return True
 
 
+def fail_dead_worker_trial(study: optuna.Study, trial: FrozenTrial, reason: str, retry: bool) -> None:
+    """Record the end of a RUNNING trial whose worker died (another process): INTERRUPTED with ``reason``, its
+    parameters queued again, Optuna's FAIL; the same record and order as `finish`, written through the storage.
+
+    A trial that was itself a retry is not queued a second time: a trial that kills its worker (the kernel's
+    OOM killer, say) would otherwise be retried on every restart and the search would never get past it.
+    """
+    storage = storage_of(study)  # a FrozenTrial of another process: only its storage can change it
+    first = trial.user_attrs.get(RETRY_OF_ATTR)
+    if retry and first is not None:
+        reason += (f"; not queued again: it was already the retry of trial {first} (a trial whose worker keeps "
+                   "dying, e.g. killed by the kernel's OOM killer, is retried once)")
+    storage.set_trial_user_attr(trial_id(trial), FAIL_REASON_ATTR, reason)
+    storage.set_trial_user_attr(trial_id(trial), STATE_ATTR, State.INTERRUPTED.value)
+    if retry and first is None:
+        requeue_trial(study, trial)
+    storage.set_trial_state_values(trial_id(trial), TrialState.FAIL)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Reading
 
