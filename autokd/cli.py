@@ -384,12 +384,13 @@ def _study_page(uri: str, base: str, study: str | None, root: Path) -> str:
 
 
 def _sync_mlflow(args: argparse.Namespace, root: Path) -> int:
+    from autokd.study import MLFLOW_PARENT_RUN_ATTR, MLFLOW_TRACKING_URI_ATTR
     from autokd.study_report import resolve_study
     from autokd.tracking import make_tracker, spool_dir
 
     study = resolve_study(args.study, args.storage, root)
-    uri = args.tracking_uri or study.user_attrs.get("mlflow_tracking_uri")
-    if not study.user_attrs.get("mlflow_parent_run_id"):
+    uri = args.tracking_uri or study.user_attrs.get(MLFLOW_TRACKING_URI_ATTR)
+    if not study.user_attrs.get(MLFLOW_PARENT_RUN_ATTR):
         raise UserError(f"study {study.study_name!r} does not log to MLflow (it was run with --no-mlflow)")
     spools = spool_dir(root, study.study_name)
     waiting = len(list(spools.glob("*.jsonl"))) if spools.is_dir() else 0

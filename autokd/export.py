@@ -25,6 +25,7 @@ from autokd.checkpoint import (CONFIG_FILE, WEIGHTS_FILE, atomic_save_tensors, a
                                atomic_write_json, load_trial_student, load_weights, read_weights)
 from autokd.errors import UserError, did_you_mean
 from autokd.onnx_export import INPUT_NAME, ONNX_OPSET, OUTPUT_NAME, example_batch, export_onnx, quiet_exporter
+from autokd.study import TEACHER_ATTR, TEACHER_VAL_ACC_ATTR
 from autokd.trials import ARCH_KEY_ATTR, CURVE_ATTR, LATENCY_ATTR, State, outcome_reason, sampled_params, trial_state
 
 if TYPE_CHECKING:
@@ -294,9 +295,9 @@ def _distillation(cfg: dict[str, Any], ft: FrozenTrial, study: optuna.Study) -> 
     from autokd.space import TrialParams
 
     flat = cfg.get("params") or sampled_params(ft.user_attrs)
-    out: dict[str, Any] = {"teacher": cfg.get("teacher") or study.user_attrs.get("teacher"),
-                           "teacher_id": study.user_attrs.get("teacher"),
-                           "teacher_val_acc": study.user_attrs.get("teacher_val_acc")}
+    out: dict[str, Any] = {"teacher": cfg.get("teacher") or study.user_attrs.get(TEACHER_ATTR),
+                           "teacher_id": study.user_attrs.get(TEACHER_ATTR),
+                           "teacher_val_acc": study.user_attrs.get(TEACHER_VAL_ACC_ATTR)}
     try:
         tp = TrialParams.from_flat(flat)
         out.update({"loss": tp.loss, "loss_params": tp.loss_params, "optimizer": tp.optimizer, "lr": tp.lr,

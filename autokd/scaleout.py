@@ -19,6 +19,7 @@ from autokd import tracking
 from autokd.atomic import file_digest
 from autokd.checkpoint import WEIGHTS_FILE
 from autokd.errors import UserError
+from autokd.study import MLFLOW_PARENT_RUN_ATTR, MLFLOW_TRACKING_URI_ATTR
 
 if TYPE_CHECKING:
     import optuna
@@ -169,8 +170,8 @@ def fetch_trial_checkpoints(study: optuna.Study, trials_dir: Path, numbers: list
     reached, nothing is fetched (a warning says why) and the caller reports what is missing. Returns the trial
     numbers fetched.
     """
-    tracking_uri = study.user_attrs.get("mlflow_tracking_uri")
-    parent_run_id = study.user_attrs.get("mlflow_parent_run_id")
+    tracking_uri = study.user_attrs.get(MLFLOW_TRACKING_URI_ATTR)
+    parent_run_id = study.user_attrs.get(MLFLOW_PARENT_RUN_ATTR)
     missing = [n for n in numbers if not (Path(trials_dir) / str(n) / WEIGHTS_FILE).is_file()]
     if not missing or not tracking_uri or not parent_run_id:
         return []

@@ -21,6 +21,13 @@ from autokd import devices, processes, scaleout
 from autokd.config import SAMPLERS, SearchSettings
 from autokd.errors import UserError, close_matches
 from autokd.study import (
+    MLFLOW_PARENT_RUN_ATTR,
+    MLFLOW_TRACKING_URI_ATTR,
+    REPORT_FOR_FINISHED_ATTR,
+    TEACHER_ATTR,
+    TEACHER_VAL_ACC_ATTR,
+    VAL_IMAGES_ATTR,
+    WORKERS_STARTED_ATTR,
     budget_used,
     heartbeat_settings,
     make_sampler,
@@ -192,7 +199,7 @@ def prepare_search(s: SearchSettings, worker_index: int = 0, log: Callable[[str]
               "epochs": s.epochs or space.epochs}
     extra_attrs = {"space": space.canonical(), "space_path": str(s.space), "autokd_version": _version(),
                    "budget": s.budget, "device": device, "input_size": data.input_size, "train_limit": s.train_limit,
-                   "data_dir": s.data_dir, "val_images": len(data.y_val)}
+                   "data_dir": s.data_dir, VAL_IMAGES_ATTR: len(data.y_val)}
     sampler = make_sampler(s.sampler, s.seed + worker_index)
     shared = scaleout.is_shared_storage(s.storage)
     latency_sig = meter.signature()
@@ -216,10 +223,10 @@ def prepare_search(s: SearchSettings, worker_index: int = 0, log: Callable[[str]
         if study is None:  # created only once the teacher is ready: a teacher that fails leaves no study
             study, created = open_study(name, storage, pinned, extra_attrs, sampler)
         teacher_id = f"{teacher.arch}@{teacher.fingerprint}"
-        stored_teacher = study.user_attrs.get("teacher")
+        stored_teacher = study.user_attrs.get(TEACHER_ATTR)
         if stored_teacher is None:
-            study.set_user_attr("teacher", teacher_id)
-            study.set_user_attr("teacher_val_acc", teacher.val_acc)
+            study.set_user_attr(TEACHER_ATTR, teacher_id)
+            study.set_user_attr(TEACHER_VAL_ACC_ATTR, teacher.val_acc)
         elif stored_teacher != teacher_id:
             raise UserError(f"study {name!r} was created with teacher {stored_teacher}, now {teacher_id}; resume with "
                             "the same --teacher/--teacher-checkpoint or start a new study with --study NEW_NAME")
@@ -229,8 +236,8 @@ def prepare_search(s: SearchSettings, worker_index: int = 0, log: Callable[[str]
         if shared and s.teacher_checkpoint is None and teacher.path is not None:
             scaleout.publish_teacher(study, teacher.path, teacher.arch, tracker, parent_run_id, worker_host(),
                                      log)
-        joined = int(study.user_attrs.get("workers_started", 0))
-        study.set_user_attr("workers_started", joined + 1)
+        joined = int(study.user_attrs.get(WORKERS_STARTED_ATTR, 0))
+        study.set_user_attr(WORKERS_STARTED_ATTR, joined + 1)
     if worker_index == 0:
         log(f"study {name!r} ({'new' if created else 'resumed'}) — files under {sdir}/, "
             f"storage {storage_url(s.storage, root)}")
@@ -327,9 +334,9 @@ def _claim_report(study: optuna.Study, s: SearchSettings, root: Path) -> bool:
     """Several machines finish together; only one of them writes the report of the same finished trials."""
     with study_lock(s.storage, root, study.study_name):
         done = sum(1 for t in study.get_trials(deepcopy=False) if t.state.is_finished())
-        if study.user_attrs.get("report_for_finished") == done:
+        if study.user_attrs.get(REPORT_FOR_FINISHED_ATTR) == done:
             return False
-        study.set_user_attr("report_for_finished", done)
+        study.set_user_attr(REPORT_FOR_FINISHED_ATTR, done)
         return True
 
 
@@ -345,11 +352,11 @@ def _parent_run(study: optuna.Study, tracker: Tracker, s: SearchSettings, name: 
     """The study's MLflow parent run, created by its first worker. Call under the study lock."""
     if not tracker.enabled:
         return None
-    run_id = study.user_attrs.get("mlflow_parent_run_id")
+    run_id = study.user_attrs.get(MLFLOW_PARENT_RUN_ATTR)
     if run_id and tracker.parent_run_exists(run_id):
         tracker.resume_parent(run_id)  # RUNNING while this search runs (also takes over a killed worker's)
         return run_id
-    stored_uri = study.user_attrs.get("mlflow_tracking_uri")
+    stored_uri = study.user_attrs.get(MLFLOW_TRACKING_URI_ATTR)
     if run_id and shared:
         # Another worker logs this study to another MLflow store: a second parent would split its runs.
         raise UserError(f"study {name!r} logs to MLflow run {run_id} at {stored_uri}, which the tracking store of "
@@ -358,8 +365,8 @@ def _parent_run(study: optuna.Study, tracker: Tracker, s: SearchSettings, name: 
     run_id = tracker.create_parent_run(name, {"autokd.teacher": teacher_id}, {
         "dataset": s.dataset, "space": str(s.space), "budget": s.budget, "sampler": s.sampler, "seed": s.seed,
         "teacher": teacher_id})
-    study.set_user_attr("mlflow_parent_run_id", run_id)
-    study.set_user_attr("mlflow_tracking_uri", tracker.tracking_uri)
+    study.set_user_attr(MLFLOW_PARENT_RUN_ATTR, run_id)
+    study.set_user_attr(MLFLOW_TRACKING_URI_ATTR, tracker.tracking_uri)
     return run_id
 
 

@@ -38,8 +38,16 @@ HEARTBEAT_GRACE_ENV = "AUTOKD_HEARTBEAT_GRACE"
 # The host name a worker reports in its trials (default: the machine's hostname).
 WORKER_HOST_ENV = "AUTOKD_WORKER_HOST"
 
+# Study user attributes that more than one module reads (their values are stored in studies: never change one).
+TEACHER_ATTR = "teacher"  # "<arch>@<fingerprint>" of the teacher the study was created with
+TEACHER_VAL_ACC_ATTR = "teacher_val_acc"
+VAL_IMAGES_ATTR = "val_images"  # size of the validation split, for the accuracy intervals
+MLFLOW_PARENT_RUN_ATTR = "mlflow_parent_run_id"
+MLFLOW_TRACKING_URI_ATTR = "mlflow_tracking_uri"
+WORKERS_STARTED_ATTR = "workers_started"  # how many workers joined, so that each draws its own samples
+REPORT_FOR_FINISHED_ATTR = "report_for_finished"  # finished-trial count the last report was written for
 # Study user attributes that pin what a study was created with.
-PINNED_ATTRS = ("space_fingerprint", "dataset", "data_fingerprint", "teacher", "epochs")
+PINNED_ATTRS = ("space_fingerprint", "dataset", "data_fingerprint", TEACHER_ATTR, "epochs")
 # The study's objectives by name, so optuna-dashboard and every other Optuna tool label them.
 METRIC_NAMES = ["val_acc", "latency_ms"]
 # The settings behind data_fingerprint, named when a resume with other data is refused.

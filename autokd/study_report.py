@@ -17,7 +17,8 @@ from autokd.errors import UserError, did_you_mean
 from autokd import retiming
 from autokd.pareto import TrialPoint, wilson_interval
 from autokd.report import ReportResult, format_front_table, write_report
-from autokd.study import make_storage, storage_missing, storage_url, study_dir
+from autokd.study import (MLFLOW_PARENT_RUN_ATTR, MLFLOW_TRACKING_URI_ATTR, VAL_IMAGES_ATTR, make_storage,
+                          storage_missing, storage_url, study_dir)
 from autokd.tracking import Tracker
 from autokd.trials import (ARCH_KEY_ATTR, CURVE_ATTR, FAIL_REASON_ATTR, LATENCY_ATTR, State, sampled_params,
                            trial_state)
@@ -55,7 +56,7 @@ def trial_points(study: optuna.Study) -> list[TrialPoint]:
     the front's re-timing where there is one; intervals: latency from its measurement, accuracy Wilson on the
     study's validation images)."""
     points = []
-    val_images = study.user_attrs.get("val_images")
+    val_images = study.user_attrs.get(VAL_IMAGES_ATTR)
     for t in study.get_trials(deepcopy=False):
         if t.state == TrialState.WAITING:
             continue
@@ -147,7 +148,7 @@ def build_report(study: optuna.Study, root: Path, data: DataSplits | None = None
 
     if data is None:
         data = study_data(study, data_dir)
-    if not study.user_attrs.get("val_images"):  # a study from before intervals were recorded
+    if not study.user_attrs.get(VAL_IMAGES_ATTR):  # a study from before intervals were recorded
         for p in points:
             if p.val_acc is not None:
                 p.acc_ci = wilson_interval(p.val_acc, len(data.y_val))
@@ -173,8 +174,8 @@ def build_report(study: optuna.Study, root: Path, data: DataSplits | None = None
     if tracker is None:
         from autokd.tracking import make_tracker
 
-        uri = study.user_attrs.get("mlflow_tracking_uri")
-        parent_run_id = study.user_attrs.get("mlflow_parent_run_id")
+        uri = study.user_attrs.get(MLFLOW_TRACKING_URI_ATTR)
+        parent_run_id = study.user_attrs.get(MLFLOW_PARENT_RUN_ATTR)
         tracker = make_tracker(uri, bool(parent_run_id), root, experiment_name=study.study_name) if parent_run_id \
             else None
     if tracker is not None and parent_run_id:
