@@ -68,3 +68,14 @@ def test_file_digest_matches_hashlib_across_chunks(tmp_path: Path) -> None:
     path.write_bytes(data)
     assert file_digest(path) == hashlib.sha256(data).hexdigest()
     assert file_digest(path, "sha1") == hashlib.sha1(data).hexdigest()
+
+
+def test_a_writer_that_writes_by_name_is_fsynced_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Writers that want a file name (safetensors, ONNX) get the same durability as atomic_write_bytes."""
+    synced: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
+    with atomic_path(tmp_path / "w.bin") as tmp:
+        tmp.write_bytes(b"weights")
+        assert synced == []
+    assert len(synced) == 1 and (tmp_path / "w.bin").read_bytes() == b"weights"
