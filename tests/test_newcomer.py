@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import random
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from autokd.pareto import TrialPoint, front_points
 from autokd.report import write_report, zoom_ranges
 from autokd.search import run_search
 from autokd.study import make_storage
+from browser import chromium
 from test_search import TINY_SPACE, settings
 
 
@@ -62,7 +62,7 @@ def test_zoom_shows_the_front_not_the_pruned(tmp_path: Path) -> None:
 
 
 def test_zoomed_report_renders_in_headless_browser(tmp_path: Path) -> None:
-    browser = next((p for n in ("chromium", "chromium-browser", "google-chrome") if (p := shutil.which(n))), None)
+    browser = chromium()
     if browser is None:
         pytest.skip("chromium not installed: apt-get install chromium")
     write_report(_default_like_points(), tmp_path / "r", title="zoom")

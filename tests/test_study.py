@@ -182,3 +182,29 @@ def test_journal_storage_has_no_heartbeat(tmp_path: Path) -> None:
     trial, beat = ask_with_heartbeat(study)
     beat.join()
     assert fail_stale_trials(study) == [] and trial.number == 0
+
+
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning",
+                            "ignore:Heartbeat of storage is supposed to be used")
+def test_heartbeat_keeps_a_running_trial_fresh_until_joined(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On an RDB storage (SQLite here, PostgreSQL in test_scaleout) the worker's heartbeat thread keeps its
+    trial from being judged stale; once the thread stops, the trial is failed after the grace period."""
+    import time
+
+    from autokd.study import HEARTBEAT_GRACE_ENV, HEARTBEAT_INTERVAL_ENV
+
+    monkeypatch.setenv(HEARTBEAT_INTERVAL_ENV, "1")
+    monkeypatch.setenv(HEARTBEAT_GRACE_ENV, "2")
+    study = optuna.create_study(study_name="s", storage=make_storage(f"sqlite:///{tmp_path / 'hb.db'}", tmp_path),
+                                directions=DIRECTIONS)
+    trial, beat = ask_with_heartbeat(study)
+    trial.suggest_int("depth", 1, 4)
+    try:
+        time.sleep(3.5)  # longer than the grace period: only the beats keep the trial fresh
+        assert fail_stale_trials(study) == []
+    finally:
+        beat.join()
+    time.sleep(3.5)
+    assert fail_stale_trials(study) == [trial.number]
+    [failed, retry] = study.get_trials(deepcopy=False)
+    assert failed.state == optuna.trial.TrialState.FAIL and retry.user_attrs["retry_of"] == trial.number
