@@ -31,7 +31,7 @@ from autokd.errors import UserError
 from autokd.trials import MLFLOW_STATUS, State
 
 if TYPE_CHECKING:
-    from mlflow.entities import Run, RunTag
+    from mlflow.entities import Run
     from mlflow.tracking import MlflowClient
 
 logger = logging.getLogger("autokd.tracking")  # the name users' logging settings (and the tests) filter on
@@ -80,6 +80,7 @@ def experiment_id_of(tracking_uri: str, name: str) -> str | None:
     """The id of the experiment named ``name`` in a store (None if it has none)."""
     from mlflow.tracking import MlflowClient
 
+    limit_http_retries(tracking_uri)  # a server that is down: an error in seconds, not minutes
     experiment = MlflowClient(tracking_uri=tracking_uri).get_experiment_by_name(name)
     return None if experiment is None else experiment.experiment_id
 
@@ -607,6 +608,8 @@ class MlflowTracker(Tracker):
         a trial missing from ``trial_states`` is unknown to the study and its run is KILLED too. Skipped while
         the store does not answer (the spool ends our own runs; the next start closes the others).
         """
+        from mlflow.entities import RunTag
+
         if not parent_run_id:
             return 0
         self.flush()  # our own runs' end calls may still be queued: they are not stale
@@ -629,7 +632,7 @@ class MlflowTracker(Tracker):
             tags = {STATE_TAG: state or "UNKNOWN"}
             if reason:
                 tags[FAIL_REASON_TAG] = reason
-            tag_list = [RunTagLike(k, v) for k, v in tags.items()]
+            tag_list = [RunTag(k, v) for k, v in tags.items()]
             _call(f"tag stale run {run.info.run_id}", self._client.log_batch, run.info.run_id, tags=tag_list)
             ok, _ = _attempt(f"close stale run {run.info.run_id}", self._client.set_terminated,
                              run.info.run_id, status)
@@ -658,12 +661,6 @@ class MlflowTracker(Tracker):
         if parent_run_id:
             self._known(parent_run_id)._submit("set_terminated", status=status)  # noqa: SLF001
             self.flush()
-
-
-def RunTagLike(key: str, value: str) -> RunTag:  # noqa: N802 - mlflow.entities.RunTag, imported lazily
-    from mlflow.entities import RunTag
-
-    return RunTag(key, value)
 
 
 def _check_reachable(tracking_uri: str) -> None:
@@ -751,5 +748,5 @@ def artifact_reader(tracking_uri: str) -> MlflowArtifactReader:
     """A reader of the run artifacts in the store at ``tracking_uri`` (nothing is created there)."""
     from mlflow.tracking import MlflowClient
 
-    _quiet_downloads()
+    limit_http_retries(tracking_uri)  # a server that is down: an error in seconds, not minutes
     return MlflowArtifactReader(MlflowClient(tracking_uri=tracking_uri))

@@ -110,7 +110,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="worker processes on each GPU of --devices (default 1)")
     s.add_argument("--train-limit", type=_positive_int, help=argparse.SUPPRESS)
     s.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
-    s.add_argument("--jobs-total", type=int, default=None, help=argparse.SUPPRESS)
 
     d = sub.add_parser("distill", help="distil one student from the (cached) teacher")
     d.add_argument("--family", default="resnet")
@@ -227,7 +226,7 @@ def _search_settings(args: argparse.Namespace, root: Path) -> SearchSettings:
         teacher_checkpoint=args.teacher_checkpoint, teacher_pretrained=args.teacher_pretrained, study=args.study,
         storage=args.storage, device=args.device, sampler=args.sampler, seed=args.seed,
         max_latency_ms=args.max_latency_ms, epochs=args.epochs, prune=not args.no_prune,
-        jobs=args.jobs_total or args.jobs,  # a spawned worker is told the total: its share of the CPU threads
+        jobs=args.jobs,
         tracking_uri=args.tracking_uri, mlflow=not args.no_mlflow, latency_threads=args.latency_threads,
         latency_batch=args.latency_batch, latency_device=args.latency_device, latency_runtime=args.latency_runtime,
         latency_precision=args.latency_precision,
@@ -307,10 +306,9 @@ def _export(args: argparse.Namespace, root: Path) -> int:
         export_command(study_name=args.study, storage=args.storage, root=root, trial=args.trial, pick=args.pick,
                        max_latency_ms=args.max_latency_ms, out=args.out, formats=args.format, data_dir=args.data_dir,
                        int8=int8)
-    except ParityError as exc:  # export wrote nothing: its own files disagree with PyTorch
-        print(f"autokd {args.command}: error: {exc}", file=sys.stderr)
-        return 1
-    except QuantizationError as exc:  # the fp32 export is written; no INT8 file
+    # ParityError: export wrote nothing, its own files disagree with PyTorch. QuantizationError: the fp32
+    # export is written, no INT8 file.
+    except (ParityError, QuantizationError) as exc:
         print(f"autokd {args.command}: error: {exc}", file=sys.stderr)
         return 1
     return 0
@@ -355,7 +353,7 @@ def _ui(args: argparse.Namespace, root: Path) -> int:
 
 def _study_page(uri: str, base: str, study: str | None, root: Path) -> str:
     """The runs page of the study's experiment (the given study, else the most recent one), else the UI's root."""
-    from autokd.tracking import experiment_id_of, limit_http_retries, runs_page_url
+    from autokd.tracking import experiment_id_of, runs_page_url
 
     name = study
     if name is None:
@@ -370,7 +368,6 @@ def _study_page(uri: str, base: str, study: str | None, root: Path) -> str:
                 name = None
     if name is None:
         return base + "/"
-    limit_http_retries(uri)
     try:
         experiment_id = experiment_id_of(uri, name)
     except Exception as exc:  # noqa: BLE001 - any failure to read the store

@@ -12,7 +12,6 @@ import json
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -329,8 +328,3 @@ class TrainViews:
         return x[batch, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2).contiguous()
 
 
-def iterate_batches(n: int, batch_size: int, generator: torch.Generator | None,
-                    shuffle: bool = True) -> Iterator[Tensor]:
-    """Index tensors covering ``range(n)`` once; the last batch may be smaller."""
-    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
-    yield from order.split(batch_size)

@@ -271,12 +271,9 @@ def verify_files(folder: Path, formats: list[str], reference: nn.Module, x: torc
     with torch.inference_mode():
         out["safetensors"] = max(_max_diff(reloaded(b), r) for b, r in zip((x, x[:1]), refs))
     if "onnx" in formats:
-        import onnxruntime as ort
+        from autokd.ort_timing import make_session
 
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        opts.intra_op_num_threads = max(1, torch.get_num_threads())
-        sess = ort.InferenceSession(str(folder / ONNX_FILE), sess_options=opts, providers=["CPUExecutionProvider"])
+        sess = make_session(folder / ONNX_FILE, threads=max(1, torch.get_num_threads()))
         out["onnx"] = max(_max_diff(torch.from_numpy(sess.run([OUTPUT_NAME], {INPUT_NAME: b.numpy()})[0]), r)
                           for b, r in zip((x, x[:1]), refs))
     if "torchscript" in formats:

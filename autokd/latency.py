@@ -77,16 +77,12 @@ class LatencyResult:
         return float(low), float(high)
 
 
-def _cpu_model() -> str:
-    return ort_timing.cpu_model()
-
-
 def _device_name(dev: torch.device) -> str:
     """Human-readable device, e.g. ``cpu:Intel(R) Xeon(R) ...`` or ``cuda:NVIDIA H100 80GB HBM3``."""
     if dev.type == "cuda":
         return f"cuda:{torch.cuda.get_device_name(dev)}"
     if dev.type == "cpu":
-        return f"cpu:{_cpu_model()}"
+        return f"cpu:{ort_timing.cpu_model()}"
     return dev.type
 
 
@@ -474,13 +470,12 @@ class LatencyMeter:
             if gc_was_enabled:
                 gc.enable()
 
-    def _result(self, timing: ort_timing.Timing, key: str, params: int, macs: int, timing_s: float = 0.0,
-                export_s: float = 0.0) -> LatencyResult:
+    def _result(self, timing: ort_timing.Timing, key: str, params: int, macs: int, timing_s: float = 0.0) -> LatencyResult:
         return LatencyResult(
             median_ms=timing.median_ms, iqr_ms=timing.spread_ms, runs=len(timing.rounds) * timing.runs_per_round,
             batch_size=self.batch, threads=self.threads, device=_device_name(self.dev), host=socket.gethostname(),
             params=params, macs=macs, key=key, runtime=self.runtime, low_ms=timing.low_ms, high_ms=timing.high_ms,
-            rounds=len(timing.rounds), export_s=export_s, timing_s=timing_s,
+            rounds=len(timing.rounds), timing_s=timing_s,
             host_slowdown=round(timing.host_slowdown, 4), attempts=timing.attempts, precision=self.precision)
 
     # -- several students together --------------------------------------------------------------------------

@@ -105,11 +105,11 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, ctx: TrialContext) -> Tr
         timings["build_s"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        latency = _measure(spec, ctx, student)
+        latency, cache_hit = ctx.latency.measure(spec, student)
         timings["latency_s"] = time.perf_counter() - t0
-        outcome.latency_ms = latency[0].median_ms
-        outcome.latency_cache_hit = latency[1]
-        _record_latency(trial, latency[0], latency[1])
+        outcome.latency_ms = latency.median_ms
+        outcome.latency_cache_hit = cache_hit
+        _record_latency(trial, latency, cache_hit)
 
         t0 = time.perf_counter()
         run = ctx.tracker.start_trial(ctx.parent_run_id, trial.number, _run_params(params, spec, ctx),
@@ -117,18 +117,18 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, ctx: TrialContext) -> Tr
                                        "autokd.loss": params.loss, "autokd.teacher": ctx.teacher_arch})
         timings["tracking_s"] = time.perf_counter() - t0
         run = _TimedRun(run, timings)
-        low, high = latency[0].interval
-        run.log_metrics({"latency_ms": latency[0].median_ms, "latency_iqr_ms": latency[0].iqr_ms,
+        low, high = latency.interval
+        run.log_metrics({"latency_ms": latency.median_ms, "latency_iqr_ms": latency.iqr_ms,
                          "latency_low_ms": low, "latency_high_ms": high,
-                         "params": float(latency[0].params), "macs": float(latency[0].macs)})
+                         "params": float(latency.params), "macs": float(latency.macs)})
 
-        if ctx.max_latency_ms is not None and latency[0].median_ms > ctx.max_latency_ms:
+        if ctx.max_latency_ms is not None and latency.median_ms > ctx.max_latency_ms:
             outcome.state = State.INFEASIBLE
-            outcome.reason = f"latency {latency[0].median_ms:.3f} ms > --max-latency-ms {ctx.max_latency_ms}"
+            outcome.reason = f"latency {latency.median_ms:.3f} ms > --max-latency-ms {ctx.max_latency_ms}"
             trials.finish(study, trial, State.INFEASIBLE, reason=outcome.reason, run=run)
             return outcome
 
-        outcome = _train(study, trial, ctx, params, spec, student, latency[0], run, outcome, timings)
+        outcome = _train(study, trial, ctx, params, spec, student, latency, run, outcome, timings)
         return outcome
     except optuna.TrialPruned:
         outcome.state = State.PRUNED
@@ -181,10 +181,6 @@ class _TimedRun:
                 self._timings["tracking_s"] = self._timings.get("tracking_s", 0.0) + time.perf_counter() - t0
 
         return timed
-
-
-def _measure(spec: StudentSpec, ctx: TrialContext, model: torch.nn.Module) -> tuple[LatencyResult, bool]:
-    return ctx.latency.measure(spec, model)
 
 
 def _record_latency(trial: optuna.Trial, result: LatencyResult, hit: bool) -> None:

@@ -175,7 +175,6 @@ def fetch_trial_checkpoints(study: optuna.Study, trials_dir: Path, numbers: list
     missing = [n for n in numbers if not (Path(trials_dir) / str(n) / WEIGHTS_FILE).is_file()]
     if not missing or not tracking_uri or not parent_run_id:
         return []
-    tracking.limit_http_retries(tracking_uri)  # `autokd export` with the server down: an error in seconds, not minutes
     reader = tracking.artifact_reader(tracking_uri)
     fetched: list[int] = []
     try:

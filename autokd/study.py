@@ -23,10 +23,11 @@ from optuna.storages import BaseStorage, JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 
+from autokd.config import SAMPLERS
 from autokd.errors import UserError
 from autokd.locks import file_lock
 from autokd.optuna_internals import stale_trial_ids, storage_of, trial_id
-from autokd.trials import REQUEUED_ATTR, RETRY_OF_ATTR, WORKER_ATTR, fail_dead_worker_trial
+from autokd.trials import REQUEUED_ATTR, RETRY_OF_ATTR, WORKER_ATTR, fail_dead_worker_trial, queue_retry
 
 DIRECTIONS = ["maximize", "minimize"]  # validation accuracy, latency (ms)
 FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
@@ -64,15 +65,22 @@ def storage_url(storage: str | None, root: Path) -> str:
     return storage if storage else str(journal_path(root))
 
 
+def _journal_file(storage: str | None, root: Path) -> Path | None:
+    """The journal file a `--storage` value names (none: the shared local journal), or None for a URL."""
+    if not storage or storage.endswith((".journal", ".log")) or storage.startswith("journal:"):
+        return Path(storage.removeprefix("journal:")) if storage else journal_path(root)
+    return None
+
+
 def storage_missing(storage: str | None, root: Path) -> bool:
     """Whether a local storage (journal or SQLite file) does not exist yet: then it holds no study.
 
     Commands that only read a study check this first, because opening a local storage creates its file and a
     command that fails on its input must leave nothing behind.
     """
-    if not storage or storage.endswith((".journal", ".log")) or storage.startswith("journal:"):
-        path = Path(storage.removeprefix("journal:")) if storage else journal_path(root)
-        return not path.exists()
+    journal = _journal_file(storage, root)
+    if journal is not None:
+        return not journal.exists()
     if storage.startswith("sqlite:///"):
         path = storage[len("sqlite:///"):].split("?", 1)[0]
         return path not in ("", ":memory:") and not Path(path).exists()
@@ -87,8 +95,8 @@ def make_storage(storage: str | None, root: Path) -> BaseStorage:
     `optuna-dashboard studies/optuna.journal` opens it directly. An RDB storage gets heartbeats, so that a
     trial of a worker that died on another machine is failed and retried.
     """
-    if not storage or storage.endswith((".journal", ".log")) or storage.startswith("journal:"):
-        path = Path(storage.removeprefix("journal:")) if storage else journal_path(root)
+    path = _journal_file(storage, root)
+    if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(str(path)))  # fsyncs every append, under its own file lock
     if "://" not in storage:
@@ -184,7 +192,7 @@ def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
         return optuna.samplers.NSGAIISampler(seed=seed, population_size=20)
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
-    raise UserError(f"--sampler {name!r}: unknown sampler; valid: tpe, nsga2, random")
+    raise UserError(f"--sampler {name!r}: unknown sampler; valid: {', '.join(SAMPLERS)}")
 
 
 def open_study(name: str, storage: BaseStorage, pinned: dict[str, Any], extra_attrs: dict[str, Any],
@@ -426,7 +434,7 @@ def heartbeat_retry_callback(study: optuna.Study, trial: FrozenTrial) -> None:
     trial is already FAIL and cannot be marked requeued; `budget_used` recognises it by its retry's retry_of.
     """
     if trial.params and trial.user_attrs.get(RETRY_OF_ATTR) is None:
-        study.enqueue_trial(trial.params, user_attrs={RETRY_OF_ATTR: trial.number}, skip_if_exists=False)
+        queue_retry(study, trial)
 
 
 def study_dir(root: Path, name: str) -> Path:

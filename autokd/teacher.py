@@ -22,6 +22,7 @@ from autokd.checkpoint import atomic_save_tensors, atomic_write_json, load_weigh
 from autokd.data import DataSplits, TrainViews, fingerprint_of
 from autokd.errors import UserError, close_matches
 from autokd.locks import file_lock
+from autokd.train import TeacherSource
 
 # digits: resnet10t with the digits recipe was accurate and quick to train on a small CPU across seeds and
 # learning rates, where cheaper timm nets (regnetx_002/004, lcnet_100) stayed clearly less accurate at equal
@@ -282,20 +283,12 @@ def _load_cached(tdir: Path, arch: str, data: DataSplits, device: str,
     return _ready(model, device), meta
 
 
-class TeacherOutputs:
-    """Teacher logits (and feature maps) for training views; ``mode`` is "cached" or "online"."""
-
-    mode: str
-    feature_channels: int | None
-
-    def logits(self, x_view: Tensor, idx: Tensor, view: int) -> Tensor:
-        raise NotImplementedError
-
-    def features(self, x_view: Tensor, idx: Tensor, view: int) -> Tensor:
-        raise NotImplementedError
+# Teacher logits (and feature maps) for training views: the interface is the loop's own (train.TeacherSource),
+# so that the loop never imports this module.
+TeacherOutputs = TeacherSource
 
 
-class CachedTeacherOutputs(TeacherOutputs):
+class CachedTeacherOutputs(TeacherSource):
     """Rows of precomputed tensors ``[V, N, ...]`` looked up by (view, training image index)."""
 
     mode = "cached"
@@ -314,7 +307,7 @@ class CachedTeacherOutputs(TeacherOutputs):
         return self._features[view][idx.to(self._features.device)]
 
 
-class OnlineTeacherOutputs(TeacherOutputs):
+class OnlineTeacherOutputs(TeacherSource):
     """Runs the teacher on each batch (no cache); logits and features come from one forward pass."""
 
     mode = "online"

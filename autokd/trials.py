@@ -135,6 +135,11 @@ def finish(study: optuna.Study, trial: optuna.Trial, state: State, *, values: Se
         run.end(state.value, reason if run_reason is None else run_reason)
 
 
+def queue_retry(study: optuna.Study, trial: FrozenTrial | optuna.Trial) -> None:
+    """Queue a trial's parameters again as a new trial that records which one it retries (RETRY_OF_ATTR)."""
+    study.enqueue_trial(trial.params, user_attrs={RETRY_OF_ATTR: trial.number}, skip_if_exists=False)
+
+
 def requeue_trial(study: optuna.Study, trial: FrozenTrial | optuna.Trial) -> bool:
     """Queue an unfinished trial's parameters again (user attribute retry_of) and mark it requeued.
 
@@ -143,7 +148,7 @@ def requeue_trial(study: optuna.Study, trial: FrozenTrial | optuna.Trial) -> boo
     """
     if not trial.params:
         return False
-    study.enqueue_trial(trial.params, user_attrs={RETRY_OF_ATTR: trial.number}, skip_if_exists=False)
+    queue_retry(study, trial)
     storage_of(study).set_trial_user_attr(trial_id(trial), REQUEUED_ATTR, True)  # also another worker's trial
     return True
 

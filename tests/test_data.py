@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from autokd.data import TrainViews, available_datasets, iterate_batches, load_dataset
+from autokd.data import TrainViews, available_datasets, load_dataset
 from autokd.errors import UserError
 
 
@@ -166,12 +166,3 @@ def test_views_epochs_and_fingerprint() -> None:
     assert views.fingerprint != TrainViews(num_views=3, hflip=True).fingerprint
     with pytest.raises(ValueError):
         views.apply(torch.zeros(1, 1, 4, 4), torch.zeros(1, dtype=torch.long), 3)
-
-
-def test_iterate_batches() -> None:
-    batches = list(iterate_batches(10, 4, torch.Generator().manual_seed(0)))
-    assert [len(b) for b in batches] == [4, 4, 2]
-    assert sorted(torch.cat(batches).tolist()) == list(range(10))
-    again = list(iterate_batches(10, 4, torch.Generator().manual_seed(0)))
-    assert all(torch.equal(a, b) for a, b in zip(batches, again))
-    assert torch.cat(list(iterate_batches(5, 2, None, shuffle=False))).tolist() == [0, 1, 2, 3, 4]
