@@ -20,9 +20,9 @@ from autokd.config import OPTIMIZERS, SAMPLERS, SearchSettings, studies_root
 from autokd.errors import FatalSearchError, Interrupted, UserError
 
 if TYPE_CHECKING:
-    from autokd.objective import TrialOutcome
-    from autokd.search import SearchSummary
-    from autokd.worker_loop import SearchProgress
+    from autokd.search.objective import TrialOutcome
+    from autokd.search.run import SearchSummary
+    from autokd.search.worker_loop import SearchProgress
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
@@ -201,8 +201,8 @@ def add_latency_server_args(p: argparse.ArgumentParser) -> None:
 
 
 def _search(args: argparse.Namespace, root: Path) -> int:
-    from autokd.processes import SETTINGS_ENV, settings_from_json
-    from autokd.search import run_search
+    from autokd.search.processes import SETTINGS_ENV, settings_from_json
+    from autokd.search.run import run_search
 
     if args.worker_index > 0 and SETTINGS_ENV in os.environ:  # a worker the first process started
         settings = settings_from_json(os.environ.pop(SETTINGS_ENV))
@@ -218,7 +218,7 @@ def _search(args: argparse.Namespace, root: Path) -> int:
 
 def _search_settings(args: argparse.Namespace, root: Path) -> SearchSettings:
     """The settings of `autokd search` from its options."""
-    from autokd.builtin_spaces import resolve_space
+    from autokd.spaces import resolve_space
 
     return SearchSettings(
         budget=args.budget, space=resolve_space(args.space), dataset=args.dataset, data_dir=args.data_dir,
@@ -277,7 +277,7 @@ def _next_steps(args: argparse.Namespace, summary: SearchSummary) -> str:
 
 
 def _distill(args: argparse.Namespace, root: Path) -> int:
-    from autokd.distill_run import run_distill
+    from autokd.model.distill import run_distill
 
     hparams = {k: getattr(args, k) for k in ("temperature", "alpha", "beta", "warmup") if getattr(args, k) is not None}
     run_distill(family=args.family, width=args.width, depth=args.depth, loss=args.loss, loss_params=hparams,
@@ -290,7 +290,7 @@ def _distill(args: argparse.Namespace, root: Path) -> int:
 
 
 def _report(args: argparse.Namespace, root: Path) -> int:
-    from autokd.study_report import report_command
+    from autokd.report.build import report_command
 
     report_command(study_name=args.study, storage=args.storage, root=root, max_latency_ms=args.max_latency_ms,
                    tolerance_pp=args.tolerance, hv_ref_ms=args.hv_ref_ms, data_dir=args.data_dir)
@@ -298,8 +298,9 @@ def _report(args: argparse.Namespace, root: Path) -> int:
 
 
 def _export(args: argparse.Namespace, root: Path) -> int:
-    from autokd.export import ParityError, export_command
-    from autokd.int8 import QuantizationError, int8_options
+    from autokd.export.int8 import int8_options
+    from autokd.export.student import ParityError, export_command
+    from autokd.latency.quantize import QuantizationError
 
     int8 = int8_options(args.int8, args.calibration_images, args.max_int8_drop)
     try:
@@ -357,10 +358,10 @@ def _study_page(uri: str, base: str, study: str | None, root: Path) -> str:
 
     name = study
     if name is None:
-        from autokd.study import storage_missing
+        from autokd.study.store import storage_missing
 
         if not storage_missing(None, root):
-            from autokd.study_report import resolve_study
+            from autokd.report.build import resolve_study
 
             try:
                 name = resolve_study(None, None, root).study_name
@@ -381,8 +382,8 @@ def _study_page(uri: str, base: str, study: str | None, root: Path) -> str:
 
 
 def _sync_mlflow(args: argparse.Namespace, root: Path) -> int:
-    from autokd.study import MLFLOW_PARENT_RUN_ATTR, MLFLOW_TRACKING_URI_ATTR
-    from autokd.study_report import resolve_study
+    from autokd.report.build import resolve_study
+    from autokd.study.record import MLFLOW_PARENT_RUN_ATTR, MLFLOW_TRACKING_URI_ATTR
     from autokd.tracking import make_tracker, spool_dir
 
     study = resolve_study(args.study, args.storage, root)
@@ -434,7 +435,7 @@ def _stop_process_group(proc: Any, posix: bool) -> None:
 
 
 def _workers(args: argparse.Namespace, root: Path) -> int:
-    from autokd.scaleout import worker_commands
+    from autokd.study.scaleout import worker_commands
 
     extra = args.search_args[1:] if args.search_args[:1] == ["--"] else args.search_args
     print(worker_commands(args.machines, args.storage, args.tracking_uri, args.study, args.budget, jobs=args.jobs,
@@ -443,7 +444,7 @@ def _workers(args: argparse.Namespace, root: Path) -> int:
 
 
 def _latency_server(args: argparse.Namespace, root: Path) -> int:
-    from autokd.latency_server import serve
+    from autokd.latency.remote.server import serve
 
     serve(host=args.host, port=args.port, token=args.token, max_bytes=args.max_bytes)
     return 0

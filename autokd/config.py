@@ -69,7 +69,7 @@ SAMPLERS = ("tpe", "nsga2", "random")
 
 
 def _builtin_default_space() -> Path:
-    from autokd.builtin_spaces import resolve_space
+    from autokd.spaces import resolve_space
 
     return resolve_space(None)
 

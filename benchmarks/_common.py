@@ -37,7 +37,7 @@ def run_search(root: Path, log: Any = None, **overrides: Any) -> tuple[Any, floa
     `log` gets the search's messages and, after each trial, the CLI's progress line."""
     from autokd.cli import progress_line
     from autokd.config import SearchSettings
-    from autokd.search import run_search as _run
+    from autokd.search.run import run_search as _run
 
     settings = SearchSettings(space=REPO / "search_spaces" / "default.yaml", root=root, **overrides)
     say = log or (lambda msg: print(msg, flush=True))
@@ -48,7 +48,7 @@ def run_search(root: Path, log: Any = None, **overrides: Any) -> tuple[Any, floa
 
 def load_study(root: Path) -> optuna.Study:
     """The only study under `root`."""
-    from autokd.study import make_storage
+    from autokd.study.store import make_storage
 
     storage = make_storage(None, root)
     [summary] = optuna.get_all_study_summaries(storage)
@@ -57,7 +57,7 @@ def load_study(root: Path) -> optuna.Study:
 
 def study_stats(study: optuna.Study) -> dict[str, Any]:
     """Counts by state, epochs trained versus the unpruned maximum, front size and front points."""
-    from autokd.study_report import trial_points
+    from autokd.report.build import trial_points
 
     points = trial_points(study)
     counts = {s: sum(p.state == s for p in points) for s in ("COMPLETE", "PRUNED", "FAIL", "INFEASIBLE")}

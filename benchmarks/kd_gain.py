@@ -28,11 +28,11 @@ def main() -> int:
     args = parser.parse_args()
     import torch
 
-    from autokd.data import TrainViews, load_dataset
-    from autokd.losses import build_loss
-    from autokd.students import build_student
-    from autokd.teacher import get_teacher, teacher_outputs
-    from autokd.train import TrainConfig, distill, evaluate
+    from autokd.model.data import TrainViews, load_dataset
+    from autokd.model.losses import build_loss
+    from autokd.model.students import build_student
+    from autokd.model.teacher import get_teacher, teacher_outputs
+    from autokd.model.train import TrainConfig, distill, evaluate
 
     full = load_dataset("digits", input_size=16)
     teacher = get_teacher(full, cache_root=WARM_TEACHERS)

@@ -13,8 +13,8 @@ ARCHS = [("resnet", 0.5, 0.5), ("mobilenetv3", 0.5, 0.5), ("regnet", 0.5, 0.5), 
 
 
 def main() -> int:
-    from autokd.latency import measure_latency
-    from autokd.students import build_student
+    from autokd.latency.meter import measure_latency
+    from autokd.model.students import build_student
 
     worst = 0.0
     for family, width, depth in ARCHS:

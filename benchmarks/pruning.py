@@ -29,7 +29,7 @@ def main() -> int:
     parser.add_argument("--sampler", default="random", choices=("random", "tpe", "nsga2"))
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    from autokd.pareto import hypervolume
+    from autokd.select.pareto import hypervolume
 
     latency_cache = Path(tempfile.mkdtemp(prefix="autokd-bench-latency-"))
     stats = {}

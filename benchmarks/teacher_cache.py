@@ -30,10 +30,10 @@ EPOCHS, BATCH = 6, 64
 def _compare(label: str, teacher_model: Any, cached: Any, data: Any, views: Any) -> float:
     import torch
 
-    from autokd.losses import build_loss
-    from autokd.students import build_student
-    from autokd.teacher import OnlineTeacherOutputs
-    from autokd.train import TrainConfig, distill
+    from autokd.model.losses import build_loss
+    from autokd.model.students import build_student
+    from autokd.model.teacher import OnlineTeacherOutputs
+    from autokd.model.train import TrainConfig, distill
 
     online = OnlineTeacherOutputs(teacher_model)
     cfg = TrainConfig(epochs=EPOCHS, batch_size=BATCH, lr=5e-3, seed=0)
@@ -73,8 +73,15 @@ def main() -> int:
     parser.add_argument("--big-teacher", default="resnet26", help="the larger teacher of the second comparison")
     args = parser.parse_args()
 
-    from autokd.data import TrainViews, load_dataset
-    from autokd.teacher import CachedTeacherOutputs, _compute_outputs, _create, _ready, get_teacher, teacher_outputs
+    from autokd.model.data import TrainViews, load_dataset
+    from autokd.model.teacher import (
+        CachedTeacherOutputs,
+        _compute_outputs,
+        _create,
+        _ready,
+        get_teacher,
+        teacher_outputs,
+    )
 
     data = load_dataset("digits", input_size=16)
     views = TrainViews(0)

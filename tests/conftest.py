@@ -14,7 +14,6 @@ from typing import Iterator
 
 import pytest
 
-
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -94,8 +93,8 @@ def tiny_teacher(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
     Returns (timm arch, checkpoint path) for --teacher / --teacher-checkpoint: the default digits teacher
     would cost the suite most of a minute to train.
     """
-    from autokd.data import load_dataset
-    from autokd.teacher import TeacherRecipe, get_teacher
+    from autokd.model.data import load_dataset
+    from autokd.model.teacher import TeacherRecipe, get_teacher
 
     data = load_dataset("digits", input_size=16, train_limit=160)
     teacher = get_teacher(data, arch="test_resnet", cache_root=tmp_path_factory.mktemp("teacher"),
@@ -132,7 +131,7 @@ def split_runs(runs: list) -> tuple[list, dict[int, object]]:
 @pytest.fixture()
 def timed_onnx(monkeypatch: pytest.MonkeyPatch) -> list:
     """Every ONNX model (bytes or path) handed to ONNX Runtime for timing, in order (a spy on make_session)."""
-    from autokd import ort_timing
+    from autokd.latency import protocol as ort_timing
 
     timed: list = []
     real = ort_timing.make_session

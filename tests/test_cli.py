@@ -41,16 +41,16 @@ def test_each_failure_kind_has_its_exit_code_and_message(index: int, tmp_path: P
 def test_export_failures_after_checks_exit_1_with_the_reason(kind: str, tmp_path: Path,
                                                              monkeypatch: pytest.MonkeyPatch,
                                                              capsys: pytest.CaptureFixture[str]) -> None:
-    import autokd.export
-    from autokd.export import ParityError
-    from autokd.int8 import QuantizationError
+    import autokd.export.student
+    from autokd.export.student import ParityError
+    from autokd.latency.quantize import QuantizationError
 
     exc = ParityError("onnx differs by 0.1") if kind == "parity" else QuantizationError("no calibration data")
 
     def export_command(**kwargs: object) -> None:
         raise exc
 
-    monkeypatch.setattr(autokd.export, "export_command", export_command)
+    monkeypatch.setattr(autokd.export.student, "export_command", export_command)
     assert cli.main(["--root", str(tmp_path), "export", "--pick", "knee", "--out", str(tmp_path / "s")]) == 1
     assert f"autokd export: error: {exc}" in capsys.readouterr().err
 

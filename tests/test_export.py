@@ -16,13 +16,14 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
-from autokd import export, onnx_export
-from autokd.checkpoint import write_checkpoint
 from autokd.cli import main
 from autokd.errors import UserError
-from autokd.space import TrialParams
-from autokd.students import build_from_spec, resolve_student
-from autokd.study import make_storage, study_dir
+from autokd.export import student as export
+from autokd.latency import onnx_export
+from autokd.model.checkpoint import write_checkpoint
+from autokd.model.space import TrialParams
+from autokd.model.students import build_from_spec, resolve_student
+from autokd.study.store import make_storage, study_dir
 
 STUDY = "exp"
 INPUT_SIZE = 16
@@ -75,7 +76,7 @@ def _train_briefly(model: torch.nn.Module, data: Any, steps: int = 12) -> torch.
 
 @pytest.fixture(scope="module")
 def digits() -> Any:
-    from autokd.data import load_dataset
+    from autokd.model.data import load_dataset
 
     return load_dataset("digits", input_size=INPUT_SIZE, seed=0, train_limit=TRAIN_LIMIT)
 
@@ -374,7 +375,7 @@ def test_onnx_falls_back_to_dynamo_exporter(study_root: Path, tmp_path: Path, mo
 def test_exported_onnx_is_the_one_a_search_times(study_root: Path, tmp_path: Path) -> None:
     # What latency timed is what ships: the meter's export of the trial's student is byte-identical to the file
     # `autokd export` wrote (same function, same example batch; the example's values do not enter the graph).
-    from autokd.latency import LatencyMeter
+    from autokd.latency.meter import LatencyMeter
 
     result = _export(study_root, tmp_path / "out", trial=0, formats="onnx")
     model = _trial_model(study_root, 0)

@@ -28,17 +28,20 @@ from typing import Any, Callable, Iterator
 import optuna
 import pytest
 import torch
+from conftest import repo_pythonpath
 from optuna.trial import FrozenTrial, TrialState
+from test_search import TINY_SPACE, settings
 from torch import nn
 
-from autokd import atomic, checkpoint, objective, search, students
 from autokd.cli import main
-from autokd.search import run_search
-from autokd.worker_loop import MAX_CONSECUTIVE_FAILURES
-from autokd.study import budget_used, make_storage
+from autokd.model import checkpoint, students
+from autokd.search import objective
+from autokd.search import run as search
+from autokd.search.run import run_search
+from autokd.search.worker_loop import MAX_CONSECUTIVE_FAILURES
+from autokd.study.store import budget_used, make_storage
 from autokd.tracking import default_tracking_uri
-from test_search import TINY_SPACE, settings
-from conftest import repo_pythonpath
+from autokd.utils import atomic
 
 pytestmark = pytest.mark.faults
 
@@ -240,8 +243,8 @@ def test_sigterm_exits_130_promptly_and_resumes(tmp_path: Path, tiny_teacher: tu
 
 
 def test_a_retry_whose_worker_dies_again_is_not_retried_forever(tmp_path: Path) -> None:
-    from autokd.study import reap_dead_trials, worker_identity
-    from autokd.trials import REQUEUED_ATTR
+    from autokd.study.record import REQUEUED_ATTR
+    from autokd.study.store import reap_dead_trials, worker_identity
 
     study = optuna.create_study(study_name="reap", storage=make_storage(None, tmp_path),
                                 directions=["maximize", "minimize"])

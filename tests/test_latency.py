@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-import autokd.latency as latency
+import autokd.latency.meter as latency
 from autokd.errors import UserError
-from autokd.latency import (
+from autokd.latency.meter import (
     LatencyCache,
     LatencyMeter,
     LatencyResult,
@@ -21,7 +21,7 @@ from autokd.latency import (
     measure_latency,
     median_rel_error,
 )
-from autokd.students import available_families, build_student, resolve_student
+from autokd.model.students import available_families, build_student, resolve_student
 
 
 def tiny_net() -> nn.Module:

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from autokd import ort_timing
 from autokd.errors import UserError
-from autokd.latency import LatencyCache, LatencyMeter, LatencyResult, default_runtime
-from autokd.students import build_from_spec, resolve_student
+from autokd.latency import protocol as ort_timing
+from autokd.latency.meter import LatencyCache, LatencyMeter, LatencyResult, default_runtime
+from autokd.model.students import build_from_spec, resolve_student
 
 FAST = dict(rounds=5, runs=2, warmup=1)  # the protocol's shape, small enough for a unit test
 
@@ -30,7 +30,7 @@ def test_median_interval_is_the_order_statistic_interval() -> None:
 
 def test_ort_timing_imports_neither_torch_nor_timm() -> None:
     # The latency server (issue 14) reuses this module on a target device without torch.
-    code = ("import sys, autokd.ort_timing; bad = [m for m in ('torch', 'timm') if m in sys.modules]; "
+    code = ("import sys, autokd.latency.protocol; bad = [m for m in ('torch', 'timm') if m in sys.modules]; "
             "print(*bad); sys.exit(1 if bad else 0)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -95,7 +95,7 @@ def test_retime_interleaves_several_students(runtime: str) -> None:
 def test_int8_precision_times_the_quantised_model(tmp_path: Path, timed_onnx: list) -> None:
     # --latency-precision int8: what the meter hands ONNX Runtime is the INT8 (QDQ) model, both for a trial's
     # measurement and for the front's re-timing; fp32 and int8 figures live under different signatures.
-    from autokd.int8 import quantized_op_counts
+    from autokd.latency.quantize import quantized_op_counts
 
     timed = timed_onnx
     spec = tiny_spec()

@@ -18,10 +18,10 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from autokd.errors import UserError
-from autokd.latency_remote import RemoteLatencyError, RemoteTarget, validate_target_url
-from autokd.latency_server import LatencyHTTPServer
-from autokd.onnx_guard import external_data_reason
-from tests.conftest import repo_pythonpath, free_port
+from autokd.latency.remote.client import RemoteLatencyError, RemoteTarget, validate_target_url
+from autokd.latency.remote.guard import external_data_reason
+from autokd.latency.remote.server import LatencyHTTPServer
+from tests.conftest import free_port, repo_pythonpath
 
 TOKEN = "s3cret-token"
 REPO = Path(__file__).resolve().parents[1]
@@ -38,8 +38,8 @@ def matmul_model(size: int = 16) -> onnx.ModelProto:
 
 
 def start_server(port: int, *extra: str, token: str | None = TOKEN) -> subprocess.Popen:
-    """`python -m autokd.latency_server` on 127.0.0.1:port, waited for until /health answers."""
-    cmd = [sys.executable, "-m", "autokd.latency_server", "--port", str(port), *extra]
+    """`python -m autokd.latency.remote.server` on 127.0.0.1:port, waited for until /health answers."""
+    cmd = [sys.executable, "-m", "autokd.latency.remote.server", "--port", str(port), *extra]
     if token is not None:
         cmd += ["--token", token]
     env = dict(os.environ, PYTHONPATH=repo_pythonpath())
@@ -151,7 +151,7 @@ def test_a_non_loopback_bind_without_a_token_is_refused() -> None:
 def test_the_server_imports_neither_torch_nor_timm() -> None:
     code = (
         "import sys, json, threading, urllib.request\n"
-        "from autokd.latency_server import LatencyHTTPServer\n"
+        "from autokd.latency.remote.server import LatencyHTTPServer\n"
         "import numpy as np\n"
         "from onnx import TensorProto, helper, numpy_helper\n"
         "w = numpy_helper.from_array(np.ones((8, 8), dtype=np.float32), 'W')\n"
@@ -233,7 +233,7 @@ def health(url: str) -> dict:
 def load_study(tmp_path: Path):  # noqa: ANN201 - optuna.Study
     import optuna
 
-    from autokd.study import make_storage
+    from autokd.study.store import make_storage
 
     return optuna.load_study(study_name="digits-remote", storage=make_storage(None, tmp_path / "studies"))
 

@@ -5,7 +5,7 @@ import multiprocessing as mp
 import time
 from pathlib import Path
 
-from autokd.locks import CpuGate
+from autokd.utils.locks import CpuGate
 
 SLICE_S = 0.2
 
@@ -59,14 +59,14 @@ def test_trainers_share_the_gate(tmp_path: Path) -> None:
 
 
 def _try_lock_in_child(path: str, result: "mp.Queue[bool]") -> None:
-    from autokd.locks import try_lock
+    from autokd.utils.locks import try_lock
 
     with open(path, "a") as handle:
         result.put(try_lock(handle))
 
 
 def test_try_lock_does_not_wait_and_lasts_until_the_handle_closes(tmp_path: Path) -> None:
-    from autokd.locks import try_lock
+    from autokd.utils.locks import try_lock
 
     ctx = mp.get_context("fork")
     path = tmp_path / "spool.jsonl"

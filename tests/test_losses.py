@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from autokd.errors import UserError
-from autokd.losses import available_losses, build_loss
+from autokd.model.losses import available_losses, build_loss
 
 # Small fixed logits: batch of 3, 4 classes.
 S = np.array([[1.0, -0.5, 0.3, 2.0], [0.2, 0.1, -1.0, 0.5], [-0.3, 1.5, 0.0, 0.7]])

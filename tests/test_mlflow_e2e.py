@@ -19,14 +19,14 @@ from typing import Any
 
 import optuna
 import pytest
-
-from autokd import objective
-from autokd.search import run_search
-from autokd.study import make_storage
-from autokd.tracking import default_tracking_uri, make_tracker
-from autokd.trials import trial_state
 from conftest import free_port, mlflow_rest, repo_pythonpath, split_runs
 from test_search import TINY_SPACE, settings
+
+from autokd.search import objective
+from autokd.search.run import run_search
+from autokd.study.record import trial_state
+from autokd.study.store import make_storage
+from autokd.tracking import default_tracking_uri, make_tracker
 
 pytestmark = pytest.mark.slow
 

@@ -10,15 +10,15 @@ from pathlib import Path
 
 import optuna
 import pytest
+from browser import chromium
+from test_search import TINY_SPACE, settings
 
 from autokd.cli import main
 from autokd.errors import UserError
-from autokd.pareto import TrialPoint, front_points
-from autokd.report import write_report, zoom_ranges
-from autokd.search import run_search
-from autokd.study import make_storage
-from browser import chromium
-from test_search import TINY_SPACE, settings
+from autokd.report.render import write_report, zoom_ranges
+from autokd.search.run import run_search
+from autokd.select.pareto import TrialPoint, front_points
+from autokd.study.store import make_storage
 
 
 def _default_like_points() -> list[TrialPoint]:
@@ -129,7 +129,7 @@ def test_next_steps_name_the_ui_with_mlflow() -> None:
     import argparse
 
     from autokd.cli import _next_steps
-    from autokd.search import SearchSummary
+    from autokd.search.run import SearchSummary
 
     args = argparse.Namespace(root=None, storage=None, no_mlflow=False, tracking_uri=None)
     text = _next_steps(args, SearchSummary(study_name="digits-default", study_dir=Path("studies/digits-default")))

@@ -7,13 +7,13 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from autokd import objective
-from autokd.data import TrainViews, load_dataset
-from autokd.latency import LatencyMeter
-from autokd.objective import TrialContext, run_trial
-from autokd.space import load_space
+from autokd.latency.meter import LatencyMeter
+from autokd.model.data import TrainViews, load_dataset
+from autokd.model.space import load_space
+from autokd.search import objective
+from autokd.search.objective import TrialContext, run_trial
+from autokd.study.record import sampled_params, trial_state
 from autokd.tracking import Tracker, TrialRun
-from autokd.trials import sampled_params, trial_state
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from autokd.builtin_spaces import builtin_spaces, resolve_space
 from autokd.cli import main
 from autokd.errors import UserError
-from autokd.space import load_space
+from autokd.model.space import load_space
+from autokd.spaces import builtin_spaces, resolve_space
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -62,7 +62,7 @@ def test_wheel_installs_and_searches_from_an_empty_directory(tmp_path: Path, tin
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "-q", "--target", str(site),
                     str(wheel)], check=True, cwd=tmp_path, timeout=300)
     shutil.rmtree(src)
-    assert sorted(p.name for p in (site / "autokd" / "spaces").iterdir()) == ["cifar_gpu.yaml", "default.yaml"]
+    assert sorted(p.name for p in (site / "autokd" / "spaces").glob("*.yaml")) == ["cifar_gpu.yaml", "default.yaml"]
 
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -5,7 +5,7 @@ import math
 import pytest
 
 from autokd.errors import UserError
-from autokd.pareto import (
+from autokd.select.pareto import (
     TrialPoint,
     front_points,
     hypervolume,
@@ -85,7 +85,7 @@ def test_fronts_are_the_dominance_definition() -> None:
     """The sweep behind both front functions gives what pairwise ``dominates`` tests give (ties included)."""
     import random
 
-    from autokd.pareto import dominates
+    from autokd.select.pareto import dominates
 
     rng = random.Random(0)
     for _ in range(300):
@@ -197,7 +197,7 @@ def test_recommend_filters_non_front_points() -> None:
 
 
 def test_wilson_interval_and_ties() -> None:
-    from autokd.pareto import tied, ties, wilson_interval
+    from autokd.select.pareto import tied, ties, wilson_interval
 
     lo, hi = wilson_interval(0.9, 360)
     assert lo < 0.9 < hi and hi - lo == pytest.approx(0.0622, abs=2e-3)

@@ -6,7 +6,7 @@ import math
 import pytest
 
 from autokd.errors import UserError
-from autokd.pruning import (
+from autokd.select.pruning import (
     PruneDecision,
     RungRecord,
     decide,

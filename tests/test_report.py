@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from autokd.pareto import TrialPoint
-from autokd.report import ReportResult, format_front_table, write_report
+from autokd.report.render import ReportResult, format_front_table, write_report
+from autokd.select.pareto import TrialPoint
 
 FILES = ["report.html", "pareto.png", "front.csv", "summary.md"]
 

@@ -17,13 +17,13 @@ from typing import Any, Iterator
 
 import optuna
 import pytest
+from conftest import repo_pythonpath
 from optuna.trial import TrialState
+from test_search import TINY_SPACE
 
 from autokd.cli import main
-from autokd.study import ask_with_heartbeat, budget_used, fail_stale_trials, make_storage
-from autokd.trials import REQUEUED_ATTR
-from test_search import TINY_SPACE
-from conftest import repo_pythonpath
+from autokd.study.record import REQUEUED_ATTR
+from autokd.study.store import ask_with_heartbeat, budget_used, fail_stale_trials, make_storage
 
 REPO = Path(__file__).resolve().parents[1]
 PG = {"host": "127.0.0.1", "port": 5432}
@@ -282,7 +282,7 @@ class _Study:
 
 def test_latency_device_is_pinned_and_mixing_needs_the_flag() -> None:
     from autokd.errors import UserError
-    from autokd.scaleout import check_latency_device
+    from autokd.latency.pinning import check_latency_device
 
     study, said = _Study(), []
     check_latency_device(study, "cpu-amd-epyc-t1", 1, allow_mixed=False, log=said.append)
@@ -301,7 +301,7 @@ def test_latency_device_is_pinned_and_mixing_needs_the_flag() -> None:
 def test_latency_precision_is_never_mixed() -> None:
     # One precision per study, also with --allow-mixed-latency; a study from before the precision field is fp32.
     from autokd.errors import UserError
-    from autokd.scaleout import check_latency_device
+    from autokd.latency.pinning import check_latency_device
 
     base = {"device": "cpu:AMD EPYC", "runtime": "onnxruntime", "threads": 1, "batch": 1}
     older = _Study()

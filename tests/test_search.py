@@ -12,12 +12,12 @@ import pytest
 from autokd.cli import main
 from autokd.config import SearchSettings
 from autokd.errors import UserError
-from autokd.objective import TrialOutcome
-from autokd.processes import SETTINGS_ENV
-from autokd.search import run_search
-from autokd.study import budget_used, make_storage
-from autokd.study_report import trial_points
-from autokd.worker_loop import SearchProgress
+from autokd.report.build import trial_points
+from autokd.search.objective import TrialOutcome
+from autokd.search.processes import SETTINGS_ENV
+from autokd.search.run import run_search
+from autokd.search.worker_loop import SearchProgress
+from autokd.study.store import budget_used, make_storage
 
 pytestmark = pytest.mark.slow
 
@@ -259,7 +259,7 @@ def test_int8_latency_search_times_int8_models_and_reports_both_accuracies(
     # --latency-precision int8: every ONNX model the search times (each trial's, then the report's re-timing of
     # the front) is the student's INT8 model; the study pins the precision (resuming with fp32 is exit 2, study
     # unchanged); the report shows each front member's fp32 and int8 test accuracy.
-    from autokd.int8 import quantized_op_counts
+    from autokd.latency.quantize import quantized_op_counts
 
     timed = timed_onnx
     run_search(settings(tmp_path, tiny_teacher, space_file, budget=2, epochs=1, latency_precision="int8"),

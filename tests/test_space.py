@@ -6,7 +6,7 @@ import optuna
 import pytest
 
 from autokd.errors import UserError
-from autokd.space import TrialParams, load_space, parse_param, sample
+from autokd.model.space import TrialParams, load_space, parse_param, sample
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from autokd.errors import UserError
-from autokd.students import (
+from autokd.model.students import (
     StudentSpec,
     available_families,
     build_from_spec,

@@ -7,8 +7,8 @@ import optuna
 import pytest
 
 from autokd.errors import UserError
-from autokd.study import make_storage
-from autokd.study_report import build_report, report_command, resolve_study, study_data, trial_points
+from autokd.report.build import build_report, report_command, resolve_study, study_data, trial_points
+from autokd.study.store import make_storage
 
 DIRECTIONS = ["maximize", "minimize"]
 

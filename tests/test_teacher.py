@@ -9,10 +9,10 @@ import pytest
 import timm
 import torch
 
-from autokd.data import TrainViews, load_dataset
 from autokd.errors import UserError
-from autokd.losses import build_loss
-from autokd.teacher import (
+from autokd.model.data import TrainViews, load_dataset
+from autokd.model.losses import build_loss
+from autokd.model.teacher import (
     DEFAULT_TEACHERS,
     OnlineTeacherOutputs,
     Teacher,
@@ -20,7 +20,7 @@ from autokd.teacher import (
     get_teacher,
     teacher_outputs,
 )
-from autokd.train import TrainConfig, distill
+from autokd.model.train import TrainConfig, distill
 
 ARCH = "test_resnet"  # timm's tiny test network: keeps teacher training to a second or two
 RECIPE = TeacherRecipe(epochs=2, batch_size=32, lr=1e-2)
@@ -44,7 +44,7 @@ def teacher(data, teacher_dir: Path) -> Teacher:
 
 
 def test_defaults_cover_builtin_datasets() -> None:
-    from autokd.data import available_datasets
+    from autokd.model.data import available_datasets
 
     assert set(available_datasets()) <= set(DEFAULT_TEACHERS)
     assert all(timm.is_model(a) for a in DEFAULT_TEACHERS.values())

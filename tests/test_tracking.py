@@ -14,6 +14,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import free_port, mlflow_rest, repo_pythonpath
 
 from autokd.errors import UserError
 from autokd.tracking import (
@@ -23,8 +24,7 @@ from autokd.tracking import (
     make_tracker,
     ui_command,
 )
-from autokd.trials import MLFLOW_STATUS
-from conftest import repo_pythonpath, free_port, mlflow_rest
+from autokd.tracking.base import MLFLOW_STATUS
 
 REPO = Path(__file__).resolve().parents[1]
 

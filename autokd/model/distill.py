@@ -1,0 +1,65 @@
+"""`autokd distill`: train one student against the cached teacher, print progress, save weights + config."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from autokd.errors import UserError
+from autokd.model.checkpoint import write_checkpoint
+
+
+def run_distill(*, family: str, width: float, depth: float, loss: str, loss_params: dict[str, Any], epochs: int,
+                batch_size: int, lr: float, weight_decay: float, optimizer: str, dataset: str = "digits",
+                data_dir: str | None = None, download: bool = False, input_size: int | None = None,
+                teacher: str | None = None, teacher_checkpoint: str | None = None, teacher_pretrained: bool = False,
+                device: str = "auto", seed: int = 0, out: Path | None = None, root: Path = Path("studies"),
+                log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Distil one student; returns the saved config (incl. val/test accuracy) and writes it under `out`."""
+    from autokd.model.data import TrainViews, load_dataset
+    from autokd.model.losses import build_loss
+    from autokd.model.students import build_from_spec, resolve_student
+    from autokd.model.teacher import get_teacher, teacher_outputs
+    from autokd.model.train import EpochResult, TrainConfig, distill, evaluate
+    from autokd.utils.devices import resolve_device
+
+    device = resolve_device(device)
+    loss_fn = build_loss(loss, **loss_params)
+    data = load_dataset(dataset, data_dir=data_dir, input_size=input_size, seed=0, download=download)
+    spec = resolve_student(family, width, depth, num_classes=data.num_classes, in_chans=data.in_chans,
+                           input_size=data.input_size)
+    outputs = None
+    teacher_arch = None
+    if loss_fn.uses_teacher:
+        t = get_teacher(data, arch=teacher, checkpoint=teacher_checkpoint, cache_root=root / "teachers",
+                        device=device, pretrained=teacher_pretrained, log=log)
+        teacher_arch = t.arch
+        outputs = teacher_outputs(t, data, TrainViews(0), cache_root=root / "teachers", device=device,
+                                  need_features=loss_fn.uses_features, log=log)
+    student = build_from_spec(spec)
+    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, optimizer=optimizer,
+                      seed=seed, device=device)
+    log(f"distilling {spec.key} ({spec.model_name} {spec.kwargs}) with {loss} {loss_params or ''} for {epochs} epochs "
+        f"on {data.name} ({device})")
+
+    def on_epoch(r: EpochResult) -> None:
+        log(f"epoch {r.epoch:>3}/{epochs}  train loss {r.train_loss:.4f}  val acc {r.val_acc:.4f}  lr {r.lr:.2e}  "
+            f"{r.seconds:.1f}s")
+
+    started = time.perf_counter()
+    data = data.to(device)
+    result = distill(student, loss_fn, data, cfg, teacher=outputs, views=None, on_epoch=on_epoch)
+    test_acc = float(evaluate(student, data.x_test, data.y_test))
+    config = {
+        "student": spec.to_dict(), "loss": loss, "loss_params": loss_params, "teacher": teacher_arch,
+        "epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "optimizer": optimizer,
+        "seed": seed, "dataset": data.name, "data_fingerprint": data.fingerprint, "val_acc": float(result.val_acc),
+        "test_acc": test_acc, "seconds": time.perf_counter() - started,
+    }
+    out = out or root / "distill" / f"{spec.key}-{loss}-s{seed}"
+    try:
+        write_checkpoint(student, config, out)
+    except OSError as exc:
+        raise UserError(f"--out {out}: cannot write the student there: {exc}") from exc
+    log(f"val acc {result.val_acc:.4f}  test acc {test_acc:.4f}  — saved to {out}/")
+    return config

@@ -1,0 +1,598 @@
+"""Study report: an offline interactive HTML page, a static PNG, the front as CSV, a Markdown summary.
+
+Every output states the hypervolume together with its reference point: the default reference is
+(accuracy 0.0, latency 1.1 x the largest latency among COMPLETE trials), which depends on the study, so
+hypervolumes of different studies are only comparable when the caller passes the same ``hv_ref``.
+Files are written atomically (temporary file in the same directory, then ``os.replace``) so a report being
+regenerated is never seen half-written.
+"""
+from __future__ import annotations
+
+import csv
+import html
+import io
+import json
+import math
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from autokd.errors import UserError
+from autokd.select.pareto import (
+    RECOMMENDATION_KEYS,
+    STATES,
+    TIE_RULE,
+    TrialPoint,
+    front_points,
+    hypervolume,
+    is_finite,
+    recommend,
+    ties,
+)
+from autokd.utils.atomic import atomic_write_bytes
+
+__all__ = ["ReportResult", "default_hv_ref", "format_front_table", "write_report"]
+
+STATE_COLORS = {
+    "COMPLETE": "#1f77b4",
+    "PRUNED": "#ff7f0e",
+    "FAIL": "#d62728",
+    "INFEASIBLE": "#7f7f7f",
+    "RUNNING": "#9467bd",
+}
+FRONT_COLOR = "#2ca02c"
+# plotly symbol, matplotlib marker, colour, size: distinct shapes and sizes so coinciding picks stay visible
+PICK_STYLE = {
+    "knee": ("star", "*", "#ffbf00", 22),
+    "best_under_latency": ("diamond-open", "D", "#e377c2", 22),
+    "fastest_within_tolerance": ("square-open", "s", "#17becf", 28),
+}
+# plotly marker symbol, matplotlib marker of each student family (shape = family, colour = state)
+FAMILY_SYMBOLS = {
+    "resnet": ("circle", "o"),
+    "mobilenetv3": ("triangle-up", "^"),
+    "efficientnet": ("diamond", "D"),
+    "regnet": ("square", "s"),
+    "convnext": ("pentagon", "p"),
+    "vit": ("cross", "P"),
+}
+OTHER_FAMILY_SYMBOL = ("hexagon", "h")
+PICK_LABEL = {
+    "knee": "knee",
+    "best_under_latency": "best under latency",
+    "fastest_within_tolerance": "fastest within tolerance",
+}
+
+
+@dataclass
+class ReportResult:
+    """What :func:`write_report` computed and wrote."""
+
+    front: list[TrialPoint]
+    recommendations: dict[str, TrialPoint | None]
+    hypervolume: float
+    hv_ref: tuple[float, float]
+    files: list[Path]
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- small helpers
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _fmt_value(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_fmt_value(x) for x in v) + "]"
+    return str(v)
+
+
+def _params_text(params: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k}={_fmt_value(v)}" for k, v in sorted(_flatten(params).items()))
+
+
+def _pct(x: float | None) -> str:
+    return f"{100 * x:.2f}" if is_finite(x) else "-"
+
+
+def _ms(x: float | None) -> str:
+    return f"{x:.3f}" if is_finite(x) else "-"
+
+
+def _acc_ci(p: TrialPoint) -> str:
+    return f"{_pct(p.acc_ci[0])}-{_pct(p.acc_ci[1])}" if p.acc_ci else "-"
+
+
+def _lat_ci(p: TrialPoint) -> str:
+    return f"{_ms(p.latency_ci[0])}-{_ms(p.latency_ci[1])}" if p.latency_ci else "-"
+
+
+# A --latency-precision int8 study's front: each member's test accuracy as its fp32 and INT8 ONNX models (ONNX
+# Runtime, full test split), in ``extra`` (autokd.study_report). Columns appear only when a front member has them.
+INT8_ACC_KEYS = ("fp32_test_acc", "int8_test_acc")
+INT8_ACC_HEADERS = ("fp32 test %", "int8 test %")
+
+
+def _int8_keys(points: Sequence[TrialPoint]) -> list[str]:
+    return list(INT8_ACC_KEYS) if any(is_finite(p.extra.get(k)) for p in points for k in INT8_ACC_KEYS) else []
+
+
+def _int8_texts(p: TrialPoint, keys: Sequence[str]) -> list[str]:
+    return [_pct(p.extra.get(k)) for k in keys]
+
+
+def _tied_text(p: TrialPoint, tie_map: Mapping[int, list[int]]) -> str:
+    return ",".join(str(n) for n in tie_map.get(p.number, []))
+
+
+def _error_bars(pts: Sequence[TrialPoint]) -> dict[str, Any]:
+    """Plotly error_x / error_y (asymmetric) from the points' intervals; empty where none is known."""
+    if not any(p.latency_ci or p.acc_ci for p in pts):
+        return {}
+    return {
+        "error_x": {"type": "data", "symmetric": False, "thickness": 1, "width": 2,
+                    "array": [p.latency_ci[1] - p.latency_ms if p.latency_ci else 0 for p in pts],  # type: ignore
+                    "arrayminus": [p.latency_ms - p.latency_ci[0] if p.latency_ci else 0 for p in pts]},  # type: ignore
+        "error_y": {"type": "data", "symmetric": False, "thickness": 1, "width": 2,
+                    "array": [p.acc_ci[1] - p.val_acc if p.acc_ci else 0 for p in pts],  # type: ignore
+                    "arrayminus": [p.val_acc - p.acc_ci[0] if p.acc_ci else 0 for p in pts]},  # type: ignore
+    }
+
+
+def _tags(p: TrialPoint, recs: Mapping[str, TrialPoint | None]) -> list[str]:
+    return [k for k in RECOMMENDATION_KEYS if (r := recs.get(k)) is not None and r.number == p.number]
+
+
+def _plot_acc(p: TrialPoint) -> float | None:
+    """Where a trial is drawn on the accuracy axis: its value, else its last known accuracy, else not at all."""
+    if is_finite(p.val_acc):
+        return float(p.val_acc)  # type: ignore[arg-type]
+    last = p.extra.get("last_val_acc")
+    return float(last) if is_finite(last) else None
+
+
+def _counts(points: Sequence[TrialPoint]) -> dict[str, int]:
+    c = Counter(p.state for p in points)
+    out = {s: c.get(s, 0) for s in STATES}
+    out.update({s: n for s, n in sorted(c.items()) if s not in out})
+    return out
+
+
+def _counts_text(counts: Mapping[str, int]) -> str:
+    total = sum(counts.values())
+    return f"{total} trials: " + ", ".join(f"{n} {s}" for s, n in counts.items())
+
+
+def default_hv_ref(points: Sequence[TrialPoint]) -> tuple[float, float]:
+    """(0.0, 1.1 x max latency among COMPLETE trials with finite latency); (0.0, 0.0) if there are none."""
+    lats = [float(p.latency_ms) for p in points if p.state == "COMPLETE" and is_finite(p.latency_ms)]  # type: ignore[arg-type]
+    return (0.0, 1.1 * max(lats)) if lats else (0.0, 0.0)
+
+
+def _hv_text(hv: float, ref: tuple[float, float], is_default: bool) -> str:
+    how = ("default: accuracy 0 and 1.1 x the largest latency among COMPLETE trials"
+           if is_default else "given by the caller")
+    return (f"hypervolume {hv:.6g} (accuracy x ms) w.r.t. reference point (accuracy {ref[0]:.4g}, "
+            f"latency {ref[1]:.4g} ms; {how}); compare hypervolumes across studies only at the same reference point")
+
+
+def _pick_text(key: str, p: TrialPoint | None, max_latency_ms: float | None, tolerance_pp: float,
+               best_acc: float | None) -> str:
+    if key == "best_under_latency":
+        cond = f"latency <= {max_latency_ms:g} ms" if max_latency_ms is not None else "no latency budget given"
+    elif key == "fastest_within_tolerance":
+        cond = f"within {tolerance_pp:g} pp of the best {_pct(best_acc)}%"
+    else:
+        cond = "largest distance to the line between the front's extremes"
+    if p is None:
+        why = "not requested" if key == "best_under_latency" and max_latency_ms is None else "none available"
+        return f"{PICK_LABEL[key]} ({cond}): {why}"
+    return (f"{PICK_LABEL[key]} ({cond}): trial {p.number}: val acc {_pct(p.val_acc)}%, "
+            f"test acc {_pct(p.test_acc)}%, latency {_ms(p.latency_ms)} ms; {_params_text(p.params)}")
+
+
+# ---------------------------------------------------------------- terminal table
+
+def format_front_table(front: Sequence[TrialPoint], recommendations: Mapping[str, TrialPoint | None]) -> str:
+    """The front as plain aligned text for the terminal (latency ascending), one trial per line."""
+    tie_map = ties(front)
+    q = _int8_keys(front)
+    header = ["trial", "val acc %", "95% CI", "test acc %", *INT8_ACC_HEADERS[:len(q)], "latency ms", "interval",
+              "tied with", "picks", "params"]
+    rows = [
+        [str(p.number), _pct(p.val_acc), _acc_ci(p), _pct(p.test_acc), *_int8_texts(p, q), _ms(p.latency_ms),
+         _lat_ci(p), _tied_text(p, tie_map) or "-", ",".join(_tags(p, recommendations)) or "-", _params_text(p.params)]
+        for p in front
+    ]
+    if not rows:
+        return "Pareto front is empty: no COMPLETE trial with finite accuracy and latency."
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    right = set(range(1, 6 + len(q)))  # numbers right-aligned
+
+    def line(r: list[str]) -> str:
+        cells = [c.rjust(widths[i]) if i in right else c.ljust(widths[i]) for i, c in enumerate(r)]
+        return "  ".join(cells).rstrip()
+
+    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+# ---------------------------------------------------------------- figures
+
+def _hover(p: TrialPoint, tags: list[str]) -> str:
+    acc = f"val acc: {_pct(p.val_acc)}%"
+    if not is_finite(p.val_acc) and _plot_acc(p) is not None:
+        acc += f" (last seen {_pct(_plot_acc(p))}%)"
+    lines = [f"<b>trial {p.number}</b> ({html.escape(p.state)})", acc,
+             f"test acc: {_pct(p.test_acc)}%", f"latency: {_ms(p.latency_ms)} ms"]
+    if _int8_keys([p]):
+        lines.append(f"test acc (ONNX Runtime): fp32 {_pct(p.extra.get('fp32_test_acc'))}%, int8 "
+                     f"{_pct(p.extra.get('int8_test_acc'))}%")
+    if p.acc_ci or p.latency_ci:
+        lines.append(f"intervals: acc {_acc_ci(p)}%, latency {_lat_ci(p)} ms")
+    if p.extra.get("latency_first_ms") is not None:
+        lines.append(f"first measurement: {_ms(p.extra['latency_first_ms'])} ms")
+    if tags:
+        lines.append("pick: " + ", ".join(PICK_LABEL[t] for t in tags))
+    lines += [html.escape(f"{k} = {_fmt_value(v)}") for k, v in sorted(_flatten(p.params).items())]
+    return "<br>".join(lines)
+
+
+def _family(p: TrialPoint) -> str:
+    return str(p.params.get("family", "?"))
+
+
+def _symbols(pts: Sequence[TrialPoint]) -> list[str]:
+    return [FAMILY_SYMBOLS.get(_family(p), OTHER_FAMILY_SYMBOL)[0] for p in pts]
+
+
+def zoom_ranges(points: Sequence[TrialPoint], front: Sequence[TrialPoint]) -> tuple[list[float], list[float]] | None:
+    """Axes (latency, accuracy) that show the front and the students near it, or None without a front.
+
+    Pruned students stopped at low accuracy stretch a full view's accuracy axis over 0-100 %, which squeezes
+    the front into a few pixels; this view spans the front's accuracies plus a margin below (half its spread,
+    at least 2 points) and its latencies plus a margin on both sides.
+    """
+    pts = [p for p in front if is_finite(p.val_acc) and is_finite(p.latency_ms)]
+    if not pts:
+        return None
+    accs = [float(p.val_acc) for p in pts]  # type: ignore[arg-type]
+    lats = [float(p.latency_ms) for p in pts]  # type: ignore[arg-type]
+    a_lo, a_hi, l_lo, l_hi = min(accs), max(accs), min(lats), max(lats)
+    da = max(0.03, 0.5 * (a_hi - a_lo))
+    y = [a_lo - da, a_hi + 0.3 * da]
+    # Students near the front: those in its accuracy band, up to 3x its slowest member's latency.
+    near = [float(p.latency_ms) for p in points if is_finite(p.latency_ms) and (acc := _plot_acc(p)) is not None  # type: ignore[arg-type]
+            and y[0] <= acc <= y[1] and float(p.latency_ms) <= 3 * l_hi]  # type: ignore[arg-type]
+    right = max([l_hi, *near])
+    dl = max(0.1 * right, 0.05 * (right - l_lo))
+    return [max(0.0, min([l_lo, *near]) - dl), right + dl], y
+
+
+def _plotly_figure(points: Sequence[TrialPoint], front: list[TrialPoint], recs: Mapping[str, TrialPoint | None],
+                   title: str, max_latency_ms: float | None, zoom: bool = False) -> Any:
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    front_numbers = {p.number for p in front}
+    states = [s for s in STATES] + sorted({p.state for p in points} - set(STATES))
+    for state in states:
+        pts = [p for p in points if p.state == state and p.number not in front_numbers
+               and is_finite(p.latency_ms) and _plot_acc(p) is not None]
+        if not pts:
+            continue
+        label = state if state != "PRUNED" else "PRUNED (at last accuracy)"
+        fig.add_trace(go.Scatter(
+            x=[p.latency_ms for p in pts], y=[_plot_acc(p) for p in pts], mode="markers", name=label,
+            marker={"color": STATE_COLORS.get(state, "#8c564b"), "size": 8, "symbol": _symbols(pts),
+                    "opacity": 0.85 if state == "COMPLETE" else 0.55},
+            text=[_hover(p, []) for p in pts], hovertemplate="%{text}<extra></extra>",
+            legendgroup=state, showlegend=False,
+        ))
+        fig.add_trace(go.Scatter(  # its legend entry: the state's colour on a neutral shape
+            x=[None], y=[None], mode="markers", name=label, legendgroup=state, hoverinfo="skip",
+            marker={"color": STATE_COLORS.get(state, "#8c564b"), "size": 9, "symbol": "circle"},
+        ))
+    if front:
+        fig.add_trace(go.Scatter(
+            x=[p.latency_ms for p in front], y=[p.val_acc for p in front], mode="lines+markers",
+            line={"shape": "hv", "color": FRONT_COLOR, "width": 2}, name="Pareto front (shape = family)",
+            marker={"color": FRONT_COLOR, "size": 11, "symbol": _symbols(front),
+                    "line": {"color": "black", "width": 1}}, **_error_bars(front),
+            text=[_hover(p, _tags(p, recs)) for p in front], hovertemplate="%{text}<extra></extra>",
+        ))
+    for key in RECOMMENDATION_KEYS:
+        p = recs.get(key)
+        if p is None:
+            continue
+        symbol, _, color, size = PICK_STYLE[key]
+        fig.add_trace(go.Scatter(
+            x=[p.latency_ms], y=[p.val_acc], mode="markers", name=f"{PICK_LABEL[key]} (trial {p.number})",
+            marker={"symbol": symbol, "color": color, "size": size, "line": {"color": color if "open" in symbol else "black", "width": 2}},
+            text=[_hover(p, _tags(p, recs))], hovertemplate="%{text}<extra></extra>",
+        ))
+    for family in sorted({_family(p) for p in points}):  # legend entries for the shapes
+        fig.add_trace(go.Scatter(
+            x=[None], y=[None], mode="markers", name=f"family: {family}", hoverinfo="skip",
+            marker={"symbol": FAMILY_SYMBOLS.get(family, OTHER_FAMILY_SYMBOL)[0], "color": "#444", "size": 9},
+        ))
+    if max_latency_ms is not None:
+        fig.add_vline(x=max_latency_ms, line={"dash": "dash", "color": "#555"},
+                      annotation_text=f"latency budget {max_latency_ms:g} ms", annotation_position="top")
+    ranges = zoom_ranges(points, front) if zoom else None
+    if ranges is not None:
+        title = f"{title}: the front and the students near it (zoomed; drag or double-click to change)"
+        fig.update_xaxes(range=ranges[0])
+        fig.update_yaxes(range=ranges[1])
+    fig.update_layout(
+        title={"text": html.escape(title)}, template="plotly_white", height=620,
+        xaxis_title="latency (ms, batch 1) - lower is better", yaxis_title="validation accuracy - higher is better",
+        yaxis_tickformat=".1%", legend={"orientation": "v"}, hovermode="closest",
+    )
+    return fig
+
+
+def _png(points: Sequence[TrialPoint], front: list[TrialPoint], recs: Mapping[str, TrialPoint | None],
+         title: str, max_latency_ms: float | None, hv_line: str) -> bytes:
+    # Figure + Agg canvas directly (not pyplot): no global backend switch inside the caller's process.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import PercentFormatter
+
+    fig = Figure(figsize=(11, 7), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    front_numbers = {p.number for p in front}
+    for state in [*STATES, *sorted({p.state for p in points} - set(STATES))]:
+        pts = [p for p in points if p.state == state and p.number not in front_numbers
+               and is_finite(p.latency_ms) and _plot_acc(p) is not None]
+        if pts:
+            ax.scatter([p.latency_ms for p in pts], [_plot_acc(p) for p in pts], s=28,
+                       color=STATE_COLORS.get(state, "#8c564b"), alpha=0.85 if state == "COMPLETE" else 0.55,
+                       label=state if state != "PRUNED" else "PRUNED (at last accuracy)")
+    if front:
+        xs, ys = [p.latency_ms for p in front], [p.val_acc for p in front]
+        ax.step(xs, ys, where="post", color=FRONT_COLOR, lw=2)
+        bars = _error_bars(front)
+        if bars:
+            ax.errorbar(xs, ys, xerr=[bars["error_x"]["arrayminus"], bars["error_x"]["array"]],
+                        yerr=[bars["error_y"]["arrayminus"], bars["error_y"]["array"]], fmt="none",
+                        ecolor=FRONT_COLOR, elinewidth=1, capsize=2, alpha=0.7)
+        ax.scatter(xs, ys, s=60, color=FRONT_COLOR, edgecolors="black", zorder=3, label="Pareto front")
+        for p in front:
+            ax.annotate(str(p.number), (p.latency_ms, p.val_acc), textcoords="offset points", xytext=(5, -11), fontsize=8)
+    for key in RECOMMENDATION_KEYS:
+        p = recs.get(key)
+        if p is None:
+            continue
+        _, marker, color, size = PICK_STYLE[key]
+        open_ = marker != "*"
+        ax.scatter([p.latency_ms], [p.val_acc], marker=marker, s=size * 14, zorder=4,
+                   facecolors="none" if open_ else color, edgecolors=color if open_ else "black", linewidths=2,
+                   label=f"{PICK_LABEL[key]} (trial {p.number})")
+    if max_latency_ms is not None:
+        ax.axvline(max_latency_ms, ls="--", color="#555", label=f"latency budget {max_latency_ms:g} ms")
+    ax.set_xlabel("latency (ms, batch 1) - lower is better")
+    ax.set_ylabel("validation accuracy - higher is better")
+    ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+    ax.grid(alpha=0.3)
+    ax.set_title(title)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="best", fontsize=8)
+    fig.text(0.01, 0.01, hv_line, fontsize=7, wrap=True)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------- HTML / CSV / Markdown
+
+_SORT_JS = """
+document.querySelectorAll('table.sortable th').forEach(function (th) {
+  th.addEventListener('click', function () {
+    var table = th.closest('table'), body = table.tBodies[0];
+    var col = Array.prototype.indexOf.call(th.parentNode.children, th);
+    var asc = th.getAttribute('data-dir') !== 'asc';
+    th.parentNode.querySelectorAll('th').forEach(function (h) { h.removeAttribute('data-dir'); });
+    th.setAttribute('data-dir', asc ? 'asc' : 'desc');
+    function key(row) { var c = row.cells[col]; return c ? (c.getAttribute('data-v') || c.textContent) : ''; }
+    var rows = Array.prototype.slice.call(body.rows);
+    rows.sort(function (a, b) {
+      var x = key(a), y = key(b), nx = parseFloat(x), ny = parseFloat(y);
+      if (x === '' || y === '') { return x === y ? 0 : (x === '' ? 1 : -1); }  // blanks last
+      var r = (!isNaN(nx) && !isNaN(ny)) ? nx - ny : x.localeCompare(y);
+      return asc ? r : -r;
+    });
+    rows.forEach(function (r) { body.appendChild(r); });
+  });
+});
+"""
+
+_CSS = """
+body { font-family: system-ui, -apple-system, Segoe UI, sans-serif; margin: 24px; color: #222; }
+table { border-collapse: collapse; font-size: 13px; margin: 8px 0 24px; }
+th, td { border: 1px solid #ddd; padding: 4px 8px; text-align: left; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+th { background: #f3f3f3; cursor: pointer; user-select: none; }
+th[data-dir=asc]::after { content: ' \\25B2'; } th[data-dir=desc]::after { content: ' \\25BC'; }
+.meta { color: #555; } code { background: #f6f6f6; padding: 1px 3px; }
+"""
+
+
+def _td(value: Any, text: str | None = None, num: bool = False) -> str:
+    v = "" if value is None or (isinstance(value, float) and not math.isfinite(value)) else str(value)
+    cls = ' class="num"' if num else ""
+    return f'<td{cls} data-v="{html.escape(v)}">{html.escape(text if text is not None else v)}</td>'
+
+
+def _html_table(points: Sequence[TrialPoint], recs: Mapping[str, TrialPoint | None], with_state: bool,
+                tie_map: Mapping[int, list[int]] | None = None) -> str:
+    keys = sorted({k for p in points for k in _flatten(p.params)})
+    tie_map = tie_map or {}
+    q = _int8_keys(points)
+    head = ["trial", *(["state"] if with_state else []), "val acc %", "95% CI", "test acc %",
+            *INT8_ACC_HEADERS[:len(q)], "latency ms", "interval", "first ms", "tied with", "picks", *keys]
+    out = ['<table class="sortable"><thead><tr>', *(f"<th>{html.escape(h)}</th>" for h in head), "</tr></thead><tbody>"]
+    for p in points:
+        flat = _flatten(p.params)
+        cells = [_td(p.number, num=True)]
+        if with_state:
+            cells.append(_td(p.state))
+        first = p.extra.get("latency_first_ms")
+        cells += [_td(p.val_acc, _pct(p.val_acc), True), _td(_acc_ci(p)), _td(p.test_acc, _pct(p.test_acc), True),
+                  *(_td(p.extra.get(k), _pct(p.extra.get(k)), True) for k in q),
+                  _td(p.latency_ms, _ms(p.latency_ms), True), _td(_lat_ci(p)), _td(first, _ms(first), True),
+                  _td(_tied_text(p, tie_map)), _td(", ".join(PICK_LABEL[t] for t in _tags(p, recs)))]
+        cells += [_td(flat.get(k), _fmt_value(flat[k]) if k in flat else "") for k in keys]
+        out.append("<tr>" + "".join(cells) + "</tr>")
+    out.append("</tbody></table>")
+    return "".join(out)
+
+
+def _html(points: Sequence[TrialPoint], front: list[TrialPoint], recs: Mapping[str, TrialPoint | None], title: str,
+          plot_div: str, counts: Mapping[str, int], hv_line: str, pick_lines: list[str]) -> str:
+    unplotted = [p for p in points if not (is_finite(p.latency_ms) and _plot_acc(p) is not None)]
+    unplotted_html = ("<p class=meta>Not plotted (no accuracy or latency): "
+                      + ", ".join(f"trial {p.number} ({html.escape(p.state)})" for p in unplotted) + "</p>"
+                      if unplotted else "")
+    picks = "".join(f"<li>{html.escape(t)}</li>" for t in pick_lines)
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<meta name="viewport" content="width=device-width, initial-scale=1"><style>{_CSS}</style></head>
+<body>
+<h1>{html.escape(title)}</h1>
+<p class="meta">{html.escape(_counts_text(counts))}</p>
+<p class="meta">{html.escape(hv_line)}</p>
+<h2>Recommendations</h2><ul>{picks}</ul>
+<p class="meta">Ties: {html.escape(TIE_RULE)}. Error bars are these intervals.</p>
+{plot_div}
+{unplotted_html}
+<h2>Pareto front ({len(front)} trials, click a header to sort)</h2>
+{_html_table(front, recs, with_state=False, tie_map=ties(front))}
+<details><summary>All trials ({len(points)})</summary>
+{_html_table(sorted(points, key=lambda p: p.number), recs, with_state=True)}
+</details>
+<script>{_SORT_JS}</script>
+</body></html>
+"""
+
+
+def _csv(front: list[TrialPoint], recs: Mapping[str, TrialPoint | None]) -> bytes:
+    pkeys = sorted({k for p in front for k in _flatten(p.params)})
+    q = _int8_keys(front)
+    ekeys = sorted({k for p in front for k, v in p.extra.items() if isinstance(v, (str, int, float, bool))} - set(q))
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    tie_map = ties(front)
+    w.writerow(["number", "val_acc", "test_acc", "latency_ms", "recommendations", "val_acc_low", "val_acc_high",
+                "latency_low_ms", "latency_high_ms", "tied_with", *q,
+                *(f"param.{k}" for k in pkeys), *(f"extra.{k}" for k in ekeys)])
+
+    def cell(v: Any) -> Any:
+        if v is None or (isinstance(v, float) and not math.isfinite(v)):
+            return ""
+        return json.dumps(v) if isinstance(v, (list, tuple, dict)) else v
+
+    for p in front:
+        flat = _flatten(p.params)
+        acc_ci, lat_ci = p.acc_ci or (None, None), p.latency_ci or (None, None)
+        w.writerow([p.number, cell(p.val_acc), cell(p.test_acc), cell(p.latency_ms), ";".join(_tags(p, recs)),
+                    cell(acc_ci[0]), cell(acc_ci[1]), cell(lat_ci[0]), cell(lat_ci[1]),
+                    ";".join(str(n) for n in tie_map.get(p.number, [])), *(cell(p.extra.get(k)) for k in q),
+                    *(cell(flat.get(k)) for k in pkeys),
+                    *(cell(p.extra.get(k)) for k in ekeys)])
+    return buf.getvalue().encode()
+
+
+def _md_cell(s: str) -> str:
+    return s.replace("|", "\\|").replace("\n", " ")
+
+
+def _markdown(front: list[TrialPoint], recs: Mapping[str, TrialPoint | None], title: str,
+              counts: Mapping[str, int], hv_line: str, pick_lines: list[str]) -> str:
+    lines = [f"# {title}", "", _counts_text(counts), "", "## Recommendations", ""]
+    lines += [f"- {_md_cell(t)}" for t in pick_lines]
+    lines += ["", f"Ties: {TIE_RULE}.", ""]
+    lines += ["", "## Hypervolume", "", hv_line, "", f"## Pareto front ({len(front)} trials)", ""]
+    if front:
+        tie_map = ties(front)
+        q = _int8_keys(front)
+        lines += ["| trial | val acc % | 95% CI | test acc % | " + "".join(f"{h} | " for h in INT8_ACC_HEADERS[:len(q)])
+                  + "latency ms | interval | tied with | picks | params |",
+                  "|---:|---:|---:|---:|" + "---:|" * len(q) + "---:|---:|---|---|---|"]
+        for p in front:
+            lines.append(f"| {p.number} | {_pct(p.val_acc)} | {_acc_ci(p)} | {_pct(p.test_acc)} | "
+                         + "".join(f"{t} | " for t in _int8_texts(p, q)) +
+                         f"{_ms(p.latency_ms)} | {_lat_ci(p)} | {_tied_text(p, tie_map) or '-'} | "
+                         f"{_md_cell(', '.join(_tags(p, recs)))} | {_md_cell(_params_text(p.params))} |")
+        if q:
+            lines += ["", "Latency is that of each student's INT8 model (--latency-precision int8); fp32 and int8 "
+                      "test %: its fp32 and INT8 ONNX models under ONNX Runtime on the full test split."]
+    else:
+        lines.append("Empty: no COMPLETE trial with finite accuracy and latency.")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- entry point
+
+def write_report(points: Sequence[TrialPoint], out_dir: Path, *, title: str, max_latency_ms: float | None = None,
+                 tolerance_pp: float = 1.0, hv_ref: tuple[float, float] | None = None) -> ReportResult:
+    """Compute the front, picks and hypervolume of ``points`` and write the report files under ``out_dir``.
+
+    Files: ``report.html`` (interactive, fully offline: plotly.js inlined), ``pareto.png``, ``front.csv``,
+    ``summary.md``. ``hv_ref = (accuracy, latency_ms)`` overrides the default reference point (see module doc).
+    """
+    points = list(points)
+    if hv_ref is None:
+        ref, ref_default = default_hv_ref(points), True
+    else:
+        if len(hv_ref) != 2 or not all(is_finite(v) for v in hv_ref):
+            raise UserError(f"hypervolume reference must be two finite numbers (accuracy, latency_ms), got {hv_ref!r}")
+        ref, ref_default = (float(hv_ref[0]), float(hv_ref[1])), False
+    front = front_points(points)
+    recs = recommend(front, max_latency_ms=max_latency_ms, tolerance_pp=tolerance_pp)
+    hv = hypervolume(front, ref)
+    counts = _counts(points)
+    hv_line = _hv_text(hv, ref, ref_default)
+    best_acc = max((p.val_acc for p in front), default=None)  # type: ignore[type-var]
+    pick_lines = [_pick_text(k, recs[k], max_latency_ms, tolerance_pp, best_acc) for k in RECOMMENDATION_KEYS]
+    tie_map = ties(front)
+    for i, k in enumerate(RECOMMENDATION_KEYS):
+        if (r := recs[k]) is not None and tie_map.get(r.number):
+            pick_lines[i] += (f" (tied with trial(s) {', '.join(map(str, tie_map[r.number]))}: not told apart by the "
+                              "intervals, see Ties)")
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fig = _plotly_figure(points, front, recs, title, max_latency_ms)
+    plot_div = fig.to_html(full_html=False, include_plotlyjs=True, div_id="pareto-plot",
+                           config={"displaylogo": False, "responsive": True})
+    if zoom_ranges(points, front) is not None:  # the region that matters first, then every trial
+        zoomed = _plotly_figure(points, front, recs, title, max_latency_ms, zoom=True)
+        plot_div = plot_div.replace('<div id="pareto-plot"', zoomed.to_html(
+            full_html=False, include_plotlyjs=False, div_id="pareto-zoom",
+            config={"displaylogo": False, "responsive": True}) + '<div id="pareto-plot"', 1)
+    outputs = {
+        "report.html": _html(points, front, recs, title, plot_div, counts, hv_line, pick_lines).encode(),
+        "pareto.png": _png(points, front, recs, title, max_latency_ms, hv_line),
+        "front.csv": _csv(front, recs),
+        "summary.md": _markdown(front, recs, title, counts, hv_line, pick_lines).encode(),
+    }
+    files = []
+    for name, data in outputs.items():
+        path = out_dir / name
+        atomic_write_bytes(path, data)
+        files.append(path)
+    return ReportResult(front=front, recommendations=recs, hypervolume=hv, hv_ref=ref, files=files, counts=counts)
