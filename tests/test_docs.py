@@ -18,9 +18,9 @@ SETUP_COMMANDS = (
 MAX_README_LINES = 300
 SETUP_WITHIN_LINES = 30
 
-_FENCE = re.compile(r"^```.*?^```", re.M | re.S)
+_FENCE = re.compile(r"^```.*?^```", re.MULTILINE | re.DOTALL)
 _LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
-_HEADING = re.compile(r"^#{1,6}\s+(.+?)\s*#*\s*$", re.M)
+_HEADING = re.compile(r"^#{1,6}\s+(.+?)\s*#*\s*$", re.MULTILINE)
 
 
 def _prose(path: Path) -> str:
@@ -39,7 +39,7 @@ def _anchors(path: Path) -> set[str]:
 
 
 def _relative_links(path: Path) -> list[str]:
-    return [t for t in _LINK.findall(_prose(path)) if not re.match(r"^[a-z][a-z0-9+.-]*:", t, re.I)]
+    return [t for t in _LINK.findall(_prose(path)) if not re.match(r"^[a-z][a-z0-9+.-]*:", t, re.IGNORECASE)]
 
 
 def test_docs_pages_exist() -> None:
