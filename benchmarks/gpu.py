@@ -449,7 +449,7 @@ def section_search(device: torch.device, sizes: Sizes, quick: bool, util: Utilis
 # ----------------------------------------------------------------------------------------------------------
 
 def print_summary(results: dict[str, Any]) -> None:
-    """The figures again, as Markdown rows to paste into the README."""
+    """The figures again, as Markdown rows to paste into docs/performance.md ("GPU")."""
     say("SUMMARY (Markdown)")
     modes = [("fp32", "eager"), ("bf16", "eager"), ("bf16", "compiled"), ("bf16", "compiled reduce-overhead"),
              ("fp32", "compiled")]

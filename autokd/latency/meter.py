@@ -391,7 +391,7 @@ class LatencyMeter:
         try:
             model.eval()
             # One thread: tracing a small student gains nothing from more, and on a busy host more threads made
-            # the export markedly slower (README, "Latency protocol"). The graph does not depend on it.
+            # the export markedly slower (docs/latency.md, "Exporter"). The graph does not depend on it.
             torch.set_num_threads(1)
             example = torch.zeros(EXAMPLE_BATCH, *input_shape)
             blob, _, _ = export_onnx(model, example)

@@ -3,7 +3,7 @@
 torch's TorchScript-based exporter (``torch.onnx.export(dynamo=False)``) with a dynamic batch axis, opset
 :data:`ONNX_OPSET`; if it fails on some model, the ``torch.export``-based one (``dynamo=True``) is tried, and the
 one used is returned. The TorchScript-based one comes first because a search pays for an export on every trial
-and it is much the faster of the two (README, "Latency protocol").
+and it is much the faster of the two (docs/latency.md, "Exporter").
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 Imports only the standard library, numpy and onnxruntime (never torch or timm), so a latency server on a
 target device times uploaded ONNX files with exactly the protocol a search uses (:func:`time_sessions`; the
-measurements behind it: the README's "Latency protocol").
+measurements behind it: docs/latency.md, "Protocol").
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ DEFAULT_PROVIDER = "CPUExecutionProvider"
 CONFIDENCE = 0.95
 # Relative half-width below which an interval is not trusted: the interval of one measurement sees the spread
 # of its own rounds, not what differs between processes (memory layout, the host's state); two processes timing
-# the same students differ by about this much at the median (README, "Latency protocol").
+# the same students differ by about this much at the median (docs/latency.md, "Intervals").
 REPRODUCIBILITY = 0.02
 
 OnnxSource = Union[bytes, str, os.PathLike]

@@ -26,7 +26,8 @@ from autokd.utils.locks import file_lock
 
 # digits: resnet10t with the digits recipe was accurate and quick to train on a small CPU across seeds and
 # learning rates, where cheaper timm nets (regnetx_002/004, lcnet_100) stayed clearly less accurate at equal
-# CPU time (README, "The teacher"). The defaults for the other datasets follow common practice, not measurement.
+# CPU time (docs/search-spaces.md, "The teacher"). The defaults for the other datasets follow common practice,
+# not measurement.
 DEFAULT_TEACHERS: dict[str, str] = {
     "digits": "resnet10t",
     "mnist": "resnet10t",
@@ -179,9 +180,9 @@ def _fit(model: nn.Module, state: dict[str, Tensor], path: Path, arch: str, data
 
 
 def _ready(model: nn.Module, device: str) -> nn.Module:
-    # channels_last like the students (autokd.train.TrainConfig): the loop feeds the online teacher NHWC
-    # batches, and NCHW weights with NHWC inputs slow its forward markedly (README). A loaded checkpoint comes
-    # back NCHW, whatever it was trained in.
+    # channels_last like the students (autokd.model.train.TrainConfig): the loop feeds the online teacher NHWC
+    # batches, and NCHW weights with NHWC inputs slow its forward markedly (docs/design.md, "Decisions"). A
+    # loaded checkpoint comes back NCHW, whatever it was trained in.
     model.to(device).to(memory_format=torch.channels_last).eval()
     model.requires_grad_(False)
     return model

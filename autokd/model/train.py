@@ -47,7 +47,7 @@ class TrainConfig:
     device: str = "cpu"
     amp: bool | None = None  # None = bf16 autocast on CUDA only
     # On CUDA and on the CPU too: oneDNN's NHWC convolutions make training steps faster for every student
-    # family (README).
+    # family (docs/design.md, "Decisions").
     channels_last: bool = True
     # False, True (torch.compile's default mode) or a torch.compile mode name: "reduce-overhead" adds CUDA
     # graphs. Compiled steps see one batch shape only: a smaller last batch runs the same module eagerly.
@@ -80,8 +80,8 @@ def _make_optimizer(name: str, groups: list[dict[str, Any]], lr: float) -> torch
     """AdamW (default) or Nesterov SGD, with the fused implementation where this torch and device have one.
 
     On the CPU the default per-tensor AdamW step is a sizeable share of a small student's training time, and
-    the fused step is several times faster (README, "Design"). Older torch (fused CPU optimizers came in 2.4)
-    or a device without them falls back to the default implementation.
+    the fused step is several times faster (docs/design.md, "Decisions"). Older torch (fused CPU optimizers came
+    in 2.4) or a device without them falls back to the default implementation.
     """
     cls, extra = (torch.optim.SGD, {"momentum": 0.9, "nesterov": True}) if name == "sgd" else (torch.optim.AdamW, {})
     try:

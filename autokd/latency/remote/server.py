@@ -2,7 +2,8 @@
 
 Runs on the target with ONNX Runtime and numpy only: this module and what it imports must never import torch
 or timm (a test pins that). One model is timed at a time, with the protocol of a local measurement
-(:mod:`autokd.ort_timing`). Contract and security model: the README, "Latency on a target device".
+(:mod:`autokd.latency.protocol`). Contract: docs/latency.md, "Latency on a target device"; security model:
+docs/reliability.md, "Security".
 """
 from __future__ import annotations
 
