@@ -22,7 +22,6 @@ from typing import Any
 from autokd.errors import UserError
 from autokd.select.pareto import (
     RECOMMENDATION_KEYS,
-    STATES,
     TIE_RULE,
     TrialPoint,
     front_points,
@@ -31,9 +30,13 @@ from autokd.select.pareto import (
     recommend,
     ties,
 )
+from autokd.study.record import State
 from autokd.utils.atomic import atomic_write_bytes
 
 __all__ = ["ReportResult", "default_hv_ref", "format_front_table", "write_report"]
+
+# The states trial_state gives, in the order the report lists and draws them (others, if any, follow by name).
+STATES = tuple(s.value for s in (State.COMPLETE, State.PRUNED, State.FAIL, State.INFEASIBLE, State.RUNNING))
 
 STATE_COLORS = {
     "COMPLETE": "#1f77b4",

@@ -17,7 +17,6 @@ from typing import Any, Union
 from autokd.errors import UserError
 
 __all__ = [
-    "STATES",
     "TrialPoint",
     "front_points",
     "hypervolume",
@@ -32,7 +31,6 @@ __all__ = [
     "wilson_interval",
 ]
 
-STATES = ("COMPLETE", "PRUNED", "FAIL", "INFEASIBLE", "RUNNING")
 RECOMMENDATION_KEYS = ("knee", "best_under_latency", "fastest_within_tolerance")
 
 
@@ -40,7 +38,8 @@ RECOMMENDATION_KEYS = ("knee", "best_under_latency", "fastest_within_tolerance")
 class TrialPoint:
     """One trial as the front and the report see it.
 
-    ``state`` is one of :data:`STATES`. ``extra`` holds anything else worth showing; the report reads
+    ``state`` is the trial's state name (a value of :class:`autokd.study.record.State`, e.g. ``"COMPLETE"``): only
+    COMPLETE points enter a front. ``extra`` holds anything else worth showing; the report reads
     ``extra["last_val_acc"]`` to plot a pruned trial at its last known accuracy.
     """
 
