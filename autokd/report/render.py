@@ -15,7 +15,7 @@ import json
 import math
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -123,17 +123,17 @@ def _lat_ci(p: TrialPoint) -> str:
 
 
 # A --latency-precision int8 study's front: each member's test accuracy as its fp32 and INT8 ONNX models (ONNX
-# Runtime, full test split), in ``extra`` (autokd.study_report). Columns appear only when a front member has them.
+# Runtime, full test split; autokd.report.build.int8_accuracies). Columns appear only when a front member has them.
 INT8_ACC_KEYS = ("fp32_test_acc", "int8_test_acc")
 INT8_ACC_HEADERS = ("fp32 test %", "int8 test %")
 
 
 def _int8_keys(points: Sequence[TrialPoint]) -> list[str]:
-    return list(INT8_ACC_KEYS) if any(is_finite(p.extra.get(k)) for p in points for k in INT8_ACC_KEYS) else []
+    return list(INT8_ACC_KEYS) if any(is_finite(getattr(p, k)) for p in points for k in INT8_ACC_KEYS) else []
 
 
 def _int8_texts(p: TrialPoint, keys: Sequence[str]) -> list[str]:
-    return [_pct(p.extra.get(k)) for k in keys]
+    return [_pct(getattr(p, k)) for k in keys]
 
 
 def _tied_text(p: TrialPoint, tie_map: Mapping[int, list[int]]) -> str:
@@ -162,7 +162,7 @@ def _plot_acc(p: TrialPoint) -> float | None:
     """Where a trial is drawn on the accuracy axis: its value, else its last known accuracy, else not at all."""
     if is_finite(p.val_acc):
         return float(p.val_acc)  # type: ignore[arg-type]
-    last = p.extra.get("last_val_acc")
+    last = p.last_val_acc
     return float(last) if is_finite(last) else None
 
 
@@ -240,12 +240,11 @@ def _hover(p: TrialPoint, tags: list[str]) -> str:
     lines = [f"<b>trial {p.number}</b> ({html.escape(p.state)})", acc,
              f"test acc: {_pct(p.test_acc)}%", f"latency: {_ms(p.latency_ms)} ms"]
     if _int8_keys([p]):
-        lines.append(f"test acc (ONNX Runtime): fp32 {_pct(p.extra.get('fp32_test_acc'))}%, int8 "
-                     f"{_pct(p.extra.get('int8_test_acc'))}%")
+        lines.append(f"test acc (ONNX Runtime): fp32 {_pct(p.fp32_test_acc)}%, int8 {_pct(p.int8_test_acc)}%")
     if p.acc_ci or p.latency_ci:
         lines.append(f"intervals: acc {_acc_ci(p)}%, latency {_lat_ci(p)} ms")
-    if p.extra.get("latency_first_ms") is not None:
-        lines.append(f"first measurement: {_ms(p.extra['latency_first_ms'])} ms")
+    if p.latency_first_ms is not None:
+        lines.append(f"first measurement: {_ms(p.latency_first_ms)} ms")
     if tags:
         lines.append("pick: " + ", ".join(PICK_LABEL[t] for t in tags))
     lines += [html.escape(f"{k} = {_fmt_value(v)}") for k, v in sorted(_flatten(p.params).items())]
@@ -453,9 +452,9 @@ def _html_table(points: Sequence[TrialPoint], recs: Mapping[str, TrialPoint | No
         cells = [_td(p.number, num=True)]
         if with_state:
             cells.append(_td(p.state))
-        first = p.extra.get("latency_first_ms")
+        first = p.latency_first_ms
         cells += [_td(p.val_acc, _pct(p.val_acc), True), _td(_acc_ci(p)), _td(p.test_acc, _pct(p.test_acc), True),
-                  *(_td(p.extra.get(k), _pct(p.extra.get(k)), True) for k in q),
+                  *(_td(getattr(p, k), _pct(getattr(p, k)), True) for k in q),
                   _td(p.latency_ms, _ms(p.latency_ms), True), _td(_lat_ci(p)), _td(first, _ms(first), True),
                   _td(_tied_text(p, tie_map)), _td(", ".join(PICK_LABEL[t] for t in _tags(p, recs)))]
         cells += [_td(flat.get(k), _fmt_value(flat[k]) if k in flat else "") for k in keys]
@@ -492,10 +491,16 @@ def _html(points: Sequence[TrialPoint], front: list[TrialPoint], recs: Mapping[s
 """
 
 
+# What the study recorded beside the objectives: TrialPoint's keyword-only fields. front.csv lists those a front
+# member has as "extra.<name>", as when they were one untyped dict (``extra``).
+RECORDED = tuple(sorted(f.name for f in fields(TrialPoint) if f.kw_only))
+
+
 def _csv(front: list[TrialPoint], recs: Mapping[str, TrialPoint | None]) -> bytes:
     pkeys = sorted({k for p in front for k in _flatten(p.params)})
     q = _int8_keys(front)
-    ekeys = sorted({k for p in front for k, v in p.extra.items() if isinstance(v, (str, int, float, bool))} - set(q))
+    ekeys = [k for k in RECORDED
+             if k not in q and any(isinstance(getattr(p, k), (str, int, float, bool)) for p in front)]
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     tie_map = ties(front)
@@ -513,9 +518,9 @@ def _csv(front: list[TrialPoint], recs: Mapping[str, TrialPoint | None]) -> byte
         acc_ci, lat_ci = p.acc_ci or (None, None), p.latency_ci or (None, None)
         w.writerow([p.number, cell(p.val_acc), cell(p.test_acc), cell(p.latency_ms), ";".join(_tags(p, recs)),
                     cell(acc_ci[0]), cell(acc_ci[1]), cell(lat_ci[0]), cell(lat_ci[1]),
-                    ";".join(str(n) for n in tie_map.get(p.number, [])), *(cell(p.extra.get(k)) for k in q),
+                    ";".join(str(n) for n in tie_map.get(p.number, [])), *(cell(getattr(p, k)) for k in q),
                     *(cell(flat.get(k)) for k in pkeys),
-                    *(cell(p.extra.get(k)) for k in ekeys)])
+                    *(cell(getattr(p, k)) for k in ekeys)])
     return buf.getvalue().encode()
 
 
