@@ -223,3 +223,31 @@ def test_int8_study_shows_fp32_and_int8_test_accuracy(tmp_path: Path) -> None:
     assert "int8" not in (tmp_path / "p" / "front.csv").read_text() + (tmp_path / "p" / "summary.md").read_text()
     assert "int8" not in format_front_table(plain.front, plain.recommendations)
 
+
+def test_every_table_of_the_front_has_the_same_columns(report: tuple[ReportResult, Path]) -> None:
+    # One column definition drives them: the terminal and summary.md show the same headers; report.html's front table
+    # shows them too (plus its first measurement), one column per parameter in place of "params".
+    result, out = report
+    terminal = re.split(r"\s{2,}", format_front_table(result.front, result.recommendations).splitlines()[0].strip())
+    md_header = next(line for line in (out / "summary.md").read_text().splitlines() if line.startswith("| trial"))
+    markdown = [h.strip() for h in md_header.strip("|").split("|")]
+    page = (out / "report.html").read_text()
+    front_table = page.split("<h2>Pareto front")[1].split("</table>")[0]
+    html_headers = re.findall(r"<th>(.*?)</th>", front_table)
+    assert terminal == markdown and markdown[-1] == "params"
+    assert [h for h in html_headers if h != "first ms"][:len(markdown) - 1] == markdown[:-1]
+    assert "family" in html_headers[len(markdown):] and "first ms" in html_headers
+
+
+def test_ties_are_computed_once_per_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from autokd.report import render
+
+    calls = []
+    real = render.ties
+    monkeypatch.setattr(render, "ties", lambda front: calls.append(len(front)) or real(front))
+    pts = [TrialPoint(1, "COMPLETE", 0.905, 1.00, {}, acc_ci=(0.875, 0.935), latency_ci=(0.97, 1.03)),
+           TrialPoint(2, "COMPLETE", 0.900, 0.99, {}, acc_ci=(0.87, 0.93), latency_ci=(0.96, 1.02))]
+    res = write_report(pts, tmp_path, title="ties")
+    assert calls == [2] and res.ties == {1: [2], 2: [1]}
+    rows = format_front_table(res.front, res.recommendations, res.ties).splitlines()[2:]
+    assert calls == [2] and [r.split()[6] for r in rows] == ["1", "2"]  # the report's ties, not computed again

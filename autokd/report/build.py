@@ -165,7 +165,7 @@ def build_report(study: optuna.Study, root: Path, data: DataSplits | None = None
     out_dir = study_dir(root, study.study_name) / "report"
     result = write_report(points, out_dir, title=f"autokd study {study.study_name}", max_latency_ms=max_latency_ms,
                           tolerance_pp=tolerance_pp, hv_ref=hv_ref)
-    log(format_front_table(result.front, result.recommendations))
+    log(format_front_table(result.front, result.recommendations, result.ties))
     log(f"hypervolume {result.hypervolume:.4f} (reference point: accuracy {result.hv_ref[0]}, latency "
         f"{result.hv_ref[1]:.3f} ms) — report: {out_dir}/report.html")
     if tracker is None:
