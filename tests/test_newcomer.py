@@ -32,7 +32,7 @@ def _default_like_points() -> list[TrialPoint]:
         params = {"family": family, "width": round(rng.uniform(0.25, 0.75), 2), "loss": rng.choice(["ce", "kd"]),
                   "lr": round(rng.uniform(0.002, 0.02), 4)}
         if rng.random() < 0.55:
-            points.append(TrialPoint(n, "PRUNED", None, lat, params, extra={"last_val_acc": rng.uniform(0.08, 0.5)}))
+            points.append(TrialPoint(n, "PRUNED", None, lat, params, last_val_acc=rng.uniform(0.08, 0.5)))
         else:
             acc = min(0.99, 0.93 + 0.03 * math.log(lat) + rng.uniform(-0.03, 0.01))
             points.append(TrialPoint(n, "COMPLETE", acc, lat, params, None))
@@ -49,7 +49,7 @@ def test_zoom_shows_the_front_not_the_pruned(tmp_path: Path) -> None:
     assert y_hi - y_lo < 0.15 and y_lo > 0.5  # not the 0-100 % axis the pruned students force
     assert y_hi - y_lo >= max(accs) - min(accs)
     pruned = [p for p in points if p.state == "PRUNED"]
-    assert all(p.extra["last_val_acc"] < y_lo for p in pruned)
+    assert all(p.last_val_acc < y_lo for p in pruned)
     assert zoom_ranges(points, []) is None
 
     write_report(points, tmp_path, title="zoom")

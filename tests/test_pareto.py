@@ -214,9 +214,9 @@ def test_knee_is_settled_among_tied_points_by_parameters() -> None:
     # The knee by medians is trial 2; trial 1 is tied with it on both axes and smaller: recommended instead.
     pts = [TrialPoint(0, "COMPLETE", 0.50, 0.5, acc_ci=(0.45, 0.55), latency_ci=(0.49, 0.51)),
            TrialPoint(1, "COMPLETE", 0.89, 0.99, acc_ci=(0.86, 0.92), latency_ci=(0.97, 1.01),
-                      extra={"param_count": 10}),
+                      param_count=10),
            TrialPoint(2, "COMPLETE", 0.90, 1.0, acc_ci=(0.87, 0.93), latency_ci=(0.98, 1.02),
-                      extra={"param_count": 99}),
+                      param_count=99),
            TrialPoint(3, "COMPLETE", 0.92, 5.0, acc_ci=(0.90, 0.94), latency_ci=(4.9, 5.1))]
     assert recommend(pts)["knee"].number == 1
     for p in pts:

@@ -235,12 +235,12 @@ def test_front_is_retimed_together_before_the_report(tmp_path: Path, tiny_teache
     retime = study.user_attrs["latency_retime"]
     assert retime["signature"] == study.user_attrs["latency_device"] and retime["archs"]
     points = {p.number: p for p in trial_points(study)}
-    retimed = [p for p in points.values() if p.extra.get("arch_key") in retime["archs"]]
+    retimed = [p for p in points.values() if p.arch_key in retime["archs"]]
     assert retimed
     for p in retimed:
-        fig = retime["archs"][p.extra["arch_key"]]
+        fig = retime["archs"][p.arch_key]
         assert p.latency_ms == fig["median_ms"] and p.latency_ci == (fig["low_ms"], fig["high_ms"])
-        assert p.extra["latency_first_ms"] == study.trials[p.number].user_attrs["latency"]["median_ms"]
+        assert p.latency_first_ms == study.trials[p.number].user_attrs["latency"]["median_ms"]
         assert p.acc_ci is not None and p.acc_ci[0] <= p.val_acc <= p.acc_ci[1]
     csv_text = (tmp_path / "studies" / "digits-tiny" / "report" / "front.csv").read_text()
     assert "latency_low_ms" in csv_text.splitlines()[0] and "extra.latency_first_ms" in csv_text.splitlines()[0]

@@ -53,9 +53,9 @@ def test_trial_points_carry_each_state_params_latency_and_intervals(tmp_path: Pa
     assert done.val_acc == 0.9 and done.latency_ms == 1.0 and done.latency_ci == (0.98, 1.02)
     assert done.params == {"family": "resnet", "width": 0.5, "kd.alpha": 0.3}
     assert done.acc_ci is not None and done.acc_ci[0] < 0.9 < done.acc_ci[1]  # Wilson on 200 images
-    assert done.extra["param_count"] == 1234 and done.extra["epochs"] == 2 and done.extra["last_val_acc"] == 0.7
+    assert done.param_count == 1234 and done.epochs == 2 and done.last_val_acc == 0.7
     assert points[numbers["PRUNED"]].val_acc is None  # only complete trials have an accuracy
-    assert points[numbers["FAIL"]].extra["reason"] == "oom"
+    assert points[numbers["FAIL"]].reason == "oom"
 
 
 def test_trial_points_read_params_of_studies_that_stored_them_one_by_one(tmp_path: Path) -> None:

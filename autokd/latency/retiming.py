@@ -87,7 +87,7 @@ def retime_front(study: optuna.Study, points: Sequence[TrialPoint], data: DataSp
     trials = {t.number: t for t in study.get_trials(deepcopy=False)}
     specs = {}
     for p in chosen:
-        key = p.extra.get("arch_key")
+        key = p.arch_key
         if not key or key in specs:
             continue
         flat = sampled_params(trials[p.number].user_attrs)
@@ -117,11 +117,12 @@ def retime_front(study: optuna.Study, points: Sequence[TrialPoint], data: DataSp
 
 
 def apply(points: Sequence[TrialPoint], archs: dict[str, dict[str, Any]]) -> None:
-    """Put the re-timed figures into ``points`` (the first measurement stays in ``extra['latency_first_ms']``)."""
+    """Put the re-timed figures into ``points`` (the first measurement stays in their ``latency_first_ms``)."""
     for p in points:
-        found = archs.get(p.extra.get("arch_key") or "")
+        found = archs.get(p.arch_key or "")
         if found and p.latency_ms is not None:
-            p.extra.setdefault("latency_first_ms", p.latency_ms)
+            if p.latency_first_ms is None:  # applied twice (stored figures, then a new re-timing): keep the first
+                p.latency_first_ms = p.latency_ms
             p.latency_ms = float(found["median_ms"])
             if found.get("low_ms") is not None and found.get("high_ms") is not None:
                 p.latency_ci = (float(found["low_ms"]), float(found["high_ms"]))

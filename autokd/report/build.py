@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Callable
 
 import optuna
 from optuna.trial import TrialState
@@ -73,18 +73,15 @@ def trial_points(study: optuna.Study) -> list[TrialPoint]:
         val_acc = t.values[0] if state == State.COMPLETE and t.values else None
         params = sampled_params(t.user_attrs)
         curve = t.user_attrs.get(CURVE_ATTR) or []
-        extra: dict[str, Any] = {"last_val_acc": curve[-1] if curve else None, "epochs": len(curve),
-                                 "arch_key": t.user_attrs.get(ARCH_KEY_ATTR)}
-        if t.user_attrs.get(FAIL_REASON_ATTR):
-            extra["reason"] = t.user_attrs[FAIL_REASON_ATTR]
-        if measured.get("params"):
-            extra["param_count"] = measured["params"]
         latency_ci = None
         if measured.get("low_ms") is not None and measured.get("high_ms") is not None:
             latency_ci = (float(measured["low_ms"]), float(measured["high_ms"]))
         acc_ci = wilson_interval(val_acc, int(val_images)) if val_acc is not None and val_images else None
         points.append(TrialPoint(number=t.number, state=state, val_acc=val_acc, latency_ms=latency, params=params,
-                                 extra=extra, acc_ci=acc_ci, latency_ci=latency_ci))
+                                 acc_ci=acc_ci, latency_ci=latency_ci, arch_key=t.user_attrs.get(ARCH_KEY_ATTR),
+                                 epochs=len(curve), last_val_acc=curve[-1] if curve else None,
+                                 param_count=measured.get("params") or None,
+                                 reason=t.user_attrs.get(FAIL_REASON_ATTR) or None))
     retiming.apply(points, retiming.stored(study))
     return points
 
@@ -121,7 +118,7 @@ def latency_precision(study: optuna.Study) -> str:
 def int8_accuracies(study: optuna.Study, front: list[TrialPoint], root: Path, data: DataSplits,
                     log: Callable[[str], None] = print) -> None:
     """Each front member's fp32 and INT8 test accuracy (ONNX Runtime, as ``autokd export --int8`` makes them;
-    computed once per trial and cached) into ``extra['fp32_test_acc']`` / ``extra['int8_test_acc']``."""
+    computed once per trial and cached) into their ``fp32_test_acc`` / ``int8_test_acc``."""
     from autokd.report.evaluation import trial_int8_accuracy
 
     for point in front:
@@ -130,7 +127,7 @@ def int8_accuracies(study: optuna.Study, front: list[TrialPoint], root: Path, da
         except Exception as exc:  # noqa: BLE001 - the report is still written, without this member's figures
             log(f"warning: trial {point.number}: no INT8 test accuracy ({exc.__class__.__name__}: {exc})")
             continue
-        point.extra["fp32_test_acc"], point.extra["int8_test_acc"] = acc["fp32_test_acc"], acc["test_acc"]
+        point.fp32_test_acc, point.int8_test_acc = acc["fp32_test_acc"], acc["test_acc"]
 
 
 def build_report(study: optuna.Study, root: Path, data: DataSplits | None = None, max_latency_ms: float | None = None,
@@ -168,7 +165,7 @@ def build_report(study: optuna.Study, root: Path, data: DataSplits | None = None
     out_dir = study_dir(root, study.study_name) / "report"
     result = write_report(points, out_dir, title=f"autokd study {study.study_name}", max_latency_ms=max_latency_ms,
                           tolerance_pp=tolerance_pp, hv_ref=hv_ref)
-    log(format_front_table(result.front, result.recommendations))
+    log(format_front_table(result.front, result.recommendations, result.ties))
     log(f"hypervolume {result.hypervolume:.4f} (reference point: accuracy {result.hv_ref[0]}, latency "
         f"{result.hv_ref[1]:.3f} ms) — report: {out_dir}/report.html")
     if tracker is None:

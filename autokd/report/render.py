@@ -14,15 +14,14 @@ import io
 import json
 import math
 from collections import Counter
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from autokd.errors import UserError
 from autokd.select.pareto import (
     RECOMMENDATION_KEYS,
-    STATES,
     TIE_RULE,
     TrialPoint,
     front_points,
@@ -31,9 +30,13 @@ from autokd.select.pareto import (
     recommend,
     ties,
 )
+from autokd.study.record import State
 from autokd.utils.atomic import atomic_write_bytes
 
 __all__ = ["ReportResult", "default_hv_ref", "format_front_table", "write_report"]
+
+# The states trial_state gives, in the order the report lists and draws them (others, if any, follow by name).
+STATES = tuple(s.value for s in (State.COMPLETE, State.PRUNED, State.FAIL, State.INFEASIBLE, State.RUNNING))
 
 STATE_COLORS = {
     "COMPLETE": "#1f77b4",
@@ -76,6 +79,7 @@ class ReportResult:
     hv_ref: tuple[float, float]
     files: list[Path]
     counts: dict[str, int] = field(default_factory=dict)
+    ties: dict[int, list[int]] = field(default_factory=dict)  # trial number -> front members tied with it
 
 
 # ---------------------------------------------------------------- small helpers
@@ -111,30 +115,21 @@ def _ms(x: float | None) -> str:
     return f"{x:.3f}" if is_finite(x) else "-"
 
 
-def _acc_ci(p: TrialPoint) -> str:
-    return f"{_pct(p.acc_ci[0])}-{_pct(p.acc_ci[1])}" if p.acc_ci else "-"
+def _interval(fmt: Callable[[float | None], str]) -> Callable[[tuple[float, float] | None], str]:
+    """The text of an interval, its ends formatted by ``fmt``; "-" when there is none."""
+    return lambda ci: f"{fmt(ci[0])}-{fmt(ci[1])}" if ci else "-"
 
 
-def _lat_ci(p: TrialPoint) -> str:
-    return f"{_ms(p.latency_ci[0])}-{_ms(p.latency_ci[1])}" if p.latency_ci else "-"
-
+_acc_ci, _lat_ci = _interval(_pct), _interval(_ms)
 
 # A --latency-precision int8 study's front: each member's test accuracy as its fp32 and INT8 ONNX models (ONNX
-# Runtime, full test split), in ``extra`` (autokd.study_report). Columns appear only when a front member has them.
-INT8_ACC_KEYS = ("fp32_test_acc", "int8_test_acc")
-INT8_ACC_HEADERS = ("fp32 test %", "int8 test %")
+# Runtime, full test split; autokd.report.build.int8_accuracies).
+INT8_ACC_FIELDS = ("fp32_test_acc", "int8_test_acc")
 
 
-def _int8_keys(points: Sequence[TrialPoint]) -> list[str]:
-    return list(INT8_ACC_KEYS) if any(is_finite(p.extra.get(k)) for p in points for k in INT8_ACC_KEYS) else []
-
-
-def _int8_texts(p: TrialPoint, keys: Sequence[str]) -> list[str]:
-    return [_pct(p.extra.get(k)) for k in keys]
-
-
-def _tied_text(p: TrialPoint, tie_map: Mapping[int, list[int]]) -> str:
-    return ",".join(str(n) for n in tie_map.get(p.number, []))
+def _has_int8(points: Sequence[TrialPoint]) -> bool:
+    """Some point has a finite INT8_ACC_FIELDS figure: only then are they shown as columns (and in the hover)."""
+    return any(is_finite(p.fp32_test_acc) or is_finite(p.int8_test_acc) for p in points)
 
 
 def _error_bars(pts: Sequence[TrialPoint]) -> dict[str, Any]:
@@ -159,7 +154,7 @@ def _plot_acc(p: TrialPoint) -> float | None:
     """Where a trial is drawn on the accuracy axis: its value, else its last known accuracy, else not at all."""
     if is_finite(p.val_acc):
         return float(p.val_acc)  # type: ignore[arg-type]
-    last = p.extra.get("last_val_acc")
+    last = p.last_val_acc
     return float(last) if is_finite(last) else None
 
 
@@ -203,29 +198,209 @@ def _pick_text(key: str, p: TrialPoint | None, max_latency_ms: float | None, tol
             f"test acc {_pct(p.test_acc)}%, latency {_ms(p.latency_ms)} ms; {_params_text(p.params)}")
 
 
-# ---------------------------------------------------------------- terminal table
+# ---------------------------------------------------------------- the front table: one definition, four renderers
 
-def format_front_table(front: Sequence[TrialPoint], recommendations: Mapping[str, TrialPoint | None]) -> str:
-    """The front as plain aligned text for the terminal (latency ascending), one trial per line."""
-    tie_map = ties(front)
-    q = _int8_keys(front)
-    header = ["trial", "val acc %", "95% CI", "test acc %", *INT8_ACC_HEADERS[:len(q)], "latency ms", "interval",
-              "tied with", "picks", "params"]
-    rows = [
-        [str(p.number), _pct(p.val_acc), _acc_ci(p), _pct(p.test_acc), *_int8_texts(p, q), _ms(p.latency_ms),
-         _lat_ci(p), _tied_text(p, tie_map) or "-", ",".join(_tags(p, recommendations)) or "-", _params_text(p.params)]
-        for p in front
-    ]
-    if not rows:
+# Where a column can show: report.html's front table and its table of every trial, summary.md, the terminal.
+# front.csv shows the columns that name a CSV header.
+HTML, ALL_TRIALS, MARKDOWN, TERMINAL, CSV = "html", "all-trials", "markdown", "terminal", "csv"
+TABLES = frozenset({HTML, ALL_TRIALS, MARKDOWN, TERMINAL})
+
+
+@dataclass(frozen=True)
+class Table:
+    """What a row's cells read besides its point: the report's picks and the ties among the front."""
+
+    recommendations: Mapping[str, TrialPoint | None]
+    ties: Mapping[int, list[int]] = field(default_factory=dict)
+
+
+class _Absent:
+    """The value of a column a point has nothing for (a parameter only other students have): an empty cell."""
+
+    def __repr__(self) -> str:
+        return "ABSENT"
+
+
+ABSENT = _Absent()
+
+
+def _empty(v: Any) -> bool:
+    return v is None or v is ABSENT or (isinstance(v, float) and not math.isfinite(v))
+
+
+@dataclass(frozen=True)
+class Column:
+    """One column of the front table: its header, how a point gives its value, how each renderer shows that value,
+    and when the column appears."""
+
+    header: str
+    value: Callable[[TrialPoint, Table], Any]
+    text: Callable[[Any], str] = str  # the cell's text (HTML, summary.md, terminal)
+    # A renderer's own text where it differs from ``text``; for CSV the cell (one per header), else the raw value.
+    texts: Mapping[str, Callable[[Any], Any]] = field(default_factory=dict)
+    num: bool = False  # a number: right-aligned; the HTML table sorts on the value
+    right: bool | None = None  # right-aligned in summary.md and the terminal (default: ``num``)
+    sort_by_value: bool | None = None  # the HTML table sorts on the value, not the text (default: ``num``)
+    shown: frozenset[str] = TABLES
+    csv: tuple[str, ...] = ()  # front.csv header(s), several where the value is a pair; none: not in the CSV
+    csv_at: int = 0  # front.csv keeps the column order it always had: columns sort on this, stably
+    when: Callable[[Sequence[TrialPoint]], bool] | None = None  # given the table's points; None: always
+
+    @property
+    def aligned_right(self) -> bool:
+        return self.num if self.right is None else self.right
+
+    def cell(self, renderer: str, p: TrialPoint, table: Table) -> Any:
+        """The cell of ``p`` as ``renderer`` shows it."""
+        value = self.value(p, table)
+        if renderer in self.texts:
+            return self.texts[renderer](value)
+        return value if renderer == CSV else self.text(value)
+
+    def html_cell(self, p: TrialPoint, table: Table) -> str:
+        """The ``<td>`` of ``p``: its text, and in ``data-v`` what the table sorts on."""
+        value = self.value(p, table)
+        text = self.text(value)
+        key = value if (self.num if self.sort_by_value is None else self.sort_by_value) else text
+        cls = ' class="num"' if self.num else ""
+        return f'<td{cls} data-v="{html.escape("" if _empty(key) else str(key))}">{html.escape(text)}</td>'
+
+
+@dataclass(frozen=True)
+class PerKey:
+    """A column for each key found among the table's points: ``column(key)`` makes it."""
+
+    keys: Callable[[Sequence[TrialPoint]], list[str]]
+    column: Callable[[str], Column]
+
+
+def _joined(sep: str, empty: str = "") -> Callable[[Sequence[Any]], str]:
+    return lambda items: sep.join(map(str, items)) or empty
+
+
+def _pair(ci: tuple[float, float] | None) -> tuple[float | None, float | None]:
+    return ci or (None, None)
+
+
+def _param_keys(points: Sequence[TrialPoint]) -> list[str]:
+    return sorted({k for p in points for k in _flatten(p.params)})
+
+
+def _param_column(key: str) -> Column:
+    return Column(key, lambda p, t: _flatten(p.params).get(key, ABSENT), lambda v: "" if v is ABSENT else _fmt_value(v),
+                  sort_by_value=True, shown=frozenset({HTML, ALL_TRIALS}), csv=(f"param.{key}",), csv_at=9)
+
+
+def _recorded_column(name: str) -> Column:
+    """front.csv's column of a recorded field (named as when these fields were one untyped dict, ``extra``), where a
+    front member has a value; the INT8 test accuracies only when they are not shown as columns of their own."""
+    def when(points: Sequence[TrialPoint]) -> bool:
+        if name in INT8_ACC_FIELDS and _has_int8(points):
+            return False
+        return any(isinstance(getattr(p, name), (str, int, float, bool)) for p in points)
+
+    return Column(f"extra.{name}", lambda p, t: getattr(p, name), shown=frozenset(), csv=(f"extra.{name}",), csv_at=10,
+                  when=when)
+
+
+# What the study recorded beside the objectives: TrialPoint's keyword-only fields.
+RECORDED = tuple(sorted(f.name for f in fields(TrialPoint) if f.kw_only))
+
+COLUMNS: tuple[Column | PerKey, ...] = (
+    Column("trial", lambda p, t: p.number, num=True, csv=("number",), csv_at=0),
+    Column("state", lambda p, t: p.state, shown=frozenset({ALL_TRIALS})),
+    Column("val acc %", lambda p, t: p.val_acc, _pct, num=True, csv=("val_acc",), csv_at=1),
+    Column("95% CI", lambda p, t: p.acc_ci, _acc_ci, right=True, texts={CSV: _pair},
+           csv=("val_acc_low", "val_acc_high"), csv_at=5),
+    Column("test acc %", lambda p, t: p.test_acc, _pct, num=True, csv=("test_acc",), csv_at=2),
+    Column("fp32 test %", lambda p, t: p.fp32_test_acc, _pct, num=True, csv=("fp32_test_acc",), csv_at=8,
+           when=_has_int8),
+    Column("int8 test %", lambda p, t: p.int8_test_acc, _pct, num=True, csv=("int8_test_acc",), csv_at=8,
+           when=_has_int8),
+    Column("latency ms", lambda p, t: p.latency_ms, _ms, num=True, csv=("latency_ms",), csv_at=3),
+    Column("interval", lambda p, t: p.latency_ci, _lat_ci, right=True, texts={CSV: _pair},
+           csv=("latency_low_ms", "latency_high_ms"), csv_at=6),
+    Column("first ms", lambda p, t: p.latency_first_ms, _ms, num=True, shown=frozenset({HTML, ALL_TRIALS})),
+    Column("tied with", lambda p, t: t.ties.get(p.number, []), _joined(","),
+           texts={MARKDOWN: _joined(",", "-"), TERMINAL: _joined(",", "-"), CSV: _joined(";")},
+           csv=("tied_with",), csv_at=7),
+    Column("picks", lambda p, t: _tags(p, t.recommendations), lambda tags: ", ".join(PICK_LABEL[k] for k in tags),
+           texts={MARKDOWN: _joined(", "), TERMINAL: _joined(",", "-"), CSV: _joined(";")},
+           csv=("recommendations",), csv_at=4),
+    Column("params", lambda p, t: p.params, _params_text, shown=frozenset({MARKDOWN, TERMINAL})),
+    PerKey(_param_keys, _param_column),  # the HTML tables and the CSV: one column per parameter
+    *(_recorded_column(name) for name in RECORDED),
+)
+
+
+def _columns(points: Sequence[TrialPoint], renderer: str) -> list[Column]:
+    """The columns ``renderer`` shows for a table of ``points``, in its order."""
+    out = []
+    for entry in COLUMNS:
+        for col in [entry.column(k) for k in entry.keys(points)] if isinstance(entry, PerKey) else [entry]:
+            shown = bool(col.csv) if renderer == CSV else renderer in col.shown
+            if shown and (col.when is None or col.when(points)):
+                out.append(col)
+    return sorted(out, key=lambda c: c.csv_at) if renderer == CSV else out
+
+
+def format_front_table(front: Sequence[TrialPoint], recommendations: Mapping[str, TrialPoint | None],
+                       tie_map: Mapping[int, list[int]] | None = None) -> str:
+    """The front as plain aligned text for the terminal (latency ascending), one trial per line.
+
+    ``tie_map``: the front's ties (:attr:`ReportResult.ties`); computed here when not given."""
+    if not front:
         return "Pareto front is empty: no COMPLETE trial with finite accuracy and latency."
+    table = Table(recommendations, ties(front) if tie_map is None else tie_map)
+    cols = _columns(front, TERMINAL)
+    header = [c.header for c in cols]
+    rows = [[c.cell(TERMINAL, p, table) for c in cols] for p in front]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    right = set(range(1, 6 + len(q)))  # numbers right-aligned
+    right = {i for i, c in enumerate(cols) if i > 0 and c.aligned_right}  # the first column, the trial, reads left
 
     def line(r: list[str]) -> str:
         cells = [c.rjust(widths[i]) if i in right else c.ljust(widths[i]) for i, c in enumerate(r)]
         return "  ".join(cells).rstrip()
 
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def _html_table(points: Sequence[TrialPoint], table: Table, renderer: str) -> str:
+    cols = _columns(points, renderer)
+    out = ['<table class="sortable"><thead><tr>', *(f"<th>{html.escape(c.header)}</th>" for c in cols),
+           "</tr></thead><tbody>"]
+    out += ["<tr>" + "".join(c.html_cell(p, table) for c in cols) + "</tr>" for p in points]
+    out.append("</tbody></table>")
+    return "".join(out)
+
+
+def _csv_cell(v: Any) -> Any:
+    if _empty(v):
+        return ""
+    return json.dumps(v) if isinstance(v, (list, tuple, dict)) else v
+
+
+def _csv(front: list[TrialPoint], table: Table) -> bytes:
+    cols = _columns(front, CSV)
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow([h for c in cols for h in c.csv])
+    for p in front:
+        cells = [(c.cell(CSV, p, table), len(c.csv)) for c in cols]
+        w.writerow([_csv_cell(x) for v, n in cells for x in (v if n > 1 else [v])])
+    return buf.getvalue().encode()
+
+
+def _md_cell(s: str) -> str:
+    return s.replace("|", "\\|").replace("\n", " ")
+
+
+def _markdown_table(front: list[TrialPoint], table: Table) -> list[str]:
+    cols = _columns(front, MARKDOWN)
+    lines = ["| " + " | ".join(c.header for c in cols) + " |",
+             "|" + "".join("---:|" if c.aligned_right else "---|" for c in cols)]
+    lines += ["| " + " | ".join(_md_cell(c.cell(MARKDOWN, p, table)) for c in cols) + " |" for p in front]
+    return lines
 
 
 # ---------------------------------------------------------------- figures
@@ -236,13 +411,12 @@ def _hover(p: TrialPoint, tags: list[str]) -> str:
         acc += f" (last seen {_pct(_plot_acc(p))}%)"
     lines = [f"<b>trial {p.number}</b> ({html.escape(p.state)})", acc,
              f"test acc: {_pct(p.test_acc)}%", f"latency: {_ms(p.latency_ms)} ms"]
-    if _int8_keys([p]):
-        lines.append(f"test acc (ONNX Runtime): fp32 {_pct(p.extra.get('fp32_test_acc'))}%, int8 "
-                     f"{_pct(p.extra.get('int8_test_acc'))}%")
+    if _has_int8([p]):
+        lines.append(f"test acc (ONNX Runtime): fp32 {_pct(p.fp32_test_acc)}%, int8 {_pct(p.int8_test_acc)}%")
     if p.acc_ci or p.latency_ci:
-        lines.append(f"intervals: acc {_acc_ci(p)}%, latency {_lat_ci(p)} ms")
-    if p.extra.get("latency_first_ms") is not None:
-        lines.append(f"first measurement: {_ms(p.extra['latency_first_ms'])} ms")
+        lines.append(f"intervals: acc {_acc_ci(p.acc_ci)}%, latency {_lat_ci(p.latency_ci)} ms")
+    if p.latency_first_ms is not None:
+        lines.append(f"first measurement: {_ms(p.latency_first_ms)} ms")
     if tags:
         lines.append("pick: " + ", ".join(PICK_LABEL[t] for t in tags))
     lines += [html.escape(f"{k} = {_fmt_value(v)}") for k, v in sorted(_flatten(p.params).items())]
@@ -431,43 +605,15 @@ th[data-dir=asc]::after { content: ' \\25B2'; } th[data-dir=desc]::after { conte
 """
 
 
-def _td(value: Any, text: str | None = None, num: bool = False) -> str:
-    v = "" if value is None or (isinstance(value, float) and not math.isfinite(value)) else str(value)
-    cls = ' class="num"' if num else ""
-    return f'<td{cls} data-v="{html.escape(v)}">{html.escape(text if text is not None else v)}</td>'
-
-
-def _html_table(points: Sequence[TrialPoint], recs: Mapping[str, TrialPoint | None], with_state: bool,
-                tie_map: Mapping[int, list[int]] | None = None) -> str:
-    keys = sorted({k for p in points for k in _flatten(p.params)})
-    tie_map = tie_map or {}
-    q = _int8_keys(points)
-    head = ["trial", *(["state"] if with_state else []), "val acc %", "95% CI", "test acc %",
-            *INT8_ACC_HEADERS[:len(q)], "latency ms", "interval", "first ms", "tied with", "picks", *keys]
-    out = ['<table class="sortable"><thead><tr>', *(f"<th>{html.escape(h)}</th>" for h in head), "</tr></thead><tbody>"]
-    for p in points:
-        flat = _flatten(p.params)
-        cells = [_td(p.number, num=True)]
-        if with_state:
-            cells.append(_td(p.state))
-        first = p.extra.get("latency_first_ms")
-        cells += [_td(p.val_acc, _pct(p.val_acc), True), _td(_acc_ci(p)), _td(p.test_acc, _pct(p.test_acc), True),
-                  *(_td(p.extra.get(k), _pct(p.extra.get(k)), True) for k in q),
-                  _td(p.latency_ms, _ms(p.latency_ms), True), _td(_lat_ci(p)), _td(first, _ms(first), True),
-                  _td(_tied_text(p, tie_map)), _td(", ".join(PICK_LABEL[t] for t in _tags(p, recs)))]
-        cells += [_td(flat.get(k), _fmt_value(flat[k]) if k in flat else "") for k in keys]
-        out.append("<tr>" + "".join(cells) + "</tr>")
-    out.append("</tbody></table>")
-    return "".join(out)
-
-
-def _html(points: Sequence[TrialPoint], front: list[TrialPoint], recs: Mapping[str, TrialPoint | None], title: str,
+def _html(points: Sequence[TrialPoint], front: list[TrialPoint], table: Table, title: str,
           plot_div: str, counts: Mapping[str, int], hv_line: str, pick_lines: list[str]) -> str:
     unplotted = [p for p in points if not (is_finite(p.latency_ms) and _plot_acc(p) is not None)]
     unplotted_html = ("<p class=meta>Not plotted (no accuracy or latency): "
                       + ", ".join(f"trial {p.number} ({html.escape(p.state)})" for p in unplotted) + "</p>"
                       if unplotted else "")
     picks = "".join(f"<li>{html.escape(t)}</li>" for t in pick_lines)
+    # Every trial: its "tied with" stays empty (ties are among the front, whose table shows them).
+    every = _html_table(sorted(points, key=lambda p: p.number), Table(table.recommendations), ALL_TRIALS)
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <meta name="viewport" content="width=device-width, initial-scale=1"><style>{_CSS}</style></head>
@@ -480,64 +626,24 @@ def _html(points: Sequence[TrialPoint], front: list[TrialPoint], recs: Mapping[s
 {plot_div}
 {unplotted_html}
 <h2>Pareto front ({len(front)} trials, click a header to sort)</h2>
-{_html_table(front, recs, with_state=False, tie_map=ties(front))}
+{_html_table(front, table, HTML)}
 <details><summary>All trials ({len(points)})</summary>
-{_html_table(sorted(points, key=lambda p: p.number), recs, with_state=True)}
+{every}
 </details>
 <script>{_SORT_JS}</script>
 </body></html>
 """
 
 
-def _csv(front: list[TrialPoint], recs: Mapping[str, TrialPoint | None]) -> bytes:
-    pkeys = sorted({k for p in front for k in _flatten(p.params)})
-    q = _int8_keys(front)
-    ekeys = sorted({k for p in front for k, v in p.extra.items() if isinstance(v, (str, int, float, bool))} - set(q))
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    tie_map = ties(front)
-    w.writerow(["number", "val_acc", "test_acc", "latency_ms", "recommendations", "val_acc_low", "val_acc_high",
-                "latency_low_ms", "latency_high_ms", "tied_with", *q,
-                *(f"param.{k}" for k in pkeys), *(f"extra.{k}" for k in ekeys)])
-
-    def cell(v: Any) -> Any:
-        if v is None or (isinstance(v, float) and not math.isfinite(v)):
-            return ""
-        return json.dumps(v) if isinstance(v, (list, tuple, dict)) else v
-
-    for p in front:
-        flat = _flatten(p.params)
-        acc_ci, lat_ci = p.acc_ci or (None, None), p.latency_ci or (None, None)
-        w.writerow([p.number, cell(p.val_acc), cell(p.test_acc), cell(p.latency_ms), ";".join(_tags(p, recs)),
-                    cell(acc_ci[0]), cell(acc_ci[1]), cell(lat_ci[0]), cell(lat_ci[1]),
-                    ";".join(str(n) for n in tie_map.get(p.number, [])), *(cell(p.extra.get(k)) for k in q),
-                    *(cell(flat.get(k)) for k in pkeys),
-                    *(cell(p.extra.get(k)) for k in ekeys)])
-    return buf.getvalue().encode()
-
-
-def _md_cell(s: str) -> str:
-    return s.replace("|", "\\|").replace("\n", " ")
-
-
-def _markdown(front: list[TrialPoint], recs: Mapping[str, TrialPoint | None], title: str,
-              counts: Mapping[str, int], hv_line: str, pick_lines: list[str]) -> str:
+def _markdown(front: list[TrialPoint], table: Table, title: str, counts: Mapping[str, int], hv_line: str,
+              pick_lines: list[str]) -> str:
     lines = [f"# {title}", "", _counts_text(counts), "", "## Recommendations", ""]
     lines += [f"- {_md_cell(t)}" for t in pick_lines]
     lines += ["", f"Ties: {TIE_RULE}.", ""]
     lines += ["", "## Hypervolume", "", hv_line, "", f"## Pareto front ({len(front)} trials)", ""]
     if front:
-        tie_map = ties(front)
-        q = _int8_keys(front)
-        lines += ["| trial | val acc % | 95% CI | test acc % | " + "".join(f"{h} | " for h in INT8_ACC_HEADERS[:len(q)])
-                  + "latency ms | interval | tied with | picks | params |",
-                  "|---:|---:|---:|---:|" + "---:|" * len(q) + "---:|---:|---|---|---|"]
-        for p in front:
-            lines.append(f"| {p.number} | {_pct(p.val_acc)} | {_acc_ci(p)} | {_pct(p.test_acc)} | "
-                         + "".join(f"{t} | " for t in _int8_texts(p, q)) +
-                         f"{_ms(p.latency_ms)} | {_lat_ci(p)} | {_tied_text(p, tie_map) or '-'} | "
-                         f"{_md_cell(', '.join(_tags(p, recs)))} | {_md_cell(_params_text(p.params))} |")
-        if q:
+        lines += _markdown_table(front, table)
+        if _has_int8(front):
             lines += ["", "Latency is that of each student's INT8 model (--latency-precision int8); fp32 and int8 "
                       "test %: its fp32 and INT8 ONNX models under ONNX Runtime on the full test split."]
     else:
@@ -584,15 +690,17 @@ def write_report(points: Sequence[TrialPoint], out_dir: Path, *, title: str, max
         plot_div = plot_div.replace('<div id="pareto-plot"', zoomed.to_html(
             full_html=False, include_plotlyjs=False, div_id="pareto-zoom",
             config={"displaylogo": False, "responsive": True}) + '<div id="pareto-plot"', 1)
+    table = Table(recs, tie_map)
     outputs = {
-        "report.html": _html(points, front, recs, title, plot_div, counts, hv_line, pick_lines).encode(),
+        "report.html": _html(points, front, table, title, plot_div, counts, hv_line, pick_lines).encode(),
         "pareto.png": _png(points, front, recs, title, max_latency_ms, hv_line),
-        "front.csv": _csv(front, recs),
-        "summary.md": _markdown(front, recs, title, counts, hv_line, pick_lines).encode(),
+        "front.csv": _csv(front, table),
+        "summary.md": _markdown(front, table, title, counts, hv_line, pick_lines).encode(),
     }
     files = []
     for name, data in outputs.items():
         path = out_dir / name
         atomic_write_bytes(path, data)
         files.append(path)
-    return ReportResult(front=front, recommendations=recs, hypervolume=hv, hv_ref=ref, files=files, counts=counts)
+    return ReportResult(front=front, recommendations=recs, hypervolume=hv, hv_ref=ref, files=files, counts=counts,
+                        ties=tie_map)

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Any, Union
 
 from autokd.errors import UserError
 
 __all__ = [
-    "STATES",
     "TrialPoint",
     "front_points",
     "hypervolume",
@@ -32,7 +31,6 @@ __all__ = [
     "wilson_interval",
 ]
 
-STATES = ("COMPLETE", "PRUNED", "FAIL", "INFEASIBLE", "RUNNING")
 RECOMMENDATION_KEYS = ("knee", "best_under_latency", "fastest_within_tolerance")
 
 
@@ -40,8 +38,9 @@ RECOMMENDATION_KEYS = ("knee", "best_under_latency", "fastest_within_tolerance")
 class TrialPoint:
     """One trial as the front and the report see it.
 
-    ``state`` is one of :data:`STATES`. ``extra`` holds anything else worth showing; the report reads
-    ``extra["last_val_acc"]`` to plot a pruned trial at its last known accuracy.
+    ``state`` is the trial's state name (a value of :class:`autokd.study.record.State`, e.g. ``"COMPLETE"``): only
+    COMPLETE points enter a front. The keyword-only fields are what the study recorded beside the objectives
+    (``autokd.report.build.trial_points``); None where it recorded nothing.
     """
 
     number: int
@@ -50,9 +49,18 @@ class TrialPoint:
     latency_ms: float | None
     params: dict = field(default_factory=dict)
     test_acc: float | None = None
-    extra: dict = field(default_factory=dict)
     acc_ci: tuple[float, float] | None = None      # binomial (Wilson) interval of val_acc
     latency_ci: tuple[float, float] | None = None  # interval of latency_ms from its measurement
+    _: KW_ONLY
+    arch_key: str | None = None          # the student's architecture: the front's re-timing is keyed by it
+    epochs: int | None = None            # epochs trained (the length of its validation curve)
+    last_val_acc: float | None = None    # its last validation accuracy: where a pruned trial is drawn
+    param_count: int | None = None       # the student's parameters: tied picks are settled towards fewer
+    reason: str | None = None            # why the trial failed
+    latency_first_ms: float | None = None  # its own measurement, where latency_ms is the front's re-timing
+    # A --latency-precision int8 study's front: test accuracy of its fp32 and its INT8 ONNX model (ONNX Runtime).
+    fp32_test_acc: float | None = None
+    int8_test_acc: float | None = None
 
 
 PointLike = Union[TrialPoint, Sequence[float]]
@@ -231,7 +239,7 @@ def ties(front: Sequence[TrialPoint]) -> dict[int, list[int]]:
 
 
 def _param_count(p: TrialPoint) -> float:
-    n = p.extra.get("param_count")
+    n = p.param_count
     return float(n) if is_finite(n) else math.inf
 
 
