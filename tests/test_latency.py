@@ -18,7 +18,7 @@ from autokd.latency.meter import (
     count_macs,
     device_signature,
 )
-from autokd.model.students import available_families, build_student, resolve_student
+from autokd.model.students import available_families, build_from_spec, resolve_student
 
 
 def result(key: str = "resnet-0123456789", median: float = 1.5) -> LatencyResult:
@@ -37,12 +37,13 @@ RECORDED_MACS = {
 @pytest.mark.parametrize("family", available_families())
 def test_count_macs_matches_recorded_figures(family: str) -> None:
     small, large = RECORDED_MACS[family]
-    assert count_macs(build_student(family, 0.25, 0.25, 10, 1, 16), (1, 16, 16)) == small
-    assert count_macs(build_student(family, 0.75, 0.75, 10, 1, 16), (1, 16, 16)) == large
+    assert count_macs(build_from_spec(resolve_student(family, 0.25, 0.25, 10, 1, 16)), (1, 16, 16)) == small
+    assert count_macs(build_from_spec(resolve_student(family, 0.75, 0.75, 10, 1, 16)), (1, 16, 16)) == large
 
 
 def test_count_macs_grows_with_width() -> None:
-    macs = [count_macs(build_student("resnet", w, 0.25, 10, 1, 16), (1, 16, 16)) for w in (0.25, 0.5, 1.0)]
+    macs = [count_macs(build_from_spec(resolve_student("resnet", w, 0.25, 10, 1, 16)), (1, 16, 16))
+            for w in (0.25, 0.5, 1.0)]
     assert 0 < macs[0] < macs[1] < macs[2]
 
 

@@ -355,12 +355,6 @@ def build_from_spec(spec: StudentSpec) -> nn.Module:
                              in_chans=spec.in_chans, **spec.kwargs)
 
 
-def build_student(family: str, width: float, depth: float, num_classes: int, in_chans: int,
-                  input_size: int = 32) -> nn.Module:
-    """``resolve_student`` then ``build_from_spec``."""
-    return build_from_spec(resolve_student(family, width, depth, num_classes, in_chans, input_size))
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Features for the hint loss
 
@@ -393,6 +387,6 @@ def forward_with_features(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tens
 
 
 __all__ = [
-    "Family", "StudentSpec", "available_families", "build_from_spec", "build_student", "feature_channels",
+    "Family", "StudentSpec", "available_families", "build_from_spec", "feature_channels",
     "forward_with_features", "register_family", "resolve_student",
 ]
