@@ -45,12 +45,12 @@ class LatencyResult:
     runtime: str = "torch"
     low_ms: float | None = None   # interval of the median (see ort_timing.median_interval); None: not known
     high_ms: float | None = None
-    rounds: int = 0               # rounds of the protocol (0: the single burst of older versions)
+    rounds: int = 0               # rounds of the protocol
     export_s: float = 0.0         # seconds spent exporting the student to ONNX for this measurement
     timing_s: float = 0.0         # seconds spent timing (sessions, warm-up, rounds)
     host_slowdown: float = 1.0    # reference workload vs the process's fastest when timed (ort_timing.HostCheck)
     attempts: int = 1             # measurements taken (more than 1: retaken after a slow phase of the host)
-    precision: str = "fp32"       # what was timed: the fp32 ONNX model or its INT8 quantisation (older: fp32)
+    precision: str = "fp32"       # what was timed: the fp32 ONNX model or its INT8 quantisation
     quantize_s: float = 0.0       # seconds spent quantising the exported student (--latency-precision int8)
 
     def to_dict(self) -> dict:
@@ -239,7 +239,7 @@ class LatencyMeter:
         return {**info, "batch": self.batch, "precision": self.precision}
 
     def signature(self) -> str:
-        """Filesystem-safe signature: ``<device signature>-<runtime>-<version>[-<provider>][-int8]``."""
+        """Filesystem-safe signature: ``<device signature>-<runtime>-<version>[-<provider>]-<precision>``."""
         info = self.signature_info()
         # A target's device is named as a local one would be: the same hardware gives the same signature.
         device = (f"{_slug(info['device'])}-t{self.threads}" if self.target_info is not None
@@ -247,8 +247,7 @@ class LatencyMeter:
         parts = [device, info["runtime"], info["version"]]
         if self.runtime == "onnxruntime":
             parts.append(str(info["provider"]).replace("ExecutionProvider", ""))
-        if self.precision != "fp32":  # fp32 keeps the signature (and cache folder) of studies from before int8
-            parts.append(self.precision)
+        parts.append(self.precision)
         return _slug("-".join(parts))
 
     def describe(self) -> str:

@@ -110,12 +110,11 @@ def study_data(study: optuna.Study, data_dir: str | None = None) -> DataSplits:
     return data
 
 
-def latency_precision(study: optuna.Study) -> str:
-    """What the study timed: ``fp32`` or ``int8`` (``--latency-precision``; studies from before it: fp32)."""
-    from autokd.latency.pinning import stored_latency_precision
+def latency_precision(study: optuna.Study) -> str | None:
+    """What the study timed: ``fp32`` or ``int8`` (``--latency-precision``); None before its latency is pinned."""
     from autokd.study.record import LATENCY_SETTINGS_ATTR
 
-    return stored_latency_precision(study.user_attrs.get(LATENCY_SETTINGS_ATTR))
+    return (study.user_attrs.get(LATENCY_SETTINGS_ATTR) or {}).get("precision")
 
 
 def int8_accuracies(study: optuna.Study, front: list[TrialPoint], root: Path, data: DataSplits,
@@ -148,10 +147,6 @@ def build_report(study: optuna.Study, root: Path, data: DataSplits | None = None
 
     if data is None:
         data = study_data(study, data_dir)
-    if not study.user_attrs.get(VAL_IMAGES_ATTR):  # a study from before intervals were recorded
-        for p in points:
-            if p.val_acc is not None:
-                p.acc_ci = wilson_interval(p.val_acc, len(data.y_val))
     # Every front candidate timed again, together: the report, its picks and `autokd export` use these figures.
     retiming.apply(points, retiming.retime_front(study, points, data, log=log))
     front = front_points(points)
