@@ -78,7 +78,7 @@ def test_meter_times_an_exported_onnx_file(tmp_path: Path) -> None:
     for source in (blob, path):
         r = meter.time_onnx(source, key="m")
         assert isinstance(r, LatencyResult) and r.median_ms > 0 and r.batch_size == 2 and r.runtime == "onnxruntime"
-    with pytest.raises(UserError, match="onnxruntime"):
+    with pytest.raises(ValueError, match="onnxruntime"):
         LatencyMeter("torch").time_onnx(blob)
 
 

@@ -314,7 +314,7 @@ class LatencyMeter:
                   macs: int = 0) -> LatencyResult:
         """Time an already-exported ONNX model (bytes or path) with this meter's runtime settings."""
         if self.runtime != "onnxruntime":
-            raise UserError("timing an ONNX file needs --latency-runtime onnxruntime")
+            raise ValueError("timing an ONNX file needs --latency-runtime onnxruntime")
         if self.target is not None:
             return self._time_remote(onnx, key, params, macs)
         t0 = time.perf_counter()
@@ -376,7 +376,7 @@ class LatencyMeter:
                     seed: int = 0) -> dict[str, ort_timing.Timing]:
         """Time several models together, interleaved in shuffled rounds (one process, one slow phase hits all)."""
         if self.target is not None:
-            raise UserError("timing several models together needs them on this machine, not a latency target")
+            raise ValueError("timing several models together needs them on this machine, not a latency target")
         prev_threads = torch.get_num_threads()
         states = {name: (m, m.training, _model_device(m)) for name, m in models.items()}
         try:

@@ -11,10 +11,10 @@ from typing import TYPE_CHECKING, Any, Callable
 import optuna
 from optuna.trial import TrialState
 
-from autokd.errors import UserError, did_you_mean
+from autokd.errors import UserError, as_user_error, did_you_mean
 from autokd.latency import retiming
 from autokd.report.render import ReportResult, format_front_table, write_report
-from autokd.select.pareto import TrialPoint, wilson_interval
+from autokd.select.pareto import TrialPoint, check_hv_ref, check_picks, wilson_interval
 from autokd.study.record import (
     ARCH_KEY_ATTR,
     CURVE_ATTR,
@@ -145,6 +145,10 @@ def build_report(study: optuna.Study, root: Path, data: DataSplits | None = None
     from autokd.select.pareto import front_points
     from autokd.study import scaleout
 
+    with as_user_error():  # the caller's --hv-ref-ms, --max-latency-ms, --tolerance: checked before any work
+        if hv_ref_ms is not None:
+            check_hv_ref((0.0, hv_ref_ms))
+        check_picks(max_latency_ms, tolerance_pp)
     if data is None:
         data = study_data(study, data_dir)
     # Every front candidate timed again, together: the report, its picks and `autokd export` use these figures.
