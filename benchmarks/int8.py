@@ -51,7 +51,7 @@ def _scaling(study, data, folder: Path, time_files, quantize) -> None:  # noqa: 
     import torch
 
     from autokd.latency.onnx_export import export_onnx
-    from autokd.model.students import build_student
+    from autokd.model.students import build_from_spec, resolve_student
 
     space = study.user_attrs.get("space") or {}
     size = int(study.user_attrs.get("input_size") or data.input_size)
@@ -63,7 +63,7 @@ def _scaling(study, data, folder: Path, time_files, quantize) -> None:  # noqa: 
     for family in fams:
         for side in (size, 4 * size):
             try:
-                model = build_student(family, 1.0, 1.0, data.num_classes, data.in_chans, side).eval()
+                model = build_from_spec(resolve_student(family, 1.0, 1.0, data.num_classes, data.in_chans, side)).eval()
                 x = torch.randn(32, data.in_chans, side, side)
                 blob = export_onnx(model, x[:2])[0]
                 q = quantize(blob, (data.in_chans, side, side))

@@ -31,16 +31,17 @@ def _compare(label: str, teacher_model: Any, cached: Any, data: Any, views: Any)
     import torch
 
     from autokd.model.losses import build_loss
-    from autokd.model.students import build_student
+    from autokd.model.students import build_from_spec, resolve_student
     from autokd.model.teacher import OnlineTeacherOutputs
     from autokd.model.train import TrainConfig, distill
 
     online = OnlineTeacherOutputs(teacher_model)
     cfg = TrainConfig(epochs=EPOCHS, batch_size=BATCH, lr=5e-3, seed=0)
     results: dict[str, tuple[float, Any]] = {}
+    spec = resolve_student("resnet", 0.5, 0.5, data.num_classes, data.in_chans, data.input_size)
     for name, outputs in (("cached", cached), ("online", online)) * 2:
         torch.manual_seed(0)
-        student = build_student("resnet", 0.5, 0.5, data.num_classes, data.in_chans, data.input_size)
+        student = build_from_spec(spec)
         started = time.perf_counter()
         result = distill(student, build_loss("kd", temperature=4.0, alpha=0.9), data, cfg, teacher=outputs, views=views)
         seconds = time.perf_counter() - started

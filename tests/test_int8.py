@@ -71,8 +71,7 @@ def study_root(tmp_path_factory: pytest.TempPathFactory, digits: Any) -> Path:
         assert trial.number == number
         params = _params(family, width)
         spec = resolve_student(family, width, 0.25, digits.num_classes, digits.in_chans, INPUT_SIZE)
-        for key, value in params.flat().items():
-            trial.set_user_attr(f"p.{key}", value)
+        trial.set_user_attr("params", params.flat())
         trial.set_user_attr("arch_key", spec.key)
         trial.set_user_attr("latency", {"median_ms": 0.1 * (number + 1), "iqr_ms": 0.01, "runs": 10,
                                         "batch_size": 1, "threads": 1, "device": "cpu:test"})

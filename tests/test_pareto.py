@@ -4,7 +4,6 @@ import math
 
 import pytest
 
-from autokd.errors import UserError
 from autokd.select.pareto import (
     TrialPoint,
     front_points,
@@ -184,9 +183,9 @@ def test_recommend_tolerance_edges() -> None:
     assert r_exact["fastest_within_tolerance"].number == 1  # exactly 1 pp below (float-safe)
     r_big = recommend(FRONT, tolerance_pp=50.0)
     assert r_big["fastest_within_tolerance"].number == 1
-    with pytest.raises(UserError, match="tolerance"):
+    with pytest.raises(ValueError, match="tolerance"):
         recommend(FRONT, tolerance_pp=-1.0)
-    with pytest.raises(UserError, match="max latency"):
+    with pytest.raises(ValueError, match="max latency"):
         recommend(FRONT, max_latency_ms=0.0)
 
 

@@ -299,24 +299,25 @@ def test_latency_device_is_pinned_and_mixing_needs_the_flag() -> None:
 
 
 def test_latency_precision_is_never_mixed() -> None:
-    # One precision per study, also with --allow-mixed-latency; a study from before the precision field is fp32.
+    # One precision per study, also with --allow-mixed-latency.
     from autokd.errors import UserError
     from autokd.latency.pinning import check_latency_device
 
     base = {"device": "cpu:AMD EPYC", "runtime": "onnxruntime", "threads": 1, "batch": 1}
-    older = _Study()
-    check_latency_device(older, "cpu-t1-onnxruntime", 1, allow_mixed=False, settings=base)
-    check_latency_device(older, "cpu-t1-onnxruntime", 1, allow_mixed=False, settings={**base, "precision": "fp32"})
+    fp32 = _Study()
+    check_latency_device(fp32, "cpu-t1-onnxruntime-fp32", 1, allow_mixed=False, settings={**base, "precision": "fp32"})
+    check_latency_device(fp32, "cpu-t1-onnxruntime-fp32", 1, allow_mixed=False, settings={**base, "precision": "fp32"})
     for allow in (False, True):
         with pytest.raises(UserError, match=r"times its students' fp32 ONNX models.*"
                                             r"resume it with --latency-precision fp32"):
-            check_latency_device(older, "cpu-t1-onnxruntime-int8", 1, allow_mixed=allow,
+            check_latency_device(fp32, "cpu-t1-onnxruntime-int8", 1, allow_mixed=allow,
                                  settings={**base, "precision": "int8"})
     int8 = _Study()
     check_latency_device(int8, "cpu-t1-onnxruntime-int8", 1, allow_mixed=False, settings={**base, "precision": "int8"})
     with pytest.raises(UserError, match="latency precision int8.*--latency-precision int8"):
-        check_latency_device(int8, "cpu-t1-onnxruntime", 1, allow_mixed=True, settings={**base, "precision": "fp32"})
-    assert "latency_mixed" not in older.user_attrs and "latency_mixed" not in int8.user_attrs
+        check_latency_device(int8, "cpu-t1-onnxruntime-fp32", 1, allow_mixed=True,
+                             settings={**base, "precision": "fp32"})
+    assert "latency_mixed" not in fp32.user_attrs and "latency_mixed" not in int8.user_attrs
 
 def test_workers_prints_one_line_per_machine(capsys: pytest.CaptureFixture[str]) -> None:
     url, tracking = "postgresql://ml@db.lan:5433/autokd", "http://mlflow.lan:5000"

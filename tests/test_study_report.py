@@ -58,17 +58,6 @@ def test_trial_points_carry_each_state_params_latency_and_intervals(tmp_path: Pa
     assert points[numbers["FAIL"]].reason == "oom"
 
 
-def test_trial_points_read_params_of_studies_that_stored_them_one_by_one(tmp_path: Path) -> None:
-    study = _study(tmp_path)
-    trial = study.ask()
-    trial.set_user_attr("p.family", "mobilenetv3")
-    trial.set_user_attr("p.kd.temperature", 4.0)
-    study.tell(trial, [0.8, 2.0])
-    [point] = trial_points(study)
-    assert point.params == {"family": "mobilenetv3", "kd.temperature": 4.0}
-    assert point.acc_ci is None  # a study from before val_images was recorded: the report adds it from the data
-
-
 def test_resolve_study_picks_the_only_or_most_recent_and_names_typos(tmp_path: Path,
                                                                      capsys: pytest.CaptureFixture[str]) -> None:
     _trial(_study(tmp_path, "digits-default"), "COMPLETE", val_acc=0.9)

@@ -39,7 +39,6 @@ def test_stored_names_never_change() -> None:
         "LATENCY_MIXED_ATTR": "latency_mixed"}
     keys = [v for k, v in vars(trials).items() if k.endswith("_ATTR") and not k.startswith("_")]
     assert len(keys) == len(set(keys))  # one name per stored key, one key per name
-    assert trials.LEGACY_PARAM_PREFIX == "p."
     assert [s.value for s in State] == ["COMPLETE", "PRUNED", "INFEASIBLE", "FAIL", "INTERRUPTED", "RUNNING"]
     assert all(s == s.value and str(s) == s.value and f"{s:<3}" == s.value for s in State)
 
@@ -221,11 +220,9 @@ def test_outcome_reason() -> None:
     assert trials.outcome_reason(frozen(TrialState.FAIL, fail_reason="oom", pruned_at_epoch=1)) == "oom"
 
 
-def test_sampled_params_current_and_legacy() -> None:
+def test_sampled_params() -> None:
     current = {"params": {"family": "resnet", "kd.alpha": 0.5}, "p.family": "ignored", "curve": [0.1]}
     assert trials.sampled_params(current) == {"family": "resnet", "kd.alpha": 0.5}
-    legacy = {"p.family": "resnet", "p.kd.alpha": 0.5, "arch_key": "k", "rung_1": {}}
-    assert trials.sampled_params(legacy) == {"family": "resnet", "kd.alpha": 0.5}
     assert trials.sampled_params({}) == {}
     found = trials.sampled_params(current)
     found["family"] = "changed"

@@ -21,7 +21,7 @@ import torch
 from optuna.trial import FrozenTrial, TrialState
 from torch import nn
 
-from autokd.errors import UserError, did_you_mean
+from autokd.errors import UserError, as_user_error, did_you_mean
 from autokd.latency.onnx_export import INPUT_NAME, ONNX_OPSET, OUTPUT_NAME, example_batch, export_onnx, quiet_exporter
 from autokd.model.checkpoint import (
     CONFIG_FILE,
@@ -174,7 +174,7 @@ def select_trial(study: optuna.Study, trial: int | None = None, pick: str | None
                  max_latency_ms: float | None = None, tolerance_pp: float = 1.0) -> tuple[int, str]:
     """The trial number to export and why (``--trial``, a recommendation of the front, or a latency limit)."""
     from autokd.report.build import trial_points
-    from autokd.select.pareto import front_points, recommend
+    from autokd.select.pareto import check_picks, front_points, recommend
 
     given = [name for name, v in (("--trial", trial), ("--pick", pick), ("--max-latency-ms", max_latency_ms))
              if v is not None]
@@ -196,6 +196,8 @@ def select_trial(study: optuna.Study, trial: int | None = None, pick: str | None
         what = f"--pick {pick}" if pick is not None else f"--max-latency-ms {max_latency_ms:g}"
         raise UserError(f"{what}: study {name!r} has no completed trial to export ({seen}); run more trials with "
                         f"`autokd search --study {name}`, or export a given trial with --trial N")
+    with as_user_error():  # --max-latency-ms: the picks' own check and message
+        check_picks(max_latency_ms, tolerance_pp)
     rec = recommend(front, max_latency_ms=max_latency_ms, tolerance_pp=tolerance_pp)
     if pick == "knee":
         chosen, why = rec["knee"], "knee of the Pareto front"

@@ -2,19 +2,16 @@
 
 :class:`LatencyMeter` is what a search uses: the runtime (ONNX Runtime on the exported student, the CPU
 default, or eager PyTorch), the rounds protocol of :mod:`autokd.ort_timing`, the cache, the study-wide shared
-figure and the measuring lock. :func:`measure_latency` is the earlier single-burst eager-PyTorch measurement,
-kept for the benchmarks that compare against it.
+figure and the measuring lock.
 """
 from __future__ import annotations
 
 import contextlib
 import gc
 import json
-import math
 import os
 import re
 import socket
-import statistics
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -29,10 +26,6 @@ from autokd.latency import protocol as ort_timing
 from autokd.model.students import StudentSpec, build_from_spec
 from autokd.utils.atomic import atomic_write_text
 from autokd.utils.devices import torch_device
-
-MIN_RUNS = 10
-DEFAULT_BUDGET_S = 2.0
-DEFAULT_PRECISION = 0.01
 
 
 @dataclass
@@ -52,12 +45,12 @@ class LatencyResult:
     runtime: str = "torch"
     low_ms: float | None = None   # interval of the median (see ort_timing.median_interval); None: not known
     high_ms: float | None = None
-    rounds: int = 0               # rounds of the protocol (0: the single burst of older versions)
+    rounds: int = 0               # rounds of the protocol
     export_s: float = 0.0         # seconds spent exporting the student to ONNX for this measurement
     timing_s: float = 0.0         # seconds spent timing (sessions, warm-up, rounds)
     host_slowdown: float = 1.0    # reference workload vs the process's fastest when timed (ort_timing.HostCheck)
     attempts: int = 1             # measurements taken (more than 1: retaken after a slow phase of the host)
-    precision: str = "fp32"       # what was timed: the fp32 ONNX model or its INT8 quantisation (older: fp32)
+    precision: str = "fp32"       # what was timed: the fp32 ONNX model or its INT8 quantisation
     quantize_s: float = 0.0       # seconds spent quantising the exported student (--latency-precision int8)
 
     def to_dict(self) -> dict:
@@ -123,105 +116,6 @@ def count_macs(model: nn.Module, input_shape: tuple[int, int, int]) -> int:
         return 0
     finally:
         model.train(was_training)
-
-
-def _iqr(samples: list[float]) -> float:
-    if len(samples) < 2:
-        return 0.0
-    q = statistics.quantiles(samples, n=4, method="inclusive")
-    return q[2] - q[0]
-
-
-def median_rel_error(samples_ms: list[float]) -> float:
-    """Standard error of the median of ``samples_ms`` relative to the median (0.01 = 1 %).
-
-    For roughly normal timings the median's standard error is 1.2533 sigma / sqrt(n); sigma is estimated
-    robustly as IQR / 1.349, so one slow outlier run does not inflate it.
-    """
-    if len(samples_ms) < 2:
-        return math.inf
-    median = statistics.median(samples_ms)
-    if median <= 0:
-        return math.inf
-    return 1.2533 * (_iqr(samples_ms) / 1.349) / math.sqrt(len(samples_ms)) / median
-
-
-def measure_latency(model: nn.Module, input_shape: tuple[int, int, int], device: str | torch.device = "cpu",
-                    batch_size: int = 1, threads: int = 1, warmup: int = 3, runs: int = 20, key: str = "",
-                    budget_s: float = DEFAULT_BUDGET_S, precision: float = DEFAULT_PRECISION) -> LatencyResult:
-    """Time ``model`` on ``[batch_size, *input_shape]`` inputs in one burst of eager runs (the earlier protocol).
-
-    Measured, not predicted: ``threads`` torch threads, ``model.eval()`` under ``torch.inference_mode()``,
-    ``warmup`` runs (only the first run of a fresh model is slow: oneDNN builds its kernels), then timed runs
-    with ``time.perf_counter`` (CUDA synchronised around each run); the result is their median and
-    inter-quartile range in milliseconds.
-
-    ``runs`` is the most timed runs; timing stops earlier, after at least ``min(MIN_RUNS, runs)``, once
-    ``median_rel_error`` is at most ``precision`` (0 = always ``runs``, budget permitting). More runs would
-    buy little on a noisy host: its slow phases outlast a whole measurement, so they do not average out
-    within one. One measurement aims to take at most ``budget_s``: the warm-up stops once it has used a
-    quarter of it (after at least 2 runs), and the timed runs are cut to what fits at the warm-up's per-run
-    time, but never below ``MIN_RUNS`` (or ``runs``, if smaller), the floor for a median and IQR worth
-    recording, so a slow enough model takes longer than the budget.
-
-    The model is put in eval mode and moved to ``device`` for the measurement; its training mode and device
-    are restored afterwards, as is torch's thread count.
-    """
-    if batch_size < 1 or threads < 1 or runs < 1 or warmup < 0:
-        raise UserError(f"latency measurement needs batch_size, threads, runs >= 1 and warmup >= 0; got "
-                        f"batch_size={batch_size}, threads={threads}, runs={runs}, warmup={warmup}")
-    dev = torch_device(device)
-    orig_device, was_training = _model_device(model), model.training
-    prev_threads = torch.get_num_threads()
-    gc_was_enabled = gc.isenabled()
-    is_cuda = dev.type == "cuda"
-
-    def sync() -> None:
-        if is_cuda:
-            torch.cuda.synchronize(dev)
-
-    def timed_run() -> float:
-        sync()
-        t0 = time.perf_counter()
-        model(x)
-        sync()
-        return time.perf_counter() - t0
-
-    try:
-        torch.set_num_threads(threads)
-        model.to(dev).eval()
-        params = count_params(model)
-        macs = count_macs(model, input_shape)
-        # A private generator: timing a model must not move the caller's random stream (a trial builds its
-        # student, times it, then trains it; a cached latency must not give different training from a fresh one).
-        inputs_rng = torch.Generator(device=dev).manual_seed(0)
-        x = torch.randn(batch_size, *input_shape, device=dev, generator=inputs_rng)
-        gc.disable()  # a collection in the middle of a timed run is noise, not model latency
-        with torch.inference_mode():
-            warm_times: list[float] = []
-            warm_start = time.perf_counter()
-            for i in range(warmup):
-                warm_times.append(timed_run())
-                if i >= 1 and time.perf_counter() - warm_start > budget_s / 4:
-                    break
-            per_run = min(warm_times[-3:]) if warm_times else 0.0
-            n = runs
-            if per_run > 0:
-                n = min(runs, max(MIN_RUNS, int((budget_s - (time.perf_counter() - warm_start)) / per_run)))
-            times: list[float] = []
-            enough = min(MIN_RUNS, runs)
-            for _ in range(n):
-                times.append(timed_run() * 1000.0)
-                if len(times) >= enough and precision > 0 and median_rel_error(times) <= precision:
-                    break
-    finally:
-        if gc_was_enabled:
-            gc.enable()
-        torch.set_num_threads(prev_threads)
-        model.to(orig_device).train(was_training)
-    return LatencyResult(
-        median_ms=statistics.median(times), iqr_ms=_iqr(times), runs=len(times), batch_size=batch_size,
-        threads=threads, device=_device_name(dev), host=socket.gethostname(), params=params, macs=macs, key=key)
 
 
 class LatencyCache:
@@ -345,7 +239,7 @@ class LatencyMeter:
         return {**info, "batch": self.batch, "precision": self.precision}
 
     def signature(self) -> str:
-        """Filesystem-safe signature: ``<device signature>-<runtime>-<version>[-<provider>][-int8]``."""
+        """Filesystem-safe signature: ``<device signature>-<runtime>-<version>[-<provider>]-<precision>``."""
         info = self.signature_info()
         # A target's device is named as a local one would be: the same hardware gives the same signature.
         device = (f"{_slug(info['device'])}-t{self.threads}" if self.target_info is not None
@@ -353,8 +247,7 @@ class LatencyMeter:
         parts = [device, info["runtime"], info["version"]]
         if self.runtime == "onnxruntime":
             parts.append(str(info["provider"]).replace("ExecutionProvider", ""))
-        if self.precision != "fp32":  # fp32 keeps the signature (and cache folder) of studies from before int8
-            parts.append(self.precision)
+        parts.append(self.precision)
         return _slug("-".join(parts))
 
     def describe(self) -> str:
@@ -421,7 +314,7 @@ class LatencyMeter:
                   macs: int = 0) -> LatencyResult:
         """Time an already-exported ONNX model (bytes or path) with this meter's runtime settings."""
         if self.runtime != "onnxruntime":
-            raise UserError("timing an ONNX file needs --latency-runtime onnxruntime")
+            raise ValueError("timing an ONNX file needs --latency-runtime onnxruntime")
         if self.target is not None:
             return self._time_remote(onnx, key, params, macs)
         t0 = time.perf_counter()
@@ -483,7 +376,7 @@ class LatencyMeter:
                     seed: int = 0) -> dict[str, ort_timing.Timing]:
         """Time several models together, interleaved in shuffled rounds (one process, one slow phase hits all)."""
         if self.target is not None:
-            raise UserError("timing several models together needs them on this machine, not a latency target")
+            raise ValueError("timing several models together needs them on this machine, not a latency target")
         prev_threads = torch.get_num_threads()
         states = {name: (m, m.training, _model_device(m)) for name, m in models.items()}
         try:
@@ -518,5 +411,5 @@ class LatencyMeter:
 
 __all__ = [
     "LatencyCache", "LatencyMeter", "LatencyResult", "RUNTIMES", "count_macs", "count_params", "default_runtime",
-    "device_signature", "measure_latency", "median_rel_error",
+    "device_signature",
 ]

@@ -65,9 +65,6 @@ def check_latency_device(study: optuna.Study, signature: str, batch: int, allow_
         diff = [f"{k} {settings.get(k)!r} (study: {stored_settings.get(k)!r})" for k in sorted(settings)
                 if settings.get(k) != stored_settings.get(k)]
         what += f": {', '.join(diff)}" if diff else ""
-    elif settings and stored != signature:
-        what += (f": this worker times with {settings.get('runtime')} {settings.get('version')}; the study was "
-                 "timed by an older autokd (eager PyTorch)")
     if allow_mixed:
         log(f"warning: study {study.study_name!r}: this worker measures latency with {what}; mixed in one front "
             "because --allow-mixed-latency was given")
@@ -82,16 +79,11 @@ def check_latency_device(study: optuna.Study, signature: str, batch: int, allow_
         "them knowingly.")
 
 
-def stored_latency_precision(settings: dict[str, Any] | None) -> str:
-    """The precision stored latency settings name (``--latency-precision``): studies from before it timed fp32."""
-    return str((settings or {}).get("precision") or "fp32")
-
-
 def _check_latency_precision(study: optuna.Study, stored_settings: dict[str, Any],
                              settings: dict[str, Any] | None) -> None:
-    """One precision per study (``--latency-precision``; studies from before it are fp32), even with
-    --allow-mixed-latency: an fp32 and an int8 latency of one student are different deployments."""
-    stored, wanted = stored_latency_precision(stored_settings), stored_latency_precision(settings)
+    """One precision per study (``--latency-precision``), even with --allow-mixed-latency: an fp32 and an int8
+    latency of one student are different deployments."""
+    stored, wanted = stored_settings.get("precision"), (settings or {}).get("precision")
     if wanted != stored:
         raise UserError(
             f"study {study.study_name!r} times its students' {stored} ONNX models (latency precision {stored}), but "

@@ -136,7 +136,7 @@ def load_trial_student(trial_dir: Path, what: str, study: str | None = None,
                         "(a leftover of an older study with the same name?); refusing to load it")
     try:
         spec = StudentSpec.from_dict(cfg["student"])
-    except (KeyError, TypeError, UserError) as exc:
+    except (KeyError, TypeError, ValueError) as exc:
         raise UserError(f"{what}: {cfg_path} has no usable 'student' entry ({exc})") from exc
     try:
         model = build_from_spec(spec)

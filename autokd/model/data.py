@@ -281,7 +281,7 @@ class TrainViews:
 
     def __init__(self, num_views: int = 0, seed: int = 0, max_shift: int = 2, hflip: bool = False) -> None:
         if num_views < 0 or max_shift < 0:
-            raise UserError(f"num_views and max_shift must be >= 0, got {num_views} and {max_shift}.")
+            raise ValueError(f"num_views and max_shift must be >= 0, got {num_views} and {max_shift}.")
         self.num_views = num_views
         self.seed = seed
         self.max_shift = max_shift

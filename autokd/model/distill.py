@@ -5,7 +5,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from autokd.errors import UserError
+from autokd.errors import UserError, as_user_error
 from autokd.model.checkpoint import write_checkpoint
 
 
@@ -24,10 +24,12 @@ def run_distill(*, family: str, width: float, depth: float, loss: str, loss_para
     from autokd.utils.devices import resolve_device
 
     device = resolve_device(device)
-    loss_fn = build_loss(loss, **loss_params)
+    with as_user_error():  # --loss and its hyperparameters: the loss registry's own checks and messages
+        loss_fn = build_loss(loss, **loss_params)
     data = load_dataset(dataset, data_dir=data_dir, input_size=input_size, seed=0, download=download)
-    spec = resolve_student(family, width, depth, num_classes=data.num_classes, in_chans=data.in_chans,
-                           input_size=data.input_size)
+    with as_user_error():  # --family, --width, --depth
+        spec = resolve_student(family, width, depth, num_classes=data.num_classes, in_chans=data.in_chans,
+                               input_size=data.input_size)
     outputs = None
     teacher_arch = None
     if loss_fn.uses_teacher:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from autokd.errors import UserError, did_you_mean
+from autokd.errors import did_you_mean
 
 __all__ = [
     "KDLoss",
@@ -73,13 +73,14 @@ def available_losses() -> list[str]:
 def build_loss(name: str, **hparams: Any) -> KDLoss:
     """Create the loss registered as ``name`` with the given hyperparameters (unset ones take defaults).
 
-    Raises ``UserError`` for an unknown loss name or a hyperparameter that is unknown or out of range.
+    Raises ValueError for an unknown loss name or a hyperparameter that is unknown or out of range, TypeError
+    for a hyperparameter value that is not a number.
     """
     key = name.strip().lower() if isinstance(name, str) else name
     if key not in _LOSSES:
         valid = available_losses()
-        raise UserError(f"unknown loss {name!r}; valid losses: {', '.join(valid)}"
-                        f"{did_you_mean(str(key), valid, prefix=True)}")
+        raise ValueError(f"unknown loss {name!r}; valid losses: {', '.join(valid)}"
+                         f"{did_you_mean(str(key), valid, prefix=True)}")
     return _LOSSES[key](**hparams)
 
 
@@ -89,15 +90,15 @@ def _check_hparams(loss: str, spec: dict[str, _HParam], given: dict[str, Any]) -
     resolved: dict[str, float] = {}
     for key, value in given.items():
         if key not in spec:
-            raise UserError(f"loss {loss!r}: unknown hyperparameter {key!r}; valid hyperparameters: {valid_names}"
-                            f"{did_you_mean(key, spec, prefix=True)}")
+            raise ValueError(f"loss {loss!r}: unknown hyperparameter {key!r}; valid hyperparameters: {valid_names}"
+                             f"{did_you_mean(key, spec, prefix=True)}")
         hp = spec[key]
         # bool is a Real subclass; a flag where a number belongs is almost surely a config mistake
         if isinstance(value, bool) or not isinstance(value, Real):
-            raise UserError(f"loss {loss!r}: hyperparameter {key}={value!r} must be a number {hp.valid}")
+            raise TypeError(f"loss {loss!r}: hyperparameter {key}={value!r} must be a number {hp.valid}")
         fvalue = float(value)
         if not math.isfinite(fvalue) or not hp.check(fvalue):
-            raise UserError(f"loss {loss!r}: hyperparameter {key}={value!r} is out of range; valid: {key} {hp.valid}")
+            raise ValueError(f"loss {loss!r}: hyperparameter {key}={value!r} is out of range; valid: {key} {hp.valid}")
         resolved[key] = fvalue
     return {key: resolved.get(key, hp.default) for key, hp in spec.items()}
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from autokd.config import OPTIMIZERS, load_yaml
-from autokd.errors import UserError, did_you_mean
+from autokd.errors import UserError, as_user_error, did_you_mean
 
 TOP_LEVEL_KEYS = ("name", "description", "epochs", "input_size", "views", "students", "losses", "optimizer",
                   "batch_size", "pruning")
@@ -246,12 +246,10 @@ def _parse_students(raw: Any, src: str) -> dict[str, dict[str, ParamSpec]]:
         params.update({k: parse_param(v, f"{where}.{k}") for k, v in overrides.items()})
         for key, spec in params.items():
             for value in spec.extremes():
-                try:
-                    kwargs = {"width": 1.0, "depth": 1.0, key: value}
+                kwargs = {"width": 1.0, "depth": 1.0, key: value}
+                with as_user_error(f"{where}.{key}: "):
                     resolve_student(family, kwargs["width"], kwargs["depth"], num_classes=10, in_chans=1,
                                     input_size=32)
-                except UserError as exc:
-                    raise UserError(f"{where}.{key}: {exc}") from exc
         out[family] = params
     return out
 
@@ -274,12 +272,8 @@ def _parse_losses(raw: Any, src: str) -> dict[str, dict[str, ParamSpec]]:
         # Build the loss at each bound of each hyperparameter: the loss registry owns the valid ranges.
         for key, spec in specs.items():
             for value in spec.extremes():
-                try:
+                with as_user_error(f"{where}.{key}: "):
                     build_loss(name, **{key: value})
-                except UserError as exc:
-                    raise UserError(f"{where}.{key}: {exc}") from exc
-                except TypeError as exc:
-                    raise UserError(f"{where}.{key}: {exc}") from exc
         out[name] = specs
     return out
 

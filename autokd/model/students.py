@@ -36,7 +36,7 @@ from autokd._internals.timm import (
     resolve_bn_args,
     round_channels,
 )
-from autokd.errors import UserError, did_you_mean
+from autokd.errors import did_you_mean
 
 MAX_MULTIPLIER = 4.0
 ResolveFn = Callable[[float, float, int], "tuple[str, dict[str, Any]]"]  # (width, depth, input_size)
@@ -97,8 +97,8 @@ default_cfgs = generate_default_cfgs({  # read by timm's register_model: no pret
 
 def _no_pretrained(name: str, pretrained: bool) -> None:
     if pretrained:
-        raise UserError(f"timm model {name!r} is an autokd student layout; it has no pretrained weights "
-                        "(build it with pretrained=False)")
+        raise ValueError(f"timm model {name!r} is an autokd student layout; it has no pretrained weights "
+                         "(build it with pretrained=False)")
 
 
 def _block_model_kwargs(arch_def: list[list[str]], num_features: int, stem_size: int) -> dict[str, Any]:
@@ -306,21 +306,26 @@ class StudentSpec:
         names = {f.name for f in fields(StudentSpec)}
         missing = names - set(d)
         if missing:
-            raise UserError(f"student spec is missing {sorted(missing)}; got keys {sorted(d)}")
+            raise ValueError(f"student spec is missing {sorted(missing)}; got keys {sorted(d)}")
         return StudentSpec(**{k: d[k] for k in names})
 
 
 def _check_multiplier(name: str, value: Any) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not ok or not math.isfinite(value) or not (0.0 < value <= MAX_MULTIPLIER):
-        raise UserError(f"student {name} multiplier {value!r} is out of range: it must be a finite number "
-                        f"in (0, {MAX_MULTIPLIER:g}] (1.0 = the family's base network)")
+    message = (f"student {name} multiplier {value!r} is out of range: it must be a finite number in "
+               f"(0, {MAX_MULTIPLIER:g}] (1.0 = the family's base network)")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(message)
+    if not math.isfinite(value) or not (0.0 < value <= MAX_MULTIPLIER):
+        raise ValueError(message)
     return float(value)
 
 
 def _check_positive_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise UserError(f"student {name} {value!r} is invalid: it must be an integer >= {minimum}")
+    message = f"student {name} {value!r} is invalid: it must be an integer >= {minimum}"
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(message)
+    if value < minimum:
+        raise ValueError(message)
     return value
 
 
@@ -333,12 +338,13 @@ def resolve_student(family: str, width: float, depth: float, num_classes: int, i
     (``max(1, round(n * depth))``, half rounding up, so each stage keeps at least one block). ``1.0`` is the
     family's small base network, sized for 16-32 px inputs. The spec's kwargs are resolved counts, not
     multipliers, so two multiplier pairs that round to the same network share one architecture key (and one
-    latency measurement).
+    latency measurement). An unknown family or a value out of range is a ValueError, a value of the wrong type
+    (a bool or a string where a number belongs) a TypeError.
     """
     if family not in _families:
         valid = available_families()
-        raise UserError(f"unknown student family {family!r}{did_you_mean(family, valid)}; valid families: "
-                        f"{', '.join(valid)}")
+        raise ValueError(f"unknown student family {family!r}{did_you_mean(family, valid)}; valid families: "
+                         f"{', '.join(valid)}")
     width = _check_multiplier("width", width)
     depth = _check_multiplier("depth", depth)
     num_classes = _check_positive_int("num_classes", num_classes, 1)
@@ -353,12 +359,6 @@ def build_from_spec(spec: StudentSpec) -> nn.Module:
     """Build the (randomly initialised) student described by ``spec``."""
     return timm.create_model(spec.model_name, pretrained=False, num_classes=spec.num_classes,
                              in_chans=spec.in_chans, **spec.kwargs)
-
-
-def build_student(family: str, width: float, depth: float, num_classes: int, in_chans: int,
-                  input_size: int = 32) -> nn.Module:
-    """``resolve_student`` then ``build_from_spec``."""
-    return build_from_spec(resolve_student(family, width, depth, num_classes, in_chans, input_size))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -393,6 +393,6 @@ def forward_with_features(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tens
 
 
 __all__ = [
-    "Family", "StudentSpec", "available_families", "build_from_spec", "build_student", "feature_channels",
+    "Family", "StudentSpec", "available_families", "build_from_spec", "feature_channels",
     "forward_with_features", "register_family", "resolve_student",
 ]

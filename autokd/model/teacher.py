@@ -83,7 +83,6 @@ class Teacher:
     fingerprint: str  # sha1 of the checkpoint file, or the cache key of a trained teacher
     path: Path | None  # weights file
     trained: bool = False  # True when this call trained it (False: loaded from cache or checkpoint)
-    recipe: TeacherRecipe | None = None
 
 
 def _check_arch(arch: str) -> None:
@@ -228,14 +227,14 @@ def get_teacher(data: DataSplits, arch: str | None = None, checkpoint: str | Non
             log(f"teacher {arch}: loaded from cache {tdir} (val acc {meta['val_acc']:.4f}, "
                 f"test acc {meta['test_acc']:.4f}); not retrained")
             return Teacher(model, arch, meta["val_acc"], meta["test_acc"], key, tdir / "model.safetensors",
-                           trained=False, recipe=recipe)
+                           trained=False)
         model, meta = _train(arch, data, recipe, pretrained, device, log)
         meta.update(key=key, arch=arch, data_fingerprint=data.fingerprint, dataset=data.name, pretrained=pretrained)
         _save(tdir, model, meta)
         log(f"teacher {arch}: trained in {meta['train_seconds']:.1f}s (val acc {meta['val_acc']:.4f}, "
             f"test acc {meta['test_acc']:.4f}); cached in {tdir}")
         return Teacher(model, arch, meta["val_acc"], meta["test_acc"], key, tdir / "model.safetensors",
-                       trained=True, recipe=recipe)
+                       trained=True)
 
 
 def _train(arch: str, data: DataSplits, recipe: TeacherRecipe, pretrained: bool, device: str,

@@ -15,7 +15,6 @@ import torch
 from torch import Tensor, nn
 
 from autokd.config import OPTIMIZERS
-from autokd.errors import UserError
 from autokd.model.data import DataSplits, TrainViews
 from autokd.model.students import feature_channels, forward_with_features
 
@@ -102,9 +101,9 @@ def distill(student: nn.Module, loss_fn: KDLoss, data: DataSplits, cfg: TrainCon
     Deterministic on CPU for a fixed ``cfg.seed`` (shuffling, augmentation views and anything built here).
     """
     if cfg.epochs < 1 or cfg.batch_size < 1:
-        raise UserError(f"epochs and batch_size must be >= 1, got {cfg.epochs} and {cfg.batch_size}.")
+        raise ValueError(f"epochs and batch_size must be >= 1, got {cfg.epochs} and {cfg.batch_size}.")
     if cfg.optimizer not in OPTIMIZERS:
-        raise UserError(f"unknown optimizer {cfg.optimizer!r}; valid: {', '.join(OPTIMIZERS)}.")
+        raise ValueError(f"unknown optimizer {cfg.optimizer!r}; valid: {', '.join(OPTIMIZERS)}.")
     if loss_fn.uses_teacher and teacher is None:
         raise ValueError(f"loss {type(loss_fn).__name__} needs teacher outputs, got teacher=None")
     device = torch.device(cfg.device)

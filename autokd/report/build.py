@@ -11,10 +11,10 @@ from typing import TYPE_CHECKING, Callable
 import optuna
 from optuna.trial import TrialState
 
-from autokd.errors import UserError, did_you_mean
+from autokd.errors import UserError, as_user_error, did_you_mean
 from autokd.latency import retiming
 from autokd.report.render import ReportResult, format_front_table, write_report
-from autokd.select.pareto import TrialPoint, wilson_interval
+from autokd.select.pareto import TrialPoint, check_hv_ref, check_picks, wilson_interval
 from autokd.study.record import (
     ARCH_KEY_ATTR,
     CURVE_ATTR,
@@ -107,12 +107,11 @@ def study_data(study: optuna.Study, data_dir: str | None = None) -> DataSplits:
     return data
 
 
-def latency_precision(study: optuna.Study) -> str:
-    """What the study timed: ``fp32`` or ``int8`` (``--latency-precision``; studies from before it: fp32)."""
-    from autokd.latency.pinning import stored_latency_precision
+def latency_precision(study: optuna.Study) -> str | None:
+    """What the study timed: ``fp32`` or ``int8`` (``--latency-precision``); None before its latency is pinned."""
     from autokd.study.record import LATENCY_SETTINGS_ATTR
 
-    return stored_latency_precision(study.user_attrs.get(LATENCY_SETTINGS_ATTR))
+    return (study.user_attrs.get(LATENCY_SETTINGS_ATTR) or {}).get("precision")
 
 
 def int8_accuracies(study: optuna.Study, front: list[TrialPoint], root: Path, data: DataSplits,
@@ -143,12 +142,12 @@ def build_report(study: optuna.Study, root: Path, data: DataSplits | None = None
     from autokd.select.pareto import front_points
     from autokd.study import scaleout
 
+    with as_user_error():  # the caller's --hv-ref-ms, --max-latency-ms, --tolerance: checked before any work
+        if hv_ref_ms is not None:
+            check_hv_ref((0.0, hv_ref_ms))
+        check_picks(max_latency_ms, tolerance_pp)
     if data is None:
         data = study_data(study, data_dir)
-    if not study.user_attrs.get(VAL_IMAGES_ATTR):  # a study from before intervals were recorded
-        for p in points:
-            if p.val_acc is not None:
-                p.acc_ci = wilson_interval(p.val_acc, len(data.y_val))
     # Every front candidate timed again, together: the report, its picks and `autokd export` use these figures.
     retiming.apply(points, retiming.retime_front(study, points, data, log=log))
     front = front_points(points)

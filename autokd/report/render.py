@@ -19,11 +19,11 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from autokd.errors import UserError
 from autokd.select.pareto import (
     RECOMMENDATION_KEYS,
     TIE_RULE,
     TrialPoint,
+    check_hv_ref,
     front_points,
     hypervolume,
     is_finite,
@@ -664,9 +664,7 @@ def write_report(points: Sequence[TrialPoint], out_dir: Path, *, title: str, max
     if hv_ref is None:
         ref, ref_default = default_hv_ref(points), True
     else:
-        if len(hv_ref) != 2 or not all(is_finite(v) for v in hv_ref):
-            raise UserError(f"hypervolume reference must be two finite numbers (accuracy, latency_ms), got {hv_ref!r}")
-        ref, ref_default = (float(hv_ref[0]), float(hv_ref[1])), False
+        ref, ref_default = check_hv_ref(hv_ref), False
     front = front_points(points)
     recs = recommend(front, max_latency_ms=max_latency_ms, tolerance_pp=tolerance_pp)
     hv = hypervolume(front, ref)

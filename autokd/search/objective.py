@@ -45,7 +45,6 @@ class TrialOutcome:
     epochs_trained: int = 0
     reason: str | None = None
     seconds: float = 0.0
-    latency_cache_hit: bool = False
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -109,7 +108,6 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, ctx: TrialContext) -> Tr
         latency, cache_hit = ctx.latency.measure(spec, student)
         timings["latency_s"] = time.perf_counter() - t0
         outcome.latency_ms = latency.median_ms
-        outcome.latency_cache_hit = cache_hit
         _record_latency(trial, latency, cache_hit)
 
         t0 = time.perf_counter()

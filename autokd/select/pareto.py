@@ -14,10 +14,10 @@ from collections.abc import Sequence
 from dataclasses import KW_ONLY, dataclass, field
 from typing import Any, Union
 
-from autokd.errors import UserError
-
 __all__ = [
     "TrialPoint",
+    "check_hv_ref",
+    "check_picks",
     "front_points",
     "hypervolume",
     "dominates",
@@ -188,6 +188,14 @@ def knee_index(front_points: Sequence[PointLike]) -> int:
     return best[0]
 
 
+def check_hv_ref(ref: Sequence[float]) -> tuple[float, float]:
+    """A hypervolume reference point given by the caller, as ``(accuracy, latency_ms)`` floats; ValueError unless
+    it is two finite numbers."""
+    if len(ref) != 2 or not all(is_finite(v) for v in ref):
+        raise ValueError(f"hypervolume reference must be two finite numbers (accuracy, latency_ms), got {ref!r}")
+    return float(ref[0]), float(ref[1])
+
+
 def hypervolume(points: Sequence[PointLike], ref: tuple[float, float]) -> float:
     """Exact 2-D hypervolume (area, in accuracy x ms) dominated by ``points`` and bounded by ``ref``.
 
@@ -256,6 +264,15 @@ TIE_RULE = ("front members whose intervals overlap on both axes (latency: the in
             "overlap the fastest's), the one with the fewest parameters is recommended, then the most accurate")
 
 
+def check_picks(max_latency_ms: float | None, tolerance_pp: float) -> None:
+    """The limits :func:`recommend` takes: ValueError unless ``max_latency_ms`` (when given) is a positive number
+    of milliseconds and ``tolerance_pp`` a finite number of percentage points >= 0."""
+    if max_latency_ms is not None and not (is_finite(max_latency_ms) and max_latency_ms > 0):
+        raise ValueError(f"max latency must be a positive number of milliseconds, got {max_latency_ms!r}")
+    if not (is_finite(tolerance_pp) and tolerance_pp >= 0):
+        raise ValueError(f"accuracy tolerance must be >= 0 percentage points, got {tolerance_pp!r}")
+
+
 def recommend(front: Sequence[TrialPoint], max_latency_ms: float | None = None,
               tolerance_pp: float = 1.0) -> dict[str, TrialPoint | None]:
     """Picks from a front (non-front or non-eligible points passed in are filtered out first).
@@ -266,10 +283,7 @@ def recommend(front: Sequence[TrialPoint], max_latency_ms: float | None = None,
       ``fastest_within_tolerance``: fastest with accuracy >= best - ``tolerance_pp`` percentage points,
       settled among those within tolerance whose latency intervals overlap its own (:data:`TIE_RULE`).
     """
-    if max_latency_ms is not None and not (is_finite(max_latency_ms) and max_latency_ms > 0):
-        raise UserError(f"max latency must be a positive number of milliseconds, got {max_latency_ms!r}")
-    if not (is_finite(tolerance_pp) and tolerance_pp >= 0):
-        raise UserError(f"accuracy tolerance must be >= 0 percentage points, got {tolerance_pp!r}")
+    check_picks(max_latency_ms, tolerance_pp)
     pts = front_points(list(front))
     out: dict[str, TrialPoint | None] = dict.fromkeys(RECOMMENDATION_KEYS)
     if not pts:

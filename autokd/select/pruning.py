@@ -11,7 +11,6 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from autokd.errors import UserError
 from autokd.select.pareto import nondominated_fronts
 
 __all__ = [
@@ -56,9 +55,17 @@ class PruneDecision:
     reason: str
 
 
+def _check_int(name: str, value: Any, minimum: int, note: str = "") -> None:
+    """TypeError unless ``value`` is an int (a bool is not one), ValueError if it is below ``minimum``."""
+    message = f"pruning {name} must be an integer >= {minimum}{note}, got {value!r}"
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(message)
+    if value < minimum:
+        raise ValueError(message)
+
+
 def _check_eta(eta: int) -> None:
-    if isinstance(eta, bool) or not isinstance(eta, int) or eta < 2:
-        raise UserError(f"pruning eta must be an integer >= 2 (the reduction factor per rung), got {eta!r}")
+    _check_int("eta", eta, 2, " (the reduction factor per rung)")
 
 
 def rung_epochs(max_epochs: int, min_epoch: int = 1, eta: int = 3) -> list[int]:
@@ -68,9 +75,8 @@ def rung_epochs(max_epochs: int, min_epoch: int = 1, eta: int = 3) -> list[int]:
     Pareto front directly, so pruning it there would only throw away a finished result.
     E.g. ``rung_epochs(9) == [1, 3]``, ``rung_epochs(10) == [1, 3, 9]``, ``rung_epochs(1) == []``.
     """
-    for name, value in (("max_epochs", max_epochs), ("min_epoch", min_epoch)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise UserError(f"pruning {name} must be an integer >= 1, got {value!r}")
+    _check_int("max_epochs", max_epochs, 1)
+    _check_int("min_epoch", min_epoch, 1)
     _check_eta(eta)
     rungs: list[int] = []
     epoch = min_epoch
@@ -109,8 +115,7 @@ def decide(candidate: RungRecord, peers: Iterable[RungRecord], eta: int = 3, min
     candidate's own records are ignored.
     """
     _check_eta(eta)
-    if isinstance(min_peers, bool) or not isinstance(min_peers, int) or min_peers < 0:
-        raise UserError(f"pruning min_peers must be an integer >= 0, got {min_peers!r}")
+    _check_int("min_peers", min_peers, 0)
     same = _peers_at_rung(candidate, peers)
     n = len(same) + 1
     keep = math.ceil(n / eta)

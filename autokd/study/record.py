@@ -53,7 +53,6 @@ LATENCY_MIXED_ATTR = "latency_mixed"  # the study's trials were timed on several
 # Trial user attributes.
 STATE_ATTR = "autokd_state"  # a State value, written by `finish` after the reason: the record is then whole
 PARAMS_ATTR = "params"  # the sampled values, flat ({"family": ..., "kd.alpha": ...}): read with `sampled_params`
-LEGACY_PARAM_PREFIX = "p."  # studies made before PARAMS_ATTR stored each value as "p.<name>"
 ARCH_KEY_ATTR = "arch_key"
 TIMM_ATTR = "timm"  # {"model_name": ..., "kwargs": {...}}
 LATENCY_ATTR = "latency"  # the trial's own latency measurement (a LatencyResult dict plus "cache_hit")
@@ -237,8 +236,6 @@ def outcome_reason(trial: FrozenTrial) -> str | None:
 
 
 def sampled_params(user_attrs: Mapping[str, Any]) -> dict[str, Any]:
-    """A trial's sampled values from its user attributes (also from studies that stored them as ``p.<name>``)."""
+    """A trial's sampled values from its user attributes (empty for a trial that died while sampling)."""
     found = user_attrs.get(PARAMS_ATTR)
-    if isinstance(found, dict):
-        return dict(found)
-    return {k[len(LEGACY_PARAM_PREFIX):]: v for k, v in user_attrs.items() if k.startswith(LEGACY_PARAM_PREFIX)}
+    return dict(found) if isinstance(found, dict) else {}
