@@ -45,7 +45,6 @@ from autokd.utils import atomic
 
 pytestmark = pytest.mark.faults
 
-REPO = Path(__file__).resolve().parents[1]
 # Trials long enough (5 epochs, no pruning) that a poller surely sees one training before it finishes.
 LONG_SPACE = TINY_SPACE.replace("epochs: 4", "epochs: 5")
 SHORT_SPACE = TINY_SPACE.replace("epochs: 4", "epochs: 2")

@@ -25,7 +25,6 @@ from autokd.cli import main
 from autokd.study.record import REQUEUED_ATTR
 from autokd.study.store import ask_with_heartbeat, budget_used, fail_stale_trials, make_storage
 
-REPO = Path(__file__).resolve().parents[1]
 PG = {"host": "127.0.0.1", "port": 5432}
 FAST_HEARTBEAT = {"AUTOKD_HEARTBEAT_INTERVAL": "1", "AUTOKD_HEARTBEAT_GRACE": "3"}
 

@@ -26,8 +26,6 @@ from autokd.tracking import (
 )
 from autokd.tracking.base import MLFLOW_STATUS
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope="module")
 def migrated_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -176,7 +174,7 @@ _WORKER = textwrap.dedent("""
 
 def _spawn(args: list[str]) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=repo_pythonpath())
-    proc = subprocess.Popen([sys.executable, "-c", _WORKER, *args], cwd=REPO, env=env, stdin=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-c", _WORKER, *args], env=env, stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "ready", proc.stderr.read()[-3000:]
     return proc
