@@ -165,6 +165,7 @@ def trial_runs(runs: list[Any]) -> dict[int, Any]:
 # kill -9 and SIGTERM of a real search process
 # ----------------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_kill9_mid_trial_then_same_command_loses_nothing(tmp_path: Path, tiny_teacher: tuple[str, Path],
                                                          no_report: None, capsys: pytest.CaptureFixture[str]) -> None:
     root, name = tmp_path / "studies", "kill9"
@@ -209,6 +210,7 @@ def test_kill9_mid_trial_then_same_command_loses_nothing(tmp_path: Path, tiny_te
     assert statuses == {0: "FINISHED", 1: "KILLED", 2: "FINISHED"}
 
 
+@pytest.mark.slow
 def test_sigterm_exits_130_promptly_and_resumes(tmp_path: Path, tiny_teacher: tuple[str, Path], no_report: None,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
     root, name = tmp_path / "studies", "sigterm"
@@ -271,6 +273,7 @@ def test_a_retry_whose_worker_dies_again_is_not_retried_forever(tmp_path: Path) 
     assert not study.get_trials(states=(TrialState.WAITING,))
 
 
+@pytest.mark.slow
 def test_two_workers_share_one_local_study(tmp_path: Path, tiny_teacher: tuple[str, Path]) -> None:
     root, name = tmp_path / "studies", "pair"
     space = write_space(tmp_path, TINY_SPACE)
@@ -299,6 +302,7 @@ def test_two_workers_share_one_local_study(tmp_path: Path, tiny_teacher: tuple[s
     assert not [r.info.run_name for r in runs if r.info.status == "RUNNING"]
 
 
+@pytest.mark.slow
 def test_jobs_2_on_one_machine_split_the_cores(tmp_path: Path, tiny_teacher: tuple[str, Path]) -> None:
     """`--jobs 2`: the command spawns a second worker; together they finish exactly the budget, each with its
     share of the cores (a spawned worker once took all of them: 3 training threads on 2 cores)."""

@@ -80,6 +80,7 @@ def load(url: str, name: str) -> optuna.Study:
 # ----------------------------------------------------------------------------------------------------------
 
 @pytest.mark.postgres
+@pytest.mark.slow
 def test_stale_trial_is_failed_requeued_once(pg_url: str, fast_heartbeat: None,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AUTOKD_HEARTBEAT_GRACE", "2")

@@ -185,6 +185,7 @@ def _go(proc: subprocess.Popen) -> None:
     proc.stdin.flush()
 
 
+@pytest.mark.slow
 def test_two_processes_on_a_fresh_local_store(tmp_path: Path) -> None:
     """Two workers open a brand-new SQLite store at the same instant (schema creation race) and log together."""
     from mlflow.tracking import MlflowClient
@@ -205,6 +206,7 @@ def test_two_processes_on_a_fresh_local_store(tmp_path: Path) -> None:
 
 
 @pytest.mark.faults
+@pytest.mark.slow
 def test_close_stale_runs_after_kill_9(studies: Path) -> None:
     from mlflow.tracking import MlflowClient
 
