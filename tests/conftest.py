@@ -17,6 +17,24 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _session_cwd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Session fixtures (a teacher, an MLflow server) start in a temporary directory, never the repository's."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(tmp_path_factory.mktemp("session_cwd"))
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _own_cwd(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test runs in its own fresh, empty working directory (not its tmp_path, which tests list).
+
+    A test must not see what an earlier command left where pytest was started (studies/, mlruns/, student/),
+    nor leave anything there: files of the repository are found through REPO_ROOT.
+    """
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
+
+
 def repo_pythonpath() -> str:
     """PYTHONPATH for a subprocess that must import this checkout's autokd: the repository first, then whatever
     the caller's PYTHONPATH already holds (packages installed to a folder, as on the GPU check machine)."""

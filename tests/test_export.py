@@ -161,6 +161,7 @@ def exported(study_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
 
 
 @pytest.mark.parametrize("kind,number", [("resnet", 0), ("vit", 1)])
+@pytest.mark.slow
 def test_export_reload_onnx_torchscript_parity(exported: dict, study_root: Path, digits: Any, kind: str,
                                                number: int) -> None:
     import onnxruntime as ort
@@ -193,6 +194,7 @@ def test_export_reload_onnx_torchscript_parity(exported: dict, study_root: Path,
         assert torch.equal(timm_model(x), ref)
 
 
+@pytest.mark.slow
 def test_config_contents(exported: dict, digits: Any) -> None:
     result = exported["resnet"]
     cfg = json.loads((result.out_dir / "config.json").read_text())
@@ -310,6 +312,7 @@ def test_bad_format(study_root: Path, tmp_path: Path) -> None:
         _export(study_root, tmp_path / "out", trial=0, formats="onx")
 
 
+@pytest.mark.slow
 def test_load_student_errors(exported: dict, tmp_path: Path) -> None:
     src = exported["resnet"].out_dir
     with pytest.raises(UserError, match="not a directory"):
@@ -358,6 +361,7 @@ def test_trial_checkpoint_loads_too(study_root: Path, digits: Any) -> None:
         assert torch.equal(model(digits.x_val[:3]), _trial_model(study_root, 0)(digits.x_val[:3]))
 
 
+@pytest.mark.slow
 def test_onnx_falls_back_to_dynamo_exporter(study_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # The TorchScript-based exporter comes first (a search pays for an export on every trial, issue 13); the
     # torch.export-based one is the fallback.

@@ -45,7 +45,6 @@ from autokd.utils import atomic
 
 pytestmark = pytest.mark.faults
 
-REPO = Path(__file__).resolve().parents[1]
 # Trials long enough (5 epochs, no pruning) that a poller surely sees one training before it finishes.
 LONG_SPACE = TINY_SPACE.replace("epochs: 4", "epochs: 5")
 SHORT_SPACE = TINY_SPACE.replace("epochs: 4", "epochs: 2")
@@ -166,6 +165,7 @@ def trial_runs(runs: list[Any]) -> dict[int, Any]:
 # kill -9 and SIGTERM of a real search process
 # ----------------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_kill9_mid_trial_then_same_command_loses_nothing(tmp_path: Path, tiny_teacher: tuple[str, Path],
                                                          no_report: None, capsys: pytest.CaptureFixture[str]) -> None:
     root, name = tmp_path / "studies", "kill9"
@@ -210,6 +210,7 @@ def test_kill9_mid_trial_then_same_command_loses_nothing(tmp_path: Path, tiny_te
     assert statuses == {0: "FINISHED", 1: "KILLED", 2: "FINISHED"}
 
 
+@pytest.mark.slow
 def test_sigterm_exits_130_promptly_and_resumes(tmp_path: Path, tiny_teacher: tuple[str, Path], no_report: None,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
     root, name = tmp_path / "studies", "sigterm"
@@ -272,6 +273,7 @@ def test_a_retry_whose_worker_dies_again_is_not_retried_forever(tmp_path: Path) 
     assert not study.get_trials(states=(TrialState.WAITING,))
 
 
+@pytest.mark.slow
 def test_two_workers_share_one_local_study(tmp_path: Path, tiny_teacher: tuple[str, Path]) -> None:
     root, name = tmp_path / "studies", "pair"
     space = write_space(tmp_path, TINY_SPACE)
@@ -300,6 +302,7 @@ def test_two_workers_share_one_local_study(tmp_path: Path, tiny_teacher: tuple[s
     assert not [r.info.run_name for r in runs if r.info.status == "RUNNING"]
 
 
+@pytest.mark.slow
 def test_jobs_2_on_one_machine_split_the_cores(tmp_path: Path, tiny_teacher: tuple[str, Path]) -> None:
     """`--jobs 2`: the command spawns a second worker; together they finish exactly the budget, each with its
     share of the cores (a spawned worker once took all of them: 3 training threads on 2 cores)."""

@@ -15,16 +15,15 @@ from typing import Iterator
 import numpy as np
 import onnx
 import pytest
+from conftest import free_port, repo_pythonpath
 from onnx import TensorProto, helper, numpy_helper
 
 from autokd.errors import UserError
 from autokd.latency.remote.client import RemoteLatencyError, RemoteTarget, validate_target_url
 from autokd.latency.remote.guard import external_data_reason
 from autokd.latency.remote.server import LatencyHTTPServer
-from tests.conftest import free_port, repo_pythonpath
 
 TOKEN = "s3cret-token"
-REPO = Path(__file__).resolve().parents[1]
 
 
 def matmul_model(size: int = 16) -> onnx.ModelProto:
@@ -169,8 +168,7 @@ def test_the_server_imports_neither_torch_nor_timm() -> None:
         "print('HEAVY', bad)\n"
     )
     env = dict(os.environ, PYTHONPATH=repo_pythonpath())
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
-                          cwd=REPO)
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "HEAVY []" in done.stdout
 

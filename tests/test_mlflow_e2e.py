@@ -30,7 +30,6 @@ from autokd.tracking import default_tracking_uri, make_tracker
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
 FAIL_TRIAL = 2  # the trial the first search fails on purpose (after one trained epoch)
 STALLED_TRIAL = 4  # the trial that reports 0 accuracy, so that it is pruned at its first rung
 

@@ -22,7 +22,6 @@ from autokd.study.store import make_storage
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _start_server(root: Path, port: int) -> subprocess.Popen:

@@ -5,9 +5,12 @@ loop free of Optuna, MLflow and the teacher module, and the torch-free parts imp
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+from conftest import repo_pythonpath
 
 PACKAGE = Path(__file__).resolve().parents[1] / "autokd"
 
@@ -144,5 +147,6 @@ def test_select_does_no_io_and_imports_no_torch() -> None:
 def test_config_and_the_latency_server_import_no_torch() -> None:
     code = ("import sys, autokd.config, autokd.latency.remote.server, autokd.latency.protocol; "
             "bad = [m for m in ('torch', 'timm') if m in sys.modules]; print(*bad); sys.exit(1 if bad else 0)")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=repo_pythonpath()))
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -61,6 +61,7 @@ def test_zoom_shows_the_front_not_the_pruned(tmp_path: Path) -> None:
         assert key in text
 
 
+@pytest.mark.slow
 def test_zoomed_report_renders_in_headless_browser(tmp_path: Path) -> None:
     browser = chromium()
     if browser is None:
@@ -76,6 +77,7 @@ def test_zoomed_report_renders_in_headless_browser(tmp_path: Path) -> None:
     assert "the front and the students near it" in dom.stdout
 
 
+@pytest.mark.slow
 def test_resume_with_other_epochs_is_refused(tmp_path: Path, tiny_teacher: tuple[str, Path]) -> None:
     space = tmp_path / "tiny.yaml"
     space.write_text(TINY_SPACE)
@@ -94,6 +96,7 @@ def test_resume_with_other_epochs_is_refused(tmp_path: Path, tiny_teacher: tuple
     assert study.metric_names == ["val_acc", "latency_ms"]  # named for optuna-dashboard and every Optuna tool
 
 
+@pytest.mark.slow
 def test_cli_resume_with_other_epochs_exits_2(tmp_path: Path, tiny_teacher: tuple[str, Path],
                                               capsys: pytest.CaptureFixture[str]) -> None:
     space = tmp_path / "tiny.yaml"

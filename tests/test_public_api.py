@@ -2,12 +2,14 @@
 student loaded back, all through ``import autokd`` alone; and ``import autokd`` stays light."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import repo_pythonpath
 from test_search import TINY_SPACE
 
 import autokd
@@ -18,7 +20,8 @@ pytestmark = pytest.mark.slow
 def test_import_autokd_loads_no_heavy_library() -> None:
     code = ("import sys, autokd; bad = [m for m in ('torch', 'timm', 'mlflow', 'optuna') if m in sys.modules]; "
             "print(*bad); sys.exit(1 if bad else 0)")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=repo_pythonpath()))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert set(autokd.__all__) == {"SearchSettings", "__version__", "build_report", "export_trial", "load_student",
                                    "run_search"}

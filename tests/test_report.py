@@ -139,6 +139,7 @@ def _chromium() -> str | None:
     return None
 
 
+@pytest.mark.slow
 def test_report_renders_in_headless_browser(report: tuple[ReportResult, Path], tmp_path: Path) -> None:
     browser = _chromium()
     if browser is None:

@@ -25,7 +25,6 @@ from autokd.cli import main
 from autokd.study.record import REQUEUED_ATTR
 from autokd.study.store import ask_with_heartbeat, budget_used, fail_stale_trials, make_storage
 
-REPO = Path(__file__).resolve().parents[1]
 PG = {"host": "127.0.0.1", "port": 5432}
 FAST_HEARTBEAT = {"AUTOKD_HEARTBEAT_INTERVAL": "1", "AUTOKD_HEARTBEAT_GRACE": "3"}
 
@@ -81,6 +80,7 @@ def load(url: str, name: str) -> optuna.Study:
 # ----------------------------------------------------------------------------------------------------------
 
 @pytest.mark.postgres
+@pytest.mark.slow
 def test_stale_trial_is_failed_requeued_once(pg_url: str, fast_heartbeat: None,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AUTOKD_HEARTBEAT_GRACE", "2")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+from conftest import repo_pythonpath
 
 from autokd.study.store import ask_with_heartbeat, fail_stale_trials, make_storage
 
@@ -58,7 +59,8 @@ def test_writes_survive_kill_9(tmp_path: Path) -> None:
         trial.suggest_int("depth", 1, 4)
         os.kill(os.getpid(), signal.SIGKILL)
     """)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=repo_pythonpath()))
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     study = optuna.load_study(study_name="s", storage=make_storage(None, tmp_path))
     [done, trial] = study.get_trials(deepcopy=False)
@@ -76,7 +78,8 @@ def _journal_study(tmp_path: Path) -> optuna.Study:
 def _dead_worker() -> dict:
     """The identity of a real worker process that has exited (its pid no longer runs, or is someone else's)."""
     script = "import json; from autokd.study.store import worker_identity; print(json.dumps(worker_identity()))"
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True,
+                          env=dict(os.environ, PYTHONPATH=repo_pythonpath()))
     return json.loads(proc.stdout)
 
 

@@ -174,6 +174,7 @@ def test_pretrained_weights_come_from_the_local_hub_cache(data, tmp_path: Path, 
     assert torch.equal(got["layer1.0.conv1.weight"].cpu(), source["layer1.0.conv1.weight"])
 
 
+@pytest.mark.slow
 def test_corrupt_cache_entry_is_retrained(data, tmp_path: Path) -> None:
     recipe = TeacherRecipe(epochs=1, batch_size=48, lr=1e-2)
     first = get_teacher(data, arch=ARCH, cache_root=tmp_path, recipe=recipe, log=lambda m: None)
