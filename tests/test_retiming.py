@@ -28,7 +28,7 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 def point(number: int, acc: float | None, latency: float | None, state: str = "COMPLETE",
           key: str | None = None) -> TrialPoint:
-    return TrialPoint(number, state, acc, latency, extra={"arch_key": key or f"arch{number}"})
+    return TrialPoint(number, state, acc, latency, arch_key=key or f"arch{number}")
 
 
 # --- candidates and apply (pure) ---------------------------------------------------------------------------
@@ -62,12 +62,12 @@ def test_apply_replaces_latency_and_keeps_the_first_measurement() -> None:
     archs: dict[str, dict[str, Any]] = {"a": {"median_ms": 1.5, "low_ms": 1.4, "high_ms": 1.6},
                                         "b": {"median_ms": 1.2}}
     retiming.apply([a, b, c, pruned], archs)
-    assert (a.latency_ms, a.latency_ci, a.extra["latency_first_ms"]) == (1.5, (1.4, 1.6), 2.0)
-    assert (b.latency_ms, b.latency_ci, b.extra["latency_first_ms"]) == (1.2, (0.9, 1.1), 1.0)  # no interval: kept
-    assert c.latency_ms == 3.0 and "latency_first_ms" not in c.extra  # not re-timed: untouched
-    assert pruned.latency_ms is None and "latency_first_ms" not in pruned.extra  # never measured: nothing to put
+    assert (a.latency_ms, a.latency_ci, a.latency_first_ms) == (1.5, (1.4, 1.6), 2.0)
+    assert (b.latency_ms, b.latency_ci, b.latency_first_ms) == (1.2, (0.9, 1.1), 1.0)  # no interval: kept
+    assert c.latency_ms == 3.0 and c.latency_first_ms is None  # not re-timed: untouched
+    assert pruned.latency_ms is None and pruned.latency_first_ms is None  # never measured: nothing to put
     retiming.apply([a], {"a": {"median_ms": 1.7}})
-    assert a.latency_ms == 1.7 and a.extra["latency_first_ms"] == 2.0  # the first measurement stays the first
+    assert a.latency_ms == 1.7 and a.latency_first_ms == 2.0  # the first measurement stays the first
 
 
 # --- retime_front on a real study ------------------------------------------------------------------------------
@@ -92,10 +92,10 @@ def make_study(data: DataSplits, meter: LatencyMeter | None = None) -> tuple[opt
         spec = resolve_student(family, width, depth, data.num_classes, data.in_chans, data.input_size)
         attrs = {PARAMS_ATTR: {"family": family, "width": width, "depth": depth}, ARCH_KEY_ATTR: spec.key}
         study.add_trial(optuna.trial.create_trial(values=[acc, latency], user_attrs=attrs))
-        points.append(TrialPoint(number, "COMPLETE", acc, latency, extra={"arch_key": spec.key}))
+        points.append(TrialPoint(number, "COMPLETE", acc, latency, arch_key=spec.key))
     study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.PRUNED, user_attrs={
         PARAMS_ATTR: {"family": "resnet", "width": 1.0, "depth": 1.0}, ARCH_KEY_ATTR: "never-timed"}))
-    points.append(TrialPoint(5, "PRUNED", None, 0.1, extra={"arch_key": "never-timed"}))
+    points.append(TrialPoint(5, "PRUNED", None, 0.1, arch_key="never-timed"))
     return study, points
 
 
@@ -104,8 +104,8 @@ def test_front_candidates_are_retimed_together_and_recorded(data: DataSplits) ->
     study, points = make_study(data, meter)
     logs: list[str] = []
     archs = retiming.retime_front(study, points, data, log=logs.append)
-    front_keys = {p.extra["arch_key"] for p in points[:3]}
-    assert len(front_keys) == 3 and points[4].extra["arch_key"] == points[0].extra["arch_key"]
+    front_keys = {p.arch_key for p in points[:3]}
+    assert len(front_keys) == 3 and points[4].arch_key == points[0].arch_key
     # Not the far-behind ViT nor the pruned trial; the architecture of two trials is timed once.
     assert set(archs) == front_keys
     for figures in archs.values():
@@ -120,7 +120,7 @@ def test_front_candidates_are_retimed_together_and_recorded(data: DataSplits) ->
 
     retiming.apply(points, archs)
     for p in [*points[:3], points[4]]:
-        assert p.latency_ms == archs[p.extra["arch_key"]]["median_ms"] and "latency_first_ms" in p.extra
+        assert p.latency_ms == archs[p.arch_key]["median_ms"] and p.latency_first_ms is not None
     assert points[3].latency_ms == 9.0
 
     # A second report (the same candidates) keeps the recorded figures instead of timing again.
