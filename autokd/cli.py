@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from autokd.config import OPTIMIZERS, SAMPLERS, SearchSettings, studies_root
 from autokd.errors import FatalSearchError, Interrupted, UserError
+from autokd.latency.remote import server as latency_server  # torch-free: its options are defined there
 
 if TYPE_CHECKING:
     from autokd.search.objective import TrialOutcome
@@ -182,22 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("search_args", nargs=argparse.REMAINDER, help="-- then extra `autokd search` arguments")
 
     ls = sub.add_parser("latency-server", help="time uploaded students on this device, for a search elsewhere",
-                        description="Run on the device that will run the students (needs onnxruntime and numpy, "
-                        "not torch). A search points at it with --latency-target http://HOST:PORT "
-                        "--latency-token T.")
-    add_latency_server_args(ls)
+                        description=latency_server.DESCRIPTION)
+    latency_server.add_server_args(ls)
     return parser
-
-
-def add_latency_server_args(p: argparse.ArgumentParser) -> None:
-    """Options of `autokd latency-server` (also `python -m autokd.latency_server`, which needs no torch)."""
-    p.add_argument("--host", default="127.0.0.1",
-                   help="address to listen on (default 127.0.0.1; any other needs --token)")
-    p.add_argument("--port", type=int, default=8765, help="port (default 8765)")
-    p.add_argument("--token", help="bearer token clients must send (default: $AUTOKD_LATENCY_TOKEN; "
-                   "required unless listening on loopback)")
-    p.add_argument("--max-bytes", type=_positive_int, default=64 * 1024 * 1024,
-                   help="largest model accepted, in bytes (default 64 MiB)")
 
 
 def _search(args: argparse.Namespace, root: Path) -> int:
@@ -444,9 +432,7 @@ def _workers(args: argparse.Namespace, root: Path) -> int:
 
 
 def _latency_server(args: argparse.Namespace, root: Path) -> int:
-    from autokd.latency.remote.server import serve
-
-    serve(host=args.host, port=args.port, token=args.token, max_bytes=args.max_bytes)
+    latency_server.serve_args(args)
     return 0
 
 
