@@ -169,6 +169,23 @@ def check_latency_device_for_workers(latency_device: str | None, workers: list[d
                         "cpu, or --devices with one GPU")
 
 
+#: Strides of `_resumed_seed`. Any values would do that keep its terms from cancelling each other out; distinct
+#: primes, far apart and above any worker index, do.
+_TRIALS_SEED_STRIDE = 7919
+_JOINS_SEED_STRIDE = 104729
+
+
+def _resumed_seed(seed: int, worker_index: int, trials: int, joined: int) -> int:
+    """The sampler seed of a worker that resumes or joins a study: ``seed`` moved by its worker index, by the
+    study's trial count and by the number of workers that joined before it.
+
+    Workers of one machine differ in their index; workers on other machines (all index 0) in the trial or join
+    count they see. With the same index, two such counts give one seed only if the trial counts differ by a
+    multiple of the join stride (both strides being prime), which no study reaches.
+    """
+    return seed + worker_index + _TRIALS_SEED_STRIDE * trials + _JOINS_SEED_STRIDE * joined
+
+
 def prepare_search(s: SearchSettings, worker_index: int = 0, log: Callable[[str], None] = print) -> PreparedSearch:
     """Check the inputs, then open (or create) the study, get the teacher and its outputs and the parent run.
 
@@ -250,7 +267,7 @@ def prepare_search(s: SearchSettings, worker_index: int = 0, log: Callable[[str]
     if created is False:
         # A resumed or joined study's sampler must not replay the draws of another worker with the same seed
         # (workers on other machines all have worker index 0): the join count makes each worker's seed its own.
-        study.sampler = make_sampler(s.sampler, s.seed + worker_index + 7919 * len(study.trials) + 104729 * joined)
+        study.sampler = make_sampler(s.sampler, _resumed_seed(s.seed, worker_index, len(study.trials), joined))
 
     views = TrainViews(num_views=space.views, seed=0)
     outputs = (teacher_outputs(teacher, data, views, cache_root=root / "teachers", device=device,
