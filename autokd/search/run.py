@@ -129,22 +129,23 @@ def validate_settings(s: SearchSettings) -> None:
 def local_workers(s: SearchSettings, device: str) -> list[devices.WorkerSlot]:
     """The workers of this machine: `--jobs N` on the CPU (or one explicit `cuda:N`), else one per chosen GPU
     and slot (`--devices`, default all visible; `--jobs-per-device`, default 1). Bad values are UserErrors."""
+    w = s.workers
     if device != "cuda":
-        if s.devices is not None or s.jobs_per_device > 1:
-            flag = "--devices" if s.devices is not None else "--jobs-per-device"
+        if w.devices is not None or w.jobs_per_device > 1:
+            flag = "--devices" if w.devices is not None else "--jobs-per-device"
             if device == "cpu":
                 raise UserError(f"{flag} places workers on GPUs, but this search trains on the CPU (--device "
                                 f"{s.device}); on the CPU use --jobs N")
             raise UserError(f"{flag} places workers on GPUs, but --device {s.device} names one GPU; use --device "
                             "cuda with --devices N[,M...] (and --jobs-per-device K) instead")
-        return devices.cpu_workers(s.jobs)
-    if s.jobs > 1:
-        raise UserError(f"--jobs {s.jobs}: on GPUs a search runs --jobs-per-device K workers on each device of "
+        return devices.cpu_workers(w.jobs)
+    if w.jobs > 1:
+        raise UserError(f"--jobs {w.jobs}: on GPUs a search runs --jobs-per-device K workers on each device of "
                         "--devices (default: all visible GPUs); use --jobs-per-device instead, or --device cpu "
                         "for CPU workers")
     visible, names = devices.visible_devices()
-    chosen = devices.parse_devices(s.devices or "all", visible, names)
-    return devices.plan_workers(visible, chosen, s.jobs_per_device)
+    chosen = devices.parse_devices(w.devices or "all", visible, names)
+    return devices.plan_workers(visible, chosen, w.jobs_per_device)
 
 
 def validate_teacher_args(arch: str | None, checkpoint: str | None) -> None:
@@ -208,12 +209,13 @@ def prepare_search(s: SearchSettings, worker_index: int = 0, log: Callable[[str]
     if workers and workers[0].device_index is not None:
         device = workers[0].device
         torch.cuda.set_device(workers[0].device_index)  # so that a plain `cuda` (e.g. --latency-device) is it too
-    data = load_dataset(s.dataset, data_dir=s.data_dir, input_size=s.input_size or space.input_size, seed=0,
-                        download=s.download, train_limit=s.train_limit)
+    d = s.data
+    data = load_dataset(d.dataset, data_dir=d.data_dir, input_size=d.input_size or space.input_size, seed=0,
+                        download=d.download, train_limit=d.train_limit)
     # Built before the storage: a bad latency setting (e.g. int8 with torch) leaves no file behind.
     meter = LatencyMeter(s.latency_runtime, s.latency_device or device, s.latency_threads, s.latency_batch,
                          precision=s.latency_precision, target=_latency_target(s, log))
-    name = s.study or default_study_name(s.dataset, space.name)
+    name = s.study or default_study_name(d.dataset, space.name)
     root = Path(s.root)
     sdir = study_dir(root, name)
     storage = make_storage(s.storage, root)
@@ -221,8 +223,8 @@ def prepare_search(s: SearchSettings, worker_index: int = 0, log: Callable[[str]
               record.DATA_FINGERPRINT_ATTR: data.fingerprint, record.EPOCHS_ATTR: s.epochs or space.epochs}
     extra_attrs = {record.SPACE_ATTR: space.canonical(), record.SPACE_PATH_ATTR: str(s.space),
                    record.VERSION_ATTR: __version__, record.BUDGET_ATTR: s.budget, record.DEVICE_ATTR: device,
-                   record.INPUT_SIZE_ATTR: data.input_size, record.TRAIN_LIMIT_ATTR: s.train_limit,
-                   record.DATA_DIR_ATTR: s.data_dir, record.VAL_IMAGES_ATTR: len(data.y_val)}
+                   record.INPUT_SIZE_ATTR: data.input_size, record.TRAIN_LIMIT_ATTR: d.train_limit,
+                   record.DATA_DIR_ATTR: d.data_dir, record.VAL_IMAGES_ATTR: len(data.y_val)}
     sampler = make_sampler(s.sampler, s.seed + worker_index)
     shared = scaleout.is_shared_storage(s.storage)
     latency_sig = meter.signature()
@@ -232,7 +234,7 @@ def prepare_search(s: SearchSettings, worker_index: int = 0, log: Callable[[str]
     if s.teacher_checkpoint is not None:
         # The teacher is input too (a truncated or wrong checkpoint is exit 2): load it before any study exists.
         teacher = get_teacher(data, checkpoint=s.teacher_checkpoint, **teacher_kwargs)
-    tracker = make_tracker(s.tracking_uri, s.mlflow, root, experiment_name=name)
+    tracker = make_tracker(s.tracking.uri, s.tracking.mlflow, root, experiment_name=name)
     with study_lock(s.storage, root, name):
         # Held while the first worker trains the teacher: the others wait here, then fetch it and join.
         study = _existing_study(name, storage, sampler)
@@ -294,7 +296,7 @@ def run_search(s: SearchSettings, worker_index: int = 0, log: Callable[[str], No
     from autokd.tracking import spool_dir
 
     p = prepare_search(s, worker_index, log)
-    total_workers = len(p.workers) if worker_index == 0 else s.jobs
+    total_workers = len(p.workers) if worker_index == 0 else s.workers.jobs
     children = processes.spawn_workers(s, p.workers[1:], total_workers) if worker_index == 0 else []
     torch.set_num_threads(processes.train_threads(total_workers))
     gpu = devices.physical_id(p.device) if p.device.startswith("cuda") else None
@@ -386,7 +388,7 @@ def _parent_run(study: optuna.Study, tracker: Tracker, s: SearchSettings, name: 
                         f"this worker ({tracker.tracking_uri}) does not have; start every worker with "
                         f"--tracking-uri {stored_uri} (or --no-mlflow)")
     run_id = tracker.create_parent_run(name, {"autokd.teacher": teacher_id}, {
-        "dataset": s.dataset, "space": str(s.space), "budget": s.budget, "sampler": s.sampler, "seed": s.seed,
+        "dataset": s.data.dataset, "space": str(s.space), "budget": s.budget, "sampler": s.sampler, "seed": s.seed,
         "teacher": teacher_id})
     study.set_user_attr(MLFLOW_PARENT_RUN_ATTR, run_id)
     study.set_user_attr(MLFLOW_TRACKING_URI_ATTR, tracker.tracking_uri)
