@@ -20,6 +20,7 @@ import torch
 
 from autokd.errors import FatalSearchError, Interrupted
 from autokd.latency.meter import LatencyMeter, LatencyResult
+from autokd.latency.pinning import StudyLatency
 from autokd.model.checkpoint import write_checkpoint
 from autokd.model.data import DataSplits, TrainViews
 from autokd.model.losses import build_loss
@@ -58,7 +59,7 @@ class TrialContext:
     teacher_outputs: TeacherOutputs | None
     teacher_arch: str
     views: TrainViews
-    latency: LatencyMeter  # runtime, cache, study-wide shared figures and the measuring lock
+    latency: LatencyMeter | StudyLatency  # runtime, cache and measuring lock (+ the study's figures when shared)
     tracker: Tracker
     parent_run_id: str | None
     trials_dir: Path

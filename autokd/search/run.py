@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import os
 import time
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -18,9 +19,10 @@ import optuna
 import torch
 
 from autokd._version import __version__
-from autokd.config import SAMPLERS, SearchSettings
+from autokd.config import SAMPLERS, LatencySettings, SearchSettings
 from autokd.errors import UserError, close_matches
 from autokd.latency import pinning
+from autokd.latency.remote.server import TOKEN_ENV
 from autokd.search import processes
 from autokd.study import record, scaleout
 from autokd.study.record import (
@@ -49,14 +51,14 @@ from autokd.utils import devices
 if TYPE_CHECKING:
     from optuna.storages import BaseStorage
 
-    from autokd.latency.meter import LatencyMeter
-    from autokd.latency.remote.client import RemoteTarget
+    from autokd.latency.meter import LatencyMeter, MeasureLock
+    from autokd.latency.pinning import StudyLatency
     from autokd.model.data import DataSplits, TrainViews
     from autokd.model.space import SearchSpace
     from autokd.model.teacher import Teacher, TeacherOutputs
     from autokd.search.objective import TrialOutcome
     from autokd.search.worker_loop import OnTrial
-    from autokd.utils.locks import CpuGate
+    from autokd.utils.locks import CpuGate, TrainingHold
 
 
 @dataclass
@@ -91,8 +93,8 @@ class PreparedSearch:
     teacher: Teacher
     views: TrainViews
     teacher_outputs: TeacherOutputs | None  # None when no loss of the space uses the teacher
-    meter: LatencyMeter
-    latency_signature: str
+    latency: LatencyMeter | StudyLatency  # the meter, wrapped in the study's record on a shared storage
+    train_lock: Callable[[], AbstractContextManager[TrainingHold]]  # held while training, so measurements wait
     shared: bool  # a storage several machines share
     tracker: Tracker
     parent_run_id: str | None
@@ -193,7 +195,6 @@ def prepare_search(s: SearchSettings, worker_index: int = 0, log: Callable[[str]
     Every input error is a UserError raised before any study or training exists. The study lock is held while
     the first worker trains the teacher: the others wait for it, then load (or, across machines, fetch) it.
     """
-    from autokd.latency.meter import LatencyMeter
     from autokd.model.data import TrainViews, load_dataset
     from autokd.model.space import load_space
     from autokd.model.teacher import get_teacher, teacher_outputs
@@ -205,18 +206,18 @@ def prepare_search(s: SearchSettings, worker_index: int = 0, log: Callable[[str]
     device = devices.resolve_device(s.device)
     # Spawned workers are told the total (s.jobs) and, on GPUs, see only their own device.
     workers = local_workers(s, device) if worker_index == 0 else []
-    check_latency_device_for_workers(s.latency_device, workers)
+    check_latency_device_for_workers(s.latency.device, workers)
     if workers and workers[0].device_index is not None:
         device = workers[0].device
         torch.cuda.set_device(workers[0].device_index)  # so that a plain `cuda` (e.g. --latency-device) is it too
     d = s.data
     data = load_dataset(d.dataset, data_dir=d.data_dir, input_size=d.input_size or space.input_size, seed=0,
                         download=d.download, train_limit=d.train_limit)
-    # Built before the storage: a bad latency setting (e.g. int8 with torch) leaves no file behind.
-    meter = LatencyMeter(s.latency_runtime, s.latency_device or device, s.latency_threads, s.latency_batch,
-                         precision=s.latency_precision, target=_latency_target(s, log))
-    name = s.study or default_study_name(d.dataset, space.name)
     root = Path(s.root)
+    train_gate, measure_gate = _gates(root / ".locks", device, s.latency.device or device)
+    # Built before the storage: a bad latency setting (e.g. int8 with torch) leaves no file behind.
+    meter = make_latency_meter(s.latency, device, root, measure_gate.measuring, log)
+    name = s.study or default_study_name(d.dataset, space.name)
     sdir = study_dir(root, name)
     storage = make_storage(s.storage, root)
     pinned = {record.SPACE_FINGERPRINT_ATTR: space.fingerprint, record.DATASET_ATTR: data.name,
@@ -227,7 +228,6 @@ def prepare_search(s: SearchSettings, worker_index: int = 0, log: Callable[[str]
                    record.DATA_DIR_ATTR: d.data_dir, record.VAL_IMAGES_ATTR: len(data.y_val)}
     sampler = make_sampler(s.sampler, s.seed + worker_index)
     shared = scaleout.is_shared_storage(s.storage)
-    latency_sig = meter.signature()
     teacher_kwargs = dict(arch=s.teacher, cache_root=root / "teachers", device=device, pretrained=s.teacher_pretrained,
                           log=log)
     teacher = None
@@ -255,7 +255,7 @@ def prepare_search(s: SearchSettings, worker_index: int = 0, log: Callable[[str]
         elif stored_teacher != teacher_id:
             raise UserError(f"study {name!r} was created with teacher {stored_teacher}, now {teacher_id}; resume with "
                             "the same --teacher/--teacher-checkpoint or start a new study with --study NEW_NAME")
-        pinning.check_latency_device(study, latency_sig, s.latency_batch, s.allow_mixed_latency, log,
+        pinning.check_latency_device(study, meter.signature(), s.latency.batch, s.latency.allow_mixed, log,
                                       settings={**meter.signature_info(), "torch_device": meter.dev.type})
         parent_run_id = _parent_run(study, tracker, s, name, teacher_id, shared)
         if shared and s.teacher_checkpoint is None and teacher.path is not None:
@@ -277,7 +277,8 @@ def prepare_search(s: SearchSettings, worker_index: int = 0, log: Callable[[str]
     return PreparedSearch(
         settings=s, worker_index=worker_index, name=name, root=root, study_dir=sdir, study=study, created=created,
         space=space, data=data.to(device), device=device, workers=workers, teacher=teacher, views=views,
-        teacher_outputs=outputs, meter=meter, latency_signature=latency_sig, shared=shared, tracker=tracker,
+        teacher_outputs=outputs, latency=pinning.StudyLatency(study, meter) if shared else meter,
+        train_lock=train_gate.training, shared=shared, tracker=tracker,
         parent_run_id=parent_run_id)
 
 
@@ -290,7 +291,6 @@ def run_search(s: SearchSettings, worker_index: int = 0, log: Callable[[str], No
     those, with `s.jobs` the total. ``on_trial(outcome, progress)`` is called after each trial of this worker
     (the CLI prints its progress line there).
     """
-    from autokd.latency.meter import LatencyCache
     from autokd.search.objective import TrialContext
     from autokd.search.worker_loop import run_trials
     from autokd.tracking import spool_dir
@@ -303,14 +303,10 @@ def run_search(s: SearchSettings, worker_index: int = 0, log: Callable[[str], No
     if total_workers > 1:
         log(f"worker {worker_index} of {total_workers}: {torch.get_num_threads()} training thread(s)"
             + (f", GPU {gpu}" if gpu is not None else ""))
-    train_gate, measure_gate = _gates(p.root / ".locks", p.device, s.latency_device or p.device)
-    meter = p.meter
-    meter.cache, meter.lock = LatencyCache(p.root / "latency_cache"), measure_gate.measuring
-    meter.shared = pinning.StudyLatency(p.study, p.latency_signature, s.latency_batch) if p.shared else None
     ctx = TrialContext(
         space=p.space, data=p.data, teacher_outputs=p.teacher_outputs, teacher_arch=p.teacher.arch, views=p.views,
-        latency=meter, tracker=p.tracker, parent_run_id=p.parent_run_id, trials_dir=p.study_dir / "trials",
-        device=p.device, train_lock=train_gate.training, max_latency_ms=s.max_latency_ms,
+        latency=p.latency, tracker=p.tracker, parent_run_id=p.parent_run_id, trials_dir=p.study_dir / "trials",
+        device=p.device, train_lock=p.train_lock, max_latency_ms=s.max_latency_ms,
         max_epochs=s.epochs, prune=s.prune, seed=s.seed, compile=s.compile, log=log,
     )
     summary = SearchSummary(study_name=p.name, study_dir=p.study_dir, budget=s.budget)
@@ -395,18 +391,27 @@ def _parent_run(study: optuna.Study, tracker: Tracker, s: SearchSettings, name: 
     return run_id
 
 
-def _latency_target(s: SearchSettings, log: Callable[[str], None]) -> RemoteTarget | None:
-    """The `autokd latency-server` students are timed on (``--latency-target``), or None to time them here."""
-    if s.latency_target is None:
-        if s.latency_token is not None and s.latency_token != os.environ.get("AUTOKD_LATENCY_TOKEN"):
-            raise UserError("--latency-token is only used with --latency-target URL")
-        return None
-    if s.latency_device is not None:
-        raise UserError("--latency-device and --latency-target both say where latency is measured: give one")
-    from autokd.latency.remote.client import RemoteTarget, backoff_delays
+def make_latency_meter(latency: LatencySettings, device: str, root: Path, lock: MeasureLock,
+                       log: Callable[[str], None]) -> LatencyMeter:
+    """The search's latency meter, built whole: runtime and device (``--latency-device``, else the training
+    ``device``; or the `autokd latency-server` of ``--latency-target``), the cache under ``root`` and the lock that
+    keeps this machine's trainers out while it measures. Bad settings, and a target that does not answer, are
+    UserErrors."""
+    from autokd.latency.meter import LatencyCache, LatencyMeter
 
-    return RemoteTarget(s.latency_target, s.latency_token, retry_delays_s=backoff_delays(s.latency_target_retry_s),
-                        log=log)
+    target = None
+    if latency.target is not None:
+        if latency.device is not None:
+            raise UserError("--latency-device and --latency-target both say where latency is measured: give one")
+        from autokd.latency.remote.client import RemoteTarget, backoff_delays
+
+        target = RemoteTarget(latency.target, latency.token, retry_delays_s=backoff_delays(latency.target_retry_s),
+                              log=log)
+    elif latency.token is not None and latency.token != os.environ.get(TOKEN_ENV):
+        raise UserError("--latency-token is only used with --latency-target URL")
+    return LatencyMeter(latency.runtime, latency.device or device, latency.threads, latency.batch,
+                        cache=LatencyCache(root / "latency_cache"), lock=lock, precision=latency.precision,
+                        target=target)
 
 
 def _gates(lock_dir: Path, device: str, latency_device: str) -> tuple[CpuGate, CpuGate]:

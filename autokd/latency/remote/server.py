@@ -300,6 +300,6 @@ if __name__ == "__main__":
 
 
 __all__ = [
-    "DEFAULT_MAX_BYTES", "DEFAULT_PORT", "DESCRIPTION", "LatencyHTTPServer", "TOKEN_ENV", "add_server_args", "build_parser",
-    "is_loopback", "serve", "serve_args",
+    "DEFAULT_MAX_BYTES", "DEFAULT_PORT", "DESCRIPTION", "LatencyHTTPServer", "TOKEN_ENV", "add_server_args",
+    "build_parser", "is_loopback", "serve", "serve_args",
 ]
