@@ -10,7 +10,6 @@ from __future__ import annotations
 import gc
 import os
 import time
-from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -52,13 +51,10 @@ if TYPE_CHECKING:
     from optuna.storages import BaseStorage
 
     from autokd.latency.meter import LatencyMeter, MeasureLock
-    from autokd.latency.pinning import StudyLatency
-    from autokd.model.data import DataSplits, TrainViews
-    from autokd.model.space import SearchSpace
-    from autokd.model.teacher import Teacher, TeacherOutputs
-    from autokd.search.objective import TrialOutcome
+    from autokd.model.data import DataSplits
+    from autokd.search.objective import TrialContext, TrialOutcome
     from autokd.search.worker_loop import OnTrial
-    from autokd.utils.locks import CpuGate, TrainingHold
+    from autokd.utils.locks import CpuGate
 
 
 @dataclass
@@ -76,28 +72,15 @@ class SearchSummary:
 
 @dataclass
 class PreparedSearch:
-    """Everything a worker has before its first trial: checked inputs, the study, the teacher and its outputs,
-    the latency meter, the tracker and the study's MLflow parent run."""
+    """What a worker has before its first trial: the study, this machine's workers, and what every trial uses
+    (settings, data, teacher outputs, latency meter, tracker, the study's MLflow parent run)."""
 
-    settings: SearchSettings
-    worker_index: int
     name: str
-    root: Path
     study_dir: Path
     study: optuna.Study
-    created: bool  # this worker created the study
-    space: SearchSpace
-    data: DataSplits  # on ``device``
-    device: str  # what this worker trains on
     workers: list[devices.WorkerSlot]  # this machine's workers, this one first (none in a spawned worker)
-    teacher: Teacher
-    views: TrainViews
-    teacher_outputs: TeacherOutputs | None  # None when no loss of the space uses the teacher
-    latency: LatencyMeter | StudyLatency  # the meter, wrapped in the study's record on a shared storage
-    train_lock: Callable[[], AbstractContextManager[TrainingHold]]  # held while training, so measurements wait
     shared: bool  # a storage several machines share
-    tracker: Tracker
-    parent_run_id: str | None
+    context: TrialContext
 
 
 def default_study_name(dataset: str, space_name: str) -> str:
@@ -198,6 +181,7 @@ def prepare_search(s: SearchSettings, worker_index: int = 0, log: Callable[[str]
     from autokd.model.data import TrainViews, load_dataset
     from autokd.model.space import load_space
     from autokd.model.teacher import get_teacher, teacher_outputs
+    from autokd.search.objective import TrialContext
     from autokd.tracking import make_tracker
 
     validate_settings(s)
@@ -274,12 +258,11 @@ def prepare_search(s: SearchSettings, worker_index: int = 0, log: Callable[[str]
     views = TrainViews(num_views=space.views, seed=0)
     outputs = (teacher_outputs(teacher, data, views, cache_root=root / "teachers", device=device,
                                need_features=space.uses_features(), log=log) if space.uses_teacher() else None)
-    return PreparedSearch(
-        settings=s, worker_index=worker_index, name=name, root=root, study_dir=sdir, study=study, created=created,
-        space=space, data=data.to(device), device=device, workers=workers, teacher=teacher, views=views,
-        teacher_outputs=outputs, latency=pinning.StudyLatency(study, meter) if shared else meter,
-        train_lock=train_gate.training, shared=shared, tracker=tracker,
-        parent_run_id=parent_run_id)
+    context = TrialContext(
+        settings=s, space=space, data=data.to(device), teacher_outputs=outputs, teacher_arch=teacher.arch, views=views,
+        latency=pinning.StudyLatency(study, meter) if shared else meter, tracker=tracker, parent_run_id=parent_run_id,
+        trials_dir=sdir / "trials", device=device, train_lock=train_gate.training)
+    return PreparedSearch(name=name, study_dir=sdir, study=study, workers=workers, shared=shared, context=context)
 
 
 def run_search(s: SearchSettings, worker_index: int = 0, log: Callable[[str], None] = print,
@@ -291,26 +274,21 @@ def run_search(s: SearchSettings, worker_index: int = 0, log: Callable[[str], No
     those, with `s.jobs` the total. ``on_trial(outcome, progress)`` is called after each trial of this worker
     (the CLI prints its progress line there).
     """
-    from autokd.search.objective import TrialContext
     from autokd.search.worker_loop import run_trials
     from autokd.tracking import spool_dir
 
     p = prepare_search(s, worker_index, log)
+    root = Path(s.root)
     total_workers = len(p.workers) if worker_index == 0 else s.workers.jobs
     children = processes.spawn_workers(s, p.workers[1:], total_workers) if worker_index == 0 else []
     torch.set_num_threads(processes.train_threads(total_workers))
-    gpu = devices.physical_id(p.device) if p.device.startswith("cuda") else None
+    ctx = p.context
+    gpu = devices.physical_id(ctx.device) if ctx.device.startswith("cuda") else None
     if total_workers > 1:
         log(f"worker {worker_index} of {total_workers}: {torch.get_num_threads()} training thread(s)"
             + (f", GPU {gpu}" if gpu is not None else ""))
-    ctx = TrialContext(
-        space=p.space, data=p.data, teacher_outputs=p.teacher_outputs, teacher_arch=p.teacher.arch, views=p.views,
-        latency=p.latency, tracker=p.tracker, parent_run_id=p.parent_run_id, trials_dir=p.study_dir / "trials",
-        device=p.device, train_lock=p.train_lock, max_latency_ms=s.max_latency_ms,
-        max_epochs=s.epochs, prune=s.prune, seed=s.seed, compile=s.compile, log=log,
-    )
     summary = SearchSummary(study_name=p.name, study_dir=p.study_dir, budget=s.budget)
-    study, tracker, parent_run_id = p.study, p.tracker, p.parent_run_id
+    study, tracker, parent_run_id = p.study, ctx.tracker, ctx.parent_run_id
     with processes.sigterm_interrupts():
         # Everything built so far (torch, timm, MLflow, data, teacher) lives for the whole search: freezing it
         # keeps the per-trial gc.collect (which releases the last trial's model and graphs) from rescanning it.
@@ -319,7 +297,7 @@ def run_search(s: SearchSettings, worker_index: int = 0, log: Callable[[str], No
         stopped = True
         try:
             summary.outcomes = run_trials(
-                study, ctx, s.budget, lambda: study_lock(s.storage, p.root, p.name),
+                study, ctx, s.budget, lambda: study_lock(s.storage, root, p.name),
                 heartbeat_interval=heartbeat_settings()[0] if p.shared else 0, gpu=gpu, log=log, on_trial=on_trial)
             stopped = False
         finally:
@@ -334,11 +312,11 @@ def run_search(s: SearchSettings, worker_index: int = 0, log: Callable[[str], No
             gc.unfreeze()  # a caller that goes on (tests, notebooks) gets its objects collectable again
     summary.finished_in_study = budget_used(study)
     if worker_index == 0:
-        summary.report_files = _final_report(study, s, p.data, tracker, parent_run_id, log)
+        summary.report_files = _final_report(study, s, ctx.data, tracker, parent_run_id, log)
     if parent_run_id:
         _end_parent(study, tracker, parent_run_id, s, "FINISHED")
     if tracker.spooling:
-        log(f"MLflow at {tracker.tracking_uri} does not answer: its calls are kept under {spool_dir(p.root, p.name)}/ "
+        log(f"MLflow at {tracker.tracking_uri} does not answer: its calls are kept under {spool_dir(root, p.name)}/ "
             f"and sent at the next start, or with `autokd sync-mlflow --study {p.name}`")
     return summary
 
