@@ -16,8 +16,9 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from autokd.config import OPTIMIZERS, SAMPLERS, SearchSettings, studies_root
+from autokd.config import OPTIMIZERS, SAMPLERS, DistillSettings, SearchSettings, settings_from, studies_root
 from autokd.errors import FatalSearchError, Interrupted, UserError
+from autokd.latency.remote import server as latency_server  # torch-free: its options are defined there
 
 if TYPE_CHECKING:
     from autokd.search.objective import TrialOutcome
@@ -98,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="time students on another device: the http://HOST:PORT of `autokd latency-server` there")
     s.add_argument("--latency-token", help="the latency server's token (default: $AUTOKD_LATENCY_TOKEN)")
     s.add_argument("--latency-target-retry", type=_positive_float, default=30.0, metavar="SECONDS",
+                   dest="latency_target_retry_s",
                    help="how long an unreachable latency target is retried before the trial fails (default 30)")
     s.add_argument("--allow-mixed-latency", action="store_true",
                    help="let this worker join a study whose latencies were measured on another kind of device")
@@ -182,22 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("search_args", nargs=argparse.REMAINDER, help="-- then extra `autokd search` arguments")
 
     ls = sub.add_parser("latency-server", help="time uploaded students on this device, for a search elsewhere",
-                        description="Run on the device that will run the students (needs onnxruntime and numpy, "
-                        "not torch). A search points at it with --latency-target http://HOST:PORT "
-                        "--latency-token T.")
-    add_latency_server_args(ls)
+                        description=latency_server.DESCRIPTION)
+    latency_server.add_server_args(ls)
     return parser
-
-
-def add_latency_server_args(p: argparse.ArgumentParser) -> None:
-    """Options of `autokd latency-server` (also `python -m autokd.latency_server`, which needs no torch)."""
-    p.add_argument("--host", default="127.0.0.1",
-                   help="address to listen on (default 127.0.0.1; any other needs --token)")
-    p.add_argument("--port", type=int, default=8765, help="port (default 8765)")
-    p.add_argument("--token", help="bearer token clients must send (default: $AUTOKD_LATENCY_TOKEN; "
-                   "required unless listening on loopback)")
-    p.add_argument("--max-bytes", type=_positive_int, default=64 * 1024 * 1024,
-                   help="largest model accepted, in bytes (default 64 MiB)")
 
 
 def _search(args: argparse.Namespace, root: Path) -> int:
@@ -217,25 +206,13 @@ def _search(args: argparse.Namespace, root: Path) -> int:
 
 
 def _search_settings(args: argparse.Namespace, root: Path) -> SearchSettings:
-    """The settings of `autokd search` from its options."""
+    """The settings of `autokd search` from its options: each field from the option of its name, but these."""
     from autokd.spaces import resolve_space
 
-    return SearchSettings(
-        budget=args.budget, space=resolve_space(args.space), dataset=args.dataset, data_dir=args.data_dir,
-        download=args.download, input_size=args.input_size, teacher=args.teacher,
-        teacher_checkpoint=args.teacher_checkpoint, teacher_pretrained=args.teacher_pretrained, study=args.study,
-        storage=args.storage, device=args.device, sampler=args.sampler, seed=args.seed,
-        max_latency_ms=args.max_latency_ms, epochs=args.epochs, prune=not args.no_prune,
-        jobs=args.jobs,
-        tracking_uri=args.tracking_uri, mlflow=not args.no_mlflow, latency_threads=args.latency_threads,
-        latency_batch=args.latency_batch, latency_device=args.latency_device, latency_runtime=args.latency_runtime,
-        latency_precision=args.latency_precision,
-        latency_target=args.latency_target, latency_target_retry_s=args.latency_target_retry,
-        latency_token=args.latency_token or os.environ.get("AUTOKD_LATENCY_TOKEN") or None,
-        allow_mixed_latency=args.allow_mixed_latency, compile=args.compile_mode or args.compile,
-        devices=args.devices, jobs_per_device=args.jobs_per_device,
-        train_limit=args.train_limit, root=root,
-    )
+    return settings_from(
+        SearchSettings, vars(args), space=resolve_space(args.space), prune=not args.no_prune,
+        mlflow=not args.no_mlflow, compile=args.compile_mode or args.compile,
+        latency_token=args.latency_token or os.environ.get(latency_server.TOKEN_ENV) or None, root=root)
 
 
 def progress_line(outcome: TrialOutcome, progress: SearchProgress) -> str:
@@ -276,16 +253,17 @@ def _next_steps(args: argparse.Namespace, summary: SearchSummary) -> str:
     return "\n".join(lines)
 
 
+def _distill_settings(args: argparse.Namespace, root: Path) -> DistillSettings:
+    """The settings of `autokd distill` from its options: each field from the option of its name, but these."""
+    loss_params = {k: getattr(args, k) for k in ("temperature", "alpha", "beta", "warmup")
+                   if getattr(args, k) is not None}
+    return settings_from(DistillSettings, vars(args), loss_params=loss_params, root=root)
+
+
 def _distill(args: argparse.Namespace, root: Path) -> int:
     from autokd.model.distill import run_distill
 
-    hparams = {k: getattr(args, k) for k in ("temperature", "alpha", "beta", "warmup") if getattr(args, k) is not None}
-    run_distill(family=args.family, width=args.width, depth=args.depth, loss=args.loss, loss_params=hparams,
-                epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-                optimizer=args.optimizer, dataset=args.dataset, data_dir=args.data_dir, download=args.download,
-                input_size=args.input_size, teacher=args.teacher, teacher_checkpoint=args.teacher_checkpoint,
-                teacher_pretrained=args.teacher_pretrained, device=args.device, seed=args.seed, out=args.out,
-                root=root)
+    run_distill(_distill_settings(args, root))
     return 0
 
 
@@ -444,9 +422,7 @@ def _workers(args: argparse.Namespace, root: Path) -> int:
 
 
 def _latency_server(args: argparse.Namespace, root: Path) -> int:
-    from autokd.latency.remote.server import serve
-
-    serve(host=args.host, port=args.port, token=args.token, max_bytes=args.max_bytes)
+    latency_server.serve_args(args)
     return 0
 
 

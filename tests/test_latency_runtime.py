@@ -112,3 +112,32 @@ def test_int8_precision_needs_onnxruntime() -> None:
         LatencyMeter("torch", precision="int8")
     with pytest.raises(UserError, match="--latency-precision 'fp16'"):
         LatencyMeter("onnxruntime", precision="fp16")
+
+
+def test_the_study_record_keeps_the_first_measurement_of_each_architecture(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a storage several machines share, `StudyLatency` wraps each worker's meter: the first measurement of an
+    architecture recorded in the study is the one every worker uses."""
+    import dataclasses
+
+    import optuna
+
+    from autokd.latency.pinning import StudyLatency
+
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    spec = tiny_spec()
+    result, hit = StudyLatency(study, LatencyMeter("torch", cache=LatencyCache(tmp_path / "a"), **FAST)).measure(spec)
+    assert not hit
+    other = StudyLatency(study, LatencyMeter("torch", cache=LatencyCache(tmp_path / "b"), **FAST))
+    again, hit = other.measure(spec)  # another machine of the same kind: the study's figure, nothing timed there
+    assert hit and again == result and not (tmp_path / "b").exists()
+
+    wider = tiny_spec(width=0.5)
+    theirs = dataclasses.replace(result, key=wider.key, median_ms=123.0)
+
+    def measured_while_another_recorded(spec: object, model: object = None) -> tuple[LatencyResult, bool]:
+        other.put(wider.key, theirs)  # another worker records its measurement meanwhile
+        return dataclasses.replace(result, key=wider.key), False
+
+    monkeypatch.setattr(other.meter, "measure", measured_while_another_recorded)
+    assert other.measure(wider) == (theirs, False)

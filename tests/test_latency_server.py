@@ -1,6 +1,7 @@
 """`autokd latency-server` as a real process on 127.0.0.1: contract, security, and its use by a search."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
@@ -10,7 +11,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import onnx
@@ -145,6 +146,31 @@ def test_a_non_loopback_bind_without_a_token_is_refused() -> None:
     done = subprocess.run([sys.executable, "-m", "autokd.cli", "latency-server", "--host", "0.0.0.0", "--port",
                            str(free_port())], env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "without a token" in done.stderr
+
+
+def test_both_entry_points_take_the_same_options(capsys: pytest.CaptureFixture[str]) -> None:
+    """`autokd latency-server` and `python -m autokd.latency.remote.server` share one definition of the options:
+    the same flags, help, defaults and checks."""
+    from autokd import cli
+    from autokd.latency.remote import server as latency_server
+
+    def run(parse: Callable[[list[str]], argparse.Namespace], argv: list[str]) -> tuple[int, str]:
+        with pytest.raises(SystemExit) as exited:
+            parse(argv)
+        out = capsys.readouterr()
+        return int(exited.value.code or 0), out.out + out.err
+
+    standalone = latency_server.build_parser().parse_args
+
+    def subcommand(argv: list[str]) -> argparse.Namespace:
+        return cli.build_parser().parse_args(["latency-server", *argv])
+
+    helps = [run(parse, ["--help"])[1].split("\n\n", 1)[1] for parse in (standalone, subcommand)]
+    assert helps[0] == helps[1] and "--max-bytes" in helps[0] and "--token" in helps[0]
+    assert vars(standalone([])) == {k: v for k, v in vars(subcommand([])).items() if k not in ("command", "root")}
+    for parse in (standalone, subcommand):
+        code, err = run(parse, ["--max-bytes", "0"])
+        assert code == 2 and "'0' must be >= 1" in err
 
 
 def test_the_server_imports_neither_torch_nor_timm() -> None:

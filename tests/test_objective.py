@@ -7,6 +7,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+from autokd.config import SearchSettings
 from autokd.latency.meter import LatencyMeter
 from autokd.model.data import TrainViews, load_dataset
 from autokd.model.space import load_space
@@ -68,9 +69,10 @@ def context(tmp_path: Path, data, **overrides: object) -> TrialContext:  # type:
     path = tmp_path / "unit.yaml"
     path.write_text(SPACE)
     space = load_space(path)
-    base = dict(space=space, data=data, teacher_outputs=None, teacher_arch="none", views=TrainViews(num_views=space.views),
+    base = dict(settings=SearchSettings(device="cpu"), space=space, data=data, teacher_outputs=None,
+                teacher_arch="none", views=TrainViews(num_views=space.views),
                 latency=LatencyMeter("onnxruntime", "cpu", rounds=3, runs=2, warmup=1), tracker=RecordingTracker(),
-                parent_run_id=None, trials_dir=tmp_path / "trials", device="cpu", log=lambda msg: None)
+                parent_run_id=None, trials_dir=tmp_path / "trials", device="cpu")
     base.update(overrides)
     return TrialContext(**base)  # type: ignore[arg-type]
 
@@ -97,7 +99,7 @@ def test_complete_trial(tmp_path: Path, data, timed_onnx: list) -> None:  # type
 
 def test_infeasible_trial_is_measured_but_never_trained(tmp_path: Path, data,  # type: ignore[no-untyped-def]
                                                         timed_onnx: list) -> None:
-    study, ctx = new_study(), context(tmp_path, data, max_latency_ms=1e-6)
+    study, ctx = new_study(), context(tmp_path, data, settings=SearchSettings(device="cpu", max_latency_ms=1e-6))
     outcome = run_trial(study, study.ask(), ctx)
     ft = study.trials[0]
     assert outcome.state == "INFEASIBLE" and outcome.reason.startswith("latency ")

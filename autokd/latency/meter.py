@@ -15,7 +15,7 @@ import socket
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import nn
@@ -26,6 +26,9 @@ from autokd.latency import protocol as ort_timing
 from autokd.model.students import StudentSpec, build_from_spec
 from autokd.utils.atomic import atomic_write_text
 from autokd.utils.devices import torch_device
+
+if TYPE_CHECKING:
+    from autokd.latency.remote.client import RemoteTarget
 
 
 @dataclass
@@ -175,9 +178,14 @@ def _torch_timings(models: dict[str, tuple[nn.Module, torch.Tensor]], dev: torch
                                        runs=runs, warmup=warmup, seed=seed, host=None)
 
 
+#: Held while a measurement runs (`autokd.utils.locks.CpuGate.measuring`): no worker of this machine trains then.
+MeasureLock = Callable[[], contextlib.AbstractContextManager[Any]]
+
+
 class LatencyMeter:
-    """The one owner of latency in a search: runtime, protocol, the on-disk cache, the study-wide shared
-    measurement and the lock that serialises timing against training.
+    """The one owner of latency in a search: runtime, protocol, the on-disk cache and the lock that serialises
+    timing against training. Built whole (a search's by `autokd.search.run.make_latency_meter`); the study-wide
+    record of a shared storage wraps it (`autokd.latency.pinning.StudyLatency`).
 
     ``runtime`` ``onnxruntime`` exports the student with :func:`autokd.onnx_export.export_onnx` (the function
     ``autokd export`` ships with) and times the ONNX model with :mod:`autokd.ort_timing`; ``torch`` times the
@@ -186,13 +194,13 @@ class LatencyMeter:
     """
 
     def __init__(self, runtime: str | None = None, device: str | torch.device = "cpu", threads: int = 1,
-                 batch: int = 1, cache: LatencyCache | None = None, lock: Callable[[], Any] | None = None,
-                 shared: Any = None, rounds: int = ort_timing.DEFAULT_ROUNDS, runs: int = ort_timing.DEFAULT_RUNS,
+                 batch: int = 1, cache: LatencyCache | None = None, lock: MeasureLock | None = None,
+                 rounds: int = ort_timing.DEFAULT_ROUNDS, runs: int = ort_timing.DEFAULT_RUNS,
                  warmup: int = ort_timing.DEFAULT_WARMUP, precision: str | None = None,
-                 target: Any = None) -> None:
+                 target: RemoteTarget | None = None) -> None:
         from autokd.latency.quantize import validate_latency_precision
 
-        self.target = target  # latency_remote.RemoteTarget: time on that device instead of this one
+        self.target = target  # time on that device (an `autokd latency-server`) instead of this one
         self.dev = torch.device("cpu") if target is not None else torch_device(device)
         if target is not None and runtime not in (None, "onnxruntime"):
             raise UserError(f"--latency-target times ONNX files with ONNX Runtime on the target; --latency-runtime "
@@ -212,7 +220,7 @@ class LatencyMeter:
         self.runtime = runtime
         self.threads, self.batch = int(threads), int(batch)
         self.rounds, self.runs, self.warmup = rounds, runs, warmup
-        self.cache, self.lock, self.shared = cache, lock, shared
+        self.cache, self.lock = cache, lock
         self.provider = None
         self.target_info: dict[str, Any] | None = None
         if target is not None:  # the target answers with its own signature (exit 2 here if it cannot be reached)
@@ -259,22 +267,16 @@ class LatencyMeter:
 
     # -- one student ----------------------------------------------------------------------------------------
     def measure(self, spec: StudentSpec, model: nn.Module | None = None) -> tuple[LatencyResult, bool]:
-        """(result, cache_hit) for ``spec``: the study's shared figure, else this machine's cache, else measured
-        now under the lock (and recorded in both). ``model`` is ``spec`` already built (a trial times the module
-        it then trains)."""
-        if self.shared is not None and (found := self.shared.get(spec.key)) is not None:
-            return found, True
+        """(result, cache_hit) for ``spec``: this machine's cache, else measured now under the lock (and cached).
+        ``model`` is ``spec`` already built (a trial times the module it then trains)."""
         sig, key = self.signature(), _cache_key(spec, self.batch)
         hit = self.cache.get(key, sig) if self.cache is not None else None
-        if hit is None:
-            result = self._measure_now(spec, model if model is not None else build_from_spec(spec), key)
-            if self.cache is not None:
-                self.cache.put(result, sig)
-        else:
-            result = hit
-        if self.shared is not None:
-            result = self.shared.put(spec.key, result)  # another machine's measurement wins if it came first
-        return result, hit is not None
+        if hit is not None:
+            return hit, True
+        result = self._measure_now(spec, model if model is not None else build_from_spec(spec), key)
+        if self.cache is not None:
+            self.cache.put(result, sig)
+        return result, False
 
     def export(self, model: nn.Module, input_shape: tuple[int, int, int]) -> bytes:
         """The ONNX bytes ``autokd export`` would write for ``model`` (same function, same example batch)."""
@@ -410,6 +412,6 @@ class LatencyMeter:
 
 
 __all__ = [
-    "LatencyCache", "LatencyMeter", "LatencyResult", "RUNTIMES", "count_macs", "count_params", "default_runtime",
-    "device_signature",
+    "LatencyCache", "LatencyMeter", "LatencyResult", "MeasureLock", "RUNTIMES", "count_macs", "count_params",
+    "default_runtime", "device_signature",
 ]

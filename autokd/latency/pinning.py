@@ -5,11 +5,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Callable
 
 from autokd.errors import UserError
-from autokd.latency.meter import LatencyResult
+from autokd.latency.meter import LatencyMeter, LatencyResult
 from autokd.study.record import LATENCY_BATCH_ATTR, LATENCY_DEVICE_ATTR, LATENCY_MIXED_ATTR, LATENCY_SETTINGS_ATTR
 
 if TYPE_CHECKING:
     import optuna
+    from torch import nn
+
+    from autokd.model.students import StudentSpec
 
 
 class StudyLatency:
@@ -17,12 +20,22 @@ class StudyLatency:
 
     Each machine's own cache (`LatencyCache`) holds its own measurements; two machines of one kind still time the
     same student a little differently (load, thermal state), which would put one architecture at two latencies
-    in the front. The first measurement recorded in the study wins.
+    in the front. The first measurement recorded in the study wins. It wraps the worker's meter: ``measure`` is
+    the meter's, the study's figure first.
     """
 
-    def __init__(self, study: optuna.Study, device_sig: str, batch: int) -> None:
-        self.study = study
-        self.prefix = f"latency:{device_sig}:b{batch}:"
+    def __init__(self, study: optuna.Study, meter: LatencyMeter) -> None:
+        self.study, self.meter = study, meter
+        self.prefix = f"latency:{meter.signature()}:b{meter.batch}:"
+
+    def measure(self, spec: StudentSpec, model: nn.Module | None = None) -> tuple[LatencyResult, bool]:
+        """(result, cache_hit) for ``spec`` as `LatencyMeter.measure`, but the study's figure when it has one (a hit),
+        and a new measurement recorded in the study (unless another worker recorded one first, which then counts)."""
+        found = self.get(spec.key)
+        if found is not None:
+            return found, True
+        result, hit = self.meter.measure(spec, model)
+        return self.put(spec.key, result), hit
 
     def get(self, arch_key: str) -> LatencyResult | None:
         """The study's measurement of `arch_key` on this device kind, or None."""

@@ -5,17 +5,13 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from autokd.config import DistillSettings
 from autokd.errors import UserError, as_user_error
 from autokd.model.checkpoint import write_checkpoint
 
 
-def run_distill(*, family: str, width: float, depth: float, loss: str, loss_params: dict[str, Any], epochs: int,
-                batch_size: int, lr: float, weight_decay: float, optimizer: str, dataset: str = "digits",
-                data_dir: str | None = None, download: bool = False, input_size: int | None = None,
-                teacher: str | None = None, teacher_checkpoint: str | None = None, teacher_pretrained: bool = False,
-                device: str = "auto", seed: int = 0, out: Path | None = None, root: Path = Path("studies"),
-                log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Distil one student; returns the saved config (incl. val/test accuracy) and writes it under `out`."""
+def run_distill(s: DistillSettings, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Distil one student; returns the saved config (incl. val/test accuracy) and writes it under ``s.out``."""
     from autokd.model.data import TrainViews, load_dataset
     from autokd.model.losses import build_loss
     from autokd.model.students import build_from_spec, resolve_student
@@ -23,29 +19,32 @@ def run_distill(*, family: str, width: float, depth: float, loss: str, loss_para
     from autokd.model.train import EpochResult, TrainConfig, distill, evaluate
     from autokd.utils.devices import resolve_device
 
-    device = resolve_device(device)
+    device = resolve_device(s.device)
     with as_user_error():  # --loss and its hyperparameters: the loss registry's own checks and messages
-        loss_fn = build_loss(loss, **loss_params)
-    data = load_dataset(dataset, data_dir=data_dir, input_size=input_size, seed=0, download=download)
+        loss_fn = build_loss(s.loss, **s.loss_params)
+    d = s.data
+    data = load_dataset(d.dataset, data_dir=d.data_dir, input_size=d.input_size, seed=0, download=d.download,
+                        train_limit=d.train_limit)
     with as_user_error():  # --family, --width, --depth
-        spec = resolve_student(family, width, depth, num_classes=data.num_classes, in_chans=data.in_chans,
+        spec = resolve_student(s.family, s.width, s.depth, num_classes=data.num_classes, in_chans=data.in_chans,
                                input_size=data.input_size)
     outputs = None
     teacher_arch = None
+    root = Path(s.root)
     if loss_fn.uses_teacher:
-        t = get_teacher(data, arch=teacher, checkpoint=teacher_checkpoint, cache_root=root / "teachers",
-                        device=device, pretrained=teacher_pretrained, log=log)
+        t = get_teacher(data, arch=s.teacher, checkpoint=s.teacher_checkpoint, cache_root=root / "teachers",
+                        device=device, pretrained=s.teacher_pretrained, log=log)
         teacher_arch = t.arch
         outputs = teacher_outputs(t, data, TrainViews(0), cache_root=root / "teachers", device=device,
                                   need_features=loss_fn.uses_features, log=log)
     student = build_from_spec(spec)
-    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, optimizer=optimizer,
-                      seed=seed, device=device)
-    log(f"distilling {spec.key} ({spec.model_name} {spec.kwargs}) with {loss} {loss_params or ''} for {epochs} epochs "
-        f"on {data.name} ({device})")
+    cfg = TrainConfig(epochs=s.epochs, batch_size=s.batch_size, lr=s.lr, weight_decay=s.weight_decay,
+                      optimizer=s.optimizer, seed=s.seed, device=device)
+    log(f"distilling {spec.key} ({spec.model_name} {spec.kwargs}) with {s.loss} {s.loss_params or ''} for "
+        f"{s.epochs} epochs on {data.name} ({device})")
 
     def on_epoch(r: EpochResult) -> None:
-        log(f"epoch {r.epoch:>3}/{epochs}  train loss {r.train_loss:.4f}  val acc {r.val_acc:.4f}  lr {r.lr:.2e}  "
+        log(f"epoch {r.epoch:>3}/{s.epochs}  train loss {r.train_loss:.4f}  val acc {r.val_acc:.4f}  lr {r.lr:.2e}  "
             f"{r.seconds:.1f}s")
 
     started = time.perf_counter()
@@ -53,12 +52,12 @@ def run_distill(*, family: str, width: float, depth: float, loss: str, loss_para
     result = distill(student, loss_fn, data, cfg, teacher=outputs, views=None, on_epoch=on_epoch)
     test_acc = float(evaluate(student, data.x_test, data.y_test))
     config = {
-        "student": spec.to_dict(), "loss": loss, "loss_params": loss_params, "teacher": teacher_arch,
-        "epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "optimizer": optimizer,
-        "seed": seed, "dataset": data.name, "data_fingerprint": data.fingerprint, "val_acc": float(result.val_acc),
-        "test_acc": test_acc, "seconds": time.perf_counter() - started,
+        "student": spec.to_dict(), "loss": s.loss, "loss_params": s.loss_params, "teacher": teacher_arch,
+        "epochs": s.epochs, "batch_size": s.batch_size, "lr": s.lr, "weight_decay": s.weight_decay,
+        "optimizer": s.optimizer, "seed": s.seed, "dataset": data.name, "data_fingerprint": data.fingerprint,
+        "val_acc": float(result.val_acc), "test_acc": test_acc, "seconds": time.perf_counter() - started,
     }
-    out = out or root / "distill" / f"{spec.key}-{loss}-s{seed}"
+    out = s.out or root / "distill" / f"{spec.key}-{s.loss}-s{s.seed}"
     try:
         write_checkpoint(student, config, out)
     except OSError as exc:

@@ -1,8 +1,8 @@
 """Glue for one trial: sampled params -> student -> measured latency -> distillation with pruning -> values.
 
-Everything a trial needs that is shared across trials (data, teacher outputs, caches, tracker) lives in a
-`TrialContext` built once per worker. `run_trial` never lets an exception escape except an interrupt or a
-fatal storage error: every other failure becomes a FAIL with its reason, so the study goes on.
+Everything a trial needs that is shared across trials (the settings, data, teacher outputs, latency meter,
+tracker) lives in a `TrialContext` built once per worker. `run_trial` never lets an exception escape except an
+interrupt or a fatal storage error: every other failure becomes a FAIL with its reason, so the study goes on.
 """
 from __future__ import annotations
 
@@ -13,13 +13,15 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import optuna
 import torch
 
+from autokd.config import SearchSettings
 from autokd.errors import FatalSearchError, Interrupted
 from autokd.latency.meter import LatencyMeter, LatencyResult
+from autokd.latency.pinning import StudyLatency
 from autokd.model.checkpoint import write_checkpoint
 from autokd.model.data import DataSplits, TrainViews
 from autokd.model.losses import build_loss
@@ -31,6 +33,9 @@ from autokd.select import pruning
 from autokd.study import record as trials
 from autokd.study.record import State
 from autokd.tracking import Tracker, TrialRun
+
+if TYPE_CHECKING:
+    from autokd.utils.locks import TrainingHold
 
 
 @dataclass
@@ -50,25 +55,21 @@ class TrialOutcome:
 
 @dataclass
 class TrialContext:
-    """Per-worker state shared by all trials of a search."""
+    """What every trial of one worker uses: the search's settings (latency limit, epochs, pruning, seed, compile)
+    and what the worker prepared once for all its trials."""
 
+    settings: SearchSettings
     space: SearchSpace
-    data: DataSplits
-    teacher_outputs: TeacherOutputs | None
+    data: DataSplits  # on ``device``
+    teacher_outputs: TeacherOutputs | None  # None when no loss of the space uses the teacher
     teacher_arch: str
     views: TrainViews
-    latency: LatencyMeter  # runtime, cache, study-wide shared figures and the measuring lock
+    latency: LatencyMeter | StudyLatency  # runtime, cache and measuring lock (+ the study's figures when shared)
     tracker: Tracker
     parent_run_id: str | None
     trials_dir: Path
-    device: str
-    train_lock: Callable[[], Any] | None = None  # shared hold while training (yields a TrainingHold)
-    max_latency_ms: float | None = None
-    max_epochs: int | None = None
-    prune: bool = True
-    seed: int = 0
-    compile: bool = False
-    log: Callable[[str], None] = print
+    device: str  # what this worker trains on (``settings.device`` resolved, or its GPU)
+    train_lock: Callable[[], contextlib.AbstractContextManager[TrainingHold]] | None = None  # held while training
 
 
 def _save_checkpoint(model: torch.nn.Module, spec: StudentSpec, params: TrialParams, meta: dict[str, Any],
@@ -86,7 +87,7 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, ctx: TrialContext) -> Tr
     timings: dict[str, float] = {}
     try:
         t0 = time.perf_counter()
-        params = sample(ctx.space, trial, ctx.max_epochs)
+        params = sample(ctx.space, trial, ctx.settings.epochs)
         outcome.params = params
         spec = resolve_student(params.family, params.width, params.depth, num_classes=ctx.data.num_classes,
                                in_chans=ctx.data.in_chans, input_size=ctx.data.input_size)
@@ -100,7 +101,7 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, ctx: TrialContext) -> Tr
         # initial weights come from the trial's seed, not from whatever this process drew before (earlier
         # trials, latency inputs): the same command gives the same trials, also in-process and after a resume.
         t0 = time.perf_counter()
-        torch.manual_seed(ctx.seed + trial.number)
+        torch.manual_seed(ctx.settings.seed + trial.number)
         student = build_from_spec(spec)
         timings["build_s"] = time.perf_counter() - t0
 
@@ -121,9 +122,10 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, ctx: TrialContext) -> Tr
                          "latency_low_ms": low, "latency_high_ms": high,
                          "params": float(latency.params), "macs": float(latency.macs)})
 
-        if ctx.max_latency_ms is not None and latency.median_ms > ctx.max_latency_ms:
+        max_latency_ms = ctx.settings.max_latency_ms
+        if max_latency_ms is not None and latency.median_ms > max_latency_ms:
             outcome.state = State.INFEASIBLE
-            outcome.reason = f"latency {latency.median_ms:.3f} ms > --max-latency-ms {ctx.max_latency_ms}"
+            outcome.reason = f"latency {latency.median_ms:.3f} ms > --max-latency-ms {max_latency_ms}"
             trials.finish(study, trial, State.INFEASIBLE, reason=outcome.reason, run=run)
             return outcome
 
@@ -200,8 +202,8 @@ def _train(study: optuna.Study, trial: optuna.Trial, ctx: TrialContext, params: 
            timings: dict[str, float]) -> TrialOutcome:
     loss_fn = build_loss(params.loss, **params.loss_params)
     cfg = TrainConfig(epochs=params.epochs, batch_size=params.batch_size, lr=params.lr,
-                      weight_decay=params.weight_decay, optimizer=params.optimizer, seed=ctx.seed + trial.number,
-                      device=ctx.device, compile=ctx.compile)
+                      weight_decay=params.weight_decay, optimizer=params.optimizer,
+                      seed=ctx.settings.seed + trial.number, device=ctx.device, compile=ctx.settings.compile)
     rungs = set(pruning.rung_epochs(params.epochs, ctx.space.pruning.min_epoch, ctx.space.pruning.eta))
     curve: list[float] = []
     bookkeeping = {"s": 0.0}
@@ -217,7 +219,7 @@ def _train(study: optuna.Study, trial: optuna.Trial, ctx: TrialContext, params: 
             record = pruning.RungRecord(trial=trial.number, epoch=result.epoch, accuracy=result.val_acc,
                                         latency_ms=latency.median_ms)
             trial.set_user_attr(*pruning.encode_rung(record))
-            if ctx.prune:
+            if ctx.settings.prune:
                 peers = pruning.records_at(result.epoch, ((t.number, t.user_attrs)
                                                           for t in study.get_trials(deepcopy=False)), trial.number)
                 if pruning.should_prune(record, peers, eta=ctx.space.pruning.eta,

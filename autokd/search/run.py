@@ -18,9 +18,10 @@ import optuna
 import torch
 
 from autokd._version import __version__
-from autokd.config import SAMPLERS, SearchSettings
+from autokd.config import SAMPLERS, LatencySettings, SearchSettings
 from autokd.errors import UserError, close_matches
 from autokd.latency import pinning
+from autokd.latency.remote.server import TOKEN_ENV
 from autokd.search import processes
 from autokd.study import record, scaleout
 from autokd.study.record import (
@@ -49,12 +50,9 @@ from autokd.utils import devices
 if TYPE_CHECKING:
     from optuna.storages import BaseStorage
 
-    from autokd.latency.meter import LatencyMeter
-    from autokd.latency.remote.client import RemoteTarget
-    from autokd.model.data import DataSplits, TrainViews
-    from autokd.model.space import SearchSpace
-    from autokd.model.teacher import Teacher, TeacherOutputs
-    from autokd.search.objective import TrialOutcome
+    from autokd.latency.meter import LatencyMeter, MeasureLock
+    from autokd.model.data import DataSplits
+    from autokd.search.objective import TrialContext, TrialOutcome
     from autokd.search.worker_loop import OnTrial
     from autokd.utils.locks import CpuGate
 
@@ -74,28 +72,15 @@ class SearchSummary:
 
 @dataclass
 class PreparedSearch:
-    """Everything a worker has before its first trial: checked inputs, the study, the teacher and its outputs,
-    the latency meter, the tracker and the study's MLflow parent run."""
+    """What a worker has before its first trial: the study, this machine's workers, and what every trial uses
+    (settings, data, teacher outputs, latency meter, tracker, the study's MLflow parent run)."""
 
-    settings: SearchSettings
-    worker_index: int
     name: str
-    root: Path
     study_dir: Path
     study: optuna.Study
-    created: bool  # this worker created the study
-    space: SearchSpace
-    data: DataSplits  # on ``device``
-    device: str  # what this worker trains on
     workers: list[devices.WorkerSlot]  # this machine's workers, this one first (none in a spawned worker)
-    teacher: Teacher
-    views: TrainViews
-    teacher_outputs: TeacherOutputs | None  # None when no loss of the space uses the teacher
-    meter: LatencyMeter
-    latency_signature: str
     shared: bool  # a storage several machines share
-    tracker: Tracker
-    parent_run_id: str | None
+    context: TrialContext
 
 
 def default_study_name(dataset: str, space_name: str) -> str:
@@ -129,22 +114,23 @@ def validate_settings(s: SearchSettings) -> None:
 def local_workers(s: SearchSettings, device: str) -> list[devices.WorkerSlot]:
     """The workers of this machine: `--jobs N` on the CPU (or one explicit `cuda:N`), else one per chosen GPU
     and slot (`--devices`, default all visible; `--jobs-per-device`, default 1). Bad values are UserErrors."""
+    w = s.workers
     if device != "cuda":
-        if s.devices is not None or s.jobs_per_device > 1:
-            flag = "--devices" if s.devices is not None else "--jobs-per-device"
+        if w.devices is not None or w.jobs_per_device > 1:
+            flag = "--devices" if w.devices is not None else "--jobs-per-device"
             if device == "cpu":
                 raise UserError(f"{flag} places workers on GPUs, but this search trains on the CPU (--device "
                                 f"{s.device}); on the CPU use --jobs N")
             raise UserError(f"{flag} places workers on GPUs, but --device {s.device} names one GPU; use --device "
                             "cuda with --devices N[,M...] (and --jobs-per-device K) instead")
-        return devices.cpu_workers(s.jobs)
-    if s.jobs > 1:
-        raise UserError(f"--jobs {s.jobs}: on GPUs a search runs --jobs-per-device K workers on each device of "
+        return devices.cpu_workers(w.jobs)
+    if w.jobs > 1:
+        raise UserError(f"--jobs {w.jobs}: on GPUs a search runs --jobs-per-device K workers on each device of "
                         "--devices (default: all visible GPUs); use --jobs-per-device instead, or --device cpu "
                         "for CPU workers")
     visible, names = devices.visible_devices()
-    chosen = devices.parse_devices(s.devices or "all", visible, names)
-    return devices.plan_workers(visible, chosen, s.jobs_per_device)
+    chosen = devices.parse_devices(w.devices or "all", visible, names)
+    return devices.plan_workers(visible, chosen, w.jobs_per_device)
 
 
 def validate_teacher_args(arch: str | None, checkpoint: str | None) -> None:
@@ -169,16 +155,33 @@ def check_latency_device_for_workers(latency_device: str | None, workers: list[d
                         "cpu, or --devices with one GPU")
 
 
+#: Strides of `_resumed_seed`. Any values would do that keep its terms from cancelling each other out; distinct
+#: primes, far apart and above any worker index, do.
+_TRIALS_SEED_STRIDE = 7919
+_JOINS_SEED_STRIDE = 104729
+
+
+def _resumed_seed(seed: int, worker_index: int, trials: int, joined: int) -> int:
+    """The sampler seed of a worker that resumes or joins a study: ``seed`` moved by its worker index, by the
+    study's trial count and by the number of workers that joined before it.
+
+    Workers of one machine differ in their index; workers on other machines (all index 0) in the trial or join
+    count they see. With the same index, two such counts give one seed only if the trial counts differ by a
+    multiple of the join stride (both strides being prime), which no study reaches.
+    """
+    return seed + worker_index + _TRIALS_SEED_STRIDE * trials + _JOINS_SEED_STRIDE * joined
+
+
 def prepare_search(s: SearchSettings, worker_index: int = 0, log: Callable[[str], None] = print) -> PreparedSearch:
     """Check the inputs, then open (or create) the study, get the teacher and its outputs and the parent run.
 
     Every input error is a UserError raised before any study or training exists. The study lock is held while
     the first worker trains the teacher: the others wait for it, then load (or, across machines, fetch) it.
     """
-    from autokd.latency.meter import LatencyMeter
     from autokd.model.data import TrainViews, load_dataset
     from autokd.model.space import load_space
     from autokd.model.teacher import get_teacher, teacher_outputs
+    from autokd.search.objective import TrialContext
     from autokd.tracking import make_tracker
 
     validate_settings(s)
@@ -187,35 +190,35 @@ def prepare_search(s: SearchSettings, worker_index: int = 0, log: Callable[[str]
     device = devices.resolve_device(s.device)
     # Spawned workers are told the total (s.jobs) and, on GPUs, see only their own device.
     workers = local_workers(s, device) if worker_index == 0 else []
-    check_latency_device_for_workers(s.latency_device, workers)
+    check_latency_device_for_workers(s.latency.device, workers)
     if workers and workers[0].device_index is not None:
         device = workers[0].device
         torch.cuda.set_device(workers[0].device_index)  # so that a plain `cuda` (e.g. --latency-device) is it too
-    data = load_dataset(s.dataset, data_dir=s.data_dir, input_size=s.input_size or space.input_size, seed=0,
-                        download=s.download, train_limit=s.train_limit)
-    # Built before the storage: a bad latency setting (e.g. int8 with torch) leaves no file behind.
-    meter = LatencyMeter(s.latency_runtime, s.latency_device or device, s.latency_threads, s.latency_batch,
-                         precision=s.latency_precision, target=_latency_target(s, log))
-    name = s.study or default_study_name(s.dataset, space.name)
+    d = s.data
+    data = load_dataset(d.dataset, data_dir=d.data_dir, input_size=d.input_size or space.input_size, seed=0,
+                        download=d.download, train_limit=d.train_limit)
     root = Path(s.root)
+    train_gate, measure_gate = _gates(root / ".locks", device, s.latency.device or device)
+    # Built before the storage: a bad latency setting (e.g. int8 with torch) leaves no file behind.
+    meter = make_latency_meter(s.latency, device, root, measure_gate.measuring, log)
+    name = s.study or default_study_name(d.dataset, space.name)
     sdir = study_dir(root, name)
     storage = make_storage(s.storage, root)
     pinned = {record.SPACE_FINGERPRINT_ATTR: space.fingerprint, record.DATASET_ATTR: data.name,
               record.DATA_FINGERPRINT_ATTR: data.fingerprint, record.EPOCHS_ATTR: s.epochs or space.epochs}
     extra_attrs = {record.SPACE_ATTR: space.canonical(), record.SPACE_PATH_ATTR: str(s.space),
                    record.VERSION_ATTR: __version__, record.BUDGET_ATTR: s.budget, record.DEVICE_ATTR: device,
-                   record.INPUT_SIZE_ATTR: data.input_size, record.TRAIN_LIMIT_ATTR: s.train_limit,
-                   record.DATA_DIR_ATTR: s.data_dir, record.VAL_IMAGES_ATTR: len(data.y_val)}
+                   record.INPUT_SIZE_ATTR: data.input_size, record.TRAIN_LIMIT_ATTR: d.train_limit,
+                   record.DATA_DIR_ATTR: d.data_dir, record.VAL_IMAGES_ATTR: len(data.y_val)}
     sampler = make_sampler(s.sampler, s.seed + worker_index)
     shared = scaleout.is_shared_storage(s.storage)
-    latency_sig = meter.signature()
     teacher_kwargs = dict(arch=s.teacher, cache_root=root / "teachers", device=device, pretrained=s.teacher_pretrained,
                           log=log)
     teacher = None
     if s.teacher_checkpoint is not None:
         # The teacher is input too (a truncated or wrong checkpoint is exit 2): load it before any study exists.
         teacher = get_teacher(data, checkpoint=s.teacher_checkpoint, **teacher_kwargs)
-    tracker = make_tracker(s.tracking_uri, s.mlflow, root, experiment_name=name)
+    tracker = make_tracker(s.tracking.uri, s.tracking.mlflow, root, experiment_name=name)
     with study_lock(s.storage, root, name):
         # Held while the first worker trains the teacher: the others wait here, then fetch it and join.
         study = _existing_study(name, storage, sampler)
@@ -236,7 +239,7 @@ def prepare_search(s: SearchSettings, worker_index: int = 0, log: Callable[[str]
         elif stored_teacher != teacher_id:
             raise UserError(f"study {name!r} was created with teacher {stored_teacher}, now {teacher_id}; resume with "
                             "the same --teacher/--teacher-checkpoint or start a new study with --study NEW_NAME")
-        pinning.check_latency_device(study, latency_sig, s.latency_batch, s.allow_mixed_latency, log,
+        pinning.check_latency_device(study, meter.signature(), s.latency.batch, s.latency.allow_mixed, log,
                                       settings={**meter.signature_info(), "torch_device": meter.dev.type})
         parent_run_id = _parent_run(study, tracker, s, name, teacher_id, shared)
         if shared and s.teacher_checkpoint is None and teacher.path is not None:
@@ -250,16 +253,16 @@ def prepare_search(s: SearchSettings, worker_index: int = 0, log: Callable[[str]
     if created is False:
         # A resumed or joined study's sampler must not replay the draws of another worker with the same seed
         # (workers on other machines all have worker index 0): the join count makes each worker's seed its own.
-        study.sampler = make_sampler(s.sampler, s.seed + worker_index + 7919 * len(study.trials) + 104729 * joined)
+        study.sampler = make_sampler(s.sampler, _resumed_seed(s.seed, worker_index, len(study.trials), joined))
 
     views = TrainViews(num_views=space.views, seed=0)
     outputs = (teacher_outputs(teacher, data, views, cache_root=root / "teachers", device=device,
                                need_features=space.uses_features(), log=log) if space.uses_teacher() else None)
-    return PreparedSearch(
-        settings=s, worker_index=worker_index, name=name, root=root, study_dir=sdir, study=study, created=created,
-        space=space, data=data.to(device), device=device, workers=workers, teacher=teacher, views=views,
-        teacher_outputs=outputs, meter=meter, latency_signature=latency_sig, shared=shared, tracker=tracker,
-        parent_run_id=parent_run_id)
+    context = TrialContext(
+        settings=s, space=space, data=data.to(device), teacher_outputs=outputs, teacher_arch=teacher.arch, views=views,
+        latency=pinning.StudyLatency(study, meter) if shared else meter, tracker=tracker, parent_run_id=parent_run_id,
+        trials_dir=sdir / "trials", device=device, train_lock=train_gate.training)
+    return PreparedSearch(name=name, study_dir=sdir, study=study, workers=workers, shared=shared, context=context)
 
 
 def run_search(s: SearchSettings, worker_index: int = 0, log: Callable[[str], None] = print,
@@ -271,31 +274,21 @@ def run_search(s: SearchSettings, worker_index: int = 0, log: Callable[[str], No
     those, with `s.jobs` the total. ``on_trial(outcome, progress)`` is called after each trial of this worker
     (the CLI prints its progress line there).
     """
-    from autokd.latency.meter import LatencyCache
-    from autokd.search.objective import TrialContext
     from autokd.search.worker_loop import run_trials
     from autokd.tracking import spool_dir
 
     p = prepare_search(s, worker_index, log)
-    total_workers = len(p.workers) if worker_index == 0 else s.jobs
+    root = Path(s.root)
+    total_workers = len(p.workers) if worker_index == 0 else s.workers.jobs
     children = processes.spawn_workers(s, p.workers[1:], total_workers) if worker_index == 0 else []
     torch.set_num_threads(processes.train_threads(total_workers))
-    gpu = devices.physical_id(p.device) if p.device.startswith("cuda") else None
+    ctx = p.context
+    gpu = devices.physical_id(ctx.device) if ctx.device.startswith("cuda") else None
     if total_workers > 1:
         log(f"worker {worker_index} of {total_workers}: {torch.get_num_threads()} training thread(s)"
             + (f", GPU {gpu}" if gpu is not None else ""))
-    train_gate, measure_gate = _gates(p.root / ".locks", p.device, s.latency_device or p.device)
-    meter = p.meter
-    meter.cache, meter.lock = LatencyCache(p.root / "latency_cache"), measure_gate.measuring
-    meter.shared = pinning.StudyLatency(p.study, p.latency_signature, s.latency_batch) if p.shared else None
-    ctx = TrialContext(
-        space=p.space, data=p.data, teacher_outputs=p.teacher_outputs, teacher_arch=p.teacher.arch, views=p.views,
-        latency=meter, tracker=p.tracker, parent_run_id=p.parent_run_id, trials_dir=p.study_dir / "trials",
-        device=p.device, train_lock=train_gate.training, max_latency_ms=s.max_latency_ms,
-        max_epochs=s.epochs, prune=s.prune, seed=s.seed, compile=s.compile, log=log,
-    )
     summary = SearchSummary(study_name=p.name, study_dir=p.study_dir, budget=s.budget)
-    study, tracker, parent_run_id = p.study, p.tracker, p.parent_run_id
+    study, tracker, parent_run_id = p.study, ctx.tracker, ctx.parent_run_id
     with processes.sigterm_interrupts():
         # Everything built so far (torch, timm, MLflow, data, teacher) lives for the whole search: freezing it
         # keeps the per-trial gc.collect (which releases the last trial's model and graphs) from rescanning it.
@@ -304,7 +297,7 @@ def run_search(s: SearchSettings, worker_index: int = 0, log: Callable[[str], No
         stopped = True
         try:
             summary.outcomes = run_trials(
-                study, ctx, s.budget, lambda: study_lock(s.storage, p.root, p.name),
+                study, ctx, s.budget, lambda: study_lock(s.storage, root, p.name),
                 heartbeat_interval=heartbeat_settings()[0] if p.shared else 0, gpu=gpu, log=log, on_trial=on_trial)
             stopped = False
         finally:
@@ -319,11 +312,11 @@ def run_search(s: SearchSettings, worker_index: int = 0, log: Callable[[str], No
             gc.unfreeze()  # a caller that goes on (tests, notebooks) gets its objects collectable again
     summary.finished_in_study = budget_used(study)
     if worker_index == 0:
-        summary.report_files = _final_report(study, s, p.data, tracker, parent_run_id, log)
+        summary.report_files = _final_report(study, s, ctx.data, tracker, parent_run_id, log)
     if parent_run_id:
         _end_parent(study, tracker, parent_run_id, s, "FINISHED")
     if tracker.spooling:
-        log(f"MLflow at {tracker.tracking_uri} does not answer: its calls are kept under {spool_dir(p.root, p.name)}/ "
+        log(f"MLflow at {tracker.tracking_uri} does not answer: its calls are kept under {spool_dir(root, p.name)}/ "
             f"and sent at the next start, or with `autokd sync-mlflow --study {p.name}`")
     return summary
 
@@ -369,25 +362,34 @@ def _parent_run(study: optuna.Study, tracker: Tracker, s: SearchSettings, name: 
                         f"this worker ({tracker.tracking_uri}) does not have; start every worker with "
                         f"--tracking-uri {stored_uri} (or --no-mlflow)")
     run_id = tracker.create_parent_run(name, {"autokd.teacher": teacher_id}, {
-        "dataset": s.dataset, "space": str(s.space), "budget": s.budget, "sampler": s.sampler, "seed": s.seed,
+        "dataset": s.data.dataset, "space": str(s.space), "budget": s.budget, "sampler": s.sampler, "seed": s.seed,
         "teacher": teacher_id})
     study.set_user_attr(MLFLOW_PARENT_RUN_ATTR, run_id)
     study.set_user_attr(MLFLOW_TRACKING_URI_ATTR, tracker.tracking_uri)
     return run_id
 
 
-def _latency_target(s: SearchSettings, log: Callable[[str], None]) -> RemoteTarget | None:
-    """The `autokd latency-server` students are timed on (``--latency-target``), or None to time them here."""
-    if s.latency_target is None:
-        if s.latency_token is not None and s.latency_token != os.environ.get("AUTOKD_LATENCY_TOKEN"):
-            raise UserError("--latency-token is only used with --latency-target URL")
-        return None
-    if s.latency_device is not None:
-        raise UserError("--latency-device and --latency-target both say where latency is measured: give one")
-    from autokd.latency.remote.client import RemoteTarget, backoff_delays
+def make_latency_meter(latency: LatencySettings, device: str, root: Path, lock: MeasureLock,
+                       log: Callable[[str], None]) -> LatencyMeter:
+    """The search's latency meter, built whole: runtime and device (``--latency-device``, else the training
+    ``device``; or the `autokd latency-server` of ``--latency-target``), the cache under ``root`` and the lock that
+    keeps this machine's trainers out while it measures. Bad settings, and a target that does not answer, are
+    UserErrors."""
+    from autokd.latency.meter import LatencyCache, LatencyMeter
 
-    return RemoteTarget(s.latency_target, s.latency_token, retry_delays_s=backoff_delays(s.latency_target_retry_s),
-                        log=log)
+    target = None
+    if latency.target is not None:
+        if latency.device is not None:
+            raise UserError("--latency-device and --latency-target both say where latency is measured: give one")
+        from autokd.latency.remote.client import RemoteTarget, backoff_delays
+
+        target = RemoteTarget(latency.target, latency.token, retry_delays_s=backoff_delays(latency.target_retry_s),
+                              log=log)
+    elif latency.token is not None and latency.token != os.environ.get(TOKEN_ENV):
+        raise UserError("--latency-token is only used with --latency-target URL")
+    return LatencyMeter(latency.runtime, latency.device or device, latency.threads, latency.batch,
+                        cache=LatencyCache(root / "latency_cache"), lock=lock, precision=latency.precision,
+                        target=target)
 
 
 def _gates(lock_dir: Path, device: str, latency_device: str) -> tuple[CpuGate, CpuGate]:

@@ -7,6 +7,7 @@ docs/reliability.md, "Security".
 """
 from __future__ import annotations
 
+import argparse
 import hmac
 import ipaddress
 import json
@@ -245,19 +246,50 @@ def serve(host: str = "127.0.0.1", port: int = DEFAULT_PORT, token: str | None =
         server.server_close()
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`python -m autokd.latency_server`: the same as `autokd latency-server`, for a device without torch."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m autokd.latency_server",
-                                     description="Time uploaded ONNX students on this device.")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT)
-    parser.add_argument("--token")
-    parser.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES)
-    args = parser.parse_args(argv)
+def _positive_int(text: str) -> int:
     try:
-        serve(host=args.host, port=args.port, token=args.token, max_bytes=args.max_bytes)
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be >= 1")
+    return value
+
+
+#: What `autokd latency-server --help` (and `python -m autokd.latency.remote.server --help`) says it is for.
+DESCRIPTION = ("Run on the device that will run the students (needs onnxruntime and numpy, not torch). A search "
+               "points at it with --latency-target http://HOST:PORT --latency-token T.")
+
+
+def add_server_args(p: argparse.ArgumentParser) -> None:
+    """The options of the latency server, one definition for `autokd latency-server` and for
+    `python -m autokd.latency.remote.server` (which needs no torch)."""
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1; any other needs --token)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
+    p.add_argument("--token", help=f"bearer token clients must send (default: ${TOKEN_ENV}; "
+                   "required unless listening on loopback)")
+    p.add_argument("--max-bytes", type=_positive_int, default=DEFAULT_MAX_BYTES,
+                   help=f"largest model accepted, in bytes (default {DEFAULT_MAX_BYTES // 2**20} MiB)")
+
+
+def serve_args(args: argparse.Namespace) -> None:
+    """`serve` with the options of `add_server_args`."""
+    serve(host=args.host, port=args.port, token=args.token, max_bytes=args.max_bytes)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of `python -m autokd.latency.remote.server`."""
+    parser = argparse.ArgumentParser(prog="python -m autokd.latency.remote.server", description=DESCRIPTION)
+    add_server_args(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m autokd.latency.remote.server`: the same as `autokd latency-server`, for a device without torch."""
+    args = build_parser().parse_args(argv)
+    try:
+        serve_args(args)
     except UserError as exc:
         print(f"autokd latency-server: error: {exc}", file=sys.stderr)
         return 2
@@ -268,4 +300,7 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["DEFAULT_MAX_BYTES", "DEFAULT_PORT", "LatencyHTTPServer", "TOKEN_ENV", "is_loopback", "serve"]
+__all__ = [
+    "DEFAULT_MAX_BYTES", "DEFAULT_PORT", "DESCRIPTION", "LatencyHTTPServer", "TOKEN_ENV", "add_server_args",
+    "build_parser", "is_loopback", "serve", "serve_args",
+]
