@@ -33,10 +33,10 @@ def run_distill(s: DistillSettings, log: Callable[[str], None] = print) -> dict[
     root = Path(s.root)
     if loss_fn.uses_teacher:
         t = get_teacher(data, arch=s.teacher, checkpoint=s.teacher_checkpoint, cache_root=root / "teachers",
-                        device=device, pretrained=s.teacher_pretrained, log=log)
+                        device=device, pretrained=s.teacher_pretrained)
         teacher_arch = t.arch
         outputs = teacher_outputs(t, data, TrainViews(0), cache_root=root / "teachers", device=device,
-                                  need_features=loss_fn.uses_features, log=log)
+                                  need_features=loss_fn.uses_features)
     student = build_from_spec(spec)
     cfg = TrainConfig(epochs=s.epochs, batch_size=s.batch_size, lr=s.lr, weight_decay=s.weight_decay,
                       optimizer=s.optimizer, seed=s.seed, device=device)

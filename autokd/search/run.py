@@ -212,8 +212,7 @@ def prepare_search(s: SearchSettings, worker_index: int = 0, log: Callable[[str]
                    record.DATA_DIR_ATTR: d.data_dir, record.VAL_IMAGES_ATTR: len(data.y_val)}
     sampler = make_sampler(s.sampler, s.seed + worker_index)
     shared = scaleout.is_shared_storage(s.storage)
-    teacher_kwargs = dict(arch=s.teacher, cache_root=root / "teachers", device=device, pretrained=s.teacher_pretrained,
-                          log=log)
+    teacher_kwargs = dict(arch=s.teacher, cache_root=root / "teachers", device=device, pretrained=s.teacher_pretrained)
     teacher = None
     if s.teacher_checkpoint is not None:
         # The teacher is input too (a truncated or wrong checkpoint is exit 2): load it before any study exists.
@@ -227,7 +226,7 @@ def prepare_search(s: SearchSettings, worker_index: int = 0, log: Callable[[str]
             study, _ = open_study(name, storage, pinned, extra_attrs, sampler)  # checks space/data pins
         if teacher is None:
             if study is not None and shared:
-                scaleout.fetch_teacher(study, root / "teachers", tracker, log)
+                scaleout.fetch_teacher(study, root / "teachers", tracker)
             teacher = get_teacher(data, **teacher_kwargs)
         if study is None:  # created only once the teacher is ready: a teacher that fails leaves no study
             study, created = open_study(name, storage, pinned, extra_attrs, sampler)
@@ -239,12 +238,11 @@ def prepare_search(s: SearchSettings, worker_index: int = 0, log: Callable[[str]
         elif stored_teacher != teacher_id:
             raise UserError(f"study {name!r} was created with teacher {stored_teacher}, now {teacher_id}; resume with "
                             "the same --teacher/--teacher-checkpoint or start a new study with --study NEW_NAME")
-        pinning.check_latency_device(study, meter.signature(), s.latency.batch, s.latency.allow_mixed, log,
+        pinning.check_latency_device(study, meter.signature(), s.latency.batch, s.latency.allow_mixed,
                                       settings={**meter.signature_info(), "torch_device": meter.dev.type})
         parent_run_id = _parent_run(study, tracker, s, name, teacher_id, shared)
         if shared and s.teacher_checkpoint is None and teacher.path is not None:
-            scaleout.publish_teacher(study, teacher.path, teacher.arch, tracker, parent_run_id, worker_host(),
-                                     log)
+            scaleout.publish_teacher(study, teacher.path, teacher.arch, tracker, parent_run_id, worker_host())
         joined = int(study.user_attrs.get(WORKERS_STARTED_ATTR, 0))
         study.set_user_attr(WORKERS_STARTED_ATTR, joined + 1)
     if worker_index == 0:
@@ -257,7 +255,7 @@ def prepare_search(s: SearchSettings, worker_index: int = 0, log: Callable[[str]
 
     views = TrainViews(num_views=space.views, seed=0)
     outputs = (teacher_outputs(teacher, data, views, cache_root=root / "teachers", device=device,
-                               need_features=space.uses_features(), log=log) if space.uses_teacher() else None)
+                               need_features=space.uses_features()) if space.uses_teacher() else None)
     context = TrialContext(
         settings=s, space=space, data=data.to(device), teacher_outputs=outputs, teacher_arch=teacher.arch, views=views,
         latency=pinning.StudyLatency(study, meter) if shared else meter, tracker=tracker, parent_run_id=parent_run_id,
@@ -383,8 +381,7 @@ def make_latency_meter(latency: LatencySettings, device: str, root: Path, lock: 
             raise UserError("--latency-device and --latency-target both say where latency is measured: give one")
         from autokd.latency.remote.client import RemoteTarget, backoff_delays
 
-        target = RemoteTarget(latency.target, latency.token, retry_delays_s=backoff_delays(latency.target_retry_s),
-                              log=log)
+        target = RemoteTarget(latency.target, latency.token, retry_delays_s=backoff_delays(latency.target_retry_s))
     elif latency.token is not None and latency.token != os.environ.get(TOKEN_ENV):
         raise UserError("--latency-token is only used with --latency-target URL")
     return LatencyMeter(latency.runtime, latency.device or device, latency.threads, latency.batch,
@@ -423,11 +420,11 @@ def _final_report(study: optuna.Study, s: SearchSettings, data: DataSplits, trac
             return []
         try:
             result = build_report(study, root, data=data, max_latency_ms=s.max_latency_ms, tracker=tracker,
-                                  parent_run_id=parent_run_id, log=log)
+                                  parent_run_id=parent_run_id)
         except UserError as exc:  # the trials are done; a report can be made later where the checkpoints are
             log(f"warning: no report: {exc}")
             return []
         return result.files if result else []
     result = build_report(study, root, data=data, max_latency_ms=s.max_latency_ms, tracker=tracker,
-                          parent_run_id=parent_run_id, log=log)
+                          parent_run_id=parent_run_id)
     return result.files if result else []
