@@ -16,6 +16,7 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
+from autokd.config import SearchSettings
 from autokd.errors import FatalSearchError
 from autokd.latency.meter import LatencyCache, LatencyMeter
 from autokd.model.data import DataSplits, TrainViews, load_dataset
@@ -69,16 +70,16 @@ def context(tmp_path: Path, data: DataSplits, **overrides: object) -> TrialConte
     path.write_text(SPACE)
     space = load_space(path)
     meter = LatencyMeter("onnxruntime", "cpu", rounds=3, runs=2, warmup=1, cache=LatencyCache(tmp_path / "latency"))
-    base = {"space": space, "data": data, "teacher_outputs": None, "teacher_arch": "none",
-            "views": TrainViews(num_views=space.views), "latency": meter, "tracker": Tracker("unit"),
-            "parent_run_id": None, "trials_dir": tmp_path / "trials", "device": "cpu", "log": lambda msg: None}
+    base = {"settings": SearchSettings(device="cpu"), "space": space, "data": data, "teacher_outputs": None,
+            "teacher_arch": "none", "views": TrainViews(num_views=space.views), "latency": meter,
+            "tracker": Tracker("unit"), "parent_run_id": None, "trials_dir": tmp_path / "trials", "device": "cpu"}
     base.update(overrides)
     return TrialContext(**base)  # type: ignore[arg-type]
 
 
 def infeasible(tmp_path: Path, data: DataSplits) -> TrialContext:
     """Trials that are measured but never trained (the cheapest real trial)."""
-    return context(tmp_path, data, max_latency_ms=1e-6)
+    return context(tmp_path, data, settings=SearchSettings(device="cpu", max_latency_ms=1e-6))
 
 
 def journal_study(root: Path) -> optuna.Study:
