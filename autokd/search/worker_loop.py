@@ -16,7 +16,7 @@ import optuna
 import torch
 
 from autokd.errors import FatalSearchError
-from autokd.search.objective import TrialContext, TrialOutcome, run_trial
+from autokd.search.objective import Stopwatch, TrialContext, TrialOutcome, run_trial
 from autokd.study.record import REQUEUED_ATTR, WORKER_ATTR, State, trial_state
 from autokd.study.store import (
     ask_with_heartbeat,
@@ -65,7 +65,8 @@ def run_trials(study: optuna.Study, ctx: TrialContext, budget: int, study_lock: 
 
     ``study_lock()`` is the study-wide lock claims are made under; ``heartbeat_interval`` (seconds, 0 without
     heartbeats) is also how long to wait while the budget is taken but other workers' trials still run.
-    ``on_trial(outcome, progress)`` is called after each trial. Raises FatalSearchError after
+    ``on_trial(outcome, progress)`` is called after each trial. Each outcome's ``timings["claim_s"]`` is the
+    time of its iteration outside the trial (lock, reaping, claim). Raises FatalSearchError after
     `MAX_CONSECUTIVE_FAILURES` failed trials in a row.
     """
     outcomes: list[TrialOutcome] = []
@@ -73,7 +74,7 @@ def run_trials(study: optuna.Study, ctx: TrialContext, budget: int, study_lock: 
     consecutive_failures = 0
     while True:
         trial = None
-        claim_started = time.perf_counter()
+        watch = Stopwatch()
         with study_lock():
             for number in reap_dead_trials(study):
                 log(f"trial {number}: its worker died; marked FAIL and queued again")
@@ -95,7 +96,7 @@ def run_trials(study: optuna.Study, ctx: TrialContext, budget: int, study_lock: 
             outcome = run_trial(study, trial, ctx)
         finally:
             heartbeat.join()
-        outcome.timings["claim_s"] = time.perf_counter() - claim_started - outcome.seconds
+        outcome.timings["claim_s"] = watch.elapsed() - outcome.seconds
         outcomes.append(outcome)
         if on_trial is not None:
             on_trial(outcome, search_progress(study, budget, started))
