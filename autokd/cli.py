@@ -424,7 +424,9 @@ def _workers(args: argparse.Namespace, root: Path) -> int:
 
 
 def _latency_server(args: argparse.Namespace, root: Path) -> int:
-    latency_server.serve_args(args)
+    server = latency_server.server_from_args(args)
+    print(latency_server.listening_line(server), flush=True)
+    latency_server.serve(server)
     return 0
 
 
