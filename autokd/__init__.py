@@ -9,6 +9,14 @@ The few entry points a notebook needs, each the library call behind one command:
     model = autokd.load_student("student/")
 
 Heavy modules (torch, timm, MLflow) are imported when an entry point is called, not by ``import autokd``.
+
+The library reports progress through :mod:`logging`, under ``logging.getLogger("autokd")`` (one child logger per
+module), and adds no handler of its own: the ``autokd`` command prints the messages, a notebook shows its INFO
+progress only once logging is configured, and its warnings (like any library's) on stderr until then::
+
+    import logging
+    logging.basicConfig(format="%(message)s")
+    logging.getLogger("autokd").setLevel(logging.INFO)      # show progress; logging.ERROR silences warnings too
 """
 from __future__ import annotations
 

@@ -11,10 +11,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from autokd.config import OPTIMIZERS, SAMPLERS, DistillSettings, SearchSettings, settings_from, studies_root
 from autokd.errors import FatalSearchError, Interrupted, UserError
@@ -422,7 +424,9 @@ def _workers(args: argparse.Namespace, root: Path) -> int:
 
 
 def _latency_server(args: argparse.Namespace, root: Path) -> int:
-    latency_server.serve_args(args)
+    server = latency_server.server_from_args(args)
+    print(latency_server.listening_line(server), flush=True)
+    latency_server.serve(server)
     return 0
 
 
@@ -430,27 +434,64 @@ COMMANDS = {"search": _search, "distill": _distill, "report": _report, "export":
             "workers": _workers, "sync-mlflow": _sync_mlflow, "latency-server": _latency_server}
 
 
+_STDERR_LOGGER = "autokd.tracking"
+
+
+class _ConsoleHandler(logging.Handler):
+    """The CLI's one handler on the library's ``autokd`` logger: each message bare, as the commands print them.
+
+    Progress and the library's ``warning: ...`` lines go to stdout; the MLflow writer's warnings
+    (``autokd.tracking``) go to stderr, out of the progress lines, where they went before the CLI had a handler.
+    """
+
+    def emit(self, record: logging.LogRecord) -> None:
+        # Looked up per message, not held: pytest's capsys and contextlib.redirect_stdout swap sys.stdout.
+        to_stderr = record.name == _STDERR_LOGGER or record.name.startswith(_STDERR_LOGGER + ".")
+        stream = sys.stderr if to_stderr else sys.stdout
+        try:
+            stream.write(self.format(record) + "\n")
+            stream.flush()
+        except Exception:  # noqa: BLE001 - logging's own policy: report through handleError, never raise
+            self.handleError(record)
+
+
+@contextlib.contextmanager
+def _console_logging() -> Iterator[None]:
+    """Print the library's INFO-and-above messages while one command runs, then restore the ``autokd`` logger
+    (``main`` may run several times in one process: tests, a program that wraps the CLI)."""
+    logger = logging.getLogger("autokd")
+    handler, level = _ConsoleHandler(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `autokd` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
     root = args.root or studies_root()
-    try:
-        return COMMANDS[args.command](args, root)
-    except UserError as exc:
-        print(f"autokd {args.command}: error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print(f"autokd {args.command}: interrupted; finished trials are kept — rerun the same command to resume",
-              file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except Interrupted as exc:
-        print(f"autokd {args.command}: terminated ({exc}); finished trials are kept — rerun the same command "
-              "to resume", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except FatalSearchError as exc:
-        print(f"autokd {args.command}: stopped: {exc}", file=sys.stderr)
-        return 1
+    with _console_logging():
+        try:
+            return COMMANDS[args.command](args, root)
+        except UserError as exc:
+            print(f"autokd {args.command}: error: {exc}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        except KeyboardInterrupt:
+            print(f"autokd {args.command}: interrupted; finished trials are kept — rerun the same command to resume",
+                  file=sys.stderr)
+            return EXIT_INTERRUPTED
+        except Interrupted as exc:
+            print(f"autokd {args.command}: terminated ({exc}); finished trials are kept — rerun the same command "
+                  "to resume", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        except FatalSearchError as exc:
+            print(f"autokd {args.command}: stopped: {exc}", file=sys.stderr)
+            return 1
 
 
 if __name__ == "__main__":

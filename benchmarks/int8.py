@@ -104,7 +104,7 @@ def main() -> int:
         study = resolve_study(args.study, args.storage, root)
     else:
         own_root = root = fresh_root("int8")
-        run_search(root, log=lambda msg: None, budget=args.budget)
+        run_search(root, quiet=True, budget=args.budget)
         study = load_study(root)
     search_s = time.perf_counter() - started
     data = study_data(study)

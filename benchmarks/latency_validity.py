@@ -124,7 +124,7 @@ def part_b_and_c(budget: int) -> None:
 
     root = fresh_root("validity")
     try:
-        summary, wall = run_search(root, log=lambda msg: None, budget=budget, mlflow=False)
+        summary, wall = run_search(root, quiet=True, budget=budget, mlflow=False)
         study = load_study(root)
         recorded: dict[str, float] = {}
         specs = {}

@@ -1,6 +1,7 @@
 """Shared pytest fixtures."""
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
@@ -10,7 +11,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pytest
 
@@ -39,6 +40,17 @@ def repo_pythonpath() -> str:
     """PYTHONPATH for a subprocess that must import this checkout's autokd: the repository first, then whatever
     the caller's PYTHONPATH already holds (packages installed to a folder, as on the GPU check machine)."""
     return os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+
+
+#: The type of the ``logged`` fixture.
+Logged = Callable[[], list[str]]
+
+
+@pytest.fixture()
+def logged(caplog: pytest.LogCaptureFixture) -> Logged:
+    """The messages autokd logged so far in the test (its ``autokd.*`` loggers, INFO and up), in order."""
+    caplog.set_level(logging.INFO, logger="autokd")
+    return lambda: [r.getMessage() for r in caplog.records if r.name.split(".")[0] == "autokd"]
 
 
 def free_port() -> int:
@@ -116,7 +128,7 @@ def tiny_teacher(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
 
     data = load_dataset("digits", input_size=16, train_limit=160)
     teacher = get_teacher(data, arch="test_resnet", cache_root=tmp_path_factory.mktemp("teacher"),
-                          recipe=TeacherRecipe(epochs=8, batch_size=32, lr=1e-2), log=lambda msg: None)
+                          recipe=TeacherRecipe(epochs=8, batch_size=32, lr=1e-2))
     assert teacher.val_acc > 0.8  # a teacher worth distilling from
     assert teacher.path is not None
     return teacher.arch, teacher.path

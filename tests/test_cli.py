@@ -164,3 +164,28 @@ def test_distill_options_set_the_settings_fields_of_their_names(tmp_path: Path) 
         teacher_checkpoint="t.pt", teacher_pretrained=True, device="cpu", seed=5, root=tmp_path)
     with pytest.raises(TypeError, match="no field nonsense"):
         settings_from(DistillSettings, {}, nonsense=1)
+
+
+def test_the_library_logs_and_the_command_prints_the_bare_messages(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """What the library logs, the CLI prints as it always did: bare lines, progress and ``warning: ...`` on stdout,
+    the MLflow writer's warnings on stderr; the ``autokd`` logger is left as it was found."""
+    import logging
+
+    def command(args: argparse.Namespace, root: Path) -> int:
+        logging.getLogger("autokd.report.build").info("hypervolume 0.5000 — report: x/report.html")
+        logging.getLogger("autokd.latency.retiming").warning("warning: latency: could not re-time (100%)")
+        logging.getLogger("autokd.tracking._mlflow").warning("MLflow: %s failed (%s); continuing without it", "a", "b")
+        logging.getLogger("autokd.model.teacher").debug("not shown")
+        return 0
+
+    monkeypatch.setitem(cli.COMMANDS, "report", command)
+    before = logging.getLogger("autokd").level
+    assert cli.main(["--root", str(tmp_path), "report"]) == 0
+    out, err = capsys.readouterr()
+    assert out == "hypervolume 0.5000 — report: x/report.html\nwarning: latency: could not re-time (100%)\n"
+    assert err == "MLflow: a failed (b); continuing without it\n"
+    assert logging.getLogger("autokd").level == before
+    assert not [h for h in logging.getLogger("autokd").handlers if isinstance(h, cli._ConsoleHandler)]  # noqa: SLF001
+    logging.getLogger("autokd.report.build").info("after the command: not printed")
+    assert capsys.readouterr() == ("", "")

@@ -412,7 +412,7 @@ def test_trial_fault_fails_that_trial_and_the_study_goes_on(
     _faulty_models.clear()
     mlflow = fault == "boom"  # the traceback goes to the MLflow run as well
     s = settings(tmp_path, tiny_teacher, space, budget=3, seed=4, study=f"fault-{fault}", mlflow=mlflow)
-    summary = run_search(s, log=lambda msg: None)
+    summary = run_search(s)
 
     study = load(tmp_path / "studies", s.study)
     trials = study.trials

@@ -202,7 +202,7 @@ def test_the_server_imports_neither_torch_nor_timm() -> None:
 def test_client_validates_the_url_and_reports_an_unreachable_target() -> None:
     with pytest.raises(UserError, match="HOST:PORT"):
         validate_target_url("127.0.0.1:8765")
-    target = RemoteTarget(f"http://127.0.0.1:{free_port()}", TOKEN, retry_delays_s=(0.05, 0.05), log=lambda _: None)
+    target = RemoteTarget(f"http://127.0.0.1:{free_port()}", TOKEN, retry_delays_s=(0.05, 0.05))
     with pytest.raises(UserError, match="unreachable"):
         target.check(threads=1)
     with pytest.raises(RemoteLatencyError, match="unreachable after 3 attempts"):

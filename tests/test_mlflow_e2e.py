@@ -160,7 +160,7 @@ def test_every_trial_in_mlflow_server(tmp_path: Path, tiny_teacher: tuple[str, P
     _inject_faults(monkeypatch, seed)
     s = settings(tmp_path, tiny_teacher, space, budget=6, study=name, mlflow=True, tracking_uri=mlflow_server,
                  seed=seed)
-    summary = run_search(s, log=lambda msg: None)
+    summary = run_search(s)
     study = optuna.load_study(study_name=name, storage=make_storage(None, tmp_path / "studies"))
     states = [trial_state(t) for t in study.trials]
     assert len(states) == 6 and states[FAIL_TRIAL] == "FAIL", states
@@ -188,7 +188,7 @@ def test_every_trial_in_mlflow_server(tmp_path: Path, tiny_teacher: tuple[str, P
     # A second invocation (top-up) reuses the parent run; its new trials are rejected on latency (INFEASIBLE).
     monkeypatch.undo()
     run_search(settings(tmp_path, tiny_teacher, space, budget=8, study=name, mlflow=True,
-                        tracking_uri=mlflow_server, seed=seed, max_latency_ms=1e-6), log=lambda msg: None)
+                        tracking_uri=mlflow_server, seed=seed, max_latency_ms=1e-6))
     study = optuna.load_study(study_name=name, storage=make_storage(None, tmp_path / "studies"))
     assert [trial_state(t) for t in study.trials][6:] == ["INFEASIBLE", "INFEASIBLE"]
     assert _check_study(mlflow_server, study, tiny_teacher[0]) == parent_id
@@ -373,8 +373,7 @@ def test_report_and_export_fetch_checkpoints_from_mlflow(tmp_path: Path, tiny_te
     space = tmp_path / "tiny.yaml"
     space.write_text(TINY_SPACE)
     name, root = "fetch", tmp_path / "studies"
-    run_search(settings(tmp_path, tiny_teacher, space, budget=3, study=name, mlflow=True, prune=False),
-               log=lambda msg: None)
+    run_search(settings(tmp_path, tiny_teacher, space, budget=3, study=name, mlflow=True, prune=False))
     study = optuna.load_study(study_name=name, storage=make_storage(None, root))
     complete = [t.number for t in study.trials if trial_state(t) == "COMPLETE"]
     assert complete

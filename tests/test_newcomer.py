@@ -81,16 +81,16 @@ def test_zoomed_report_renders_in_headless_browser(tmp_path: Path) -> None:
 def test_resume_with_other_epochs_is_refused(tmp_path: Path, tiny_teacher: tuple[str, Path]) -> None:
     space = tmp_path / "tiny.yaml"
     space.write_text(TINY_SPACE)
-    run_search(settings(tmp_path, tiny_teacher, space, budget=1, epochs=2), log=lambda msg: None)
+    run_search(settings(tmp_path, tiny_teacher, space, budget=1, epochs=2))
     journal = tmp_path / "studies" / "optuna.journal"
     before = journal.read_bytes()
     with pytest.raises(UserError, match=r"created with 2 epochs per trial, this run asks for 3.*--epochs 2"):
-        run_search(settings(tmp_path, tiny_teacher, space, budget=2, epochs=3), log=lambda msg: None)
+        run_search(settings(tmp_path, tiny_teacher, space, budget=2, epochs=3))
     assert journal.read_bytes() == before  # the study is unchanged
     # Without --epochs the space's 4 epochs are asked for: refused too; the same 2 resume.
     with pytest.raises(UserError, match="created with 2 epochs"):
-        run_search(settings(tmp_path, tiny_teacher, space, budget=2), log=lambda msg: None)
-    run_search(settings(tmp_path, tiny_teacher, space, budget=2, epochs=2), log=lambda msg: None)
+        run_search(settings(tmp_path, tiny_teacher, space, budget=2))
+    run_search(settings(tmp_path, tiny_teacher, space, budget=2, epochs=2))
     study = optuna.load_study(study_name="digits-tiny", storage=make_storage(None, tmp_path / "studies"))
     assert len(study.trials) == 2 and study.user_attrs["epochs"] == 2
     assert study.metric_names == ["val_acc", "latency_ms"]  # named for optuna-dashboard and every Optuna tool

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import optuna
 import pytest
@@ -160,3 +161,22 @@ def test_a_fatal_error_requeues_the_trial_and_propagates(tmp_path: Path, data,  
     assert retry.user_attrs == {"retry_of": 0}
     state, reason = ctx.tracker.runs[0].ended[0]
     assert state == "FAIL" and reason == first.user_attrs["fail_reason"]
+
+
+def test_stopwatch_sections_leave_out_their_inner_sections(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The trial's figures add up: time in a section inside another counts once, in the inner one; a section the
+    block leaves by raising (a pruned trial) is timed too; a name timed twice adds up; elapsed() is everything."""
+    now = [0.0]
+    monkeypatch.setattr(objective, "time", SimpleNamespace(perf_counter=lambda: now[0]))
+    watch = objective.Stopwatch()
+    with watch.section("train_s"):
+        now[0] += 5.0
+        with watch.section("epoch_bookkeeping_s"):
+            now[0] += 2.0
+            with watch.section("tracking_s"):
+                now[0] += 1.0
+    with pytest.raises(optuna.TrialPruned), watch.section("tracking_s"):
+        now[0] += 0.5
+        raise optuna.TrialPruned
+    assert watch.times == {"train_s": 5.0, "epoch_bookkeeping_s": 2.0, "tracking_s": 1.5}
+    assert watch.elapsed() == 8.5

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import repo_pythonpath
+from conftest import Logged, repo_pythonpath
 from test_search import TINY_SPACE
 
 import autokd
@@ -27,7 +27,8 @@ def test_import_autokd_loads_no_heavy_library() -> None:
                                    "run_search"}
 
 
-def test_search_report_export_and_load_from_python(tmp_path: Path, tiny_teacher: tuple[str, Path]) -> None:
+def test_search_report_export_and_load_from_python(tmp_path: Path, tiny_teacher: tuple[str, Path],
+                                                   logged: Logged) -> None:
     space = tmp_path / "tiny.yaml"
     space.write_text(TINY_SPACE)
     arch, ckpt = tiny_teacher
@@ -36,6 +37,8 @@ def test_search_report_export_and_load_from_python(tmp_path: Path, tiny_teacher:
                                      sampler="random", mlflow=False, train_limit=160, root=root, device="cpu")
     summary = autokd.run_search(settings, prune=False)
     assert summary.study_name == "digits-tiny" and summary.finished_in_study == 3
+    # What the command prints, a notebook gets through logging (the `autokd` loggers), to show or silence.
+    assert any(m.startswith("study 'digits-tiny' (new) — files under ") for m in logged())
 
     report = autokd.build_report(summary.study_name, root=root)
     assert report is not None and (root / "digits-tiny" / "report" / "report.html").is_file()

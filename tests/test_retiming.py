@@ -7,6 +7,7 @@ from typing import Any
 
 import optuna
 import pytest
+from conftest import Logged
 
 from autokd.latency import retiming
 from autokd.latency.meter import LatencyMeter
@@ -83,7 +84,7 @@ def make_study(data: DataSplits, meter: LatencyMeter | None = None) -> tuple[opt
     depth rounds to the same student), and a pruned one."""
     study = optuna.create_study(directions=["maximize", "minimize"])
     if meter is not None:
-        check_latency_device(study, meter.signature(), meter.batch, False, log=lambda msg: None,
+        check_latency_device(study, meter.signature(), meter.batch, False,
                              settings={**meter.signature_info(), "torch_device": meter.dev.type})
     plan = [("resnet", 0.25, 0.25, 0.80, 0.5), ("resnet", 0.5, 0.25, 0.90, 1.0), ("resnet", 0.25, 1.0, 0.86, 1.2),
             ("vit", 0.25, 0.25, 0.50, 9.0), ("resnet", 0.25, 0.5, 0.79, 0.55)]
@@ -99,11 +100,10 @@ def make_study(data: DataSplits, meter: LatencyMeter | None = None) -> tuple[opt
     return study, points
 
 
-def test_front_candidates_are_retimed_together_and_recorded(data: DataSplits) -> None:
+def test_front_candidates_are_retimed_together_and_recorded(data: DataSplits, logged: Logged) -> None:
     meter = LatencyMeter("onnxruntime", "cpu")
     study, points = make_study(data, meter)
-    logs: list[str] = []
-    archs = retiming.retime_front(study, points, data, log=logs.append)
+    archs, logs = _retime_logs(study, points, data, logged)
     front_keys = {p.arch_key for p in points[:3]}
     assert len(front_keys) == 3 and points[4].arch_key == points[0].arch_key
     # Not the far-behind ViT nor the pruned trial; the architecture of two trials is timed once.
@@ -124,9 +124,8 @@ def test_front_candidates_are_retimed_together_and_recorded(data: DataSplits) ->
     assert points[3].latency_ms == 9.0
 
     # A second report (the same candidates) keeps the recorded figures instead of timing again.
-    logs.clear()
-    assert retiming.retime_front(study, points, data, log=logs.append) == archs
-    assert study.user_attrs[LATENCY_RETIME_ATTR] == record and logs == []
+    assert _retime_logs(study, points, data, logged) == (archs, [])
+    assert study.user_attrs[LATENCY_RETIME_ATTR] == record
 
 
 def test_stored_figures_count_only_for_the_studys_latency_device(data: DataSplits) -> None:
@@ -139,45 +138,47 @@ def test_stored_figures_count_only_for_the_studys_latency_device(data: DataSplit
     assert retiming.stored(study) == {}
 
 
-def _retime_logs(study: optuna.Study, points: list[TrialPoint], data: DataSplits) -> tuple[dict, list[str]]:
-    logs: list[str] = []
-    return retiming.retime_front(study, points, data, log=logs.append), logs
+def _retime_logs(study: optuna.Study, points: list[TrialPoint], data: DataSplits,
+                 logged: Logged) -> tuple[dict, list[str]]:
+    """What ``retime_front`` returns, and the messages it logged."""
+    before = len(logged())
+    return retiming.retime_front(study, points, data), logged()[before:]
 
 
-def test_no_retiming_without_recorded_settings(data: DataSplits) -> None:
+def test_no_retiming_without_recorded_settings(data: DataSplits, logged: Logged) -> None:
     study, points = make_study(data)  # a study from before latency settings were recorded
-    assert _retime_logs(study, points, data) == ({}, [])
+    assert _retime_logs(study, points, data, logged) == ({}, [])
     assert LATENCY_RETIME_ATTR not in study.user_attrs
 
 
-def test_no_retiming_of_a_study_that_mixes_latency_devices(data: DataSplits) -> None:
+def test_no_retiming_of_a_study_that_mixes_latency_devices(data: DataSplits, logged: Logged) -> None:
     study, points = make_study(data, LatencyMeter("onnxruntime", "cpu"))
     study.set_user_attr(LATENCY_MIXED_ATTR, True)
-    archs, logs = _retime_logs(study, points, data)
+    archs, logs = _retime_logs(study, points, data, logged)
     assert archs == {} and logs == ["latency: not re-timed (the study mixes latency devices: --allow-mixed-latency)"]
     assert LATENCY_RETIME_ATTR not in study.user_attrs
 
 
-def test_no_retiming_on_another_latency_device(data: DataSplits) -> None:
+def test_no_retiming_on_another_latency_device(data: DataSplits, logged: Logged) -> None:
     study, points = make_study(data, LatencyMeter("onnxruntime", "cpu"))
     study.set_user_attr(LATENCY_DEVICE_ATTR, "cpu-another-machine-onnxruntime")  # pinned by another machine
-    archs, logs = _retime_logs(study, points, data)
+    archs, logs = _retime_logs(study, points, data, logged)
     assert archs == {} and LATENCY_RETIME_ATTR not in study.user_attrs
     assert len(logs) == 1 and "the front is not re-timed on this machine" in logs[0]
     assert "cpu-another-machine-onnxruntime" in logs[0]
 
 
-def test_no_retiming_where_the_recorded_runtime_cannot_run(data: DataSplits) -> None:
+def test_no_retiming_where_the_recorded_runtime_cannot_run(data: DataSplits, logged: Logged) -> None:
     study, points = make_study(data, LatencyMeter("onnxruntime", "cpu"))
     study.set_user_attr(LATENCY_SETTINGS_ATTR, {**study.user_attrs[LATENCY_SETTINGS_ATTR], "runtime": "tvm"})
-    archs, logs = _retime_logs(study, points, data)
+    archs, logs = _retime_logs(study, points, data, logged)
     assert archs == {} and len(logs) == 1 and logs[0].startswith("latency: not re-timed here (")
     assert "tvm" in logs[0]
 
 
-def test_students_of_another_data_shape_are_left_alone(data: DataSplits) -> None:
+def test_students_of_another_data_shape_are_left_alone(data: DataSplits, logged: Logged) -> None:
     # The trials' students were resolved for 16-pixel digits; with 24-pixel data their keys no longer match.
     study, points = make_study(data, LatencyMeter("onnxruntime", "cpu"))
     bigger = load_dataset("digits", input_size=24, seed=0, train_limit=96)
-    assert _retime_logs(study, points, bigger) == ({}, [])
+    assert _retime_logs(study, points, bigger, logged) == ({}, [])
     assert LATENCY_RETIME_ATTR not in study.user_attrs

@@ -6,6 +6,7 @@ worker is found by its missing heartbeats (1 s interval, 3 s grace period here i
 """
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import signal
@@ -280,20 +281,21 @@ class _Study:
         self.user_attrs[key] = value
 
 
-def test_latency_device_is_pinned_and_mixing_needs_the_flag() -> None:
+def test_latency_device_is_pinned_and_mixing_needs_the_flag(caplog: pytest.LogCaptureFixture) -> None:
     from autokd.errors import UserError
     from autokd.latency.pinning import check_latency_device
 
-    study, said = _Study(), []
-    check_latency_device(study, "cpu-amd-epyc-t1", 1, allow_mixed=False, log=said.append)
+    caplog.set_level(logging.INFO, logger="autokd")
+    study = _Study()
+    check_latency_device(study, "cpu-amd-epyc-t1", 1, allow_mixed=False)
     assert study.user_attrs == {"latency_device": "cpu-amd-epyc-t1", "latency_batch": 1}
-    check_latency_device(study, "cpu-amd-epyc-t1", 1, allow_mixed=False, log=said.append)  # same kind: joins
+    check_latency_device(study, "cpu-amd-epyc-t1", 1, allow_mixed=False)  # same kind: joins
     for sig, batch in (("nvidia-h100-80gb-hbm3", 1), ("cpu-amd-epyc-t4", 1), ("cpu-amd-epyc-t1", 8)):
         with pytest.raises(UserError, match="not comparable in one Pareto front"):
-            check_latency_device(study, sig, batch, allow_mixed=False, log=said.append)
-    assert not said
-    check_latency_device(study, "nvidia-h100-80gb-hbm3", 1, allow_mixed=True, log=said.append)
-    assert study.user_attrs["latency_mixed"] is True and "--allow-mixed-latency" in said[0]
+            check_latency_device(study, sig, batch, allow_mixed=False)
+    assert not caplog.messages
+    check_latency_device(study, "nvidia-h100-80gb-hbm3", 1, allow_mixed=True)
+    assert study.user_attrs["latency_mixed"] is True and "--allow-mixed-latency" in caplog.messages[0]
     assert study.user_attrs["latency_device"] == "cpu-amd-epyc-t1"  # the study's device stays what it was
 
 

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+from conftest import Logged
 
 from autokd.errors import UserError
 from autokd.report.build import build_report, report_command, resolve_study, study_data, trial_points
@@ -58,13 +59,12 @@ def test_trial_points_carry_each_state_params_latency_and_intervals(tmp_path: Pa
     assert points[numbers["FAIL"]].reason == "oom"
 
 
-def test_resolve_study_picks_the_only_or_most_recent_and_names_typos(tmp_path: Path,
-                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+def test_resolve_study_picks_the_only_or_most_recent_and_names_typos(tmp_path: Path, logged: Logged) -> None:
     _trial(_study(tmp_path, "digits-default"), "COMPLETE", val_acc=0.9)
     assert resolve_study(None, None, tmp_path).study_name == "digits-default"
     _trial(_study(tmp_path, "cifar10-default"), "COMPLETE", val_acc=0.5)  # the most recently started trial
     assert resolve_study(None, None, tmp_path).study_name == "cifar10-default"
-    assert "others: digits-default" in capsys.readouterr().out
+    assert "others: digits-default" in logged()[-1]
     with pytest.raises(UserError, match=r"--study 'digits-defualt': no such study .*did you mean 'digits-default'"):
         resolve_study("digits-defualt", None, tmp_path)
 
@@ -89,12 +89,11 @@ def test_study_data_refuses_a_dataset_that_changed(tmp_path: Path) -> None:
         study_data(study)
 
 
-def test_no_report_without_a_completed_trial(tmp_path: Path) -> None:
+def test_no_report_without_a_completed_trial(tmp_path: Path, logged: Logged) -> None:
     study = _study(tmp_path)
     _trial(study, "PRUNED")
-    lines: list[str] = []
-    assert build_report(study, tmp_path, log=lines.append) is None
-    assert lines == ["study 'digits-default': no completed trial yet, no report"]
+    assert build_report(study, tmp_path) is None
+    assert logged() == ["study 'digits-default': no completed trial yet, no report"]
     assert not (tmp_path / "digits-default" / "report").exists()
 
 

@@ -14,8 +14,10 @@ from pathlib import Path
 import optuna
 import pytest
 import torch
+from conftest import Logged
 from optuna.trial import TrialState
 
+from autokd.config import SearchSettings
 from autokd.errors import FatalSearchError
 from autokd.latency.meter import LatencyCache, LatencyMeter
 from autokd.model.data import DataSplits, TrainViews, load_dataset
@@ -69,16 +71,16 @@ def context(tmp_path: Path, data: DataSplits, **overrides: object) -> TrialConte
     path.write_text(SPACE)
     space = load_space(path)
     meter = LatencyMeter("onnxruntime", "cpu", rounds=3, runs=2, warmup=1, cache=LatencyCache(tmp_path / "latency"))
-    base = {"space": space, "data": data, "teacher_outputs": None, "teacher_arch": "none",
-            "views": TrainViews(num_views=space.views), "latency": meter, "tracker": Tracker("unit"),
-            "parent_run_id": None, "trials_dir": tmp_path / "trials", "device": "cpu", "log": lambda msg: None}
+    base = {"settings": SearchSettings(device="cpu"), "space": space, "data": data, "teacher_outputs": None,
+            "teacher_arch": "none", "views": TrainViews(num_views=space.views), "latency": meter,
+            "tracker": Tracker("unit"), "parent_run_id": None, "trials_dir": tmp_path / "trials", "device": "cpu"}
     base.update(overrides)
     return TrialContext(**base)  # type: ignore[arg-type]
 
 
 def infeasible(tmp_path: Path, data: DataSplits) -> TrialContext:
     """Trials that are measured but never trained (the cheapest real trial)."""
-    return context(tmp_path, data, max_latency_ms=1e-6)
+    return context(tmp_path, data, settings=SearchSettings(device="cpu", max_latency_ms=1e-6))
 
 
 def journal_study(root: Path) -> optuna.Study:
@@ -87,7 +89,7 @@ def journal_study(root: Path) -> optuna.Study:
 
 
 def loop(study: optuna.Study, ctx: TrialContext, budget: int, root: Path, **kwargs: object) -> list[TrialOutcome]:
-    kwargs = {"heartbeat_interval": 0, "gpu": None, "log": lambda msg: None, **kwargs}
+    kwargs = {"heartbeat_interval": 0, "gpu": None, **kwargs}
     return run_trials(study, ctx, budget, lambda: study_lock(None, root, study.study_name), **kwargs)  # type: ignore[arg-type]
 
 
@@ -118,14 +120,14 @@ def test_the_budget_is_finished_exactly_and_each_trial_reports_progress(tmp_path
     assert [o.number for o in loop(study, ctx, 4, tmp_path)] == [3] and budget_used(study) == 4
 
 
-def test_a_dead_workers_trial_is_retried_within_the_budget(tmp_path: Path, data: DataSplits) -> None:
+def test_a_dead_workers_trial_is_retried_within_the_budget(tmp_path: Path, data: DataSplits, logged: Logged) -> None:
     study, ctx = journal_study(tmp_path), infeasible(tmp_path, data)
     loop(study, ctx, 1, tmp_path)
     orphan = study.ask(fixed_distributions=study.trials[0].distributions)  # a trial whose worker was killed
     orphan.set_user_attr(WORKER_ATTR, dead_worker())
-    logs: list[str] = []
-    outcomes = loop(study, ctx, 2, tmp_path, log=logs.append)
-    assert logs == [f"trial {orphan.number}: its worker died; marked FAIL and queued again"]
+    before = len(logged())
+    outcomes = loop(study, ctx, 2, tmp_path)
+    assert logged()[before:] == [f"trial {orphan.number}: its worker died; marked FAIL and queued again"]
     _, dead, retry = study.get_trials(deepcopy=False)
     assert dead.state == TrialState.FAIL and dead.user_attrs[REQUEUED_ATTR] is True
     assert retry.user_attrs["retry_of"] == dead.number and retry.params == dead.params

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -60,6 +61,8 @@ PICKS = ("knee", "best", "fastest")
 PARITY_ATOL = 1e-4
 PARITY_BATCH = 32  # validation images used for the parity check
 EXPORT_FORMAT = "autokd-student/1"
+
+logger = logging.getLogger(__name__)
 
 
 class ParityError(RuntimeError):
@@ -544,7 +547,7 @@ def _human(n: int) -> str:
 def export_command(study_name: str | None, storage: str | None, root: Path, trial: int | None, pick: str | None,
                    max_latency_ms: float | None, out: Path, formats: str | None, data_dir: str | None,
                    int8: Int8Options | None = None) -> ExportResult:
-    """`autokd export`: choose the trial, export it, print the summary."""
+    """`autokd export`: choose the trial, export it, log the summary."""
     from autokd.report.build import resolve_study
 
     fmts = parse_formats(formats)  # a bad --format fails before anything is loaded
@@ -556,8 +559,8 @@ def export_command(study_name: str | None, storage: str | None, root: Path, tria
         target = f"trial {trial}" if trial is not None else (f"--pick {pick}" if pick else "a trial")
         raise UserError(f"cannot export {target}: {exc}") from exc
     number, why = select_trial(study, trial=trial, pick=pick, max_latency_ms=max_latency_ms)
-    print(f"exporting study {study.study_name!r} trial {number} ({why}) as {', '.join(fmts)} ...", flush=True)
+    logger.info(f"exporting study {study.study_name!r} trial {number} ({why}) as {', '.join(fmts)} ...")
     result = export_trial(study, number, Path(root), Path(out), fmts, data_dir=data_dir, why=why, storage=storage,
                           int8=int8)
-    print(format_summary(result))
+    logger.info(format_summary(result))
     return result

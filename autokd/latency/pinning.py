@@ -2,7 +2,8 @@
 the study-wide record of each architecture's first measurement, so all machines use one figure."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+import logging
+from typing import TYPE_CHECKING, Any
 
 from autokd.errors import UserError
 from autokd.latency.meter import LatencyMeter, LatencyResult
@@ -13,6 +14,8 @@ if TYPE_CHECKING:
     from torch import nn
 
     from autokd.model.students import StudentSpec
+
+logger = logging.getLogger(__name__)
 
 
 class StudyLatency:
@@ -52,7 +55,7 @@ class StudyLatency:
 
 
 def check_latency_device(study: optuna.Study, signature: str, batch: int, allow_mixed: bool,
-                         log: Callable[[str], None] = print, settings: dict[str, Any] | None = None) -> None:
+                         settings: dict[str, Any] | None = None) -> None:
     """Pin the study's latency device on first use; refuse a worker that would time students on another one.
 
     The signature names the device, the runtime (onnxruntime or torch), its version, execution provider and the
@@ -79,8 +82,8 @@ def check_latency_device(study: optuna.Study, signature: str, batch: int, allow_
                 if settings.get(k) != stored_settings.get(k)]
         what += f": {', '.join(diff)}" if diff else ""
     if allow_mixed:
-        log(f"warning: study {study.study_name!r}: this worker measures latency with {what}; mixed in one front "
-            "because --allow-mixed-latency was given")
+        logger.warning(f"warning: study {study.study_name!r}: this worker measures latency with {what}; mixed in "
+                       "one front because --allow-mixed-latency was given")
         study.set_user_attr(LATENCY_MIXED_ATTR, True)
         return
     runtime = stored_settings.get("runtime", "torch")

@@ -9,9 +9,10 @@ The study is re-timed only on its own latency device (same signature); elsewhere
 """
 from __future__ import annotations
 
+import logging
 import time
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from autokd.select.pareto import TrialPoint, dominates
 
@@ -23,6 +24,8 @@ if TYPE_CHECKING:
 
 MARGIN = 0.25   # a student up to 25 % slower than what would keep it on the front is re-timed too
 MAX_CANDIDATES = 40
+
+logger = logging.getLogger(__name__)
 
 
 def candidates(points: Sequence[TrialPoint], margin: float = MARGIN) -> list[TrialPoint]:
@@ -47,8 +50,7 @@ def stored(study: optuna.Study) -> dict[str, dict[str, Any]]:
     return record.get("archs") or {}
 
 
-def retime_front(study: optuna.Study, points: Sequence[TrialPoint], data: DataSplits,
-                 log: Callable[[str], None] = print) -> dict[str, dict[str, Any]]:
+def retime_front(study: optuna.Study, points: Sequence[TrialPoint], data: DataSplits) -> dict[str, dict[str, Any]]:
     """Re-time the front candidates of ``points`` together (see the module doc) and record them in the study.
 
     Returns what :func:`stored` then returns. Skipped (stored figures kept) when this machine is not the study's
@@ -71,17 +73,17 @@ def retime_front(study: optuna.Study, points: Sequence[TrialPoint], data: DataSp
     if not settings:
         return previous
     if attrs.get(LATENCY_MIXED_ATTR):
-        log("latency: not re-timed (the study mixes latency devices: --allow-mixed-latency)")
+        logger.info("latency: not re-timed (the study mixes latency devices: --allow-mixed-latency)")
         return previous
     try:
         meter = LatencyMeter(settings.get("runtime"), settings.get("torch_device", "cpu"), settings["threads"],
                              settings.get("batch", 1), precision=settings.get("precision"))  # older: fp32
     except Exception as exc:  # noqa: BLE001 - no such device or runtime here: keep the stored figures
-        log(f"latency: not re-timed here ({exc})")
+        logger.info(f"latency: not re-timed here ({exc})")
         return previous
     if meter.signature() != attrs.get(LATENCY_DEVICE_ATTR):
-        log(f"latency: the front is not re-timed on this machine ({meter.signature()}; the study's latency device is "
-            f"{attrs.get(LATENCY_DEVICE_ATTR)}); the report uses the figures measured there")
+        logger.info(f"latency: the front is not re-timed on this machine ({meter.signature()}; the study's latency "
+                    f"device is {attrs.get(LATENCY_DEVICE_ATTR)}); the report uses the figures measured there")
         return previous
     chosen = candidates(points)
     trials = {t.number: t for t in study.get_trials(deepcopy=False)}
@@ -101,8 +103,8 @@ def retime_front(study: optuna.Study, points: Sequence[TrialPoint], data: DataSp
     try:
         results = meter.retime(specs)
     except Exception as exc:  # noqa: BLE001 - the report must still be written, with the first measurements
-        log(f"warning: latency: could not re-time the front candidates ({exc.__class__.__name__}: {exc}); the "
-            "report uses each trial's own measurement")
+        logger.warning(f"warning: latency: could not re-time the front candidates ({exc.__class__.__name__}: {exc}); "
+                       "the report uses each trial's own measurement")
         return previous
     seconds = time.perf_counter() - t0
     archs = {key: {"median_ms": r.median_ms, "low_ms": r.low_ms, "high_ms": r.high_ms, "rounds": r.rounds}
@@ -112,7 +114,7 @@ def retime_front(study: optuna.Study, points: Sequence[TrialPoint], data: DataSp
         "when": datetime.now(timezone.utc).isoformat(timespec="seconds"), "protocol": (
             f"{meter.rounds} shuffled rounds x {meter.runs} runs, all candidates interleaved; minimum per round, "
             "median over rounds")})
-    log(f"latency: re-timed {len(specs)} front candidate(s) together in {seconds:.1f} s ({meter.describe()})")
+    logger.info(f"latency: re-timed {len(specs)} front candidate(s) together in {seconds:.1f} s ({meter.describe()})")
     return archs
 
 

@@ -1,17 +1,23 @@
-"""`autokd distill`: train one student against the cached teacher, print progress, save weights + config."""
+"""`autokd distill`: train one student against the cached teacher, log progress, save weights + config."""
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from autokd.config import DistillSettings
 from autokd.errors import UserError, as_user_error
 from autokd.model.checkpoint import write_checkpoint
 
+logger = logging.getLogger(__name__)
 
-def run_distill(s: DistillSettings, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Distil one student; returns the saved config (incl. val/test accuracy) and writes it under ``s.out``."""
+
+def run_distill(s: DistillSettings) -> dict[str, Any]:
+    """Distil one student; returns the saved config (incl. val/test accuracy) and writes it under ``s.out``.
+
+    Progress (one line per epoch) is logged at INFO under ``autokd.model.distill``.
+    """
     from autokd.model.data import TrainViews, load_dataset
     from autokd.model.losses import build_loss
     from autokd.model.students import build_from_spec, resolve_student
@@ -33,19 +39,19 @@ def run_distill(s: DistillSettings, log: Callable[[str], None] = print) -> dict[
     root = Path(s.root)
     if loss_fn.uses_teacher:
         t = get_teacher(data, arch=s.teacher, checkpoint=s.teacher_checkpoint, cache_root=root / "teachers",
-                        device=device, pretrained=s.teacher_pretrained, log=log)
+                        device=device, pretrained=s.teacher_pretrained)
         teacher_arch = t.arch
         outputs = teacher_outputs(t, data, TrainViews(0), cache_root=root / "teachers", device=device,
-                                  need_features=loss_fn.uses_features, log=log)
+                                  need_features=loss_fn.uses_features)
     student = build_from_spec(spec)
     cfg = TrainConfig(epochs=s.epochs, batch_size=s.batch_size, lr=s.lr, weight_decay=s.weight_decay,
                       optimizer=s.optimizer, seed=s.seed, device=device)
-    log(f"distilling {spec.key} ({spec.model_name} {spec.kwargs}) with {s.loss} {s.loss_params or ''} for "
-        f"{s.epochs} epochs on {data.name} ({device})")
+    logger.info(f"distilling {spec.key} ({spec.model_name} {spec.kwargs}) with {s.loss} {s.loss_params or ''} for "
+                f"{s.epochs} epochs on {data.name} ({device})")
 
     def on_epoch(r: EpochResult) -> None:
-        log(f"epoch {r.epoch:>3}/{s.epochs}  train loss {r.train_loss:.4f}  val acc {r.val_acc:.4f}  lr {r.lr:.2e}  "
-            f"{r.seconds:.1f}s")
+        logger.info(f"epoch {r.epoch:>3}/{s.epochs}  train loss {r.train_loss:.4f}  val acc {r.val_acc:.4f}  "
+                    f"lr {r.lr:.2e}  {r.seconds:.1f}s")
 
     started = time.perf_counter()
     data = data.to(device)
@@ -62,5 +68,5 @@ def run_distill(s: DistillSettings, log: Callable[[str], None] = print) -> dict[
         write_checkpoint(student, config, out)
     except OSError as exc:
         raise UserError(f"--out {out}: cannot write the student there: {exc}") from exc
-    log(f"val acc {result.val_acc:.4f}  test acc {test_acc:.4f}  — saved to {out}/")
+    logger.info(f"val acc {result.val_acc:.4f}  test acc {test_acc:.4f}  — saved to {out}/")
     return config

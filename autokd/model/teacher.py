@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -38,6 +38,8 @@ DEFAULT_TEACHERS: dict[str, str] = {
 FALLBACK_TEACHER = "resnet18"  # image folders
 OUTPUTS_VERSION = 1
 MAX_FEATURE_BYTES = 512 * 2**20
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -189,7 +191,7 @@ def _ready(model: nn.Module, device: str) -> nn.Module:
 
 def get_teacher(data: DataSplits, arch: str | None = None, checkpoint: str | None = None,
                 cache_root: Path = Path("studies/teachers"), device: str = "cpu", pretrained: bool = False,
-                log: Callable[[str], None] = print, recipe: TeacherRecipe | None = None) -> Teacher:
+                recipe: TeacherRecipe | None = None) -> Teacher:
     """Load the teacher from ``checkpoint``, or from the cache, or train it (CE, ``recipe``) and cache it.
 
     Concurrent processes asking for the same teacher wait on a file lock; only the first one trains. A trained
@@ -211,7 +213,7 @@ def get_teacher(data: DataSplits, arch: str | None = None, checkpoint: str | Non
         _ready(model, device)
         val_acc = evaluate(model, data.x_val.to(device), data.y_val.to(device))
         test_acc = evaluate(model, data.x_test.to(device), data.y_test.to(device))
-        log(f"teacher {arch}: loaded checkpoint {path} (val acc {val_acc:.4f}, test acc {test_acc:.4f})")
+        logger.info(f"teacher {arch}: loaded checkpoint {path} (val acc {val_acc:.4f}, test acc {test_acc:.4f})")
         return Teacher(model, arch, val_acc, test_acc, file_digest(path, "sha1"), path)
 
     arch = arch or default_teacher(data.name)
@@ -221,24 +223,24 @@ def get_teacher(data: DataSplits, arch: str | None = None, checkpoint: str | Non
     cache_root = Path(cache_root)
     tdir = cache_root / f"{arch}-{key[:16]}"
     with file_lock(cache_root / f".{tdir.name}.lock"):
-        cached = _load_cached(tdir, arch, data, device, log)
+        cached = _load_cached(tdir, arch, data, device)
         if cached is not None:
             model, meta = cached
-            log(f"teacher {arch}: loaded from cache {tdir} (val acc {meta['val_acc']:.4f}, "
-                f"test acc {meta['test_acc']:.4f}); not retrained")
+            logger.info(f"teacher {arch}: loaded from cache {tdir} (val acc {meta['val_acc']:.4f}, "
+                        f"test acc {meta['test_acc']:.4f}); not retrained")
             return Teacher(model, arch, meta["val_acc"], meta["test_acc"], key, tdir / "model.safetensors",
                            trained=False)
-        model, meta = _train(arch, data, recipe, pretrained, device, log)
+        model, meta = _train(arch, data, recipe, pretrained, device)
         meta.update(key=key, arch=arch, data_fingerprint=data.fingerprint, dataset=data.name, pretrained=pretrained)
         _save(tdir, model, meta)
-        log(f"teacher {arch}: trained in {meta['train_seconds']:.1f}s (val acc {meta['val_acc']:.4f}, "
-            f"test acc {meta['test_acc']:.4f}); cached in {tdir}")
+        logger.info(f"teacher {arch}: trained in {meta['train_seconds']:.1f}s (val acc {meta['val_acc']:.4f}, "
+                    f"test acc {meta['test_acc']:.4f}); cached in {tdir}")
         return Teacher(model, arch, meta["val_acc"], meta["test_acc"], key, tdir / "model.safetensors",
                        trained=True)
 
 
-def _train(arch: str, data: DataSplits, recipe: TeacherRecipe, pretrained: bool, device: str,
-           log: Callable[[str], None]) -> tuple[nn.Module, dict]:
+def _train(arch: str, data: DataSplits, recipe: TeacherRecipe, pretrained: bool,
+           device: str) -> tuple[nn.Module, dict]:
     from autokd.model.losses import build_loss
     from autokd.model.train import EpochResult, TrainConfig, distill, evaluate
 
@@ -247,11 +249,12 @@ def _train(arch: str, data: DataSplits, recipe: TeacherRecipe, pretrained: bool,
     cfg = TrainConfig(epochs=recipe.epochs, batch_size=recipe.batch_size, lr=recipe.lr,
                       weight_decay=recipe.weight_decay, optimizer=recipe.optimizer, seed=recipe.seed, device=device)
     views = TrainViews(recipe.views, seed=recipe.seed, max_shift=recipe.max_shift, hflip=recipe.hflip)
-    log(f"teacher {arch}: training on {data.name} ({len(data.y_train)} images, {device}) for {recipe.epochs} epochs")
+    logger.info(f"teacher {arch}: training on {data.name} ({len(data.y_train)} images, {device}) "
+                f"for {recipe.epochs} epochs")
 
     def on_epoch(r: EpochResult) -> None:
-        log(f"  teacher epoch {r.epoch}/{recipe.epochs}: loss {r.train_loss:.4f}, val acc {r.val_acc:.4f}, "
-            f"{r.seconds:.1f}s")
+        logger.info(f"  teacher epoch {r.epoch}/{recipe.epochs}: loss {r.train_loss:.4f}, val acc {r.val_acc:.4f}, "
+                    f"{r.seconds:.1f}s")
 
     result = distill(model, build_loss("ce"), data, cfg, views=views if recipe.views > 1 else None,
                      on_epoch=on_epoch)
@@ -268,8 +271,7 @@ def _save(tdir: Path, model: nn.Module, meta: dict) -> None:
     atomic_write_json(tdir / "meta.json", meta)  # written last: its presence marks a complete entry
 
 
-def _load_cached(tdir: Path, arch: str, data: DataSplits, device: str,
-                 log: Callable[[str], None]) -> tuple[nn.Module, dict] | None:
+def _load_cached(tdir: Path, arch: str, data: DataSplits, device: str) -> tuple[nn.Module, dict] | None:
     meta_path, weights = tdir / "meta.json", tdir / "model.safetensors"
     if not (meta_path.is_file() and weights.is_file()):
         return None
@@ -278,7 +280,7 @@ def _load_cached(tdir: Path, arch: str, data: DataSplits, device: str,
         model = _create(arch, data)
         _fit(model, read_weights(weights), weights, arch, data)
     except (OSError, ValueError, KeyError, UserError) as e:
-        log(f"teacher {arch}: cache entry {tdir} is unreadable ({e}); retraining")
+        logger.warning(f"teacher {arch}: cache entry {tdir} is unreadable ({e}); retraining")
         return None
     return _ready(model, device), meta
 
@@ -345,8 +347,8 @@ class OnlineTeacherOutputs(TeacherSource):
 
 
 def teacher_outputs(teacher: Teacher, data: DataSplits, views: TrainViews | None, cache_root: Path,
-                    device: str = "cpu", need_features: bool = False, log: Callable[[str], None] = print,
-                    max_feature_bytes: int = MAX_FEATURE_BYTES, batch_size: int = 256) -> TeacherOutputs:
+                    device: str = "cpu", need_features: bool = False, max_feature_bytes: int = MAX_FEATURE_BYTES,
+                    batch_size: int = 256) -> TeacherOutputs:
     """Teacher outputs for every (view, training image), computed once and cached on disk under
     ``cache_root/outputs/<hash>.pt`` (``{"logits": [V, N, K], "features": [V, N, C, H, W] | None}``); falls back
     to running the teacher online (and logs it) when the feature maps would exceed ``max_feature_bytes``."""
@@ -360,24 +362,25 @@ def teacher_outputs(teacher: Teacher, data: DataSplits, views: TrainViews | None
     if probe is not None:
         size = count * n * probe[0].numel() * 4
         if size > max_feature_bytes:
-            log(f"teacher outputs: features for {count} view(s) x {n} images would take {size / 2**20:.0f} MB "
-                f"(limit {max_feature_bytes / 2**20:.0f} MB); running the teacher online instead of caching")
+            logger.info(f"teacher outputs: features for {count} view(s) x {n} images would take "
+                        f"{size / 2**20:.0f} MB (limit {max_feature_bytes / 2**20:.0f} MB); running the teacher "
+                        "online instead of caching")
             return OnlineTeacherOutputs(model, need_features=True, feature_channels=int(probe.shape[1]))
 
     key = fingerprint_of({"teacher": teacher.fingerprint, "data": data.fingerprint, "views": views.fingerprint,
                  "features": need_features, "version": OUTPUTS_VERSION})
     path = Path(cache_root) / "outputs" / f"{key}.pt"
     with file_lock(path.parent / f".{key}.lock"):
-        stored = _load_outputs(path, count, n, data.num_classes, need_features, log)
+        stored = _load_outputs(path, count, n, data.num_classes, need_features)
         if stored is not None:
-            log(f"teacher outputs: reusing {path}")
+            logger.info(f"teacher outputs: reusing {path}")
         else:
             t0 = time.perf_counter()
             stored = _compute_outputs(model, data, views, device, need_features, batch_size)
             with atomic_path(path) as tmp:
                 torch.save(stored, tmp)
-            log(f"teacher outputs: computed {count} view(s) x {n} images in {time.perf_counter() - t0:.1f}s; "
-                f"cached in {path}")
+            logger.info(f"teacher outputs: computed {count} view(s) x {n} images in "
+                        f"{time.perf_counter() - t0:.1f}s; cached in {path}")
     feats = stored["features"]
     return CachedTeacherOutputs(stored["logits"].to(device), None if feats is None else feats.to(device))
 
@@ -405,8 +408,7 @@ def _compute_outputs(model: nn.Module, data: DataSplits, views: TrainViews, devi
     return {"logits": torch.stack(all_logits), "features": torch.stack(all_feats) if need_features else None}
 
 
-def _load_outputs(path: Path, count: int, n: int, num_classes: int, need_features: bool,
-                  log: Callable[[str], None]) -> dict | None:
+def _load_outputs(path: Path, count: int, n: int, num_classes: int, need_features: bool) -> dict | None:
     if not path.is_file():
         return None
     try:
@@ -414,10 +416,10 @@ def _load_outputs(path: Path, count: int, n: int, num_classes: int, need_feature
         ok = (tuple(stored["logits"].shape) == (count, n, num_classes)
               and (stored["features"] is not None) == need_features)
     except Exception as e:  # noqa: BLE001 - a damaged cache file is recomputed, never fatal
-        log(f"teacher outputs: cache file {path} is unreadable ({type(e).__name__}: {e}); recomputing")
+        logger.warning(f"teacher outputs: cache file {path} is unreadable ({type(e).__name__}: {e}); recomputing")
         return None
     if not ok:
-        log(f"teacher outputs: cache file {path} has unexpected shapes; recomputing")
+        logger.warning(f"teacher outputs: cache file {path} has unexpected shapes; recomputing")
         return None
     return stored
 

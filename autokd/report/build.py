@@ -4,9 +4,10 @@
 """
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import optuna
 from optuna.trial import TrialState
@@ -33,6 +34,8 @@ from autokd.tracking import Tracker
 if TYPE_CHECKING:
     from autokd.model.data import DataSplits
 
+logger = logging.getLogger(__name__)
+
 
 def resolve_study(study_name: str | None, storage: str | None, root: Path) -> optuna.Study:
     """Load a study for reading; with no name, the only study in the storage or the most recently active one."""
@@ -49,8 +52,8 @@ def resolve_study(study_name: str | None, storage: str | None, root: Path) -> op
         recent = max(summaries, key=lambda s: (s.datetime_start.timestamp() if s.datetime_start else 0.0))
         study_name = recent.study_name
         if len(summaries) > 1:
-            print(f"(no --study given: using the most recent study {study_name!r}; others: "
-                  f"{', '.join(n for n in names if n != study_name)})")
+            logger.info(f"(no --study given: using the most recent study {study_name!r}; others: "
+                        f"{', '.join(n for n in names if n != study_name)})")
     if study_name not in names:
         raise UserError(f"--study {study_name!r}: no such study in {storage_url(storage, root)}"
                         f"{did_you_mean(study_name, names)}; "
@@ -114,8 +117,7 @@ def latency_precision(study: optuna.Study) -> str | None:
     return (study.user_attrs.get(LATENCY_SETTINGS_ATTR) or {}).get("precision")
 
 
-def int8_accuracies(study: optuna.Study, front: list[TrialPoint], root: Path, data: DataSplits,
-                    log: Callable[[str], None] = print) -> None:
+def int8_accuracies(study: optuna.Study, front: list[TrialPoint], root: Path, data: DataSplits) -> None:
     """Each front member's fp32 and INT8 test accuracy (ONNX Runtime, as ``autokd export --int8`` makes them;
     computed once per trial and cached) into their ``fp32_test_acc`` / ``int8_test_acc``."""
     from autokd.report.evaluation import trial_int8_accuracy
@@ -124,19 +126,18 @@ def int8_accuracies(study: optuna.Study, front: list[TrialPoint], root: Path, da
         try:
             acc = trial_int8_accuracy(study, point.number, root, data)
         except Exception as exc:  # noqa: BLE001 - the report is still written, without this member's figures
-            log(f"warning: trial {point.number}: no INT8 test accuracy ({exc.__class__.__name__}: {exc})")
+            logger.warning(f"warning: trial {point.number}: no INT8 test accuracy ({exc.__class__.__name__}: {exc})")
             continue
         point.fp32_test_acc, point.int8_test_acc = acc["fp32_test_acc"], acc["test_acc"]
 
 
 def build_report(study: optuna.Study, root: Path, data: DataSplits | None = None, max_latency_ms: float | None = None,
                  tolerance_pp: float = 1.0, hv_ref_ms: float | None = None, tracker: Tracker | None = None,
-                 parent_run_id: str | None = None, data_dir: str | None = None,
-                 log: Callable[[str], None] = print) -> ReportResult | None:
-    """Write studies/<name>/report/ for the study, print the front table, attach the files to MLflow."""
+                 parent_run_id: str | None = None, data_dir: str | None = None) -> ReportResult | None:
+    """Write studies/<name>/report/ for the study, log the front table, attach the files to MLflow."""
     points = trial_points(study)
     if not any(p.state == State.COMPLETE for p in points):
-        log(f"study {study.study_name!r}: no completed trial yet, no report")
+        logger.info(f"study {study.study_name!r}: no completed trial yet, no report")
         return None
     from autokd.report.evaluation import test_accuracy
     from autokd.select.pareto import front_points
@@ -149,24 +150,23 @@ def build_report(study: optuna.Study, root: Path, data: DataSplits | None = None
     if data is None:
         data = study_data(study, data_dir)
     # Every front candidate timed again, together: the report, its picks and `autokd export` use these figures.
-    retiming.apply(points, retiming.retime_front(study, points, data, log=log))
+    retiming.apply(points, retiming.retime_front(study, points, data))
     front = front_points(points)
     # Front students trained on other machines (or removed here) come from their trials' MLflow runs.
-    scaleout.fetch_trial_checkpoints(study, study_dir(root, study.study_name) / "trials", [p.number for p in front],
-                                     log=log)
+    scaleout.fetch_trial_checkpoints(study, study_dir(root, study.study_name) / "trials", [p.number for p in front])
     for point in front:
         point.test_acc = test_accuracy(study, point.number, root, data)
     if latency_precision(study) == "int8":
-        int8_accuracies(study, front, root, data, log)
+        int8_accuracies(study, front, root, data)
     hv_ref = None
     if hv_ref_ms is not None:
         hv_ref = (0.0, float(hv_ref_ms))
     out_dir = study_dir(root, study.study_name) / "report"
     result = write_report(points, out_dir, title=f"autokd study {study.study_name}", max_latency_ms=max_latency_ms,
                           tolerance_pp=tolerance_pp, hv_ref=hv_ref)
-    log(format_front_table(result.front, result.recommendations, result.ties))
-    log(f"hypervolume {result.hypervolume:.4f} (reference point: accuracy {result.hv_ref[0]}, latency "
-        f"{result.hv_ref[1]:.3f} ms) — report: {out_dir}/report.html")
+    logger.info(format_front_table(result.front, result.recommendations, result.ties))
+    logger.info(f"hypervolume {result.hypervolume:.4f} (reference point: accuracy {result.hv_ref[0]}, latency "
+                f"{result.hv_ref[1]:.3f} ms) — report: {out_dir}/report.html")
     if tracker is None:
         from autokd.tracking import make_tracker
 
@@ -178,7 +178,7 @@ def build_report(study: optuna.Study, root: Path, data: DataSplits | None = None
         try:
             tracker.log_parent_artifacts(parent_run_id, result.files, "report")
         except Exception as exc:  # noqa: BLE001 - the report on disk is what matters; MLflow is a copy
-            log(f"warning: could not attach the report to MLflow run {parent_run_id}: {exc}")
+            logger.warning(f"warning: could not attach the report to MLflow run {parent_run_id}: {exc}")
     return result
 
 

@@ -11,6 +11,7 @@ import gc
 import math
 import time
 import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -53,6 +54,39 @@ class TrialOutcome:
     timings: dict[str, float] = field(default_factory=dict)
 
 
+class Stopwatch:
+    """Where a trial's time goes: ``with watch.section("train_s"):`` adds the block's seconds to ``times["train_s"]``.
+
+    A section leaves out the sections run inside it (each counts once, in the innermost), so the figures add up:
+    MLflow calls made while training are ``tracking_s``, not ``train_s``. ``elapsed()`` is the time since the watch
+    started, every section included.
+    """
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.times: dict[str, float] = {}
+        self._inner: list[float] = []  # for each open section, the seconds of the sections inside it so far
+
+    def elapsed(self) -> float:
+        """Seconds since the watch started."""
+        return time.perf_counter() - self.started
+
+    @contextlib.contextmanager
+    def section(self, name: str) -> Iterator[None]:
+        """Time the block into ``times[name]`` (added to what is there), less its inner sections; also when the
+        block raises (a pruned trial leaves training from inside an epoch's bookkeeping)."""
+        t0 = time.perf_counter()
+        self._inner.append(0.0)
+        try:
+            yield
+        finally:
+            seconds = time.perf_counter() - t0
+            inner = self._inner.pop()
+            if self._inner:
+                self._inner[-1] += seconds
+            self.times[name] = self.times.get(name, 0.0) + seconds - inner
+
+
 @dataclass
 class TrialContext:
     """What every trial of one worker uses: the search's settings (latency limit, epochs, pruning, seed, compile)
@@ -79,44 +113,43 @@ def _save_checkpoint(model: torch.nn.Module, spec: StudentSpec, params: TrialPar
 
 
 def run_trial(study: optuna.Study, trial: optuna.Trial, ctx: TrialContext) -> TrialOutcome:
-    """Run one trial end to end and tell the study its result."""
-    started = time.perf_counter()
+    """Run one trial end to end and tell the study its result.
+
+    ``outcome.seconds`` is the whole trial; ``outcome.timings`` splits it into ``sample_s``, ``build_s``,
+    ``latency_s``, ``tracking_s`` (every MLflow call), ``train_s``, ``epoch_bookkeeping_s`` and ``save_s``.
+    """
+    watch = Stopwatch()
     outcome = TrialOutcome(number=trial.number, state=State.FAIL)
     run = None
     student = None
-    timings: dict[str, float] = {}
     try:
-        t0 = time.perf_counter()
-        params = sample(ctx.space, trial, ctx.settings.epochs)
-        outcome.params = params
-        spec = resolve_student(params.family, params.width, params.depth, num_classes=ctx.data.num_classes,
-                               in_chans=ctx.data.in_chans, input_size=ctx.data.input_size)
-        # One storage write for all sampled values (a journal append each): read back with sampled_params().
-        trial.set_user_attr(trials.PARAMS_ATTR, params.flat())
-        trial.set_user_attr(trials.ARCH_KEY_ATTR, spec.key)
-        trial.set_user_attr(trials.TIMM_ATTR, {"model_name": spec.model_name, "kwargs": spec.kwargs})
-        timings["sample_s"] = time.perf_counter() - t0
+        with watch.section("sample_s"):
+            params = sample(ctx.space, trial, ctx.settings.epochs)
+            outcome.params = params
+            spec = resolve_student(params.family, params.width, params.depth, num_classes=ctx.data.num_classes,
+                                   in_chans=ctx.data.in_chans, input_size=ctx.data.input_size)
+            # One storage write for all sampled values (a journal append each): read back with sampled_params().
+            trial.set_user_attr(trials.PARAMS_ATTR, params.flat())
+            trial.set_user_attr(trials.ARCH_KEY_ATTR, spec.key)
+            trial.set_user_attr(trials.TIMM_ATTR, {"model_name": spec.model_name, "kwargs": spec.kwargs})
 
         # The student is built once, before its latency is measured, and the same module is then trained. Its
         # initial weights come from the trial's seed, not from whatever this process drew before (earlier
         # trials, latency inputs): the same command gives the same trials, also in-process and after a resume.
-        t0 = time.perf_counter()
-        torch.manual_seed(ctx.settings.seed + trial.number)
-        student = build_from_spec(spec)
-        timings["build_s"] = time.perf_counter() - t0
+        with watch.section("build_s"):
+            torch.manual_seed(ctx.settings.seed + trial.number)
+            student = build_from_spec(spec)
 
-        t0 = time.perf_counter()
-        latency, cache_hit = ctx.latency.measure(spec, student)
-        timings["latency_s"] = time.perf_counter() - t0
+        with watch.section("latency_s"):
+            latency, cache_hit = ctx.latency.measure(spec, student)
         outcome.latency_ms = latency.median_ms
         _record_latency(trial, latency, cache_hit)
 
-        t0 = time.perf_counter()
-        run = ctx.tracker.start_trial(ctx.parent_run_id, trial.number, _run_params(params, spec, ctx),
-                                      {"autokd.arch_key": spec.key, "autokd.family": params.family,
-                                       "autokd.loss": params.loss, "autokd.teacher": ctx.teacher_arch})
-        timings["tracking_s"] = time.perf_counter() - t0
-        run = _TimedRun(run, timings)
+        with watch.section("tracking_s"):
+            run = ctx.tracker.start_trial(ctx.parent_run_id, trial.number, _run_params(params, spec, ctx),
+                                          {"autokd.arch_key": spec.key, "autokd.family": params.family,
+                                           "autokd.loss": params.loss, "autokd.teacher": ctx.teacher_arch})
+        run = _TimedRun(run, watch)
         low, high = latency.interval
         run.log_metrics({"latency_ms": latency.median_ms, "latency_iqr_ms": latency.iqr_ms,
                          "latency_low_ms": low, "latency_high_ms": high,
@@ -129,7 +162,7 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, ctx: TrialContext) -> Tr
             trials.finish(study, trial, State.INFEASIBLE, reason=outcome.reason, run=run)
             return outcome
 
-        outcome = _train(study, trial, ctx, params, spec, student, latency, run, outcome, timings)
+        outcome = _train(study, trial, ctx, params, spec, student, latency, run, outcome, watch)
         return outcome
     except optuna.TrialPruned:
         outcome.state = State.PRUNED
@@ -150,22 +183,22 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, ctx: TrialContext) -> Tr
         trials.finish(study, trial, State.FAIL, reason=outcome.reason, traceback=traceback.format_exc(), run=run)
         return outcome
     finally:
-        outcome.seconds = time.perf_counter() - started
-        outcome.timings = timings
+        outcome.seconds = watch.elapsed()
+        outcome.timings = watch.times
         student = None  # drop this frame's reference before the collection (and the CUDA allocator's purge)
         _release_memory(ctx.device)
 
 
 class _TimedRun:
-    """A trial's tracker run that adds the time of every call to ``timings["tracking_s"]``.
+    """A trial's tracker run that times every call as the ``tracking_s`` section of the trial's stopwatch.
 
     So ``tracking_s`` is everything MLflow costs a trial (epoch logging, artifacts and the final status
-    included), and the other buckets (``epoch_bookkeeping_s``, ``save_s``) leave it out: they add up.
+    included), and the sections the calls are made in (``epoch_bookkeeping_s``, ``save_s``) leave it out.
     """
 
-    def __init__(self, run: TrialRun, timings: dict[str, float]) -> None:
+    def __init__(self, run: TrialRun, watch: Stopwatch) -> None:
         self._run = run
-        self._timings = timings
+        self._watch = watch
 
     @property
     def run_id(self) -> str:
@@ -175,11 +208,8 @@ class _TimedRun:
         method = getattr(self._run, name)
 
         def timed(*args: Any, **kwargs: Any) -> Any:
-            t0 = time.perf_counter()
-            try:
+            with self._watch.section("tracking_s"):
                 return method(*args, **kwargs)
-            finally:
-                self._timings["tracking_s"] = self._timings.get("tracking_s", 0.0) + time.perf_counter() - t0
 
         return timed
 
@@ -199,68 +229,60 @@ def _run_params(params: TrialParams, spec: StudentSpec, ctx: TrialContext) -> di
 
 def _train(study: optuna.Study, trial: optuna.Trial, ctx: TrialContext, params: TrialParams, spec: StudentSpec,
            student: torch.nn.Module, latency: LatencyResult, run: TrialRun, outcome: TrialOutcome,
-           timings: dict[str, float]) -> TrialOutcome:
+           watch: Stopwatch) -> TrialOutcome:
     loss_fn = build_loss(params.loss, **params.loss_params)
     cfg = TrainConfig(epochs=params.epochs, batch_size=params.batch_size, lr=params.lr,
                       weight_decay=params.weight_decay, optimizer=params.optimizer,
                       seed=ctx.settings.seed + trial.number, device=ctx.device, compile=ctx.settings.compile)
     rungs = set(pruning.rung_epochs(params.epochs, ctx.space.pruning.min_epoch, ctx.space.pruning.eta))
     curve: list[float] = []
-    bookkeeping = {"s": 0.0}
 
     def on_epoch(result: EpochResult) -> None:
-        t0 = time.perf_counter()
-        curve.append(result.val_acc)
-        outcome.epochs_trained = result.epoch
-        trial.set_user_attr(trials.CURVE_ATTR, curve)
-        run.log_epoch(result.epoch, {"train_loss": result.train_loss, "val_acc": result.val_acc, "lr": result.lr,
-                                     "epoch_seconds": result.seconds})
-        if result.epoch in rungs:
-            record = pruning.RungRecord(trial=trial.number, epoch=result.epoch, accuracy=result.val_acc,
-                                        latency_ms=latency.median_ms)
-            trial.set_user_attr(*pruning.encode_rung(record))
-            if ctx.settings.prune:
-                peers = pruning.records_at(result.epoch, ((t.number, t.user_attrs)
-                                                          for t in study.get_trials(deepcopy=False)), trial.number)
-                if pruning.should_prune(record, peers, eta=ctx.space.pruning.eta,
-                                        min_peers=ctx.space.pruning.min_peers):
-                    outcome.reason = f"dominated at epoch {result.epoch} among {len(peers) + 1} trials"
-                    trial.set_user_attr(trials.PRUNED_AT_EPOCH_ATTR, result.epoch)
-                    run.set_tags({"autokd.prune_rung": str(result.epoch)})
-                    bookkeeping["s"] += time.perf_counter() - t0
-                    raise optuna.TrialPruned(outcome.reason)
-        bookkeeping["s"] += time.perf_counter() - t0
+        with watch.section("epoch_bookkeeping_s"):
+            curve.append(result.val_acc)
+            outcome.epochs_trained = result.epoch
+            trial.set_user_attr(trials.CURVE_ATTR, curve)
+            run.log_epoch(result.epoch, {"train_loss": result.train_loss, "val_acc": result.val_acc,
+                                         "lr": result.lr, "epoch_seconds": result.seconds})
+            if result.epoch in rungs:
+                record = pruning.RungRecord(trial=trial.number, epoch=result.epoch, accuracy=result.val_acc,
+                                            latency_ms=latency.median_ms)
+                trial.set_user_attr(*pruning.encode_rung(record))
+                if ctx.settings.prune:
+                    peers = pruning.records_at(result.epoch, ((t.number, t.user_attrs)
+                                                              for t in study.get_trials(deepcopy=False)),
+                                               trial.number)
+                    if pruning.should_prune(record, peers, eta=ctx.space.pruning.eta,
+                                            min_peers=ctx.space.pruning.min_peers):
+                        outcome.reason = f"dominated at epoch {result.epoch} among {len(peers) + 1} trials"
+                        trial.set_user_attr(trials.PRUNED_AT_EPOCH_ATTR, result.epoch)
+                        run.set_tags({"autokd.prune_rung": str(result.epoch)})
+                        raise optuna.TrialPruned(outcome.reason)
 
-    t0 = time.perf_counter()
-    tracked = timings.get("tracking_s", 0.0)
-    try:
-        # Shared CPU gate: a worker measuring latency on this machine waits until no one trains.
-        with ctx.train_lock() if ctx.train_lock else contextlib.nullcontext() as hold:
-            result = distill(student, loss_fn, ctx.data, cfg,
-                             teacher=ctx.teacher_outputs if loss_fn.uses_teacher else None, views=ctx.views,
-                             on_epoch=on_epoch, on_step=hold.pause_point if hold is not None else None)
-    finally:  # also for pruned trials, which leave from inside on_epoch
-        timings["train_s"] = time.perf_counter() - t0 - bookkeeping["s"]
-        timings["epoch_bookkeeping_s"] = bookkeeping["s"] - (timings.get("tracking_s", 0.0) - tracked)
+    # Shared CPU gate: a worker measuring latency on this machine waits until no one trains. train_s includes
+    # that wait and leaves out the epochs' bookkeeping (timed also when a pruned trial leaves from inside it).
+    with watch.section("train_s"), ctx.train_lock() if ctx.train_lock else contextlib.nullcontext() as hold:
+        result = distill(student, loss_fn, ctx.data, cfg,
+                         teacher=ctx.teacher_outputs if loss_fn.uses_teacher else None, views=ctx.views,
+                         on_epoch=on_epoch, on_step=hold.pause_point if hold is not None else None)
     val_acc = float(result.val_acc)
     if not math.isfinite(val_acc):  # never let a non-finite value reach the study
         raise NonFiniteLossError(f"validation accuracy is not finite ({val_acc})")
 
-    t0 = time.perf_counter()
-    tracked = timings.get("tracking_s", 0.0)
-    out_dir = ctx.trials_dir / str(trial.number)
-    meta = {"study": study.study_name, "trial": trial.number, "val_acc": val_acc, "latency_ms": latency.median_ms,
-            "teacher": ctx.teacher_arch, "dataset": ctx.data.name, "data_fingerprint": ctx.data.fingerprint}
-    try:
-        _save_checkpoint(student, spec, params, meta, out_dir)
-    except OSError as exc:
-        raise FatalSearchError(f"cannot write the checkpoint of trial {trial.number} to {out_dir}: {exc}. "
-                               "Free disk space or fix the permissions of the studies directory, then rerun the "
-                               "same command: finished trials are kept.") from exc
-    run.log_metrics({"final_val_acc": val_acc, "train_seconds": result.seconds})
-    run.log_artifacts(out_dir, "student")
-    trial.set_user_attr(trials.CHECKPOINT_ATTR, str(out_dir))
-    timings["save_s"] = time.perf_counter() - t0 - (timings.get("tracking_s", 0.0) - tracked)
+    with watch.section("save_s"):
+        out_dir = ctx.trials_dir / str(trial.number)
+        meta = {"study": study.study_name, "trial": trial.number, "val_acc": val_acc,
+                "latency_ms": latency.median_ms, "teacher": ctx.teacher_arch, "dataset": ctx.data.name,
+                "data_fingerprint": ctx.data.fingerprint}
+        try:
+            _save_checkpoint(student, spec, params, meta, out_dir)
+        except OSError as exc:
+            raise FatalSearchError(f"cannot write the checkpoint of trial {trial.number} to {out_dir}: {exc}. "
+                                   "Free disk space or fix the permissions of the studies directory, then rerun "
+                                   "the same command: finished trials are kept.") from exc
+        run.log_metrics({"final_val_acc": val_acc, "train_seconds": result.seconds})
+        run.log_artifacts(out_dir, "student")
+        trial.set_user_attr(trials.CHECKPOINT_ATTR, str(out_dir))
     trials.finish(study, trial, State.COMPLETE, values=[val_acc, latency.median_ms], run=run)
     outcome.state = State.COMPLETE
     outcome.val_acc = val_acc

@@ -8,11 +8,12 @@ first on the study lock, then join (see `autokd.scaleout`).
 from __future__ import annotations
 
 import gc
+import logging
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import optuna
 import torch
@@ -55,6 +56,8 @@ if TYPE_CHECKING:
     from autokd.search.objective import TrialContext, TrialOutcome
     from autokd.search.worker_loop import OnTrial
     from autokd.utils.locks import CpuGate
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -172,7 +175,7 @@ def _resumed_seed(seed: int, worker_index: int, trials: int, joined: int) -> int
     return seed + worker_index + _TRIALS_SEED_STRIDE * trials + _JOINS_SEED_STRIDE * joined
 
 
-def prepare_search(s: SearchSettings, worker_index: int = 0, log: Callable[[str], None] = print) -> PreparedSearch:
+def prepare_search(s: SearchSettings, worker_index: int = 0) -> PreparedSearch:
     """Check the inputs, then open (or create) the study, get the teacher and its outputs and the parent run.
 
     Every input error is a UserError raised before any study or training exists. The study lock is held while
@@ -200,7 +203,7 @@ def prepare_search(s: SearchSettings, worker_index: int = 0, log: Callable[[str]
     root = Path(s.root)
     train_gate, measure_gate = _gates(root / ".locks", device, s.latency.device or device)
     # Built before the storage: a bad latency setting (e.g. int8 with torch) leaves no file behind.
-    meter = make_latency_meter(s.latency, device, root, measure_gate.measuring, log)
+    meter = make_latency_meter(s.latency, device, root, measure_gate.measuring)
     name = s.study or default_study_name(d.dataset, space.name)
     sdir = study_dir(root, name)
     storage = make_storage(s.storage, root)
@@ -212,8 +215,7 @@ def prepare_search(s: SearchSettings, worker_index: int = 0, log: Callable[[str]
                    record.DATA_DIR_ATTR: d.data_dir, record.VAL_IMAGES_ATTR: len(data.y_val)}
     sampler = make_sampler(s.sampler, s.seed + worker_index)
     shared = scaleout.is_shared_storage(s.storage)
-    teacher_kwargs = dict(arch=s.teacher, cache_root=root / "teachers", device=device, pretrained=s.teacher_pretrained,
-                          log=log)
+    teacher_kwargs = dict(arch=s.teacher, cache_root=root / "teachers", device=device, pretrained=s.teacher_pretrained)
     teacher = None
     if s.teacher_checkpoint is not None:
         # The teacher is input too (a truncated or wrong checkpoint is exit 2): load it before any study exists.
@@ -227,7 +229,7 @@ def prepare_search(s: SearchSettings, worker_index: int = 0, log: Callable[[str]
             study, _ = open_study(name, storage, pinned, extra_attrs, sampler)  # checks space/data pins
         if teacher is None:
             if study is not None and shared:
-                scaleout.fetch_teacher(study, root / "teachers", tracker, log)
+                scaleout.fetch_teacher(study, root / "teachers", tracker)
             teacher = get_teacher(data, **teacher_kwargs)
         if study is None:  # created only once the teacher is ready: a teacher that fails leaves no study
             study, created = open_study(name, storage, pinned, extra_attrs, sampler)
@@ -239,17 +241,16 @@ def prepare_search(s: SearchSettings, worker_index: int = 0, log: Callable[[str]
         elif stored_teacher != teacher_id:
             raise UserError(f"study {name!r} was created with teacher {stored_teacher}, now {teacher_id}; resume with "
                             "the same --teacher/--teacher-checkpoint or start a new study with --study NEW_NAME")
-        pinning.check_latency_device(study, meter.signature(), s.latency.batch, s.latency.allow_mixed, log,
+        pinning.check_latency_device(study, meter.signature(), s.latency.batch, s.latency.allow_mixed,
                                       settings={**meter.signature_info(), "torch_device": meter.dev.type})
         parent_run_id = _parent_run(study, tracker, s, name, teacher_id, shared)
         if shared and s.teacher_checkpoint is None and teacher.path is not None:
-            scaleout.publish_teacher(study, teacher.path, teacher.arch, tracker, parent_run_id, worker_host(),
-                                     log)
+            scaleout.publish_teacher(study, teacher.path, teacher.arch, tracker, parent_run_id, worker_host())
         joined = int(study.user_attrs.get(WORKERS_STARTED_ATTR, 0))
         study.set_user_attr(WORKERS_STARTED_ATTR, joined + 1)
     if worker_index == 0:
-        log(f"study {name!r} ({'new' if created else 'resumed'}) — files under {sdir}/, "
-            f"storage {storage_url(s.storage, root)}")
+        logger.info(f"study {name!r} ({'new' if created else 'resumed'}) — files under {sdir}/, "
+                    f"storage {storage_url(s.storage, root)}")
     if created is False:
         # A resumed or joined study's sampler must not replay the draws of another worker with the same seed
         # (workers on other machines all have worker index 0): the join count makes each worker's seed its own.
@@ -257,7 +258,7 @@ def prepare_search(s: SearchSettings, worker_index: int = 0, log: Callable[[str]
 
     views = TrainViews(num_views=space.views, seed=0)
     outputs = (teacher_outputs(teacher, data, views, cache_root=root / "teachers", device=device,
-                               need_features=space.uses_features(), log=log) if space.uses_teacher() else None)
+                               need_features=space.uses_features()) if space.uses_teacher() else None)
     context = TrialContext(
         settings=s, space=space, data=data.to(device), teacher_outputs=outputs, teacher_arch=teacher.arch, views=views,
         latency=pinning.StudyLatency(study, meter) if shared else meter, tracker=tracker, parent_run_id=parent_run_id,
@@ -265,19 +266,18 @@ def prepare_search(s: SearchSettings, worker_index: int = 0, log: Callable[[str]
     return PreparedSearch(name=name, study_dir=sdir, study=study, workers=workers, shared=shared, context=context)
 
 
-def run_search(s: SearchSettings, worker_index: int = 0, log: Callable[[str], None] = print,
-               on_trial: OnTrial | None = None) -> SearchSummary:
+def run_search(s: SearchSettings, worker_index: int = 0, on_trial: OnTrial | None = None) -> SearchSummary:
     """Run (or resume, or top up) a study until it holds `s.budget` finished trials.
 
     Worker 0 (the default) plans this machine's workers (`s.jobs` on the CPU; on GPUs `s.devices` x
     `s.jobs_per_device`) and starts the others with the same settings; worker ``worker_index`` > 0 is one of
     those, with `s.jobs` the total. ``on_trial(outcome, progress)`` is called after each trial of this worker
-    (the CLI prints its progress line there).
+    (the CLI prints its progress line there); the other messages are logged under ``autokd.search``.
     """
     from autokd.search.worker_loop import run_trials
     from autokd.tracking import spool_dir
 
-    p = prepare_search(s, worker_index, log)
+    p = prepare_search(s, worker_index)
     root = Path(s.root)
     total_workers = len(p.workers) if worker_index == 0 else s.workers.jobs
     children = processes.spawn_workers(s, p.workers[1:], total_workers) if worker_index == 0 else []
@@ -285,8 +285,8 @@ def run_search(s: SearchSettings, worker_index: int = 0, log: Callable[[str], No
     ctx = p.context
     gpu = devices.physical_id(ctx.device) if ctx.device.startswith("cuda") else None
     if total_workers > 1:
-        log(f"worker {worker_index} of {total_workers}: {torch.get_num_threads()} training thread(s)"
-            + (f", GPU {gpu}" if gpu is not None else ""))
+        logger.info(f"worker {worker_index} of {total_workers}: {torch.get_num_threads()} training thread(s)"
+                    + (f", GPU {gpu}" if gpu is not None else ""))
     summary = SearchSummary(study_name=p.name, study_dir=p.study_dir, budget=s.budget)
     study, tracker, parent_run_id = p.study, ctx.tracker, ctx.parent_run_id
     with processes.sigterm_interrupts():
@@ -298,7 +298,7 @@ def run_search(s: SearchSettings, worker_index: int = 0, log: Callable[[str], No
         try:
             summary.outcomes = run_trials(
                 study, ctx, s.budget, lambda: study_lock(s.storage, root, p.name),
-                heartbeat_interval=heartbeat_settings()[0] if p.shared else 0, gpu=gpu, log=log, on_trial=on_trial)
+                heartbeat_interval=heartbeat_settings()[0] if p.shared else 0, gpu=gpu, on_trial=on_trial)
             stopped = False
         finally:
             summary.seconds = time.perf_counter() - started
@@ -312,12 +312,13 @@ def run_search(s: SearchSettings, worker_index: int = 0, log: Callable[[str], No
             gc.unfreeze()  # a caller that goes on (tests, notebooks) gets its objects collectable again
     summary.finished_in_study = budget_used(study)
     if worker_index == 0:
-        summary.report_files = _final_report(study, s, ctx.data, tracker, parent_run_id, log)
+        summary.report_files = _final_report(study, s, ctx.data, tracker, parent_run_id)
     if parent_run_id:
         _end_parent(study, tracker, parent_run_id, s, "FINISHED")
     if tracker.spooling:
-        log(f"MLflow at {tracker.tracking_uri} does not answer: its calls are kept under {spool_dir(root, p.name)}/ "
-            f"and sent at the next start, or with `autokd sync-mlflow --study {p.name}`")
+        logger.info(f"MLflow at {tracker.tracking_uri} does not answer: its calls are kept under "
+                    f"{spool_dir(root, p.name)}/ and sent at the next start, or with `autokd sync-mlflow --study "
+                    f"{p.name}`")
     return summary
 
 
@@ -369,8 +370,7 @@ def _parent_run(study: optuna.Study, tracker: Tracker, s: SearchSettings, name: 
     return run_id
 
 
-def make_latency_meter(latency: LatencySettings, device: str, root: Path, lock: MeasureLock,
-                       log: Callable[[str], None]) -> LatencyMeter:
+def make_latency_meter(latency: LatencySettings, device: str, root: Path, lock: MeasureLock) -> LatencyMeter:
     """The search's latency meter, built whole: runtime and device (``--latency-device``, else the training
     ``device``; or the `autokd latency-server` of ``--latency-target``), the cache under ``root`` and the lock that
     keeps this machine's trainers out while it measures. Bad settings, and a target that does not answer, are
@@ -383,8 +383,7 @@ def make_latency_meter(latency: LatencySettings, device: str, root: Path, lock: 
             raise UserError("--latency-device and --latency-target both say where latency is measured: give one")
         from autokd.latency.remote.client import RemoteTarget, backoff_delays
 
-        target = RemoteTarget(latency.target, latency.token, retry_delays_s=backoff_delays(latency.target_retry_s),
-                              log=log)
+        target = RemoteTarget(latency.target, latency.token, retry_delays_s=backoff_delays(latency.target_retry_s))
     elif latency.token is not None and latency.token != os.environ.get(TOKEN_ENV):
         raise UserError("--latency-token is only used with --latency-target URL")
     return LatencyMeter(latency.runtime, latency.device or device, latency.threads, latency.batch,
@@ -407,27 +406,27 @@ def _gates(lock_dir: Path, device: str, latency_device: str) -> tuple[CpuGate, C
     return gate, gate
 
 
-def _final_report(study: optuna.Study, s: SearchSettings, data: DataSplits, tracker: Tracker, parent_run_id: str | None,
-                  log: Callable[[str], None]) -> list[Path]:
+def _final_report(study: optuna.Study, s: SearchSettings, data: DataSplits, tracker: Tracker,
+                  parent_run_id: str | None) -> list[Path]:
     from autokd.report.build import build_report
 
     running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
     if running:
-        log(f"{len(running)} trial(s) still running in other workers; run `autokd report --study {study.study_name}` "
-            "when they finish")
+        logger.info(f"{len(running)} trial(s) still running in other workers; run `autokd report --study "
+                    f"{study.study_name}` when they finish")
         return []
     root = Path(s.root)
     if scaleout.is_shared_storage(s.storage):
         if not _claim_report(study, s, root):
-            log(f"study {study.study_name!r}: another worker writes the report")
+            logger.info(f"study {study.study_name!r}: another worker writes the report")
             return []
         try:
             result = build_report(study, root, data=data, max_latency_ms=s.max_latency_ms, tracker=tracker,
-                                  parent_run_id=parent_run_id, log=log)
+                                  parent_run_id=parent_run_id)
         except UserError as exc:  # the trials are done; a report can be made later where the checkpoints are
-            log(f"warning: no report: {exc}")
+            logger.warning(f"warning: no report: {exc}")
             return []
         return result.files if result else []
     result = build_report(study, root, data=data, max_latency_ms=s.max_latency_ms, tracker=tracker,
-                          parent_run_id=parent_run_id, log=log)
+                          parent_run_id=parent_run_id)
     return result.files if result else []

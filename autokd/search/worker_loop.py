@@ -7,6 +7,7 @@ stops when the budget is taken and no other worker's trial may still need a retr
 """
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ import optuna
 import torch
 
 from autokd.errors import FatalSearchError
-from autokd.search.objective import TrialContext, TrialOutcome, run_trial
+from autokd.search.objective import Stopwatch, TrialContext, TrialOutcome, run_trial
 from autokd.study.record import REQUEUED_ATTR, WORKER_ATTR, State, trial_state
 from autokd.study.store import (
     ask_with_heartbeat,
@@ -25,6 +26,8 @@ from autokd.study.store import (
     reap_dead_trials,
     worker_identity,
 )
+
+logger = logging.getLogger(__name__)
 
 # After this many failures in a row the search stops instead of burning the rest of the budget.
 MAX_CONSECUTIVE_FAILURES = 5
@@ -59,27 +62,27 @@ def search_progress(study: optuna.Study, budget: int, started: float) -> SearchP
 
 
 def run_trials(study: optuna.Study, ctx: TrialContext, budget: int, study_lock: Callable[[], ContextManager[None]],
-               heartbeat_interval: float, gpu: str | None, log: Callable[[str], None],
-               on_trial: OnTrial | None = None) -> list[TrialOutcome]:
+               heartbeat_interval: float, gpu: str | None, on_trial: OnTrial | None = None) -> list[TrialOutcome]:
     """Run trials of ``study`` until it holds ``budget`` finished ones; returns this worker's outcomes.
 
     ``study_lock()`` is the study-wide lock claims are made under; ``heartbeat_interval`` (seconds, 0 without
     heartbeats) is also how long to wait while the budget is taken but other workers' trials still run.
-    ``on_trial(outcome, progress)`` is called after each trial. Raises FatalSearchError after
-    `MAX_CONSECUTIVE_FAILURES` failed trials in a row.
+    ``on_trial(outcome, progress)`` is called after each trial; the trials of dead workers it fails are logged.
+    Each outcome's ``timings["claim_s"]`` is the time of its iteration outside the trial (lock, reaping, claim).
+    Raises FatalSearchError after `MAX_CONSECUTIVE_FAILURES` failed trials in a row.
     """
     outcomes: list[TrialOutcome] = []
     started = time.perf_counter()
     consecutive_failures = 0
     while True:
         trial = None
-        claim_started = time.perf_counter()
+        watch = Stopwatch()
         with study_lock():
             for number in reap_dead_trials(study):
-                log(f"trial {number}: its worker died; marked FAIL and queued again")
+                logger.info(f"trial {number}: its worker died; marked FAIL and queued again")
             for number in fail_stale_trials(study):
-                log(f"trial {number}: no heartbeat from its worker (on another machine?); marked FAIL and "
-                    "queued again")
+                logger.info(f"trial {number}: no heartbeat from its worker (on another machine?); marked FAIL and "
+                            "queued again")
             if budget_used(study) < budget:
                 trial, heartbeat = ask_with_heartbeat(study)
                 trial.set_user_attr(WORKER_ATTR, {**worker_identity(), "heartbeat": bool(heartbeat_interval),
@@ -95,7 +98,7 @@ def run_trials(study: optuna.Study, ctx: TrialContext, budget: int, study_lock: 
             outcome = run_trial(study, trial, ctx)
         finally:
             heartbeat.join()
-        outcome.timings["claim_s"] = time.perf_counter() - claim_started - outcome.seconds
+        outcome.timings["claim_s"] = watch.elapsed() - outcome.seconds
         outcomes.append(outcome)
         if on_trial is not None:
             on_trial(outcome, search_progress(study, budget, started))

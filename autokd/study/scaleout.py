@@ -7,12 +7,13 @@ fetched and verified by the others) and the study's latency signature. It reache
 """
 from __future__ import annotations
 
+import logging
 import os
 import shlex
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 from autokd import tracking
@@ -26,6 +27,8 @@ if TYPE_CHECKING:
 
 TEACHER_FILES = ("model.safetensors", "meta.json")  # meta.json last: its presence marks a complete cache entry
 
+logger = logging.getLogger(__name__)
+
 
 def is_shared_storage(storage: str | None) -> bool:
     """True for a database URL (`--storage postgresql://...`), which workers on other machines may share."""
@@ -37,7 +40,7 @@ def is_shared_storage(storage: str | None) -> bool:
 # ---------------------------------------------------------------------------------------------------------
 
 def publish_teacher(study: optuna.Study, weights: Path, arch: str, tracker: tracking.Tracker,
-                    parent_run_id: str | None, host: str, log: Callable[[str], None] = print) -> dict[str, Any] | None:
+                    parent_run_id: str | None, host: str) -> dict[str, Any] | None:
     """Publish the teacher cache entry holding `weights` for the other workers of `study` (once per study).
 
     Uploads it to the study's MLflow parent run (under `teacher/<cache entry>/`) when tracking is on and records
@@ -69,12 +72,11 @@ def publish_teacher(study: optuna.Study, weights: Path, arch: str, tracker: trac
     else:
         where = f"{host}:{record['path']} (no MLflow server: other machines need that path on a shared filesystem)"
     study.set_user_attr(TEACHER_ARTIFACT_ATTR, record)
-    log(f"teacher {arch}: published for the other workers of study {study.study_name!r}: {where}")
+    logger.info(f"teacher {arch}: published for the other workers of study {study.study_name!r}: {where}")
     return record
 
 
-def fetch_teacher(study: optuna.Study, cache_root: Path, tracker: tracking.Tracker,
-                  log: Callable[[str], None] = print) -> Path | None:
+def fetch_teacher(study: optuna.Study, cache_root: Path, tracker: tracking.Tracker) -> Path | None:
     """Put the study's published teacher into this machine's teacher cache (verified), unless it is there.
 
     Tried in order: this worker's MLflow store (`tracker`, when tracking is on), the store recorded by the
@@ -116,7 +118,7 @@ def fetch_teacher(study: optuna.Study, cache_root: Path, tracker: tracking.Track
                 os.replace(source / name, entry / name)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    log(f"teacher {record['arch']}: fetched the study's teacher from {where} into {entry} (SHA-256 verified)")
+    logger.info(f"teacher {record['arch']}: fetched the study's teacher from {where} into {entry} (SHA-256 verified)")
     return entry
 
 
@@ -152,8 +154,7 @@ def _download(record: dict[str, Any], tmp: Path, tracker: tracking.Tracker) -> t
     return None, "", errors
 
 
-def fetch_trial_checkpoints(study: optuna.Study, trials_dir: Path, numbers: list[int],
-                            log: Callable[[str], None] = print) -> list[int]:
+def fetch_trial_checkpoints(study: optuna.Study, trials_dir: Path, numbers: list[int]) -> list[int]:
     """Download the checkpoints of trials ``numbers`` that this machine lacks from their MLflow runs.
 
     Each worker saves its students locally and logs them to its trial's MLflow run (artifacts `student/`); the
@@ -188,10 +189,11 @@ def fetch_trial_checkpoints(study: optuna.Study, trials_dir: Path, numbers: list
                 shutil.rmtree(tmp, ignore_errors=True)
             fetched.append(number)
     except Exception as exc:  # noqa: BLE001 - the caller then names what is missing
-        log(f"warning: could not fetch checkpoints from MLflow {tracking_uri} ({exc.__class__.__name__}: {exc})")
+        logger.warning(f"warning: could not fetch checkpoints from MLflow {tracking_uri} "
+                       f"({exc.__class__.__name__}: {exc})")
     if fetched:
-        log(f"fetched the checkpoint(s) of trial(s) {', '.join(map(str, fetched))} from MLflow (trained on another "
-            "machine, or removed here)")
+        logger.info(f"fetched the checkpoint(s) of trial(s) {', '.join(map(str, fetched))} from MLflow (trained on "
+                    "another machine, or removed here)")
     return fetched
 
 

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from mlflow.entities import Run
     from mlflow.tracking import MlflowClient
 
-logger = logging.getLogger("autokd.tracking")  # the name users' logging settings (and the tests) filter on
+logger = logging.getLogger(__name__)  # under "autokd.tracking", the name users' settings (and the tests) filter on
 
 PARENT_RUN_TAG = "mlflow.parentRunId"
 ROLE_TAG = "autokd.role"
@@ -383,8 +383,8 @@ def _describe(record: dict[str, Any]) -> str:
     return record.get("what") or what.get(op, op) + (f" (run {record['run_id']})" if record.get("run_id") else "")
 
 
-def replay_spools(client: MlflowClient, tracking_uri: str, experiment_id: str, spool_dir: Path,
-                  log: Callable[[str], None] | None = None) -> tuple[int, int]:
+def replay_spools(client: MlflowClient, tracking_uri: str, experiment_id: str,
+                  spool_dir: Path) -> tuple[int, int]:
     """Send the spools that ended processes left in ``spool_dir``; returns (calls sent, spools still kept)."""
     if not spool_dir.is_dir():
         return 0, 0
@@ -405,7 +405,7 @@ def replay_spools(client: MlflowClient, tracking_uri: str, experiment_id: str, s
     if sent or kept:
         message = (f"MLflow: sent {sent} call(s) kept from an earlier outage of {tracking_uri}"
                    + (f"; {kept} spool(s) still kept in {spool_dir} (it does not answer)" if kept else ""))
-        (log or logger.warning)(message)
+        logger.warning(message)
     with contextlib.suppress(OSError):
         spool_dir.rmdir()  # only when empty
     return sent, kept

@@ -5,10 +5,11 @@ Used by the search's latency meter with ``--latency-target URL``. Standard libra
 from __future__ import annotations
 
 import json
+import logging
 import time
 import urllib.error
 import urllib.request
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import urlencode, urlsplit
 
 from autokd.errors import UserError
@@ -16,6 +17,8 @@ from autokd.errors import UserError
 DEFAULT_TIMEOUT_S = 300.0
 #: Back-off between attempts when the target cannot be reached (it may be restarting): 30 s in all.
 RETRY_DELAYS_S = (1.0, 2.0, 4.0, 8.0, 15.0)
+
+logger = logging.getLogger(__name__)
 
 
 def backoff_delays(total_s: float, first_s: float = 1.0) -> tuple[float, ...]:
@@ -47,13 +50,11 @@ class RemoteTarget:
     """One latency server. ``measure`` retries while the server is unreachable, then raises."""
 
     def __init__(self, url: str, token: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
-                 retry_delays_s: tuple[float, ...] = RETRY_DELAYS_S,
-                 log: Callable[[str], None] = print) -> None:
+                 retry_delays_s: tuple[float, ...] = RETRY_DELAYS_S) -> None:
         self.url = validate_target_url(url)
         self.token = token
         self.timeout_s = timeout_s
         self.retry_delays_s = retry_delays_s
-        self.log = log
 
     def _request(self, method: str, path: str, body: bytes | None = None,
                  timeout: float | None = None) -> tuple[int, dict[str, Any]]:
@@ -101,8 +102,8 @@ class RemoteTarget:
                 if delay is None:
                     break
                 if attempt == 0:
-                    self.log(f"latency target {self.url} unreachable ({last}); retrying for "
-                             f"{sum(self.retry_delays_s):.0f} s")
+                    logger.warning(f"latency target {self.url} unreachable ({last}); retrying for "
+                                   f"{sum(self.retry_delays_s):.0f} s")
                 time.sleep(delay)
                 continue
             if status == 200:

@@ -193,6 +193,7 @@ class LatencyHTTPServer(ThreadingHTTPServer):
             raise UserError(f"--max-bytes must be >= 1, got {max_bytes}")
         if ":" in host:
             self.address_family = socket.AF_INET6
+        self.host = host
         self.token = token
         self.max_bytes = max_bytes
         self.max_threads = os.cpu_count() or 1
@@ -223,16 +224,16 @@ def _default_signature(threads: int) -> dict[str, Any]:
     return ort_timing.signature(threads)
 
 
-def serve(host: str = "127.0.0.1", port: int = DEFAULT_PORT, token: str | None = None,
-          max_bytes: int = DEFAULT_MAX_BYTES, verbose: bool = True) -> None:
-    """Run the server until Ctrl-C / SIGTERM."""
-    import signal
+def listening_line(server: LatencyHTTPServer) -> str:
+    """The line the commands print once ``server`` listens: its URL, whether it needs a token, its size limit."""
+    return (f"autokd latency-server on http://{server.host}:{server.server_address[1]} "
+            f"({'token required' if server.token else 'no token: loopback only'}; up to {server.max_bytes} bytes "
+            "per model)")
 
-    token = token if token is not None else (os.environ.get(TOKEN_ENV) or None)
-    server = LatencyHTTPServer((host, port), token, max_bytes=max_bytes, verbose=verbose)
-    print(f"autokd latency-server on http://{host}:{server.server_address[1]} "
-          f"({'token required' if token else 'no token: loopback only'}; up to {max_bytes} bytes per model)",
-          flush=True)
+
+def serve(server: LatencyHTTPServer) -> None:
+    """Run ``server`` until Ctrl-C / SIGTERM, then close it."""
+    import signal
 
     def stop(signum: int, frame: object) -> None:
         threading.Thread(target=server.shutdown, daemon=True).start()
@@ -273,9 +274,11 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
                    help=f"largest model accepted, in bytes (default {DEFAULT_MAX_BYTES // 2**20} MiB)")
 
 
-def serve_args(args: argparse.Namespace) -> None:
-    """`serve` with the options of `add_server_args`."""
-    serve(host=args.host, port=args.port, token=args.token, max_bytes=args.max_bytes)
+def server_from_args(args: argparse.Namespace) -> LatencyHTTPServer:
+    """The server of the options of `add_server_args`, listening: the token from $AUTOKD_LATENCY_TOKEN when not
+    given, each request logged on stderr."""
+    token = args.token if args.token is not None else (os.environ.get(TOKEN_ENV) or None)
+    return LatencyHTTPServer((args.host, args.port), token, max_bytes=args.max_bytes, verbose=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -289,10 +292,12 @@ def main(argv: list[str] | None = None) -> int:
     """`python -m autokd.latency.remote.server`: the same as `autokd latency-server`, for a device without torch."""
     args = build_parser().parse_args(argv)
     try:
-        serve_args(args)
+        server = server_from_args(args)
     except UserError as exc:
         print(f"autokd latency-server: error: {exc}", file=sys.stderr)
         return 2
+    print(listening_line(server), flush=True)
+    serve(server)
     return 0
 
 
@@ -302,5 +307,5 @@ if __name__ == "__main__":
 
 __all__ = [
     "DEFAULT_MAX_BYTES", "DEFAULT_PORT", "DESCRIPTION", "LatencyHTTPServer", "TOKEN_ENV", "add_server_args",
-    "build_parser", "is_loopback", "serve", "serve_args",
+    "build_parser", "is_loopback", "listening_line", "serve", "server_from_args",
 ]
