@@ -18,7 +18,15 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
-from autokd.config import OPTIMIZERS, SAMPLERS, DistillSettings, SearchSettings, settings_from, studies_root
+from autokd.config import (
+    OPTIMIZERS,
+    SAMPLERS,
+    DistillSettings,
+    SearchSettings,
+    positive_int,
+    settings_from,
+    studies_root,
+)
 from autokd.errors import FatalSearchError, Interrupted, UserError
 from autokd.latency.remote import server as latency_server  # torch-free: its options are defined there
 
@@ -42,22 +50,12 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be >= 1")
-    return value
-
-
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default="digits",
                    help="digits (built in, default), cifar10, cifar100, mnist, fashion-mnist, or folder:PATH")
     p.add_argument("--data-dir", help="where torchvision datasets are (or are downloaded to with --download)")
     p.add_argument("--download", action="store_true", help="download a torchvision dataset if missing")
-    p.add_argument("--input-size", type=_positive_int, help="resize images to this side (default: dataset's)")
+    p.add_argument("--input-size", type=positive_int, help="resize images to this side (default: dataset's)")
     p.add_argument("--teacher", help="timm architecture of the teacher (default: per dataset)")
     p.add_argument("--teacher-checkpoint", help="local teacher weights (.safetensors or .pt state dict)")
     p.add_argument("--teacher-pretrained", action="store_true",
@@ -74,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("search", help="run or resume a multi-objective study")
-    s.add_argument("--budget", type=_positive_int, default=50, help="total finished trials in the study (default 50)")
+    s.add_argument("--budget", type=positive_int, default=50, help="total finished trials in the study (default 50)")
     s.add_argument("--space", default=None,
                    help="a built-in space name (default, cifar_gpu) or a search-space YAML file (default: default)")
     _add_data_args(s)
@@ -83,13 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default studies/optuna.journal)")
     s.add_argument("--sampler", choices=SAMPLERS, default="tpe")
     s.add_argument("--max-latency-ms", type=_positive_float, help="reject students slower than this before training")
-    s.add_argument("--epochs", type=_positive_int, help="max epochs per trial (default: from the space)")
+    s.add_argument("--epochs", type=positive_int, help="max epochs per trial (default: from the space)")
     s.add_argument("--no-prune", action="store_true", help="train every trial to the max epochs")
-    s.add_argument("--jobs", type=_positive_int, default=1, help="worker processes on this machine (default 1)")
+    s.add_argument("--jobs", type=positive_int, default=1, help="worker processes on this machine (default 1)")
     s.add_argument("--tracking-uri", help="MLflow tracking server URI (default: local store under studies/)")
     s.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
-    s.add_argument("--latency-threads", type=_positive_int, default=1, help="CPU threads for latency (default 1)")
-    s.add_argument("--latency-batch", type=_positive_int, default=1, help="batch size for latency (default 1)")
+    s.add_argument("--latency-threads", type=positive_int, default=1, help="CPU threads for latency (default 1)")
+    s.add_argument("--latency-batch", type=positive_int, default=1, help="batch size for latency (default 1)")
     s.add_argument("--latency-device", help="device latency is measured on (default: the training device)")
     s.add_argument("--latency-runtime", choices=("onnxruntime", "torch"),
                    help="what times the students: onnxruntime (the exported ONNX file; default on a CPU) or torch "
@@ -110,9 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--compile-mode", choices=COMPILE_MODES,
                    help="torch.compile mode (implies --compile); reduce-overhead adds CUDA graphs (GPU only)")
     s.add_argument("--devices", help="GPUs for workers: all (default with --device cuda/auto) or numbers, e.g. 0,1,3")
-    s.add_argument("--jobs-per-device", type=_positive_int, default=1,
+    s.add_argument("--jobs-per-device", type=positive_int, default=1,
                    help="worker processes on each GPU of --devices (default 1)")
-    s.add_argument("--train-limit", type=_positive_int, help=argparse.SUPPRESS)
+    s.add_argument("--train-limit", type=positive_int, help=argparse.SUPPRESS)
     s.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
 
     d = sub.add_parser("distill", help="distil one student from the (cached) teacher")
@@ -124,8 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--alpha", type=float)
     d.add_argument("--beta", type=float)
     d.add_argument("--warmup", type=float)
-    d.add_argument("--epochs", type=_positive_int, default=10)
-    d.add_argument("--batch-size", type=_positive_int, default=64)
+    d.add_argument("--epochs", type=positive_int, default=10)
+    d.add_argument("--batch-size", type=positive_int, default=64)
     d.add_argument("--lr", type=_positive_float, default=0.01)
     d.add_argument("--weight-decay", type=float, default=5e-4)
     d.add_argument("--optimizer", choices=OPTIMIZERS, default=OPTIMIZERS[0])
@@ -155,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--int8", action="store_true",
                    help="also write model.int8.onnx (ONNX Runtime static quantisation, QDQ, per-channel weights), "
                         "with its test accuracy, latency and size beside the fp32 model's")
-    e.add_argument("--calibration-images", type=_positive_int,
+    e.add_argument("--calibration-images", type=positive_int,
                    help="training images that calibrate the INT8 model (default 256; with --int8)")
     e.add_argument("--max-int8-drop", type=float, metavar="POINTS",
                    help="warn when the INT8 test accuracy is more than this many points below fp32 (default 1.0)")
@@ -175,12 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Print the commands that run one study on several machines: the databases, "
                        "the MLflow server, and one `autokd search` line per machine. Arguments after `--` are "
                        "added to every search line.")
-    w.add_argument("--machines", type=_positive_int, default=2, help="number of machines (default 2)")
-    w.add_argument("--jobs", type=_positive_int, default=1, help="worker processes per machine (default 1)")
+    w.add_argument("--machines", type=positive_int, default=2, help="number of machines (default 2)")
+    w.add_argument("--jobs", type=positive_int, default=1, help="worker processes per machine (default 1)")
     w.add_argument("--storage", help="postgresql://USER@HOST[:PORT]/DB of the study (default: a placeholder)")
     w.add_argument("--tracking-uri", help="http://HOST:PORT of the MLflow server (default: a placeholder)")
     w.add_argument("--study", default="digits-default", help="study name (default digits-default)")
-    w.add_argument("--budget", type=_positive_int, default=50, help="total finished trials (default 50)")
+    w.add_argument("--budget", type=positive_int, default=50, help="total finished trials (default 50)")
     w.add_argument("--artifacts", default="/srv/mlflow-artifacts",
                    help="folder of the MLflow server's artifacts (default /srv/mlflow-artifacts)")
     w.add_argument("search_args", nargs=argparse.REMAINDER, help="-- then extra `autokd search` arguments")

@@ -5,6 +5,7 @@ reported in a fraction of a second.
 """
 from __future__ import annotations
 
+import argparse
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -17,8 +18,20 @@ from autokd.errors import UserError
 
 #: Environment variable that moves the outputs root (default: ./studies).
 STUDIES_ENV = "AUTOKD_STUDIES"
-#: The optimizers autokd.train builds (defined here, torch-free, so space validation can name them too).
+#: The optimizers autokd.model.train builds (defined here, torch-free, so space validation can name them too).
 OPTIMIZERS = ("adamw", "sgd")
+
+
+def positive_int(text: str) -> int:
+    """argparse type of an option that takes an integer >= 1 (shared by the CLI and the latency server's own
+    entry point, which must not import the CLI's dependencies)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be >= 1")
+    return value
 
 
 def studies_root() -> Path:

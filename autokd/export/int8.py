@@ -141,18 +141,18 @@ def load_int8_student(path: str | os.PathLike, threads: int | None = None) -> Or
 
 
 LATENCY_PROTOCOL = ("ONNX Runtime (CPU execution provider), batch 1, 1 thread, the search's protocol "
-                    "(autokd.ort_timing): both models interleaved in shuffled rounds, minimum per round, median "
+                    "(autokd.latency.protocol): both models interleaved in shuffled rounds, minimum per round, median "
                     "over rounds, order-statistic interval")
 
 
 def _ort_latency(models: Sequence[str | os.PathLike | bytes], threads: int = 1,
                  batch: int = 1) -> list[Any]:
-    """ort_timing.Timing of each ONNX model, all timed together in one process (a noisy host's slow phases then
+    """protocol.Timing of each ONNX model, all timed together in one process (a noisy host's slow phases then
     hit every model alike), with the protocol a search times its students with."""
-    from autokd.latency import protocol as ort_timing
+    from autokd.latency import protocol
 
-    sessions = {str(i): ort_timing.make_session(m, threads) for i, m in enumerate(models)}
-    timings = ort_timing.time_sessions(sessions, batch=batch)
+    sessions = {str(i): protocol.make_session(m, threads) for i, m in enumerate(models)}
+    timings = protocol.time_sessions(sessions, batch=batch)
     return [timings[str(i)] for i in range(len(models))]
 
 

@@ -2,7 +2,7 @@
 
 Owns trial selection, the format writers and the parity checks (:class:`ParityError`, never a silent
 success). The ONNX file comes from :func:`autokd.onnx_export.export_onnx`, the function a search times, so
-what was timed is what ships; reading model files and loading weights is :mod:`autokd.checkpoint`'s job.
+what was timed is what ships; reading model files and loading weights is :mod:`autokd.model.checkpoint`'s job.
 """
 from __future__ import annotations
 
@@ -95,7 +95,7 @@ def load_student(path: str | os.PathLike) -> nn.Module:
 
     ``config.json`` is a superset of timm's hub format (``architecture``, ``num_classes``, ``model_args``,
     ``pretrained_cfg``, ``label_names``), so an export also loads with
-    ``timm.create_model("local-dir:DIR", pretrained=True)`` once ``autokd.students`` is imported (three of the
+    ``timm.create_model("local-dir:DIR", pretrained=True)`` once ``autokd.model.students`` is imported (three of the
     families are timm entry points registered there).
     """
     import timm

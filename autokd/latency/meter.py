@@ -1,7 +1,7 @@
 """Measured latency (plus params and MACs) of a student on a device, and a multi-process-safe cache.
 
 :class:`LatencyMeter` is what a search uses: the runtime (ONNX Runtime on the exported student, the CPU
-default, or eager PyTorch), the rounds protocol of :mod:`autokd.ort_timing`, the cache, the study-wide shared
+default, or eager PyTorch), the rounds protocol of :mod:`autokd.latency.protocol`, the cache, the study-wide shared
 figure and the measuring lock.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from autokd.errors import UserError
-from autokd.latency import protocol as ort_timing
+from autokd.latency import protocol
 from autokd.model.students import StudentSpec, build_from_spec
 from autokd.utils.atomic import atomic_write_text
 from autokd.utils.devices import torch_device
@@ -46,12 +46,12 @@ class LatencyResult:
     macs: int
     key: str
     runtime: str = "torch"
-    low_ms: float | None = None   # interval of the median (see ort_timing.median_interval); None: not known
+    low_ms: float | None = None   # interval of the median (see protocol.median_interval); None: not known
     high_ms: float | None = None
     rounds: int = 0               # rounds of the protocol
     export_s: float = 0.0         # seconds spent exporting the student to ONNX for this measurement
     timing_s: float = 0.0         # seconds spent timing (sessions, warm-up, rounds)
-    host_slowdown: float = 1.0    # reference workload vs the process's fastest when timed (ort_timing.HostCheck)
+    host_slowdown: float = 1.0    # reference workload vs the process's fastest when timed (protocol.HostCheck)
     attempts: int = 1             # measurements taken (more than 1: retaken after a slow phase of the host)
     precision: str = "fp32"       # what was timed: the fp32 ONNX model or its INT8 quantisation
     quantize_s: float = 0.0       # seconds spent quantising the exported student (--latency-precision int8)
@@ -78,7 +78,7 @@ def _device_name(dev: torch.device) -> str:
     if dev.type == "cuda":
         return f"cuda:{torch.cuda.get_device_name(dev)}"
     if dev.type == "cpu":
-        return f"cpu:{ort_timing.cpu_model()}"
+        return f"cpu:{protocol.cpu_model()}"
     return dev.type
 
 
@@ -124,7 +124,7 @@ def count_macs(model: nn.Module, input_shape: tuple[int, int, int]) -> int:
 class LatencyCache:
     """Latency results on disk: ``root/<device signature>/<key>.json``, written atomically.
 
-    Several processes may share one cache: each write is atomic (:mod:`autokd.atomic`), so a reader sees either
+    Several processes may share one cache: each write is atomic (:mod:`autokd.utils.atomic`), so a reader sees either
     no file or a complete one.
     """
 
@@ -164,8 +164,8 @@ def default_runtime(device: str | torch.device) -> str:
 
 
 def _torch_timings(models: dict[str, tuple[nn.Module, torch.Tensor]], dev: torch.device, rounds: int, runs: int,
-                   warmup: int, seed: int = 0) -> dict[str, ort_timing.Timing]:
-    """The rounds protocol of :mod:`autokd.ort_timing` for eager PyTorch models (CUDA synchronised per run)."""
+                   warmup: int, seed: int = 0) -> dict[str, protocol.Timing]:
+    """The rounds protocol of :mod:`autokd.latency.protocol` for eager PyTorch models (CUDA synchronised per run)."""
     def runner(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
         def run() -> None:
             model(x)
@@ -174,7 +174,7 @@ def _torch_timings(models: dict[str, tuple[nn.Module, torch.Tensor]], dev: torch
         return run
 
     with torch.inference_mode():
-        return ort_timing.time_runners({name: runner(m, x) for name, (m, x) in models.items()}, rounds=rounds,
+        return protocol.time_runners({name: runner(m, x) for name, (m, x) in models.items()}, rounds=rounds,
                                        runs=runs, warmup=warmup, seed=seed, host=None)
 
 
@@ -187,16 +187,16 @@ class LatencyMeter:
     timing against training. Built whole (a search's by `autokd.search.run.make_latency_meter`); the study-wide
     record of a shared storage wraps it (`autokd.latency.pinning.StudyLatency`).
 
-    ``runtime`` ``onnxruntime`` exports the student with :func:`autokd.onnx_export.export_onnx` (the function
-    ``autokd export`` ships with) and times the ONNX model with :mod:`autokd.ort_timing`; ``torch`` times the
+    ``runtime`` ``onnxruntime`` exports the student with :func:`autokd.latency.onnx_export.export_onnx` (the function
+    ``autokd export`` ships with) and times the ONNX model with :mod:`autokd.latency.protocol`; ``torch`` times the
     eager module. Both use the same rounds protocol (``rounds`` x ``runs``, minimum per round, median over
     rounds, order-statistic interval).
     """
 
     def __init__(self, runtime: str | None = None, device: str | torch.device = "cpu", threads: int = 1,
                  batch: int = 1, cache: LatencyCache | None = None, lock: MeasureLock | None = None,
-                 rounds: int = ort_timing.DEFAULT_ROUNDS, runs: int = ort_timing.DEFAULT_RUNS,
-                 warmup: int = ort_timing.DEFAULT_WARMUP, precision: str | None = None,
+                 rounds: int = protocol.DEFAULT_ROUNDS, runs: int = protocol.DEFAULT_RUNS,
+                 warmup: int = protocol.DEFAULT_WARMUP, precision: str | None = None,
                  target: RemoteTarget | None = None) -> None:
         from autokd.latency.quantize import validate_latency_precision
 
@@ -227,10 +227,10 @@ class LatencyMeter:
             self.target_info = target.check(self.threads)
             self.provider = self.target_info["provider"]
         elif runtime == "onnxruntime":
-            self.provider = "CUDAExecutionProvider" if self.dev.type == "cuda" else ort_timing.DEFAULT_PROVIDER
-            if self.provider not in ort_timing.available_providers():
+            self.provider = "CUDAExecutionProvider" if self.dev.type == "cuda" else protocol.DEFAULT_PROVIDER
+            if self.provider not in protocol.available_providers():
                 raise UserError(f"--latency-runtime onnxruntime on {self.dev}: this onnxruntime build has no "
-                                f"{self.provider} (it has {', '.join(ort_timing.available_providers())}); install "
+                                f"{self.provider} (it has {', '.join(protocol.available_providers())}); install "
                                 "onnxruntime-gpu, or use --latency-runtime torch")
 
     # -- identity -------------------------------------------------------------------------------------------
@@ -239,7 +239,7 @@ class LatencyMeter:
         if self.target_info is not None:
             info = {**self.target_info, "target": self.target.url}
         elif self.runtime == "onnxruntime":
-            info = ort_timing.signature(self.threads, self.provider or ort_timing.DEFAULT_PROVIDER,
+            info = protocol.signature(self.threads, self.provider or protocol.DEFAULT_PROVIDER,
                                         device=_device_name(self.dev))
         else:
             info = {"device": _device_name(self.dev), "runtime": "torch", "version": torch.__version__,
@@ -320,8 +320,8 @@ class LatencyMeter:
         if self.target is not None:
             return self._time_remote(onnx, key, params, macs)
         t0 = time.perf_counter()
-        session = ort_timing.make_session(onnx, self.threads, self.provider or ort_timing.DEFAULT_PROVIDER)
-        timing = ort_timing.time_sessions({key: session}, batch=self.batch, rounds=self.rounds, runs=self.runs,
+        session = protocol.make_session(onnx, self.threads, self.provider or protocol.DEFAULT_PROVIDER)
+        timing = protocol.time_sessions({key: session}, batch=self.batch, rounds=self.rounds, runs=self.runs,
                                           warmup=self.warmup)[key]
         return self._result(timing, key, params, macs, timing_s=time.perf_counter() - t0)
 
@@ -337,7 +337,7 @@ class LatencyMeter:
         if changed:
             raise RemoteLatencyError(f"latency target {self.target.url} now reports another "
                                      f"{', '.join(f'{k} {signature.get(k)!r} (was {self.target_info.get(k)!r})' for k in changed)}")
-        timing = ort_timing.Timing(**{f.name: found[f.name] for f in fields(ort_timing.Timing) if f.name in found})
+        timing = protocol.Timing(**{f.name: found[f.name] for f in fields(protocol.Timing) if f.name in found})
         result = self._result(timing, key, params, macs, timing_s=time.perf_counter() - t0)
         result.host, result.device = self.target.url, str(self.target_info["device"])
         return result
@@ -365,7 +365,7 @@ class LatencyMeter:
             if gc_was_enabled:
                 gc.enable()
 
-    def _result(self, timing: ort_timing.Timing, key: str, params: int, macs: int, timing_s: float = 0.0) -> LatencyResult:
+    def _result(self, timing: protocol.Timing, key: str, params: int, macs: int, timing_s: float = 0.0) -> LatencyResult:
         return LatencyResult(
             median_ms=timing.median_ms, iqr_ms=timing.spread_ms, runs=len(timing.rounds) * timing.runs_per_round,
             batch_size=self.batch, threads=self.threads, device=_device_name(self.dev), host=socket.gethostname(),
@@ -375,7 +375,7 @@ class LatencyMeter:
 
     # -- several students together --------------------------------------------------------------------------
     def time_models(self, models: dict[str, nn.Module], shapes: dict[str, tuple[int, int, int]],
-                    seed: int = 0) -> dict[str, ort_timing.Timing]:
+                    seed: int = 0) -> dict[str, protocol.Timing]:
         """Time several models together, interleaved in shuffled rounds (one process, one slow phase hits all)."""
         if self.target is not None:
             raise ValueError("timing several models together needs them on this machine, not a latency target")
@@ -383,10 +383,10 @@ class LatencyMeter:
         states = {name: (m, m.training, _model_device(m)) for name, m in models.items()}
         try:
             if self.runtime == "onnxruntime":
-                sessions = {name: ort_timing.make_session(self._onnx_for_timing(m, shapes[name]), self.threads,
-                                                          self.provider or ort_timing.DEFAULT_PROVIDER)
+                sessions = {name: protocol.make_session(self._onnx_for_timing(m, shapes[name]), self.threads,
+                                                          self.provider or protocol.DEFAULT_PROVIDER)
                             for name, m in models.items()}
-                return ort_timing.time_sessions(sessions, batch=self.batch, rounds=self.rounds, runs=self.runs,
+                return protocol.time_sessions(sessions, batch=self.batch, rounds=self.rounds, runs=self.runs,
                                                 warmup=self.warmup, seed=seed)
             torch.set_num_threads(self.threads)
             # A private generator: timing must not move the caller's random stream (a trial trains next).

@@ -1,7 +1,7 @@
 """Every model file autokd reads or writes: weights (safetensors, or a torch state dict for teacher checkpoints),
 trial checkpoints (``model.safetensors`` + ``config.json``), and loading weights into a model.
 
-Writes are atomic (see :mod:`autokd.atomic`). A missing, truncated or mismatching file is one
+Writes are atomic (see :mod:`autokd.utils.atomic`). A missing, truncated or mismatching file is one
 :class:`~autokd.errors.UserError` that names the file, says what is wrong and what to do.
 """
 from __future__ import annotations

@@ -148,15 +148,8 @@ class KDLoss(nn.Module):
     def bind_features(self, student_channels: int, teacher_channels: int) -> None:
         """Create learned feature adapters; a no-op for losses that do not use features."""
 
-    def forward(
-        self,
-        student_logits: Tensor,
-        teacher_logits: Tensor | None,
-        targets: Tensor,
-        epoch: int | None = None,
-        student_features: Tensor | None = None,
-        teacher_features: Tensor | None = None,
-    ) -> Tensor:
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor | None, targets: Tensor, epoch: int | None = None,
+                student_features: Tensor | None = None, teacher_features: Tensor | None = None) -> Tensor:
         raise NotImplementedError
 
     def extra_repr(self) -> str:
@@ -169,15 +162,8 @@ class CELoss(KDLoss):
 
     uses_teacher = False
 
-    def forward(
-        self,
-        student_logits: Tensor,
-        teacher_logits: Tensor | None,
-        targets: Tensor,
-        epoch: int | None = None,
-        student_features: Tensor | None = None,
-        teacher_features: Tensor | None = None,
-    ) -> Tensor:
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor | None, targets: Tensor, epoch: int | None = None,
+                student_features: Tensor | None = None, teacher_features: Tensor | None = None) -> Tensor:
         return _ce(student_logits, targets)
 
 
@@ -195,15 +181,8 @@ class KDLossHinton(KDLoss):
 
     hparam_spec = {"temperature": _temperature(4.0), "alpha": _unit(0.9)}
 
-    def forward(
-        self,
-        student_logits: Tensor,
-        teacher_logits: Tensor | None,
-        targets: Tensor,
-        epoch: int | None = None,
-        student_features: Tensor | None = None,
-        teacher_features: Tensor | None = None,
-    ) -> Tensor:
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor | None, targets: Tensor, epoch: int | None = None,
+                student_features: Tensor | None = None, teacher_features: Tensor | None = None) -> Tensor:
         t = _need_teacher(self.name, teacher_logits)
         kl = _kl_soft(student_logits, t, self.temperature)
         return self.alpha * kl + (1.0 - self.alpha) * _ce(student_logits, targets)
@@ -218,15 +197,8 @@ class MSELoss(KDLoss):
 
     hparam_spec = {"alpha": _unit(0.5)}
 
-    def forward(
-        self,
-        student_logits: Tensor,
-        teacher_logits: Tensor | None,
-        targets: Tensor,
-        epoch: int | None = None,
-        student_features: Tensor | None = None,
-        teacher_features: Tensor | None = None,
-    ) -> Tensor:
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor | None, targets: Tensor, epoch: int | None = None,
+                student_features: Tensor | None = None, teacher_features: Tensor | None = None) -> Tensor:
         t = _need_teacher(self.name, teacher_logits)
         mse = F.mse_loss(student_logits.float(), t.detach().float())
         return self.alpha * mse + (1.0 - self.alpha) * _ce(student_logits, targets)
@@ -262,15 +234,8 @@ class DKDLoss(KDLoss):
             return 1.0
         return min(max(float(epoch), 0.0) / self.warmup, 1.0)
 
-    def forward(
-        self,
-        student_logits: Tensor,
-        teacher_logits: Tensor | None,
-        targets: Tensor,
-        epoch: int | None = None,
-        student_features: Tensor | None = None,
-        teacher_features: Tensor | None = None,
-    ) -> Tensor:
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor | None, targets: Tensor, epoch: int | None = None,
+                student_features: Tensor | None = None, teacher_features: Tensor | None = None) -> Tensor:
         ce = _ce(student_logits, targets)
         factor = self.warmup_factor(epoch)
         if factor == 0.0:
@@ -340,15 +305,8 @@ class HintLoss(KDLoss):
             raise ValueError(f"channel counts must be >= 1, got {student_channels} and {teacher_channels}")
         self.adapter = nn.Conv2d(int(student_channels), int(teacher_channels), kernel_size=1)
 
-    def forward(
-        self,
-        student_logits: Tensor,
-        teacher_logits: Tensor | None,
-        targets: Tensor,
-        epoch: int | None = None,
-        student_features: Tensor | None = None,
-        teacher_features: Tensor | None = None,
-    ) -> Tensor:
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor | None, targets: Tensor, epoch: int | None = None,
+                student_features: Tensor | None = None, teacher_features: Tensor | None = None) -> Tensor:
         if self.adapter is None:
             raise RuntimeError("hint loss: call bind_features(student_channels, teacher_channels) before the "
                                "first forward (and before building the optimizer, so the adapter is trained)")

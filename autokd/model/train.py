@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 
 class TeacherSource(Protocol):
-    """What the loop needs from a teacher (e.g. :mod:`autokd.teacher`'s cached or online outputs): its logits,
+    """What the loop needs from a teacher (e.g. :mod:`autokd.model.teacher`'s cached or online outputs): its logits,
     and its feature maps for a feature loss, for a batch ``x_view`` of training view ``view`` (``idx``: the
     images' indices in the training split)."""
 

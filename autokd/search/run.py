@@ -1,9 +1,9 @@
 """`autokd search` for one worker: prepare the search (inputs, study, teacher, parent run), start this machine's
-other workers (`autokd.processes`), run trials to the budget (`autokd.worker_loop`), write the report.
+other workers (`autokd.search.processes`), run trials to the budget (`autokd.search.worker_loop`), write the report.
 
 The first worker prepares everything shared (the teacher, its outputs cache, the study, the MLflow parent run)
 before it starts the others. Workers started on other machines against one PostgreSQL storage wait for the
-first on the study lock, then join (see `autokd.scaleout`).
+first on the study lock, then join (see `autokd.study.scaleout`).
 """
 from __future__ import annotations
 

@@ -4,8 +4,8 @@ Accuracies are fractions in [0, 1] (as ``autokd.train.evaluate`` returns them); 
 percentage points are divided by 100. Every function accepts either :class:`TrialPoint` objects or plain
 ``(accuracy, latency_ms)`` pairs. Only COMPLETE trials with finite accuracy and latency enter a front (a
 pruned trial's partial accuracy is not comparable with a finished one); pairs enter when both are finite.
-Dominance and non-dominated sorting live here too, for the rung pruner (:mod:`autokd.pruning`). Report files
-are written by :mod:`autokd.report`.
+Dominance and non-dominated sorting live here too, for the rung pruner (:mod:`autokd.select.pruning`). Report files
+are written by :mod:`autokd.report.render`.
 """
 from __future__ import annotations
 

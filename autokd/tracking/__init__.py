@@ -2,7 +2,7 @@
 artifacts other machines need; the no-op tracker when tracking is off (--no-mlflow).
 
 Other modules use the interface (`Tracker`, `TrialRun`, `ArtifactReader`), `make_tracker`, `artifact_reader` and
-the helpers here; the MLflow implementation is private (`autokd._mlflow_tracking`).
+the helpers here; the MLflow implementation is private (`autokd.tracking._mlflow`).
 """
 from __future__ import annotations
 

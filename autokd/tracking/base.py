@@ -1,5 +1,5 @@
 """The tracking interface (`Tracker`, `TrialRun`, `ArtifactReader`); these base classes are the no-op used with
---no-mlflow. Import them from `autokd.tracking`; the MLflow implementation (`autokd._mlflow_tracking`) subclasses
+--no-mlflow. Import them from `autokd.tracking`; the MLflow implementation (`autokd.tracking._mlflow`) subclasses
 them, which is why they do not live in `autokd.tracking` itself (its factory imports that implementation).
 """
 from __future__ import annotations

@@ -19,6 +19,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
 from urllib.parse import parse_qs, urlsplit
 
+from autokd.config import positive_int
 from autokd.errors import UserError
 from autokd.latency.remote.guard import external_data_reason
 
@@ -213,15 +214,15 @@ class LatencyHTTPServer(ThreadingHTTPServer):
 def _default_measure(model: bytes, batch: int, threads: int) -> dict[str, Any]:
     from dataclasses import asdict
 
-    from autokd.latency import protocol as ort_timing
+    from autokd.latency import protocol
 
-    return asdict(ort_timing.time_onnx(model, threads=threads, batch=batch))
+    return asdict(protocol.time_onnx(model, threads=threads, batch=batch))
 
 
 def _default_signature(threads: int) -> dict[str, Any]:
-    from autokd.latency import protocol as ort_timing
+    from autokd.latency import protocol
 
-    return ort_timing.signature(threads)
+    return protocol.signature(threads)
 
 
 def listening_line(server: LatencyHTTPServer) -> str:
@@ -247,16 +248,6 @@ def serve(server: LatencyHTTPServer) -> None:
         server.server_close()
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be >= 1")
-    return value
-
-
 #: What `autokd latency-server --help` (and `python -m autokd.latency.remote.server --help`) says it is for.
 DESCRIPTION = ("Run on the device that will run the students (needs onnxruntime and numpy, not torch). A search "
                "points at it with --latency-target http://HOST:PORT --latency-token T.")
@@ -270,7 +261,7 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
     p.add_argument("--token", help=f"bearer token clients must send (default: ${TOKEN_ENV}; "
                    "required unless listening on loopback)")
-    p.add_argument("--max-bytes", type=_positive_int, default=DEFAULT_MAX_BYTES,
+    p.add_argument("--max-bytes", type=positive_int, default=DEFAULT_MAX_BYTES,
                    help=f"largest model accepted, in bytes (default {DEFAULT_MAX_BYTES // 2**20} MiB)")
 
 
