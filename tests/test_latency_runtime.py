@@ -141,3 +141,34 @@ def test_the_study_record_keeps_the_first_measurement_of_each_architecture(tmp_p
 
     monkeypatch.setattr(other.meter, "measure", measured_while_another_recorded)
     assert other.measure(wider) == (theirs, False)
+
+
+def test_study_latency_records_one_figure_when_two_workers_put_at_once(tmp_path: Path) -> None:
+    # Two workers that measured the same architecture at the same time: with the study lock, the second one's
+    # "record unless recorded" sees the first one's figure and adopts it (both then use one latency).
+    import threading
+
+    import optuna
+
+    from autokd.latency.pinning import StudyLatency
+    from autokd.utils.locks import file_lock
+
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    meter = LatencyMeter("onnxruntime", cache=LatencyCache(tmp_path), **FAST)
+    lock = lambda: file_lock(tmp_path / "study.lock")  # noqa: E731
+    results: list[LatencyResult] = []
+    start = threading.Barrier(2)
+
+    def worker(ms: float) -> None:
+        shared = StudyLatency(study, meter, lock=lock)
+        start.wait()
+        results.append(shared.put("arch", LatencyResult(median_ms=ms, iqr_ms=0.0, runs=1, batch_size=1, threads=1,
+                                                        device="cpu", host="h", params=0, macs=0, key="arch")))
+
+    threads = [threading.Thread(target=worker, args=(ms,)) for ms in (1.0, 2.0)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert len(results) == 2 and results[0].median_ms == results[1].median_ms
+    assert StudyLatency(study, meter).get("arch").median_ms == results[0].median_ms

@@ -2,8 +2,9 @@
 the study-wide record of each architecture's first measurement, so all machines use one figure."""
 from __future__ import annotations
 
+import contextlib
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable, ContextManager
 
 from autokd.errors import UserError
 from autokd.latency.meter import LatencyMeter, LatencyResult
@@ -24,11 +25,13 @@ class StudyLatency:
     Each machine's own cache (`LatencyCache`) holds its own measurements; two machines of one kind still time the
     same student a little differently (load, thermal state), which would put one architecture at two latencies
     in the front. The first measurement recorded in the study wins. It wraps the worker's meter: ``measure`` is
-    the meter's, the study's figure first.
+    the meter's, the study's figure first. ``lock`` (the study lock, across machines) makes "record unless
+    recorded" one step: without it, two workers that measured the same architecture at once could both record.
     """
 
-    def __init__(self, study: optuna.Study, meter: LatencyMeter) -> None:
-        self.study, self.meter = study, meter
+    def __init__(self, study: optuna.Study, meter: LatencyMeter,
+                 lock: Callable[[], ContextManager[None]] | None = None) -> None:
+        self.study, self.meter, self.lock = study, meter, lock
         self.prefix = f"latency:{meter.signature()}:b{meter.batch}:"
 
     def measure(self, spec: StudentSpec, model: nn.Module | None = None) -> tuple[LatencyResult, bool]:
@@ -47,10 +50,11 @@ class StudyLatency:
 
     def put(self, arch_key: str, result: LatencyResult) -> LatencyResult:
         """Record `result` unless another worker recorded this architecture first; returns the one that counts."""
-        first = self.get(arch_key)
-        if first is not None:
-            return first
-        self.study.set_user_attr(self.prefix + arch_key, result.to_dict())
+        with self.lock() if self.lock is not None else contextlib.nullcontext():
+            first = self.get(arch_key)
+            if first is not None:
+                return first
+            self.study.set_user_attr(self.prefix + arch_key, result.to_dict())
         return result
 
 

@@ -261,7 +261,8 @@ def prepare_search(s: SearchSettings, worker_index: int = 0) -> PreparedSearch:
                                need_features=space.uses_features()) if space.uses_teacher() else None)
     context = TrialContext(
         settings=s, space=space, data=data.to(device), teacher_outputs=outputs, teacher_arch=teacher.arch, views=views,
-        latency=pinning.StudyLatency(study, meter) if shared else meter, tracker=tracker, parent_run_id=parent_run_id,
+        latency=pinning.StudyLatency(study, meter, lock=lambda: study_lock(s.storage, root, name)) if shared else meter,
+        tracker=tracker, parent_run_id=parent_run_id,
         trials_dir=sdir / "trials", device=device, train_lock=train_gate.training)
     return PreparedSearch(name=name, study_dir=sdir, study=study, workers=workers, shared=shared, context=context)
 
