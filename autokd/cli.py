@@ -11,18 +11,29 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
-from autokd.config import OPTIMIZERS, SAMPLERS, SearchSettings, studies_root
+from autokd.config import (
+    OPTIMIZERS,
+    SAMPLERS,
+    DistillSettings,
+    SearchSettings,
+    positive_int,
+    settings_from,
+    studies_root,
+)
 from autokd.errors import FatalSearchError, Interrupted, UserError
+from autokd.latency.remote import server as latency_server  # torch-free: its options are defined there
 
 if TYPE_CHECKING:
-    from autokd.objective import TrialOutcome
-    from autokd.search import SearchSummary
-    from autokd.worker_loop import SearchProgress
+    from autokd.search.objective import TrialOutcome
+    from autokd.search.run import SearchSummary
+    from autokd.search.worker_loop import SearchProgress
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
@@ -39,22 +50,12 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be >= 1")
-    return value
-
-
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default="digits",
                    help="digits (built in, default), cifar10, cifar100, mnist, fashion-mnist, or folder:PATH")
     p.add_argument("--data-dir", help="where torchvision datasets are (or are downloaded to with --download)")
     p.add_argument("--download", action="store_true", help="download a torchvision dataset if missing")
-    p.add_argument("--input-size", type=_positive_int, help="resize images to this side (default: dataset's)")
+    p.add_argument("--input-size", type=positive_int, help="resize images to this side (default: dataset's)")
     p.add_argument("--teacher", help="timm architecture of the teacher (default: per dataset)")
     p.add_argument("--teacher-checkpoint", help="local teacher weights (.safetensors or .pt state dict)")
     p.add_argument("--teacher-pretrained", action="store_true",
@@ -71,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("search", help="run or resume a multi-objective study")
-    s.add_argument("--budget", type=_positive_int, default=50, help="total finished trials in the study (default 50)")
+    s.add_argument("--budget", type=positive_int, default=50, help="total finished trials in the study (default 50)")
     s.add_argument("--space", default=None,
                    help="a built-in space name (default, cifar_gpu) or a search-space YAML file (default: default)")
     _add_data_args(s)
@@ -80,13 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default studies/optuna.journal)")
     s.add_argument("--sampler", choices=SAMPLERS, default="tpe")
     s.add_argument("--max-latency-ms", type=_positive_float, help="reject students slower than this before training")
-    s.add_argument("--epochs", type=_positive_int, help="max epochs per trial (default: from the space)")
+    s.add_argument("--epochs", type=positive_int, help="max epochs per trial (default: from the space)")
     s.add_argument("--no-prune", action="store_true", help="train every trial to the max epochs")
-    s.add_argument("--jobs", type=_positive_int, default=1, help="worker processes on this machine (default 1)")
+    s.add_argument("--jobs", type=positive_int, default=1, help="worker processes on this machine (default 1)")
     s.add_argument("--tracking-uri", help="MLflow tracking server URI (default: local store under studies/)")
     s.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
-    s.add_argument("--latency-threads", type=_positive_int, default=1, help="CPU threads for latency (default 1)")
-    s.add_argument("--latency-batch", type=_positive_int, default=1, help="batch size for latency (default 1)")
+    s.add_argument("--latency-threads", type=positive_int, default=1, help="CPU threads for latency (default 1)")
+    s.add_argument("--latency-batch", type=positive_int, default=1, help="batch size for latency (default 1)")
     s.add_argument("--latency-device", help="device latency is measured on (default: the training device)")
     s.add_argument("--latency-runtime", choices=("onnxruntime", "torch"),
                    help="what times the students: onnxruntime (the exported ONNX file; default on a CPU) or torch "
@@ -98,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="time students on another device: the http://HOST:PORT of `autokd latency-server` there")
     s.add_argument("--latency-token", help="the latency server's token (default: $AUTOKD_LATENCY_TOKEN)")
     s.add_argument("--latency-target-retry", type=_positive_float, default=30.0, metavar="SECONDS",
+                   dest="latency_target_retry_s",
                    help="how long an unreachable latency target is retried before the trial fails (default 30)")
     s.add_argument("--allow-mixed-latency", action="store_true",
                    help="let this worker join a study whose latencies were measured on another kind of device")
@@ -106,9 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--compile-mode", choices=COMPILE_MODES,
                    help="torch.compile mode (implies --compile); reduce-overhead adds CUDA graphs (GPU only)")
     s.add_argument("--devices", help="GPUs for workers: all (default with --device cuda/auto) or numbers, e.g. 0,1,3")
-    s.add_argument("--jobs-per-device", type=_positive_int, default=1,
+    s.add_argument("--jobs-per-device", type=positive_int, default=1,
                    help="worker processes on each GPU of --devices (default 1)")
-    s.add_argument("--train-limit", type=_positive_int, help=argparse.SUPPRESS)
+    s.add_argument("--train-limit", type=positive_int, help=argparse.SUPPRESS)
     s.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
 
     d = sub.add_parser("distill", help="distil one student from the (cached) teacher")
@@ -120,8 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--alpha", type=float)
     d.add_argument("--beta", type=float)
     d.add_argument("--warmup", type=float)
-    d.add_argument("--epochs", type=_positive_int, default=10)
-    d.add_argument("--batch-size", type=_positive_int, default=64)
+    d.add_argument("--epochs", type=positive_int, default=10)
+    d.add_argument("--batch-size", type=positive_int, default=64)
     d.add_argument("--lr", type=_positive_float, default=0.01)
     d.add_argument("--weight-decay", type=float, default=5e-4)
     d.add_argument("--optimizer", choices=OPTIMIZERS, default=OPTIMIZERS[0])
@@ -151,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--int8", action="store_true",
                    help="also write model.int8.onnx (ONNX Runtime static quantisation, QDQ, per-channel weights), "
                         "with its test accuracy, latency and size beside the fp32 model's")
-    e.add_argument("--calibration-images", type=_positive_int,
+    e.add_argument("--calibration-images", type=positive_int,
                    help="training images that calibrate the INT8 model (default 256; with --int8)")
     e.add_argument("--max-int8-drop", type=float, metavar="POINTS",
                    help="warn when the INT8 test accuracy is more than this many points below fp32 (default 1.0)")
@@ -171,38 +173,25 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Print the commands that run one study on several machines: the databases, "
                        "the MLflow server, and one `autokd search` line per machine. Arguments after `--` are "
                        "added to every search line.")
-    w.add_argument("--machines", type=_positive_int, default=2, help="number of machines (default 2)")
-    w.add_argument("--jobs", type=_positive_int, default=1, help="worker processes per machine (default 1)")
+    w.add_argument("--machines", type=positive_int, default=2, help="number of machines (default 2)")
+    w.add_argument("--jobs", type=positive_int, default=1, help="worker processes per machine (default 1)")
     w.add_argument("--storage", help="postgresql://USER@HOST[:PORT]/DB of the study (default: a placeholder)")
     w.add_argument("--tracking-uri", help="http://HOST:PORT of the MLflow server (default: a placeholder)")
     w.add_argument("--study", default="digits-default", help="study name (default digits-default)")
-    w.add_argument("--budget", type=_positive_int, default=50, help="total finished trials (default 50)")
+    w.add_argument("--budget", type=positive_int, default=50, help="total finished trials (default 50)")
     w.add_argument("--artifacts", default="/srv/mlflow-artifacts",
                    help="folder of the MLflow server's artifacts (default /srv/mlflow-artifacts)")
     w.add_argument("search_args", nargs=argparse.REMAINDER, help="-- then extra `autokd search` arguments")
 
     ls = sub.add_parser("latency-server", help="time uploaded students on this device, for a search elsewhere",
-                        description="Run on the device that will run the students (needs onnxruntime and numpy, "
-                        "not torch). A search points at it with --latency-target http://HOST:PORT "
-                        "--latency-token T.")
-    add_latency_server_args(ls)
+                        description=latency_server.DESCRIPTION)
+    latency_server.add_server_args(ls)
     return parser
 
 
-def add_latency_server_args(p: argparse.ArgumentParser) -> None:
-    """Options of `autokd latency-server` (also `python -m autokd.latency_server`, which needs no torch)."""
-    p.add_argument("--host", default="127.0.0.1",
-                   help="address to listen on (default 127.0.0.1; any other needs --token)")
-    p.add_argument("--port", type=int, default=8765, help="port (default 8765)")
-    p.add_argument("--token", help="bearer token clients must send (default: $AUTOKD_LATENCY_TOKEN; "
-                   "required unless listening on loopback)")
-    p.add_argument("--max-bytes", type=_positive_int, default=64 * 1024 * 1024,
-                   help="largest model accepted, in bytes (default 64 MiB)")
-
-
 def _search(args: argparse.Namespace, root: Path) -> int:
-    from autokd.processes import SETTINGS_ENV, settings_from_json
-    from autokd.search import run_search
+    from autokd.search.processes import SETTINGS_ENV, settings_from_json
+    from autokd.search.run import run_search
 
     if args.worker_index > 0 and SETTINGS_ENV in os.environ:  # a worker the first process started
         settings = settings_from_json(os.environ.pop(SETTINGS_ENV))
@@ -217,25 +206,13 @@ def _search(args: argparse.Namespace, root: Path) -> int:
 
 
 def _search_settings(args: argparse.Namespace, root: Path) -> SearchSettings:
-    """The settings of `autokd search` from its options."""
-    from autokd.builtin_spaces import resolve_space
+    """The settings of `autokd search` from its options: each field from the option of its name, but these."""
+    from autokd.spaces import resolve_space
 
-    return SearchSettings(
-        budget=args.budget, space=resolve_space(args.space), dataset=args.dataset, data_dir=args.data_dir,
-        download=args.download, input_size=args.input_size, teacher=args.teacher,
-        teacher_checkpoint=args.teacher_checkpoint, teacher_pretrained=args.teacher_pretrained, study=args.study,
-        storage=args.storage, device=args.device, sampler=args.sampler, seed=args.seed,
-        max_latency_ms=args.max_latency_ms, epochs=args.epochs, prune=not args.no_prune,
-        jobs=args.jobs,
-        tracking_uri=args.tracking_uri, mlflow=not args.no_mlflow, latency_threads=args.latency_threads,
-        latency_batch=args.latency_batch, latency_device=args.latency_device, latency_runtime=args.latency_runtime,
-        latency_precision=args.latency_precision,
-        latency_target=args.latency_target, latency_target_retry_s=args.latency_target_retry,
-        latency_token=args.latency_token or os.environ.get("AUTOKD_LATENCY_TOKEN") or None,
-        allow_mixed_latency=args.allow_mixed_latency, compile=args.compile_mode or args.compile,
-        devices=args.devices, jobs_per_device=args.jobs_per_device,
-        train_limit=args.train_limit, root=root,
-    )
+    return settings_from(
+        SearchSettings, vars(args), space=resolve_space(args.space), prune=not args.no_prune,
+        mlflow=not args.no_mlflow, compile=args.compile_mode or args.compile,
+        latency_token=args.latency_token or os.environ.get(latency_server.TOKEN_ENV) or None, root=root)
 
 
 def progress_line(outcome: TrialOutcome, progress: SearchProgress) -> str:
@@ -276,21 +253,22 @@ def _next_steps(args: argparse.Namespace, summary: SearchSummary) -> str:
     return "\n".join(lines)
 
 
-def _distill(args: argparse.Namespace, root: Path) -> int:
-    from autokd.distill_run import run_distill
+def _distill_settings(args: argparse.Namespace, root: Path) -> DistillSettings:
+    """The settings of `autokd distill` from its options: each field from the option of its name, but these."""
+    loss_params = {k: getattr(args, k) for k in ("temperature", "alpha", "beta", "warmup")
+                   if getattr(args, k) is not None}
+    return settings_from(DistillSettings, vars(args), loss_params=loss_params, root=root)
 
-    hparams = {k: getattr(args, k) for k in ("temperature", "alpha", "beta", "warmup") if getattr(args, k) is not None}
-    run_distill(family=args.family, width=args.width, depth=args.depth, loss=args.loss, loss_params=hparams,
-                epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-                optimizer=args.optimizer, dataset=args.dataset, data_dir=args.data_dir, download=args.download,
-                input_size=args.input_size, teacher=args.teacher, teacher_checkpoint=args.teacher_checkpoint,
-                teacher_pretrained=args.teacher_pretrained, device=args.device, seed=args.seed, out=args.out,
-                root=root)
+
+def _distill(args: argparse.Namespace, root: Path) -> int:
+    from autokd.model.distill import run_distill
+
+    run_distill(_distill_settings(args, root))
     return 0
 
 
 def _report(args: argparse.Namespace, root: Path) -> int:
-    from autokd.study_report import report_command
+    from autokd.report.build import report_command
 
     report_command(study_name=args.study, storage=args.storage, root=root, max_latency_ms=args.max_latency_ms,
                    tolerance_pp=args.tolerance, hv_ref_ms=args.hv_ref_ms, data_dir=args.data_dir)
@@ -298,8 +276,9 @@ def _report(args: argparse.Namespace, root: Path) -> int:
 
 
 def _export(args: argparse.Namespace, root: Path) -> int:
-    from autokd.export import ParityError, export_command
-    from autokd.int8 import QuantizationError, int8_options
+    from autokd.export.int8 import int8_options
+    from autokd.export.student import ParityError, export_command
+    from autokd.latency.quantize import QuantizationError
 
     int8 = int8_options(args.int8, args.calibration_images, args.max_int8_drop)
     try:
@@ -357,10 +336,10 @@ def _study_page(uri: str, base: str, study: str | None, root: Path) -> str:
 
     name = study
     if name is None:
-        from autokd.study import storage_missing
+        from autokd.study.store import storage_missing
 
         if not storage_missing(None, root):
-            from autokd.study_report import resolve_study
+            from autokd.report.build import resolve_study
 
             try:
                 name = resolve_study(None, None, root).study_name
@@ -381,8 +360,8 @@ def _study_page(uri: str, base: str, study: str | None, root: Path) -> str:
 
 
 def _sync_mlflow(args: argparse.Namespace, root: Path) -> int:
-    from autokd.study import MLFLOW_PARENT_RUN_ATTR, MLFLOW_TRACKING_URI_ATTR
-    from autokd.study_report import resolve_study
+    from autokd.report.build import resolve_study
+    from autokd.study.record import MLFLOW_PARENT_RUN_ATTR, MLFLOW_TRACKING_URI_ATTR
     from autokd.tracking import make_tracker, spool_dir
 
     study = resolve_study(args.study, args.storage, root)
@@ -434,7 +413,7 @@ def _stop_process_group(proc: Any, posix: bool) -> None:
 
 
 def _workers(args: argparse.Namespace, root: Path) -> int:
-    from autokd.scaleout import worker_commands
+    from autokd.study.scaleout import worker_commands
 
     extra = args.search_args[1:] if args.search_args[:1] == ["--"] else args.search_args
     print(worker_commands(args.machines, args.storage, args.tracking_uri, args.study, args.budget, jobs=args.jobs,
@@ -443,9 +422,9 @@ def _workers(args: argparse.Namespace, root: Path) -> int:
 
 
 def _latency_server(args: argparse.Namespace, root: Path) -> int:
-    from autokd.latency_server import serve
-
-    serve(host=args.host, port=args.port, token=args.token, max_bytes=args.max_bytes)
+    server = latency_server.server_from_args(args)
+    print(latency_server.listening_line(server), flush=True)
+    latency_server.serve(server)
     return 0
 
 
@@ -453,27 +432,64 @@ COMMANDS = {"search": _search, "distill": _distill, "report": _report, "export":
             "workers": _workers, "sync-mlflow": _sync_mlflow, "latency-server": _latency_server}
 
 
+_STDERR_LOGGER = "autokd.tracking"
+
+
+class _ConsoleHandler(logging.Handler):
+    """The CLI's one handler on the library's ``autokd`` logger: each message bare, as the commands print them.
+
+    Progress and the library's ``warning: ...`` lines go to stdout; the MLflow writer's warnings
+    (``autokd.tracking``) go to stderr, out of the progress lines, where they went before the CLI had a handler.
+    """
+
+    def emit(self, record: logging.LogRecord) -> None:
+        # Looked up per message, not held: pytest's capsys and contextlib.redirect_stdout swap sys.stdout.
+        to_stderr = record.name == _STDERR_LOGGER or record.name.startswith(_STDERR_LOGGER + ".")
+        stream = sys.stderr if to_stderr else sys.stdout
+        try:
+            stream.write(self.format(record) + "\n")
+            stream.flush()
+        except Exception:  # noqa: BLE001 - logging's own policy: report through handleError, never raise
+            self.handleError(record)
+
+
+@contextlib.contextmanager
+def _console_logging() -> Iterator[None]:
+    """Print the library's INFO-and-above messages while one command runs, then restore the ``autokd`` logger
+    (``main`` may run several times in one process: tests, a program that wraps the CLI)."""
+    logger = logging.getLogger("autokd")
+    handler, level = _ConsoleHandler(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `autokd` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
     root = args.root or studies_root()
-    try:
-        return COMMANDS[args.command](args, root)
-    except UserError as exc:
-        print(f"autokd {args.command}: error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print(f"autokd {args.command}: interrupted; finished trials are kept — rerun the same command to resume",
-              file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except Interrupted as exc:
-        print(f"autokd {args.command}: terminated ({exc}); finished trials are kept — rerun the same command "
-              "to resume", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except FatalSearchError as exc:
-        print(f"autokd {args.command}: stopped: {exc}", file=sys.stderr)
-        return 1
+    with _console_logging():
+        try:
+            return COMMANDS[args.command](args, root)
+        except UserError as exc:
+            print(f"autokd {args.command}: error: {exc}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        except KeyboardInterrupt:
+            print(f"autokd {args.command}: interrupted; finished trials are kept — rerun the same command to resume",
+                  file=sys.stderr)
+            return EXIT_INTERRUPTED
+        except Interrupted as exc:
+            print(f"autokd {args.command}: terminated ({exc}); finished trials are kept — rerun the same command "
+                  "to resume", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        except FatalSearchError as exc:
+            print(f"autokd {args.command}: stopped: {exc}", file=sys.stderr)
+            return 1
 
 
 if __name__ == "__main__":

@@ -5,10 +5,12 @@ reported in a fraction of a second.
 """
 from __future__ import annotations
 
+import argparse
 import os
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, get_type_hints
 
 import yaml
 
@@ -16,8 +18,20 @@ from autokd.errors import UserError
 
 #: Environment variable that moves the outputs root (default: ./studies).
 STUDIES_ENV = "AUTOKD_STUDIES"
-#: The optimizers autokd.train builds (defined here, torch-free, so space validation can name them too).
+#: The optimizers autokd.model.train builds (defined here, torch-free, so space validation can name them too).
 OPTIMIZERS = ("adamw", "sgd")
+
+
+def positive_int(text: str) -> int:
+    """argparse type of an option that takes an integer >= 1 (shared by the CLI and the latency server's own
+    entry point, which must not import the CLI's dependencies)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be >= 1")
+    return value
 
 
 def studies_root() -> Path:
@@ -25,9 +39,60 @@ def studies_root() -> Path:
     return Path(os.environ.get(STUDIES_ENV, "studies"))
 
 
+@dataclass(frozen=True)
+class DataSettings:
+    """Which images a command trains and evaluates on (the data options `autokd search` and `autokd distill`
+    share)."""
+
+    dataset: str = "digits"
+    data_dir: str | None = None
+    download: bool = False
+    input_size: int | None = None  # None: the space's, else the dataset's
+    train_limit: int | None = None  # only the first N training images (search only, for tests and benchmarks)
+
+
+@dataclass(frozen=True)
+class LatencySettings:
+    """How and where a search times its students: `SearchSettings`' ``latency_*`` fields and
+    ``allow_mixed_latency``, without the prefix."""
+
+    threads: int
+    batch: int
+    device: str | None
+    runtime: str | None
+    precision: str
+    target: str | None
+    token: str | None
+    target_retry_s: float
+    allow_mixed: bool
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """How many worker processes a search runs on this machine, and on which GPUs (`SearchSettings`' fields of
+    these names)."""
+
+    jobs: int
+    devices: str | None
+    jobs_per_device: int
+
+
+@dataclass(frozen=True)
+class TrackingSettings:
+    """Where a search logs its runs (`SearchSettings.tracking_uri` and ``mlflow``)."""
+
+    uri: str | None
+    mlflow: bool
+
+
 @dataclass
 class SearchSettings:
-    """Everything `autokd search` needs, as parsed from the command line."""
+    """Everything `autokd search` needs, as parsed from the command line.
+
+    The fields are flat: they are what a caller sets by name (``SearchSettings(budget=8, dataset="digits")``,
+    ``dataclasses.replace``), what the command line's options are named after, and what a spawned worker receives
+    as JSON. The parts of a search take the groups they need: `data`, `latency`, `workers`, `tracking`.
+    """
 
     budget: int = 50
     space: Path = field(default_factory=lambda: _builtin_default_space())
@@ -64,12 +129,82 @@ class SearchSettings:
     train_limit: int | None = None
     root: Path = field(default_factory=studies_root)
 
+    @property
+    def data(self) -> DataSettings:
+        """The data options."""
+        return settings_from(DataSettings, vars(self))
+
+    @property
+    def latency(self) -> LatencySettings:
+        """The latency options."""
+        return LatencySettings(
+            threads=self.latency_threads, batch=self.latency_batch, device=self.latency_device,
+            runtime=self.latency_runtime, precision=self.latency_precision, target=self.latency_target,
+            token=self.latency_token, target_retry_s=self.latency_target_retry_s, allow_mixed=self.allow_mixed_latency)
+
+    @property
+    def workers(self) -> WorkerSettings:
+        """The options that plan this machine's workers."""
+        return settings_from(WorkerSettings, vars(self))
+
+    @property
+    def tracking(self) -> TrackingSettings:
+        """The MLflow options."""
+        return TrackingSettings(uri=self.tracking_uri, mlflow=self.mlflow)
+
+
+@dataclass
+class DistillSettings:
+    """Everything `autokd distill` needs: one student, its loss and training, and the data and teacher options it
+    shares with `autokd search`."""
+
+    family: str = "resnet"
+    width: float = 0.5
+    depth: float = 0.5
+    loss: str = "kd"
+    loss_params: dict[str, float] = field(default_factory=dict)  # --temperature, --alpha, --beta, --warmup given
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 0.01
+    weight_decay: float = 5e-4
+    optimizer: str = OPTIMIZERS[0]
+    data: DataSettings = field(default_factory=DataSettings)
+    teacher: str | None = None
+    teacher_checkpoint: str | None = None
+    teacher_pretrained: bool = False
+    device: str = "auto"
+    seed: int = 0
+    out: Path | None = None  # None: <root>/distill/<student>-<loss>-s<seed>
+    root: Path = field(default_factory=studies_root)
+
+
+_Settings = TypeVar("_Settings")
+
+
+def settings_from(cls: type[_Settings], values: Mapping[str, Any], **derived: Any) -> _Settings:
+    """A settings dataclass from named values, e.g. parsed options (``vars(args)``): each field from ``derived``,
+    else from the value of its name (option ``--data-dir`` is ``data_dir``), else its default. A field that is
+    itself a settings dataclass (`DistillSettings.data`) is built the same way from the same values."""
+    unknown = set(derived) - {f.name for f in fields(cls)}  # type: ignore[arg-type]
+    if unknown:
+        raise TypeError(f"{cls.__name__} has no field {', '.join(sorted(unknown))}")
+    hints = get_type_hints(cls)
+    chosen: dict[str, Any] = {}
+    for f in fields(cls):  # type: ignore[arg-type]
+        if f.name in derived:
+            chosen[f.name] = derived[f.name]
+        elif f.name in values:
+            chosen[f.name] = values[f.name]
+        elif is_dataclass(hints[f.name]):
+            chosen[f.name] = settings_from(hints[f.name], values)
+    return cls(**chosen)
+
 
 SAMPLERS = ("tpe", "nsga2", "random")
 
 
 def _builtin_default_space() -> Path:
-    from autokd.builtin_spaces import resolve_space
+    from autokd.spaces import resolve_space
 
     return resolve_space(None)
 

@@ -1,11 +1,15 @@
 """Shared helpers of the benchmark scripts: fresh output roots, a shared teacher cache, study statistics."""
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import resource
 import shutil
+import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,24 +35,50 @@ def fresh_root(prefix: str, latency_cache: Path | None = None) -> Path:
     return root
 
 
-def run_search(root: Path, log: Any = None, **overrides: Any) -> tuple[Any, float]:
+@contextlib.contextmanager
+def printed_messages() -> Iterator[None]:
+    """While the block runs, print the library's messages (the ``autokd`` loggers, INFO and up) bare on stdout,
+    as the `autokd` command does."""
+    logger = logging.getLogger("autokd")
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def run_search(root: Path, quiet: bool = False, after_trial: Callable[[], None] | None = None,
+               **overrides: Any) -> tuple[Any, float]:
     """Run `autokd search` in-process with the CLI defaults plus `overrides`; returns (summary, wall seconds).
 
-    `log` gets the search's messages and, after each trial, the CLI's progress line."""
+    Prints the search's messages and, after each trial, the CLI's progress line, unless `quiet` (then only the
+    library's warnings show, on stderr); `after_trial()` is called after each trial."""
     from autokd.cli import progress_line
     from autokd.config import SearchSettings
-    from autokd.search import run_search as _run
+    from autokd.search.run import run_search as _run
 
     settings = SearchSettings(space=REPO / "search_spaces" / "default.yaml", root=root, **overrides)
-    say = log or (lambda msg: print(msg, flush=True))
+
+    def on_trial(outcome: Any, progress: Any) -> None:
+        if not quiet:
+            print(progress_line(outcome, progress), flush=True)
+        if after_trial is not None:
+            after_trial()
+
     started = time.perf_counter()
-    summary = _run(settings, log=say, on_trial=lambda outcome, progress: say(progress_line(outcome, progress)))
+    with contextlib.nullcontext() if quiet else printed_messages():
+        summary = _run(settings, on_trial=on_trial)
     return summary, time.perf_counter() - started
 
 
 def load_study(root: Path) -> optuna.Study:
     """The only study under `root`."""
-    from autokd.study import make_storage
+    from autokd.study.store import make_storage
 
     storage = make_storage(None, root)
     [summary] = optuna.get_all_study_summaries(storage)
@@ -57,7 +87,7 @@ def load_study(root: Path) -> optuna.Study:
 
 def study_stats(study: optuna.Study) -> dict[str, Any]:
     """Counts by state, epochs trained versus the unpruned maximum, front size and front points."""
-    from autokd.study_report import trial_points
+    from autokd.report.build import trial_points
 
     points = trial_points(study)
     counts = {s: sum(p.state == s for p in points) for s in ("COMPLETE", "PRUNED", "FAIL", "INFEASIBLE")}

@@ -158,7 +158,7 @@ class _Enough(Exception):
 
 
 def synthetic_data(n: int, size: int, device: torch.device) -> Any:
-    from autokd.data import DataSplits
+    from autokd.model.data import DataSplits
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, 3, size, size, generator=g)
@@ -170,7 +170,7 @@ def synthetic_data(n: int, size: int, device: torch.device) -> Any:
 
 
 def typical_student(size: int) -> Any:
-    from autokd.students import build_from_spec, resolve_student
+    from autokd.model.students import build_from_spec, resolve_student
 
     torch.manual_seed(0)
     return build_from_spec(resolve_student("resnet", 0.5, 0.5, num_classes=10, in_chans=3, input_size=size))
@@ -194,9 +194,9 @@ def throughput_arm(device: torch.device, sizes: Sizes, batch: int, amp: bool, co
                    cap_s: float) -> dict[str, Any]:
     """Images/s of `distill` on synthetic data: warm-up epochs, then timed epochs for at least `timed_s`; the
     arm stops at the first epoch end after `cap_s`."""
-    from autokd.losses import build_loss
-    from autokd.teacher import CachedTeacherOutputs
-    from autokd.train import EpochResult, TrainConfig, distill
+    from autokd.model.losses import build_loss
+    from autokd.model.teacher import CachedTeacherOutputs
+    from autokd.model.train import EpochResult, TrainConfig, distill
 
     if compile:
         torch.compiler.reset()  # every arm compiles afresh, for its own batch size (no dynamic-shape reuse)
@@ -390,7 +390,7 @@ def search_arm(root: Path, device: torch.device, sizes: Sizes, jobs: int, quick:
     # Trials that finished inside the window, by the study's own completion times (the Optuna journal).
     import optuna
 
-    from autokd.study import make_storage
+    from autokd.study.store import make_storage
 
     study = optuna.load_study(study_name=f"bench-jobs{jobs}", storage=make_storage(None, root))
     states: dict[str, int] = {}
@@ -449,7 +449,7 @@ def section_search(device: torch.device, sizes: Sizes, quick: bool, util: Utilis
 # ----------------------------------------------------------------------------------------------------------
 
 def print_summary(results: dict[str, Any]) -> None:
-    """The figures again, as Markdown rows to paste into the README."""
+    """The figures again, as Markdown rows to paste into docs/performance.md ("GPU")."""
     say("SUMMARY (Markdown)")
     modes = [("fp32", "eager"), ("bf16", "eager"), ("bf16", "compiled"), ("bf16", "compiled reduce-overhead"),
              ("fp32", "compiled")]

@@ -10,7 +10,7 @@ so the median int8/fp32 latency ratio is printed for every family the study trai
 member within 1 point of its fp32 accuracy.
 
 Then, to show where INT8 pays: untrained students of each family's base size (width and depth 1.0)
-quantised for timing (`autokd.int8.quantize_for_latency`), fp32 vs int8 at batch 1 and batch 32, at the
+quantised for timing (`autokd.latency.quantize.quantize_for_latency`), fp32 vs int8 at batch 1 and batch 32, at the
 study's input size and at 4x that side.
 
     python benchmarks/int8.py                       # runs a default search first (--budget 50)
@@ -33,16 +33,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import fresh_root, load_study, run_search  # noqa: E402
 
 
-
 def _latency_ms(files: list, x: Any) -> list[float]:
     """Median latency (ms) of each ONNX file at x's batch size, timed together with the search's protocol."""
-    from autokd.int8 import _ort_latency
+    from autokd.export.int8 import _ort_latency
 
     return [t.median_ms for t in _ort_latency(files, batch=int(x.shape[0]))]
 
 
 def _cpu() -> str:
-    from autokd.ort_timing import cpu_model
+    from autokd.latency.protocol import cpu_model
 
     return cpu_model()
 
@@ -51,8 +50,8 @@ def _scaling(study, data, folder: Path, time_files, quantize) -> None:  # noqa: 
     """fp32 vs int8 latency of each family's base-size student, batch 1 and 32, at 1x and 4x the input side."""
     import torch
 
-    from autokd.onnx_export import export_onnx
-    from autokd.students import build_student
+    from autokd.latency.onnx_export import export_onnx
+    from autokd.model.students import build_from_spec, resolve_student
 
     space = study.user_attrs.get("space") or {}
     size = int(study.user_attrs.get("input_size") or data.input_size)
@@ -64,7 +63,7 @@ def _scaling(study, data, folder: Path, time_files, quantize) -> None:  # noqa: 
     for family in fams:
         for side in (size, 4 * size):
             try:
-                model = build_student(family, 1.0, 1.0, data.num_classes, data.in_chans, side).eval()
+                model = build_from_spec(resolve_student(family, 1.0, 1.0, data.num_classes, data.in_chans, side)).eval()
                 x = torch.randn(32, data.in_chans, side, side)
                 blob = export_onnx(model, x[:2])[0]
                 q = quantize(blob, (data.in_chans, side, side))
@@ -92,10 +91,11 @@ def main() -> int:
 
     import onnxruntime as ort
 
-    from autokd.export import export_trial
-    from autokd.int8 import Int8Options, quantize_for_latency
-    from autokd.pareto import front_points
-    from autokd.study_report import resolve_study, study_data, trial_points
+    from autokd.export.int8 import Int8Options
+    from autokd.export.student import export_trial
+    from autokd.latency.quantize import quantize_for_latency
+    from autokd.report.build import resolve_study, study_data, trial_points
+    from autokd.select.pareto import front_points
 
     started = time.perf_counter()
     own_root = None
@@ -104,7 +104,7 @@ def main() -> int:
         study = resolve_study(args.study, args.storage, root)
     else:
         own_root = root = fresh_root("int8")
-        run_search(root, log=lambda msg: None, budget=args.budget)
+        run_search(root, quiet=True, budget=args.budget)
         study = load_study(root)
     search_s = time.perf_counter() - started
     data = study_data(study)

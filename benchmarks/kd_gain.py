@@ -28,11 +28,11 @@ def main() -> int:
     args = parser.parse_args()
     import torch
 
-    from autokd.data import TrainViews, load_dataset
-    from autokd.losses import build_loss
-    from autokd.students import build_student
-    from autokd.teacher import get_teacher, teacher_outputs
-    from autokd.train import TrainConfig, distill, evaluate
+    from autokd.model.data import TrainViews, load_dataset
+    from autokd.model.losses import build_loss
+    from autokd.model.students import build_from_spec, resolve_student
+    from autokd.model.teacher import get_teacher, teacher_outputs
+    from autokd.model.train import TrainConfig, distill, evaluate
 
     full = load_dataset("digits", input_size=16)
     teacher = get_teacher(full, cache_root=WARM_TEACHERS)
@@ -40,10 +40,11 @@ def main() -> int:
     outputs = teacher_outputs(teacher, data, TrainViews(0), cache_root=WARM_TEACHERS)
     print(f"teacher {teacher.arch}: test acc {teacher.test_acc:.4f}; students train on {len(data.y_train)} images")
     accs: dict[str, list[float]] = {name: [] for name in LOSSES}
+    spec = resolve_student("resnet", 0.5, 0.5, data.num_classes, data.in_chans, data.input_size)
     for seed in range(args.seeds):
         for name, hparams in LOSSES.items():
             torch.manual_seed(seed)
-            student = build_student("resnet", 0.5, 0.5, data.num_classes, data.in_chans, data.input_size)
+            student = build_from_spec(spec)
             cfg = TrainConfig(epochs=args.epochs, batch_size=32, lr=5e-3, seed=seed)
             loss = build_loss(name, **hparams)
             distill(student, loss, data, cfg, teacher=outputs if loss.uses_teacher else None)

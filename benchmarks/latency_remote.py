@@ -40,7 +40,7 @@ def _free_port() -> int:
 
 def _start_server(port: int) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    proc = subprocess.Popen([sys.executable, "-m", "autokd.latency_server", "--port", str(port), "--token", TOKEN],
+    proc = subprocess.Popen([sys.executable, "-m", "autokd.latency.remote.server", "--port", str(port), "--token", TOKEN],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     for _ in range(300):
         try:
@@ -59,9 +59,9 @@ def main() -> None:
 
     import torch
 
-    from autokd.latency import LatencyMeter
-    from autokd.latency_remote import RemoteTarget
-    from autokd.students import build_from_spec, resolve_student
+    from autokd.latency.meter import LatencyMeter
+    from autokd.latency.remote.client import RemoteTarget
+    from autokd.model.students import build_from_spec, resolve_student
 
     torch.set_num_threads(1)
     rng = random.Random(0)

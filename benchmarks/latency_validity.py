@@ -63,7 +63,7 @@ def rel_diffs(a: list[float], b: list[float]) -> list[float]:
 
 def sample_specs(n: int, seed: int = 1) -> list:
     """``n`` architectures of the default space (width/depth ranges as in search_spaces/default.yaml)."""
-    from autokd.students import resolve_student
+    from autokd.model.students import resolve_student
 
     rng = random.Random(seed)
     out = []
@@ -77,7 +77,7 @@ def sample_specs(n: int, seed: int = 1) -> list:
 
 def child(folder: Path, out: Path, seed: int) -> None:
     """(a) in a separate process: time every exported ONNX file of ``folder`` alone, in a shuffled order."""
-    from autokd.latency import LatencyMeter
+    from autokd.latency.meter import LatencyMeter
 
     meter = LatencyMeter("onnxruntime")
     files = sorted(folder.glob("*.onnx"))
@@ -87,8 +87,8 @@ def child(folder: Path, out: Path, seed: int) -> None:
 
 
 def part_a_and_d(n: int) -> None:
-    from autokd.latency import LatencyMeter
-    from autokd.students import build_from_spec
+    from autokd.latency.meter import LatencyMeter
+    from autokd.model.students import build_from_spec
 
     specs = sample_specs(n)
     meter = LatencyMeter("onnxruntime")
@@ -118,13 +118,13 @@ def part_a_and_d(n: int) -> None:
 
 
 def part_b_and_c(budget: int) -> None:
-    from autokd.latency import LatencyMeter
-    from autokd.students import resolve_student
-    from autokd.trials import sampled_params
+    from autokd.latency.meter import LatencyMeter
+    from autokd.model.students import resolve_student
+    from autokd.study.record import sampled_params
 
     root = fresh_root("validity")
     try:
-        summary, wall = run_search(root, log=lambda msg: None, budget=budget, mlflow=False)
+        summary, wall = run_search(root, quiet=True, budget=budget, mlflow=False)
         study = load_study(root)
         recorded: dict[str, float] = {}
         specs = {}

@@ -7,7 +7,7 @@ Like for like: by default both arms use the random sampler with the same seed, w
 parameters for trial n whatever earlier trials scored, and share one latency cache (an architecture is timed
 once). Training is seeded per trial, so the arms run the same trials and differ only in what pruning stops.
 With `--sampler tpe` the sampler also adapts to the pruned results, so the arms explore different trials and
-the ratio mixes pruning's effect with the sampler's path (at budget 30 that path dominated: see the README).
+the ratio mixes pruning's effect with the sampler's path (at budget 30 that path dominated: see docs/performance.md).
 
     python benchmarks/pruning.py [--budget 50] [--sampler random|tpe] [--seed 0]
 """
@@ -29,7 +29,7 @@ def main() -> int:
     parser.add_argument("--sampler", default="random", choices=("random", "tpe", "nsga2"))
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    from autokd.pareto import hypervolume
+    from autokd.select.pareto import hypervolume
 
     latency_cache = Path(tempfile.mkdtemp(prefix="autokd-bench-latency-"))
     stats = {}

@@ -30,13 +30,7 @@ def main() -> int:
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="autokd-bench-default-"))  # from scratch: no shared teacher here
     rss_after_trial: list[float] = []
-
-    def log(msg: str) -> None:
-        if msg.startswith("["):
-            rss_after_trial.append(rss_mb())
-        print(msg, flush=True)
-
-    summary, wall = run_search(root, log=log, budget=args.budget)
+    summary, wall = run_search(root, after_trial=lambda: rss_after_trial.append(rss_mb()), budget=args.budget)
     stats = study_stats(load_study(root))
     counts = stats["counts"]
     saved = 1 - stats["trained"] / stats["unpruned"] if stats["unpruned"] else 0.0

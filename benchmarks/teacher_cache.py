@@ -30,17 +30,18 @@ EPOCHS, BATCH = 6, 64
 def _compare(label: str, teacher_model: Any, cached: Any, data: Any, views: Any) -> float:
     import torch
 
-    from autokd.losses import build_loss
-    from autokd.students import build_student
-    from autokd.teacher import OnlineTeacherOutputs
-    from autokd.train import TrainConfig, distill
+    from autokd.model.losses import build_loss
+    from autokd.model.students import build_from_spec, resolve_student
+    from autokd.model.teacher import OnlineTeacherOutputs
+    from autokd.model.train import TrainConfig, distill
 
     online = OnlineTeacherOutputs(teacher_model)
     cfg = TrainConfig(epochs=EPOCHS, batch_size=BATCH, lr=5e-3, seed=0)
     results: dict[str, tuple[float, Any]] = {}
+    spec = resolve_student("resnet", 0.5, 0.5, data.num_classes, data.in_chans, data.input_size)
     for name, outputs in (("cached", cached), ("online", online)) * 2:
         torch.manual_seed(0)
-        student = build_student("resnet", 0.5, 0.5, data.num_classes, data.in_chans, data.input_size)
+        student = build_from_spec(spec)
         started = time.perf_counter()
         result = distill(student, build_loss("kd", temperature=4.0, alpha=0.9), data, cfg, teacher=outputs, views=views)
         seconds = time.perf_counter() - started
@@ -73,8 +74,15 @@ def main() -> int:
     parser.add_argument("--big-teacher", default="resnet26", help="the larger teacher of the second comparison")
     args = parser.parse_args()
 
-    from autokd.data import TrainViews, load_dataset
-    from autokd.teacher import CachedTeacherOutputs, _compute_outputs, _create, _ready, get_teacher, teacher_outputs
+    from autokd.model.data import TrainViews, load_dataset
+    from autokd.model.teacher import (
+        CachedTeacherOutputs,
+        _compute_outputs,
+        _create,
+        _ready,
+        get_teacher,
+        teacher_outputs,
+    )
 
     data = load_dataset("digits", input_size=16)
     views = TrainViews(0)

@@ -29,7 +29,7 @@ BUCKETS = ("claim_s", "sample_s", "latency_s", "tracking_s", "epoch_bookkeeping_
 def _arm(name: str, budget: int, seed: int, mlflow: bool) -> dict[str, Any]:
     root = fresh_root(name)
     try:
-        summary, wall = run_search(root, log=lambda msg: None, budget=budget, seed=seed, prune=False, mlflow=mlflow)
+        summary, wall = run_search(root, quiet=True, budget=budget, seed=seed, prune=False, mlflow=mlflow)
         study = load_study(root)
         params = [t.params for t in sorted(study.trials, key=lambda t: t.number)]
         epochs = sum(len(t.user_attrs.get("curve", [])) for t in study.trials)
@@ -78,7 +78,7 @@ def main() -> int:
 
     print("warm-up (not timed): train/cache the teacher, first-call costs of torch ...", flush=True)
     warm = fresh_root("warm")
-    run_search(warm, log=lambda msg: None, budget=1, seed=args.seed, prune=False, mlflow=False)
+    run_search(warm, quiet=True, budget=1, seed=args.seed, prune=False, mlflow=False)
     cleanup(warm)
     import mlflow.tracking  # noqa: F401 - an import cost once per process, not a per-search cost
 

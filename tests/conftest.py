@@ -1,6 +1,7 @@
 """Shared pytest fixtures."""
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
@@ -10,18 +11,46 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pytest
 
-
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_cwd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Session fixtures (a teacher, an MLflow server) start in a temporary directory, never the repository's."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(tmp_path_factory.mktemp("session_cwd"))
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _own_cwd(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test runs in its own fresh, empty working directory (not its tmp_path, which tests list).
+
+    A test must not see what an earlier command left where pytest was started (studies/, mlruns/, student/),
+    nor leave anything there: files of the repository are found through REPO_ROOT.
+    """
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
 
 
 def repo_pythonpath() -> str:
     """PYTHONPATH for a subprocess that must import this checkout's autokd: the repository first, then whatever
     the caller's PYTHONPATH already holds (packages installed to a folder, as on the GPU check machine)."""
     return os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+
+
+#: The type of the ``logged`` fixture.
+Logged = Callable[[], list[str]]
+
+
+@pytest.fixture()
+def logged(caplog: pytest.LogCaptureFixture) -> Logged:
+    """The messages autokd logged so far in the test (its ``autokd.*`` loggers, INFO and up), in order."""
+    caplog.set_level(logging.INFO, logger="autokd")
+    return lambda: [r.getMessage() for r in caplog.records if r.name.split(".")[0] == "autokd"]
 
 
 def free_port() -> int:
@@ -94,12 +123,12 @@ def tiny_teacher(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
     Returns (timm arch, checkpoint path) for --teacher / --teacher-checkpoint: the default digits teacher
     would cost the suite most of a minute to train.
     """
-    from autokd.data import load_dataset
-    from autokd.teacher import TeacherRecipe, get_teacher
+    from autokd.model.data import load_dataset
+    from autokd.model.teacher import TeacherRecipe, get_teacher
 
     data = load_dataset("digits", input_size=16, train_limit=160)
     teacher = get_teacher(data, arch="test_resnet", cache_root=tmp_path_factory.mktemp("teacher"),
-                          recipe=TeacherRecipe(epochs=8, batch_size=32, lr=1e-2), log=lambda msg: None)
+                          recipe=TeacherRecipe(epochs=8, batch_size=32, lr=1e-2))
     assert teacher.val_acc > 0.8  # a teacher worth distilling from
     assert teacher.path is not None
     return teacher.arch, teacher.path
@@ -132,7 +161,7 @@ def split_runs(runs: list) -> tuple[list, dict[int, object]]:
 @pytest.fixture()
 def timed_onnx(monkeypatch: pytest.MonkeyPatch) -> list:
     """Every ONNX model (bytes or path) handed to ONNX Runtime for timing, in order (a spy on make_session)."""
-    from autokd import ort_timing
+    from autokd.latency import protocol as ort_timing
 
     timed: list = []
     real = ort_timing.make_session

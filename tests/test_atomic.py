@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from autokd.atomic import atomic_path, atomic_write_bytes, atomic_write_json, atomic_write_text, file_digest
+from autokd.utils.atomic import atomic_path, atomic_write_bytes, atomic_write_json, atomic_write_text, file_digest
 
 
 def _leftovers(folder: Path) -> list[str]:

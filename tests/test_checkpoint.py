@@ -9,11 +9,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from autokd import checkpoint
-from autokd.checkpoint import (CONFIG_FILE, WEIGHTS_FILE, load_trial_student, load_weights, read_checkpoint,
-                               read_weights, write_checkpoint)
 from autokd.errors import UserError
-from autokd.students import StudentSpec, build_from_spec, resolve_student
+from autokd.model import checkpoint
+from autokd.model.checkpoint import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    load_trial_student,
+    load_weights,
+    read_checkpoint,
+    read_weights,
+    write_checkpoint,
+)
+from autokd.model.students import StudentSpec, build_from_spec, resolve_student
 
 INPUT_SIZE = 16
 
@@ -136,9 +143,9 @@ def test_a_failed_write_leaves_no_partial_file(tmp_path: Path, monkeypatch: pyte
 
 
 def test_report_test_accuracy_names_a_mismatched_checkpoint(tmp_path: Path) -> None:
-    from autokd.data import load_dataset
-    from autokd.study import study_dir
-    from autokd.study_report import test_accuracy
+    from autokd.model.data import load_dataset
+    from autokd.report.evaluation import test_accuracy
+    from autokd.study.store import study_dir
 
     trial_dir = study_dir(tmp_path, "s") / "trials" / "0"
     _write(trial_dir, width=0.25, weights_width=0.5)

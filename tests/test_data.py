@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from autokd.data import TrainViews, available_datasets, load_dataset
 from autokd.errors import UserError
+from autokd.model.data import TrainViews, available_datasets, load_dataset
 
 
 @pytest.fixture(scope="module")

@@ -10,15 +10,15 @@ from pathlib import Path
 import optuna
 import pytest
 import torch
+from conftest import repo_pythonpath
 
-from autokd import devices
 from autokd.cli import main
 from autokd.config import SearchSettings
-from autokd.devices import CUDA_ENV, WorkerSlot, parse_devices, plan_workers, visible_ids
 from autokd.errors import UserError
-from autokd.search import local_workers
-from autokd.study import make_storage
-from conftest import repo_pythonpath
+from autokd.search.run import local_workers
+from autokd.study.store import make_storage
+from autokd.utils import devices
+from autokd.utils.devices import CUDA_ENV, WorkerSlot, parse_devices, plan_workers, visible_ids
 
 
 def test_plan_one_worker_per_device_and_slot() -> None:
@@ -157,9 +157,9 @@ def test_three_workers_finish_exactly_the_budget(tmp_path: Path, tiny_teacher: t
 
 
 def test_latency_device_with_an_index_is_refused_with_several_gpu_workers() -> None:
-    from autokd.devices import WorkerSlot
     from autokd.errors import UserError
-    from autokd.search import check_latency_device_for_workers
+    from autokd.search.run import check_latency_device_for_workers
+    from autokd.utils.devices import WorkerSlot
 
     two = [WorkerSlot(index=0, device_index=0, env={}),
            WorkerSlot(index=1, device_index=1, env={"CUDA_VISIBLE_DEVICES": "1"})]

@@ -14,15 +14,17 @@ import numpy as np
 import optuna
 import pytest
 import torch
+from conftest import Logged
 from optuna.trial import TrialState
 
-from autokd import export, onnx_export
-from autokd.checkpoint import write_checkpoint
 from autokd.cli import main
 from autokd.errors import UserError
-from autokd.space import TrialParams
-from autokd.students import build_from_spec, resolve_student
-from autokd.study import make_storage, study_dir
+from autokd.export import student as export
+from autokd.latency import onnx_export
+from autokd.model.checkpoint import write_checkpoint
+from autokd.model.space import TrialParams
+from autokd.model.students import build_from_spec, resolve_student
+from autokd.study.store import make_storage, study_dir
 
 STUDY = "exp"
 INPUT_SIZE = 16
@@ -75,7 +77,7 @@ def _train_briefly(model: torch.nn.Module, data: Any, steps: int = 12) -> torch.
 
 @pytest.fixture(scope="module")
 def digits() -> Any:
-    from autokd.data import load_dataset
+    from autokd.model.data import load_dataset
 
     return load_dataset("digits", input_size=INPUT_SIZE, seed=0, train_limit=TRAIN_LIMIT)
 
@@ -96,8 +98,7 @@ def study_root(tmp_path_factory: pytest.TempPathFactory, digits: Any) -> Path:
         family, width = student
         params = _params(family, width)
         spec = resolve_student(family, width, 0.25, digits.num_classes, digits.in_chans, INPUT_SIZE)
-        for key, value in params.flat().items():
-            trial.set_user_attr(f"p.{key}", value)
+        trial.set_user_attr("params", params.flat())
         trial.set_user_attr("arch_key", spec.key)
         trial.set_user_attr("latency", {"median_ms": latency, "iqr_ms": 0.01, "runs": 50, "batch_size": 1,
                                         "threads": 1, "device": "cpu:test"})
@@ -161,6 +162,7 @@ def exported(study_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
 
 
 @pytest.mark.parametrize("kind,number", [("resnet", 0), ("vit", 1)])
+@pytest.mark.slow
 def test_export_reload_onnx_torchscript_parity(exported: dict, study_root: Path, digits: Any, kind: str,
                                                number: int) -> None:
     import onnxruntime as ort
@@ -193,6 +195,7 @@ def test_export_reload_onnx_torchscript_parity(exported: dict, study_root: Path,
         assert torch.equal(timm_model(x), ref)
 
 
+@pytest.mark.slow
 def test_config_contents(exported: dict, digits: Any) -> None:
     result = exported["resnet"]
     cfg = json.loads((result.out_dir / "config.json").read_text())
@@ -270,8 +273,7 @@ def test_bad_exports(study_root: Path, tmp_path: Path, number: int, expect: str)
     assert not (tmp_path / "out" / "config.json").exists()
 
 
-def test_missing_checkpoint_with_mlflow_server_down(study_root: Path, tmp_path: Path,
-                                                     capsys: pytest.CaptureFixture) -> None:
+def test_missing_checkpoint_with_mlflow_server_down(study_root: Path, tmp_path: Path, logged: Logged) -> None:
     """A study that recorded an MLflow server which is now down: fetching the missing checkpoint fails within
     seconds (not MLflow's minutes of retries), with a warning naming the server, and export is the usual error."""
     import time
@@ -287,7 +289,7 @@ def test_missing_checkpoint_with_mlflow_server_down(study_root: Path, tmp_path: 
         with pytest.raises(UserError, match=f"study '{STUDY}' trial 10.*config.json is missing"):
             _export(study_root, tmp_path / "out", trial=10)
         assert time.monotonic() - started < 90
-        assert f"could not fetch checkpoints from MLflow {uri}" in capsys.readouterr().out
+        assert any(f"could not fetch checkpoints from MLflow {uri}" in m for m in logged())
     finally:
         study.set_user_attr("mlflow_tracking_uri", None)
         study.set_user_attr("mlflow_parent_run_id", None)
@@ -310,6 +312,7 @@ def test_bad_format(study_root: Path, tmp_path: Path) -> None:
         _export(study_root, tmp_path / "out", trial=0, formats="onx")
 
 
+@pytest.mark.slow
 def test_load_student_errors(exported: dict, tmp_path: Path) -> None:
     src = exported["resnet"].out_dir
     with pytest.raises(UserError, match="not a directory"):
@@ -358,6 +361,7 @@ def test_trial_checkpoint_loads_too(study_root: Path, digits: Any) -> None:
         assert torch.equal(model(digits.x_val[:3]), _trial_model(study_root, 0)(digits.x_val[:3]))
 
 
+@pytest.mark.slow
 def test_onnx_falls_back_to_dynamo_exporter(study_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # The TorchScript-based exporter comes first (a search pays for an export on every trial, issue 13); the
     # torch.export-based one is the fallback.
@@ -374,7 +378,7 @@ def test_onnx_falls_back_to_dynamo_exporter(study_root: Path, tmp_path: Path, mo
 def test_exported_onnx_is_the_one_a_search_times(study_root: Path, tmp_path: Path) -> None:
     # What latency timed is what ships: the meter's export of the trial's student is byte-identical to the file
     # `autokd export` wrote (same function, same example batch; the example's values do not enter the graph).
-    from autokd.latency import LatencyMeter
+    from autokd.latency.meter import LatencyMeter
 
     result = _export(study_root, tmp_path / "out", trial=0, formats="onnx")
     model = _trial_model(study_root, 0)

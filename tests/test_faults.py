@@ -28,21 +28,23 @@ from typing import Any, Callable, Iterator
 import optuna
 import pytest
 import torch
+from conftest import repo_pythonpath
 from optuna.trial import FrozenTrial, TrialState
+from test_search import TINY_SPACE, settings
 from torch import nn
 
-from autokd import atomic, checkpoint, objective, search, students
 from autokd.cli import main
-from autokd.search import run_search
-from autokd.worker_loop import MAX_CONSECUTIVE_FAILURES
-from autokd.study import budget_used, make_storage
+from autokd.model import checkpoint, students
+from autokd.search import objective
+from autokd.search import run as search
+from autokd.search.run import run_search
+from autokd.search.worker_loop import MAX_CONSECUTIVE_FAILURES
+from autokd.study.store import budget_used, make_storage
 from autokd.tracking import default_tracking_uri
-from test_search import TINY_SPACE, settings
-from conftest import repo_pythonpath
+from autokd.utils import atomic
 
 pytestmark = pytest.mark.faults
 
-REPO = Path(__file__).resolve().parents[1]
 # Trials long enough (5 epochs, no pruning) that a poller surely sees one training before it finishes.
 LONG_SPACE = TINY_SPACE.replace("epochs: 4", "epochs: 5")
 SHORT_SPACE = TINY_SPACE.replace("epochs: 4", "epochs: 2")
@@ -163,6 +165,7 @@ def trial_runs(runs: list[Any]) -> dict[int, Any]:
 # kill -9 and SIGTERM of a real search process
 # ----------------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_kill9_mid_trial_then_same_command_loses_nothing(tmp_path: Path, tiny_teacher: tuple[str, Path],
                                                          no_report: None, capsys: pytest.CaptureFixture[str]) -> None:
     root, name = tmp_path / "studies", "kill9"
@@ -207,6 +210,7 @@ def test_kill9_mid_trial_then_same_command_loses_nothing(tmp_path: Path, tiny_te
     assert statuses == {0: "FINISHED", 1: "KILLED", 2: "FINISHED"}
 
 
+@pytest.mark.slow
 def test_sigterm_exits_130_promptly_and_resumes(tmp_path: Path, tiny_teacher: tuple[str, Path], no_report: None,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
     root, name = tmp_path / "studies", "sigterm"
@@ -240,8 +244,8 @@ def test_sigterm_exits_130_promptly_and_resumes(tmp_path: Path, tiny_teacher: tu
 
 
 def test_a_retry_whose_worker_dies_again_is_not_retried_forever(tmp_path: Path) -> None:
-    from autokd.study import reap_dead_trials, worker_identity
-    from autokd.trials import REQUEUED_ATTR
+    from autokd.study.record import REQUEUED_ATTR
+    from autokd.study.store import reap_dead_trials, worker_identity
 
     study = optuna.create_study(study_name="reap", storage=make_storage(None, tmp_path),
                                 directions=["maximize", "minimize"])
@@ -269,6 +273,7 @@ def test_a_retry_whose_worker_dies_again_is_not_retried_forever(tmp_path: Path) 
     assert not study.get_trials(states=(TrialState.WAITING,))
 
 
+@pytest.mark.slow
 def test_two_workers_share_one_local_study(tmp_path: Path, tiny_teacher: tuple[str, Path]) -> None:
     root, name = tmp_path / "studies", "pair"
     space = write_space(tmp_path, TINY_SPACE)
@@ -297,6 +302,7 @@ def test_two_workers_share_one_local_study(tmp_path: Path, tiny_teacher: tuple[s
     assert not [r.info.run_name for r in runs if r.info.status == "RUNNING"]
 
 
+@pytest.mark.slow
 def test_jobs_2_on_one_machine_split_the_cores(tmp_path: Path, tiny_teacher: tuple[str, Path]) -> None:
     """`--jobs 2`: the command spawns a second worker; together they finish exactly the budget, each with its
     share of the cores (a spawned worker once took all of them: 3 training threads on 2 cores)."""
@@ -406,7 +412,7 @@ def test_trial_fault_fails_that_trial_and_the_study_goes_on(
     _faulty_models.clear()
     mlflow = fault == "boom"  # the traceback goes to the MLflow run as well
     s = settings(tmp_path, tiny_teacher, space, budget=3, seed=4, study=f"fault-{fault}", mlflow=mlflow)
-    summary = run_search(s, log=lambda msg: None)
+    summary = run_search(s)
 
     study = load(tmp_path / "studies", s.study)
     trials = study.trials

@@ -16,21 +16,20 @@ import optuna
 import pytest
 import torch
 import torch.nn.functional as F
-
-from autokd import train
-from autokd.data import TrainViews, load_dataset
-from autokd.losses import build_loss
-from autokd.study import make_storage
-from autokd.students import build_from_spec, resolve_student
-from autokd.teacher import CachedTeacherOutputs
-from autokd.train import NonFiniteLossError, TrainConfig, distill
 from conftest import repo_pythonpath
 from test_train import TinyNet
+
+from autokd.model import train
+from autokd.model.data import TrainViews, load_dataset
+from autokd.model.losses import build_loss
+from autokd.model.students import build_from_spec, resolve_student
+from autokd.model.teacher import CachedTeacherOutputs
+from autokd.model.train import NonFiniteLossError, TrainConfig, distill
+from autokd.study.store import make_storage
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +58,7 @@ def test_bf16_training_of_a_timm_student_on_cuda(data) -> None:
 def test_no_host_sync_inside_an_epoch_on_cuda(data, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every epoch after the first (cuDNN autotuning, lazy CUDA init) runs its steps under sync debug mode
     "error": any host read or synchronising call in a step, or in the latency gate's pause point, raises."""
-    from autokd.locks import CpuGate
+    from autokd.utils.locks import CpuGate
 
     original = train._train_epoch
     calls: list[int] = []
@@ -140,7 +139,7 @@ def test_two_workers_on_one_gpu(tmp_path: Path, tiny_teacher: tuple[str, Path]) 
     done = subprocess.run([sys.executable, "-m", "autokd.cli", *argv], cwd=tmp_path, env=env, timeout=400,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert done.returncode == 0, done.stdout[-3000:]
-    from autokd.devices import visible_ids
+    from autokd.utils.devices import visible_ids
 
     gpu0 = visible_ids(torch.cuda.device_count(), os.environ.get("CUDA_VISIBLE_DEVICES"))[0]
     for index in (0, 1):

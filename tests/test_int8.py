@@ -15,17 +15,19 @@ import onnx
 import optuna
 import pytest
 import torch
+from test_export import _params
 from torch import nn
 
 import autokd
-from autokd import export, int8
-from autokd.checkpoint import write_checkpoint
 from autokd.cli import main
-from autokd.data import TrainViews
 from autokd.errors import UserError
-from autokd.students import build_from_spec, resolve_student
-from autokd.study import make_storage, study_dir
-from test_export import _params
+from autokd.export import student as export
+from autokd.latency import quantize
+from autokd.model.checkpoint import write_checkpoint
+from autokd.model.data import TrainViews
+from autokd.model.students import build_from_spec, resolve_student
+from autokd.report import evaluation
+from autokd.study.store import make_storage, study_dir
 
 STUDY = "q"
 INPUT_SIZE = 16
@@ -52,7 +54,7 @@ def _train(model: nn.Module, data: Any, lr: float, steps: int) -> nn.Module:
 
 @pytest.fixture(scope="module")
 def digits() -> Any:
-    from autokd.data import load_dataset
+    from autokd.model.data import load_dataset
 
     return load_dataset("digits", input_size=INPUT_SIZE, seed=0, train_limit=TRAIN_LIMIT)
 
@@ -69,8 +71,7 @@ def study_root(tmp_path_factory: pytest.TempPathFactory, digits: Any) -> Path:
         assert trial.number == number
         params = _params(family, width)
         spec = resolve_student(family, width, 0.25, digits.num_classes, digits.in_chans, INPUT_SIZE)
-        for key, value in params.flat().items():
-            trial.set_user_attr(f"p.{key}", value)
+        trial.set_user_attr("params", params.flat())
         trial.set_user_attr("arch_key", spec.key)
         trial.set_user_attr("latency", {"median_ms": 0.1 * (number + 1), "iqr_ms": 0.01, "runs": 10,
                                         "batch_size": 1, "threads": 1, "device": "cpu:test"})
@@ -184,7 +185,7 @@ def test_max_int8_drop_warning(study_root: Path, digits: Any, tmp_path: Path, mo
                                capsys: pytest.CaptureFixture) -> None:
     """A real accuracy drop: calibration images scaled down 100x give activation ranges far too narrow, so the
     INT8 model saturates. The file is still written, exit 0, and the warning names both accuracies."""
-    import autokd.study_report as study_report
+    import autokd.report.build as study_report
 
     dim = dataclasses.replace(digits, x_train=digits.x_train * 0.01)
     monkeypatch.setattr(study_report, "study_data", lambda study, data_dir=None: dim)
@@ -242,8 +243,8 @@ def test_quantisation_failure_leaves_fp32_export(study_root: Path, tmp_path: Pat
 def test_quantize_onnx_names_the_operator(digits: Any) -> None:
     model = _GroupedConvTranspose(build_from_spec(resolve_student("resnet", 0.25, 0.25, 10, 1, INPUT_SIZE))).eval()
     blob = export.export_onnx(model, digits.x_val[:2])[0]
-    with pytest.raises(int8.QuantizationError) as info:
-        int8.quantize_onnx(blob, digits.x_train[:16].numpy())
+    with pytest.raises(quantize.QuantizationError) as info:
+        quantize.quantize_onnx(blob, digits.x_train[:16].numpy())
     assert info.value.operator == "ConvTranspose" and len(info.value.nodes) == 1
     assert "ValueError: operands could not be broadcast" in str(info.value)
 
@@ -253,33 +254,33 @@ def test_quantize_for_latency_needs_no_data(digits: Any) -> None:
 
     model = build_from_spec(resolve_student("mobilenetv3", 0.25, 0.25, 10, 1, INPUT_SIZE)).eval()
     blob = export.export_onnx(model, digits.x_val[:2])[0]
-    q = int8.quantize_for_latency(blob, (1, INPUT_SIZE, INPUT_SIZE))
-    counts = int8.quantized_op_counts(q)
+    q = quantize.quantize_for_latency(blob, (1, INPUT_SIZE, INPUT_SIZE))
+    counts = quantize.quantized_op_counts(q)
     assert counts.get("QuantizeLinear", 0) > 0 and counts.get("DequantizeLinear", 0) > 0
-    assert int8.quantized_op_counts(blob) == {}
+    assert quantize.quantized_op_counts(blob) == {}
     sess = ort.InferenceSession(q, providers=["CPUExecutionProvider"])
     assert sess.run(None, {"input": digits.x_val[:3].numpy()})[0].shape == (3, 10)
-    assert q == int8.quantize_for_latency(blob, (1, 1, INPUT_SIZE, INPUT_SIZE))  # seeded: the same file
+    assert q == quantize.quantize_for_latency(blob, (1, 1, INPUT_SIZE, INPUT_SIZE))  # seeded: the same file
     # random calibration images change the scales, not the graph that is timed
-    real = int8.quantize_onnx(blob, digits.x_train[:64].numpy())
+    real = quantize.quantize_onnx(blob, digits.x_train[:64].numpy())
 
     def graph(b: bytes) -> list[tuple[str, int, int]]:
         return [(n.op_type, len(n.input), len(n.output)) for n in onnx.load_from_string(b).graph.node]
 
     assert graph(q) == graph(real) and q != real
     with pytest.raises(ValueError, match="input_shape"):
-        int8.quantize_for_latency(blob, (INPUT_SIZE, INPUT_SIZE))
+        quantize.quantize_for_latency(blob, (INPUT_SIZE, INPUT_SIZE))
 
 
 def test_latency_precision_values() -> None:
-    assert int8.validate_latency_precision("INT8") == "int8" and int8.validate_latency_precision(None) == "fp32"
+    assert quantize.validate_latency_precision("INT8") == "int8" and quantize.validate_latency_precision(None) == "fp32"
     with pytest.raises(UserError, match=r"--latency-precision 'int9'.*did you mean 'int8'.*valid: fp32, int8"):
-        int8.validate_latency_precision("int9")
+        quantize.validate_latency_precision("int9")
 
 
 def test_calibration_images_are_training_views(digits: Any) -> None:
     views = TrainViews(num_views=VIEWS, seed=0)
-    x = int8.calibration_images(digits, views, 10)
+    x = evaluation.calibration_images(digits, views, 10)
     assert x.shape == (10, 1, INPUT_SIZE, INPUT_SIZE) and x.dtype == np.float32
     order = torch.randperm(len(digits.y_train), generator=torch.Generator().manual_seed(0))[:10]
     for k in range(10):
@@ -287,7 +288,7 @@ def test_calibration_images_are_training_views(digits: Any) -> None:
         expected = views.apply(digits.x_train[idx], idx, k % VIEWS)
         assert np.array_equal(x[k:k + 1], expected.numpy())
     assert not np.array_equal(x[1], digits.x_train[order[1]].numpy())  # view 1 moved the image
-    assert len(int8.calibration_images(digits, views, 10_000)) == len(digits.y_train)  # capped at the split
+    assert len(evaluation.calibration_images(digits, views, 10_000)) == len(digits.y_train)  # capped at the split
 
 
 @pytest.mark.parametrize("args,expect", [
@@ -309,14 +310,14 @@ def test_trial_int8_accuracy_for_the_report(study_root: Path, exported: dict, di
     """What a --latency-precision int8 report will show per front member: the same figures as `export --int8`,
     computed once and cached beside the trial's checkpoint."""
     study = optuna.load_study(study_name=STUDY, storage=make_storage(None, study_root))
-    result = int8.trial_int8_accuracy(study, 0, study_root, digits)
+    result = evaluation.trial_int8_accuracy(study, 0, study_root, digits)
     q = json.loads((exported["resnet"][0] / "config.json").read_text())["int8"]
     assert result["fp32_test_acc"] == q["fp32_test_acc"] and result["test_acc"] == q["test_acc"]
     assert result["agreement"] == q["agreement"] and result["test_images"] == len(digits.y_test)
-    assert (study_dir(study_root, STUDY) / "trials" / "0" / int8.INT8_ACC_FILE).is_file()
+    assert (study_dir(study_root, STUDY) / "trials" / "0" / evaluation.INT8_ACC_FILE).is_file()
 
     def no_quantising(*args: Any, **kwargs: Any) -> bytes:
         raise AssertionError("quantised again instead of reading the cache")
 
-    monkeypatch.setattr(int8, "quantize_onnx", no_quantising)
-    assert int8.trial_int8_accuracy(study, 0, study_root, digits) == result
+    monkeypatch.setattr(evaluation, "quantize_onnx", no_quantising)
+    assert evaluation.trial_int8_accuracy(study, 0, study_root, digits) == result

@@ -3,90 +3,27 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import re
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-import autokd.latency as latency
+import autokd.latency.meter as latency
 from autokd.errors import UserError
-from autokd.latency import (
+from autokd.latency.meter import (
     LatencyCache,
     LatencyMeter,
     LatencyResult,
     count_macs,
     device_signature,
-    measure_latency,
-    median_rel_error,
 )
-from autokd.students import available_families, build_student, resolve_student
-
-
-def tiny_net() -> nn.Module:
-    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                         nn.Linear(8, 3))
+from autokd.model.students import available_families, build_from_spec, resolve_student
 
 
 def result(key: str = "resnet-0123456789", median: float = 1.5) -> LatencyResult:
     return LatencyResult(median_ms=median, iqr_ms=0.1, runs=10, batch_size=1, threads=1, device="cpu:test",
                          host="h", params=100, macs=2000, key=key)
-
-
-def test_measure_latency_reports_sensible_numbers() -> None:
-    model = tiny_net().train()
-    threads_before = torch.get_num_threads()
-    r = measure_latency(model, (1, 8, 8), warmup=2, runs=7, key="k")
-    assert r.median_ms > 0 and r.iqr_ms >= 0 and r.runs == 7
-    assert (r.batch_size, r.threads, r.key) == (1, 1, "k")
-    assert r.params == sum(p.numel() for p in model.parameters())
-    assert r.macs == 8 * 9 * 8 * 8 + 8 * 3  # conv + linear, one image
-    assert r.device.startswith("cpu:") and r.host
-    assert torch.get_num_threads() == threads_before and model.training
-
-
-class Sleepy(nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        time.sleep(0.02)
-        return x
-
-
-def test_slow_models_get_fewer_runs_but_at_least_ten() -> None:
-    t0 = time.perf_counter()
-    r = measure_latency(Sleepy(), (1, 4, 4), warmup=3, runs=100, budget_s=0.1)
-    assert r.runs == latency.MIN_RUNS
-    assert r.median_ms >= 20
-    assert time.perf_counter() - t0 < 1.5
-
-
-class Jittery(nn.Module):
-    """Sleeps 10 ms, or alternately 10 and 20 ms: a quiet and a noisy machine, as the timer sees them."""
-
-    def __init__(self, noisy: bool) -> None:
-        super().__init__()
-        self.noisy, self.calls = noisy, 0
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
-        time.sleep(0.02 if self.noisy and self.calls % 2 else 0.01)
-        return x
-
-
-def test_timing_stops_once_the_median_is_precise() -> None:
-    quiet = measure_latency(Jittery(noisy=False), (1, 4, 4), warmup=1, runs=30)
-    assert quiet.runs == latency.MIN_RUNS  # sleep(10 ms) varies by far less than 1 %: 10 runs are enough
-    noisy = measure_latency(Jittery(noisy=True), (1, 4, 4), warmup=1, runs=30)
-    assert noisy.runs == 30  # half the runs twice as slow: the median is never known to 1 %
-    assert measure_latency(Jittery(noisy=False), (1, 4, 4), warmup=1, runs=15, precision=0).runs == 15
-
-
-def test_median_rel_error() -> None:
-    assert median_rel_error([1.0]) == float("inf")
-    assert median_rel_error([2.0] * 10) == 0.0
-    # median 2, quartiles 1 and 3 (IQR 2), n = 12: 1.2533 * (2 / 1.349) / sqrt(12) / 2
-    samples = [1.0, 2.0, 3.0] * 4
-    assert median_rel_error(samples) == pytest.approx(1.2533 * (2 / 1.349) / 12 ** 0.5 / 2)
 
 
 # MACs of the default space's corners (16 px, 1 channel), as counted since MACs were first recorded: a count
@@ -100,12 +37,13 @@ RECORDED_MACS = {
 @pytest.mark.parametrize("family", available_families())
 def test_count_macs_matches_recorded_figures(family: str) -> None:
     small, large = RECORDED_MACS[family]
-    assert count_macs(build_student(family, 0.25, 0.25, 10, 1, 16), (1, 16, 16)) == small
-    assert count_macs(build_student(family, 0.75, 0.75, 10, 1, 16), (1, 16, 16)) == large
+    assert count_macs(build_from_spec(resolve_student(family, 0.25, 0.25, 10, 1, 16)), (1, 16, 16)) == small
+    assert count_macs(build_from_spec(resolve_student(family, 0.75, 0.75, 10, 1, 16)), (1, 16, 16)) == large
 
 
 def test_count_macs_grows_with_width() -> None:
-    macs = [count_macs(build_student("resnet", w, 0.25, 10, 1, 16), (1, 16, 16)) for w in (0.25, 0.5, 1.0)]
+    macs = [count_macs(build_from_spec(resolve_student("resnet", w, 0.25, 10, 1, 16)), (1, 16, 16))
+            for w in (0.25, 0.5, 1.0)]
     assert 0 < macs[0] < macs[1] < macs[2]
 
 

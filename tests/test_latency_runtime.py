@@ -1,39 +1,21 @@
-"""Latency runtimes (ONNX Runtime, eager PyTorch) behind one LatencyMeter, the rounds protocol and its interval."""
+"""Latency runtimes (ONNX Runtime, eager PyTorch) behind one LatencyMeter (the protocol itself: test_latency_protocol)."""
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from autokd import ort_timing
 from autokd.errors import UserError
-from autokd.latency import LatencyCache, LatencyMeter, LatencyResult, default_runtime
-from autokd.students import build_from_spec, resolve_student
+from autokd.latency import protocol as ort_timing
+from autokd.latency.meter import LatencyCache, LatencyMeter, LatencyResult, default_runtime
+from autokd.model.students import build_from_spec, resolve_student
 
 FAST = dict(rounds=5, runs=2, warmup=1)  # the protocol's shape, small enough for a unit test
 
 
 def tiny_spec(family: str = "resnet", width: float = 0.25):
     return resolve_student(family, width, 0.25, num_classes=3, in_chans=1, input_size=16)
-
-
-def test_median_interval_is_the_order_statistic_interval() -> None:
-    # n = 15: the 4th and 12th smallest cover the median with probability 1 - 2 P(B(15, 1/2) <= 3) = 0.965
-    assert ort_timing.median_interval([float(x) for x in range(15, 0, -1)]) == (4.0, 12.0)
-    assert ort_timing.median_interval([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0]) == (2.0, 8.0)
-    assert ort_timing.median_interval([2.0, 1.0]) == (1.0, 2.0)  # too few for 95 %: the whole range
-    assert ort_timing.widen(1.0, 0.999, 1.001) == pytest.approx((0.98, 1.02))  # the reproducibility floor
-
-
-def test_ort_timing_imports_neither_torch_nor_timm() -> None:
-    # The latency server (issue 14) reuses this module on a target device without torch.
-    code = ("import sys, autokd.ort_timing; bad = [m for m in ('torch', 'timm') if m in sys.modules]; "
-            "print(*bad); sys.exit(1 if bad else 0)")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 @pytest.mark.parametrize("runtime", ["onnxruntime", "torch"])
@@ -60,7 +42,7 @@ def test_signature_names_runtime_version_provider_and_threads() -> None:
     info = ort_meter.signature_info()
     assert info["runtime"] == "onnxruntime" and info["version"] == ort_timing.ort.__version__
     assert info["provider"] == "CPUExecutionProvider" and info["threads"] == 1 and info["batch"] == 1
-    assert "onnxruntime" in ort_meter.signature() and ort_meter.signature().endswith("-cpu")
+    assert "onnxruntime" in ort_meter.signature() and ort_meter.signature().endswith("-cpu-fp32")
     assert "-t2-torch-" in torch_meter.signature()
     assert ort_meter.signature() != LatencyMeter("onnxruntime", threads=2).signature()
     assert default_runtime("cpu") == "onnxruntime"
@@ -78,7 +60,7 @@ def test_meter_times_an_exported_onnx_file(tmp_path: Path) -> None:
     for source in (blob, path):
         r = meter.time_onnx(source, key="m")
         assert isinstance(r, LatencyResult) and r.median_ms > 0 and r.batch_size == 2 and r.runtime == "onnxruntime"
-    with pytest.raises(UserError, match="onnxruntime"):
+    with pytest.raises(ValueError, match="onnxruntime"):
         LatencyMeter("torch").time_onnx(blob)
 
 
@@ -95,13 +77,14 @@ def test_retime_interleaves_several_students(runtime: str) -> None:
 def test_int8_precision_times_the_quantised_model(tmp_path: Path, timed_onnx: list) -> None:
     # --latency-precision int8: what the meter hands ONNX Runtime is the INT8 (QDQ) model, both for a trial's
     # measurement and for the front's re-timing; fp32 and int8 figures live under different signatures.
-    from autokd.int8 import quantized_op_counts
+    from autokd.latency.quantize import quantized_op_counts
 
     timed = timed_onnx
     spec = tiny_spec()
     fp32 = LatencyMeter("onnxruntime", cache=LatencyCache(tmp_path), **FAST)
     q = LatencyMeter("onnxruntime", cache=LatencyCache(tmp_path), precision="INT8", **FAST)
-    assert q.precision == "int8" and q.signature() == fp32.signature() + "-int8"
+    assert q.precision == "int8" and fp32.signature().endswith("-fp32")
+    assert q.signature() == fp32.signature()[:-len("fp32")] + "int8"
     assert q.signature_info() == {**fp32.signature_info(), "precision": "int8"}
     assert fp32.signature_info()["precision"] == "fp32" and "int8 model" in q.describe()
 
@@ -129,3 +112,63 @@ def test_int8_precision_needs_onnxruntime() -> None:
         LatencyMeter("torch", precision="int8")
     with pytest.raises(UserError, match="--latency-precision 'fp16'"):
         LatencyMeter("onnxruntime", precision="fp16")
+
+
+def test_the_study_record_keeps_the_first_measurement_of_each_architecture(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a storage several machines share, `StudyLatency` wraps each worker's meter: the first measurement of an
+    architecture recorded in the study is the one every worker uses."""
+    import dataclasses
+
+    import optuna
+
+    from autokd.latency.pinning import StudyLatency
+
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    spec = tiny_spec()
+    result, hit = StudyLatency(study, LatencyMeter("torch", cache=LatencyCache(tmp_path / "a"), **FAST)).measure(spec)
+    assert not hit
+    other = StudyLatency(study, LatencyMeter("torch", cache=LatencyCache(tmp_path / "b"), **FAST))
+    again, hit = other.measure(spec)  # another machine of the same kind: the study's figure, nothing timed there
+    assert hit and again == result and not (tmp_path / "b").exists()
+
+    wider = tiny_spec(width=0.5)
+    theirs = dataclasses.replace(result, key=wider.key, median_ms=123.0)
+
+    def measured_while_another_recorded(spec: object, model: object = None) -> tuple[LatencyResult, bool]:
+        other.put(wider.key, theirs)  # another worker records its measurement meanwhile
+        return dataclasses.replace(result, key=wider.key), False
+
+    monkeypatch.setattr(other.meter, "measure", measured_while_another_recorded)
+    assert other.measure(wider) == (theirs, False)
+
+
+def test_study_latency_records_one_figure_when_two_workers_put_at_once(tmp_path: Path) -> None:
+    # Two workers that measured the same architecture at the same time: with the study lock, the second one's
+    # "record unless recorded" sees the first one's figure and adopts it (both then use one latency).
+    import threading
+
+    import optuna
+
+    from autokd.latency.pinning import StudyLatency
+    from autokd.utils.locks import file_lock
+
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    meter = LatencyMeter("onnxruntime", cache=LatencyCache(tmp_path), **FAST)
+    lock = lambda: file_lock(tmp_path / "study.lock")  # noqa: E731
+    results: list[LatencyResult] = []
+    start = threading.Barrier(2)
+
+    def worker(ms: float) -> None:
+        shared = StudyLatency(study, meter, lock=lock)
+        start.wait()
+        results.append(shared.put("arch", LatencyResult(median_ms=ms, iqr_ms=0.0, runs=1, batch_size=1, threads=1,
+                                                        device="cpu", host="h", params=0, macs=0, key="arch")))
+
+    threads = [threading.Thread(target=worker, args=(ms,)) for ms in (1.0, 2.0)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert len(results) == 2 and results[0].median_ms == results[1].median_ms
+    assert StudyLatency(study, meter).get("arch").median_ms == results[0].median_ms

@@ -1,6 +1,7 @@
 """`autokd latency-server` as a real process on 127.0.0.1: contract, security, and its use by a search."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
@@ -10,21 +11,20 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import onnx
 import pytest
+from conftest import free_port, repo_pythonpath
 from onnx import TensorProto, helper, numpy_helper
 
 from autokd.errors import UserError
-from autokd.latency_remote import RemoteLatencyError, RemoteTarget, validate_target_url
-from autokd.latency_server import LatencyHTTPServer
-from autokd.onnx_guard import external_data_reason
-from tests.conftest import repo_pythonpath, free_port
+from autokd.latency.remote.client import RemoteLatencyError, RemoteTarget, validate_target_url
+from autokd.latency.remote.guard import external_data_reason
+from autokd.latency.remote.server import LatencyHTTPServer
 
 TOKEN = "s3cret-token"
-REPO = Path(__file__).resolve().parents[1]
 
 
 def matmul_model(size: int = 16) -> onnx.ModelProto:
@@ -38,8 +38,8 @@ def matmul_model(size: int = 16) -> onnx.ModelProto:
 
 
 def start_server(port: int, *extra: str, token: str | None = TOKEN) -> subprocess.Popen:
-    """`python -m autokd.latency_server` on 127.0.0.1:port, waited for until /health answers."""
-    cmd = [sys.executable, "-m", "autokd.latency_server", "--port", str(port), *extra]
+    """`python -m autokd.latency.remote.server` on 127.0.0.1:port, waited for until /health answers."""
+    cmd = [sys.executable, "-m", "autokd.latency.remote.server", "--port", str(port), *extra]
     if token is not None:
         cmd += ["--token", token]
     env = dict(os.environ, PYTHONPATH=repo_pythonpath())
@@ -148,10 +148,35 @@ def test_a_non_loopback_bind_without_a_token_is_refused() -> None:
     assert done.returncode == 2 and "without a token" in done.stderr
 
 
+def test_both_entry_points_take_the_same_options(capsys: pytest.CaptureFixture[str]) -> None:
+    """`autokd latency-server` and `python -m autokd.latency.remote.server` share one definition of the options:
+    the same flags, help, defaults and checks."""
+    from autokd import cli
+    from autokd.latency.remote import server as latency_server
+
+    def run(parse: Callable[[list[str]], argparse.Namespace], argv: list[str]) -> tuple[int, str]:
+        with pytest.raises(SystemExit) as exited:
+            parse(argv)
+        out = capsys.readouterr()
+        return int(exited.value.code or 0), out.out + out.err
+
+    standalone = latency_server.build_parser().parse_args
+
+    def subcommand(argv: list[str]) -> argparse.Namespace:
+        return cli.build_parser().parse_args(["latency-server", *argv])
+
+    helps = [run(parse, ["--help"])[1].split("\n\n", 1)[1] for parse in (standalone, subcommand)]
+    assert helps[0] == helps[1] and "--max-bytes" in helps[0] and "--token" in helps[0]
+    assert vars(standalone([])) == {k: v for k, v in vars(subcommand([])).items() if k not in ("command", "root")}
+    for parse in (standalone, subcommand):
+        code, err = run(parse, ["--max-bytes", "0"])
+        assert code == 2 and "'0' must be >= 1" in err
+
+
 def test_the_server_imports_neither_torch_nor_timm() -> None:
     code = (
         "import sys, json, threading, urllib.request\n"
-        "from autokd.latency_server import LatencyHTTPServer\n"
+        "from autokd.latency.remote.server import LatencyHTTPServer\n"
         "import numpy as np\n"
         "from onnx import TensorProto, helper, numpy_helper\n"
         "w = numpy_helper.from_array(np.ones((8, 8), dtype=np.float32), 'W')\n"
@@ -169,8 +194,7 @@ def test_the_server_imports_neither_torch_nor_timm() -> None:
         "print('HEAVY', bad)\n"
     )
     env = dict(os.environ, PYTHONPATH=repo_pythonpath())
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
-                          cwd=REPO)
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "HEAVY []" in done.stdout
 
@@ -178,7 +202,7 @@ def test_the_server_imports_neither_torch_nor_timm() -> None:
 def test_client_validates_the_url_and_reports_an_unreachable_target() -> None:
     with pytest.raises(UserError, match="HOST:PORT"):
         validate_target_url("127.0.0.1:8765")
-    target = RemoteTarget(f"http://127.0.0.1:{free_port()}", TOKEN, retry_delays_s=(0.05, 0.05), log=lambda _: None)
+    target = RemoteTarget(f"http://127.0.0.1:{free_port()}", TOKEN, retry_delays_s=(0.05, 0.05))
     with pytest.raises(UserError, match="unreachable"):
         target.check(threads=1)
     with pytest.raises(RemoteLatencyError, match="unreachable after 3 attempts"):
@@ -233,7 +257,7 @@ def health(url: str) -> dict:
 def load_study(tmp_path: Path):  # noqa: ANN201 - optuna.Study
     import optuna
 
-    from autokd.study import make_storage
+    from autokd.study.store import make_storage
 
     return optuna.load_study(study_name="digits-remote", storage=make_storage(None, tmp_path / "studies"))
 

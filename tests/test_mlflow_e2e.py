@@ -19,18 +19,17 @@ from typing import Any
 
 import optuna
 import pytest
-
-from autokd import objective
-from autokd.search import run_search
-from autokd.study import make_storage
-from autokd.tracking import default_tracking_uri, make_tracker
-from autokd.trials import trial_state
 from conftest import free_port, mlflow_rest, repo_pythonpath, split_runs
 from test_search import TINY_SPACE, settings
 
+from autokd.search import objective
+from autokd.search.run import run_search
+from autokd.study.record import trial_state
+from autokd.study.store import make_storage
+from autokd.tracking import default_tracking_uri, make_tracker
+
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
 FAIL_TRIAL = 2  # the trial the first search fails on purpose (after one trained epoch)
 STALLED_TRIAL = 4  # the trial that reports 0 accuracy, so that it is pruned at its first rung
 
@@ -161,7 +160,7 @@ def test_every_trial_in_mlflow_server(tmp_path: Path, tiny_teacher: tuple[str, P
     _inject_faults(monkeypatch, seed)
     s = settings(tmp_path, tiny_teacher, space, budget=6, study=name, mlflow=True, tracking_uri=mlflow_server,
                  seed=seed)
-    summary = run_search(s, log=lambda msg: None)
+    summary = run_search(s)
     study = optuna.load_study(study_name=name, storage=make_storage(None, tmp_path / "studies"))
     states = [trial_state(t) for t in study.trials]
     assert len(states) == 6 and states[FAIL_TRIAL] == "FAIL", states
@@ -189,7 +188,7 @@ def test_every_trial_in_mlflow_server(tmp_path: Path, tiny_teacher: tuple[str, P
     # A second invocation (top-up) reuses the parent run; its new trials are rejected on latency (INFEASIBLE).
     monkeypatch.undo()
     run_search(settings(tmp_path, tiny_teacher, space, budget=8, study=name, mlflow=True,
-                        tracking_uri=mlflow_server, seed=seed, max_latency_ms=1e-6), log=lambda msg: None)
+                        tracking_uri=mlflow_server, seed=seed, max_latency_ms=1e-6))
     study = optuna.load_study(study_name=name, storage=make_storage(None, tmp_path / "studies"))
     assert [trial_state(t) for t in study.trials][6:] == ["INFEASIBLE", "INFEASIBLE"]
     assert _check_study(mlflow_server, study, tiny_teacher[0]) == parent_id
@@ -374,8 +373,7 @@ def test_report_and_export_fetch_checkpoints_from_mlflow(tmp_path: Path, tiny_te
     space = tmp_path / "tiny.yaml"
     space.write_text(TINY_SPACE)
     name, root = "fetch", tmp_path / "studies"
-    run_search(settings(tmp_path, tiny_teacher, space, budget=3, study=name, mlflow=True, prune=False),
-               log=lambda msg: None)
+    run_search(settings(tmp_path, tiny_teacher, space, budget=3, study=name, mlflow=True, prune=False))
     study = optuna.load_study(study_name=name, storage=make_storage(None, root))
     complete = [t.number for t in study.trials if trial_state(t) == "COMPLETE"]
     assert complete

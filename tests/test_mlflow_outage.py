@@ -14,15 +14,14 @@ from typing import Any
 
 import optuna
 import pytest
-
-from autokd.study import make_storage
-from autokd.trials import trial_state
 from conftest import _mlflow_cli, free_port, repo_pythonpath, split_runs
 from test_search import TINY_SPACE
 
+from autokd.study.record import trial_state
+from autokd.study.store import make_storage
+
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _start_server(root: Path, port: int) -> subprocess.Popen:
@@ -146,8 +145,8 @@ def test_outage_mid_run_is_replayed_in_order_when_the_store_answers(tmp_path: Pa
 
     from mlflow.tracking import MlflowClient
 
-    from autokd import _mlflow_tracking, tracking
-
+    from autokd import tracking
+    from autokd.tracking import _mlflow as _mlflow_tracking
     monkeypatch.setattr(_mlflow_tracking, "PROBE_INTERVAL_S", 0.0)
     root = tmp_path / "studies"
     tracker = tracking.make_tracker(None, True, root, "flaky")

@@ -7,12 +7,12 @@ import time
 from pathlib import Path
 
 import pytest
-
-from autokd._mlflow_tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG
-from autokd.cli import main
-from autokd.search import run_search
 from browser import Browser, chromium
 from test_search import TINY_SPACE, settings
+
+from autokd.cli import main
+from autokd.search.run import run_search
+from autokd.tracking._mlflow import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG
 
 pytestmark = pytest.mark.slow
 

@@ -10,15 +10,15 @@ from pathlib import Path
 
 import optuna
 import pytest
+from browser import chromium
+from test_search import TINY_SPACE, settings
 
 from autokd.cli import main
 from autokd.errors import UserError
-from autokd.pareto import TrialPoint, front_points
-from autokd.report import write_report, zoom_ranges
-from autokd.search import run_search
-from autokd.study import make_storage
-from browser import chromium
-from test_search import TINY_SPACE, settings
+from autokd.report.render import write_report, zoom_ranges
+from autokd.search.run import run_search
+from autokd.select.pareto import TrialPoint, front_points
+from autokd.study.store import make_storage
 
 
 def _default_like_points() -> list[TrialPoint]:
@@ -32,7 +32,7 @@ def _default_like_points() -> list[TrialPoint]:
         params = {"family": family, "width": round(rng.uniform(0.25, 0.75), 2), "loss": rng.choice(["ce", "kd"]),
                   "lr": round(rng.uniform(0.002, 0.02), 4)}
         if rng.random() < 0.55:
-            points.append(TrialPoint(n, "PRUNED", None, lat, params, extra={"last_val_acc": rng.uniform(0.08, 0.5)}))
+            points.append(TrialPoint(n, "PRUNED", None, lat, params, last_val_acc=rng.uniform(0.08, 0.5)))
         else:
             acc = min(0.99, 0.93 + 0.03 * math.log(lat) + rng.uniform(-0.03, 0.01))
             points.append(TrialPoint(n, "COMPLETE", acc, lat, params, None))
@@ -49,7 +49,7 @@ def test_zoom_shows_the_front_not_the_pruned(tmp_path: Path) -> None:
     assert y_hi - y_lo < 0.15 and y_lo > 0.5  # not the 0-100 % axis the pruned students force
     assert y_hi - y_lo >= max(accs) - min(accs)
     pruned = [p for p in points if p.state == "PRUNED"]
-    assert all(p.extra["last_val_acc"] < y_lo for p in pruned)
+    assert all(p.last_val_acc < y_lo for p in pruned)
     assert zoom_ranges(points, []) is None
 
     write_report(points, tmp_path, title="zoom")
@@ -61,6 +61,7 @@ def test_zoom_shows_the_front_not_the_pruned(tmp_path: Path) -> None:
         assert key in text
 
 
+@pytest.mark.slow
 def test_zoomed_report_renders_in_headless_browser(tmp_path: Path) -> None:
     browser = chromium()
     if browser is None:
@@ -76,24 +77,26 @@ def test_zoomed_report_renders_in_headless_browser(tmp_path: Path) -> None:
     assert "the front and the students near it" in dom.stdout
 
 
+@pytest.mark.slow
 def test_resume_with_other_epochs_is_refused(tmp_path: Path, tiny_teacher: tuple[str, Path]) -> None:
     space = tmp_path / "tiny.yaml"
     space.write_text(TINY_SPACE)
-    run_search(settings(tmp_path, tiny_teacher, space, budget=1, epochs=2), log=lambda msg: None)
+    run_search(settings(tmp_path, tiny_teacher, space, budget=1, epochs=2))
     journal = tmp_path / "studies" / "optuna.journal"
     before = journal.read_bytes()
     with pytest.raises(UserError, match=r"created with 2 epochs per trial, this run asks for 3.*--epochs 2"):
-        run_search(settings(tmp_path, tiny_teacher, space, budget=2, epochs=3), log=lambda msg: None)
+        run_search(settings(tmp_path, tiny_teacher, space, budget=2, epochs=3))
     assert journal.read_bytes() == before  # the study is unchanged
     # Without --epochs the space's 4 epochs are asked for: refused too; the same 2 resume.
     with pytest.raises(UserError, match="created with 2 epochs"):
-        run_search(settings(tmp_path, tiny_teacher, space, budget=2), log=lambda msg: None)
-    run_search(settings(tmp_path, tiny_teacher, space, budget=2, epochs=2), log=lambda msg: None)
+        run_search(settings(tmp_path, tiny_teacher, space, budget=2))
+    run_search(settings(tmp_path, tiny_teacher, space, budget=2, epochs=2))
     study = optuna.load_study(study_name="digits-tiny", storage=make_storage(None, tmp_path / "studies"))
     assert len(study.trials) == 2 and study.user_attrs["epochs"] == 2
     assert study.metric_names == ["val_acc", "latency_ms"]  # named for optuna-dashboard and every Optuna tool
 
 
+@pytest.mark.slow
 def test_cli_resume_with_other_epochs_exits_2(tmp_path: Path, tiny_teacher: tuple[str, Path],
                                               capsys: pytest.CaptureFixture[str]) -> None:
     space = tmp_path / "tiny.yaml"
@@ -129,7 +132,7 @@ def test_next_steps_name_the_ui_with_mlflow() -> None:
     import argparse
 
     from autokd.cli import _next_steps
-    from autokd.search import SearchSummary
+    from autokd.search.run import SearchSummary
 
     args = argparse.Namespace(root=None, storage=None, no_mlflow=False, tracking_uri=None)
     text = _next_steps(args, SearchSummary(study_name="digits-default", study_dir=Path("studies/digits-default")))

@@ -2,18 +2,20 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import optuna
 import pytest
 from optuna.trial import TrialState
 
-from autokd import objective
-from autokd.data import TrainViews, load_dataset
-from autokd.latency import LatencyMeter
-from autokd.objective import TrialContext, run_trial
-from autokd.space import load_space
+from autokd.config import SearchSettings
+from autokd.latency.meter import LatencyMeter
+from autokd.model.data import TrainViews, load_dataset
+from autokd.model.space import load_space
+from autokd.search import objective
+from autokd.search.objective import TrialContext, run_trial
+from autokd.study.record import sampled_params, trial_state
 from autokd.tracking import Tracker, TrialRun
-from autokd.trials import sampled_params, trial_state
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -68,9 +70,10 @@ def context(tmp_path: Path, data, **overrides: object) -> TrialContext:  # type:
     path = tmp_path / "unit.yaml"
     path.write_text(SPACE)
     space = load_space(path)
-    base = dict(space=space, data=data, teacher_outputs=None, teacher_arch="none", views=TrainViews(num_views=space.views),
+    base = dict(settings=SearchSettings(device="cpu"), space=space, data=data, teacher_outputs=None,
+                teacher_arch="none", views=TrainViews(num_views=space.views),
                 latency=LatencyMeter("onnxruntime", "cpu", rounds=3, runs=2, warmup=1), tracker=RecordingTracker(),
-                parent_run_id=None, trials_dir=tmp_path / "trials", device="cpu", log=lambda msg: None)
+                parent_run_id=None, trials_dir=tmp_path / "trials", device="cpu")
     base.update(overrides)
     return TrialContext(**base)  # type: ignore[arg-type]
 
@@ -97,7 +100,7 @@ def test_complete_trial(tmp_path: Path, data, timed_onnx: list) -> None:  # type
 
 def test_infeasible_trial_is_measured_but_never_trained(tmp_path: Path, data,  # type: ignore[no-untyped-def]
                                                         timed_onnx: list) -> None:
-    study, ctx = new_study(), context(tmp_path, data, max_latency_ms=1e-6)
+    study, ctx = new_study(), context(tmp_path, data, settings=SearchSettings(device="cpu", max_latency_ms=1e-6))
     outcome = run_trial(study, study.ask(), ctx)
     ft = study.trials[0]
     assert outcome.state == "INFEASIBLE" and outcome.reason.startswith("latency ")
@@ -158,3 +161,22 @@ def test_a_fatal_error_requeues_the_trial_and_propagates(tmp_path: Path, data,  
     assert retry.user_attrs == {"retry_of": 0}
     state, reason = ctx.tracker.runs[0].ended[0]
     assert state == "FAIL" and reason == first.user_attrs["fail_reason"]
+
+
+def test_stopwatch_sections_leave_out_their_inner_sections(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The trial's figures add up: time in a section inside another counts once, in the inner one; a section the
+    block leaves by raising (a pruned trial) is timed too; a name timed twice adds up; elapsed() is everything."""
+    now = [0.0]
+    monkeypatch.setattr(objective, "time", SimpleNamespace(perf_counter=lambda: now[0]))
+    watch = objective.Stopwatch()
+    with watch.section("train_s"):
+        now[0] += 5.0
+        with watch.section("epoch_bookkeeping_s"):
+            now[0] += 2.0
+            with watch.section("tracking_s"):
+                now[0] += 1.0
+    with pytest.raises(optuna.TrialPruned), watch.section("tracking_s"):
+        now[0] += 0.5
+        raise optuna.TrialPruned
+    assert watch.times == {"train_s": 5.0, "epoch_bookkeeping_s": 2.0, "tracking_s": 1.5}
+    assert watch.elapsed() == 8.5

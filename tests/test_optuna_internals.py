@@ -9,8 +9,8 @@ import optuna
 import pytest
 from optuna.storages import RDBStorage
 
-from autokd.optuna_internals import stale_trial_ids, storage_of, trial_id
-from autokd.study import make_storage
+from autokd._internals.optuna import stale_trial_ids, storage_of, trial_id
+from autokd.study.store import make_storage
 
 DIRECTIONS = ["maximize", "minimize"]
 # Heartbeats outside study.optimize are what the worker loop does (autokd.study.start_heartbeat).

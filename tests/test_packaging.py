@@ -8,21 +8,20 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import REPO_ROOT
 
-from autokd.builtin_spaces import builtin_spaces, resolve_space
 from autokd.cli import main
 from autokd.errors import UserError
-from autokd.space import load_space
-
-REPO = Path(__file__).resolve().parents[1]
+from autokd.model.space import load_space
+from autokd.spaces import builtin_spaces, resolve_space
 
 
 def test_builtin_spaces_are_the_documented_examples() -> None:
     spaces = builtin_spaces()
     assert {"default", "cifar_gpu"} <= set(spaces)
     # One set of files: the repository's search_spaces/ is the package's folder, not a copy that can drift.
-    examples = REPO / "search_spaces"
-    assert examples.resolve() == (REPO / "autokd" / "spaces").resolve()
+    examples = REPO_ROOT / "search_spaces"
+    assert examples.resolve() == (REPO_ROOT / "autokd" / "spaces").resolve()
     assert {p.stem for p in examples.glob("*.yaml")} == set(spaces)
     for name, path in spaces.items():
         assert load_space(path).students, name
@@ -52,8 +51,8 @@ def test_wheel_installs_and_searches_from_an_empty_directory(tmp_path: Path, tin
     src = tmp_path / "src"  # build from a copy: pip builds in place and would leave build/ in the checkout
     src.mkdir()
     for name in ("pyproject.toml", "README.md"):
-        shutil.copy(REPO / name, src / name)
-    shutil.copytree(REPO / "autokd", src / "autokd", ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copy(REPO_ROOT / name, src / name)
+    shutil.copytree(REPO_ROOT / "autokd", src / "autokd", ignore=shutil.ignore_patterns("__pycache__"))
     wheels = tmp_path / "wheels"
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
                     "-q", "-w", str(wheels), str(src)], check=True, cwd=tmp_path, timeout=300)
@@ -62,7 +61,7 @@ def test_wheel_installs_and_searches_from_an_empty_directory(tmp_path: Path, tin
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "-q", "--target", str(site),
                     str(wheel)], check=True, cwd=tmp_path, timeout=300)
     shutil.rmtree(src)
-    assert sorted(p.name for p in (site / "autokd" / "spaces").iterdir()) == ["cifar_gpu.yaml", "default.yaml"]
+    assert sorted(p.name for p in (site / "autokd" / "spaces").glob("*.yaml")) == ["cifar_gpu.yaml", "default.yaml"]
 
     empty = tmp_path / "empty"
     empty.mkdir()

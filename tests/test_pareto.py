@@ -4,8 +4,7 @@ import math
 
 import pytest
 
-from autokd.errors import UserError
-from autokd.pareto import (
+from autokd.select.pareto import (
     TrialPoint,
     front_points,
     hypervolume,
@@ -85,7 +84,7 @@ def test_fronts_are_the_dominance_definition() -> None:
     """The sweep behind both front functions gives what pairwise ``dominates`` tests give (ties included)."""
     import random
 
-    from autokd.pareto import dominates
+    from autokd.select.pareto import dominates
 
     rng = random.Random(0)
     for _ in range(300):
@@ -184,9 +183,9 @@ def test_recommend_tolerance_edges() -> None:
     assert r_exact["fastest_within_tolerance"].number == 1  # exactly 1 pp below (float-safe)
     r_big = recommend(FRONT, tolerance_pp=50.0)
     assert r_big["fastest_within_tolerance"].number == 1
-    with pytest.raises(UserError, match="tolerance"):
+    with pytest.raises(ValueError, match="tolerance"):
         recommend(FRONT, tolerance_pp=-1.0)
-    with pytest.raises(UserError, match="max latency"):
+    with pytest.raises(ValueError, match="max latency"):
         recommend(FRONT, max_latency_ms=0.0)
 
 
@@ -197,7 +196,7 @@ def test_recommend_filters_non_front_points() -> None:
 
 
 def test_wilson_interval_and_ties() -> None:
-    from autokd.pareto import tied, ties, wilson_interval
+    from autokd.select.pareto import tied, ties, wilson_interval
 
     lo, hi = wilson_interval(0.9, 360)
     assert lo < 0.9 < hi and hi - lo == pytest.approx(0.0622, abs=2e-3)
@@ -214,9 +213,9 @@ def test_knee_is_settled_among_tied_points_by_parameters() -> None:
     # The knee by medians is trial 2; trial 1 is tied with it on both axes and smaller: recommended instead.
     pts = [TrialPoint(0, "COMPLETE", 0.50, 0.5, acc_ci=(0.45, 0.55), latency_ci=(0.49, 0.51)),
            TrialPoint(1, "COMPLETE", 0.89, 0.99, acc_ci=(0.86, 0.92), latency_ci=(0.97, 1.01),
-                      extra={"param_count": 10}),
+                      param_count=10),
            TrialPoint(2, "COMPLETE", 0.90, 1.0, acc_ci=(0.87, 0.93), latency_ci=(0.98, 1.02),
-                      extra={"param_count": 99}),
+                      param_count=99),
            TrialPoint(3, "COMPLETE", 0.92, 5.0, acc_ci=(0.90, 0.94), latency_ci=(4.9, 5.1))]
     assert recommend(pts)["knee"].number == 1
     for p in pts:

@@ -12,11 +12,10 @@ from typing import Any
 
 import pytest
 
-from autokd import processes
 from autokd.config import SearchSettings
-from autokd.devices import CUDA_ENV, WorkerSlot
 from autokd.errors import Interrupted
-from autokd.processes import (
+from autokd.search import processes
+from autokd.search.processes import (
     SETTINGS_ENV,
     in_storage_call,
     settings_from_json,
@@ -24,6 +23,7 @@ from autokd.processes import (
     sigterm_interrupts,
     worker_settings,
 )
+from autokd.utils.devices import CUDA_ENV, WorkerSlot
 
 
 def test_settings_travel_as_json() -> None:

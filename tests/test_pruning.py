@@ -5,8 +5,7 @@ import math
 
 import pytest
 
-from autokd.errors import UserError
-from autokd.pruning import (
+from autokd.select.pruning import (
     PruneDecision,
     RungRecord,
     decide,
@@ -47,7 +46,7 @@ def test_rung_epochs_defaults() -> None:
 
 @pytest.mark.parametrize("kwargs", [{"max_epochs": 0}, {"max_epochs": 9, "min_epoch": 0}, {"max_epochs": 9, "eta": 1}])
 def test_rung_epochs_rejects_bad_values(kwargs: dict) -> None:
-    with pytest.raises(UserError, match=r"pruning (max_epochs|min_epoch|eta)"):
+    with pytest.raises(ValueError, match=r"pruning (max_epochs|min_epoch|eta)"):
         rung_epochs(**kwargs)
 
 
@@ -133,9 +132,9 @@ def test_duplicate_records_of_one_peer_count_once() -> None:
 
 def test_min_peers_zero_and_bad_args() -> None:
     assert not should_prune(rec(1, 0.1, 9.0), [], min_peers=0)  # alone: n=1, keep=1, first front
-    with pytest.raises(UserError, match="eta"):
+    with pytest.raises(ValueError, match="eta"):
         should_prune(rec(1, 0.1, 9.0), [], eta=1)
-    with pytest.raises(UserError, match="min_peers"):
+    with pytest.raises(ValueError, match="min_peers"):
         should_prune(rec(1, 0.1, 9.0), [], min_peers=-1)
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from autokd.pareto import TrialPoint
-from autokd.report import ReportResult, format_front_table, write_report
+from autokd.report.render import ReportResult, format_front_table, write_report
+from autokd.select.pareto import TrialPoint
 
 FILES = ["report.html", "pareto.png", "front.csv", "summary.md"]
 
@@ -24,7 +24,7 @@ def make_points() -> list[TrialPoint]:
         TrialPoint(104, "COMPLETE", 0.94, 9.0, {"family": "vit", "width": 1.0, "loss": "hint", "opt": {"lr": 0.01}}, None),
         TrialPoint(105, "COMPLETE", 0.80, 3.0, {"family": "regnet", "width": 0.5, "loss": "mse"}, 0.79),
         TrialPoint(106, "COMPLETE", 0.85, 6.5, {"family": "efficientnet", "width": 0.5, "loss": "ce"}, 0.84),
-        TrialPoint(107, "PRUNED", None, 2.2, {"family": "resnet", "width": 0.25, "loss": "kd"}, extra={"last_val_acc": 0.42}),
+        TrialPoint(107, "PRUNED", None, 2.2, {"family": "resnet", "width": 0.25, "loss": "kd"}, last_val_acc=0.42),
         TrialPoint(108, "PRUNED", None, 5.0, {"family": "vit", "width": 0.5, "loss": "kd"}),  # no last accuracy
         TrialPoint(109, "FAIL", None, 3.3, {"family": "convnext", "width": 1.0, "loss": "dkd"}),
         TrialPoint(110, "INFEASIBLE", None, 40.0, {"family": "vit", "width": 1.0, "loss": "kd"}),
@@ -123,7 +123,7 @@ def test_hv_ref_override_and_empty_study(tmp_path: Path) -> None:
     assert res.recommendations["best_under_latency"] is None
     assert "given by the caller" in (tmp_path / "a" / "summary.md").read_text()
 
-    only_bad = [TrialPoint(1, "PRUNED", None, 2.0, {}, extra={"last_val_acc": 0.3}), TrialPoint(2, "FAIL", None, None, {})]
+    only_bad = [TrialPoint(1, "PRUNED", None, 2.0, {}, last_val_acc=0.3), TrialPoint(2, "FAIL", None, None, {})]
     res2 = write_report(only_bad, tmp_path / "b", title="empty")
     assert res2.front == [] and res2.hypervolume == 0.0
     assert all(v is None for v in res2.recommendations.values())
@@ -139,6 +139,7 @@ def _chromium() -> str | None:
     return None
 
 
+@pytest.mark.slow
 def test_report_renders_in_headless_browser(report: tuple[ReportResult, Path], tmp_path: Path) -> None:
     browser = _chromium()
     if browser is None:
@@ -171,11 +172,11 @@ def test_intervals_and_ties_in_every_report_file(tmp_path: Path) -> None:
     # Trials 1 and 2 overlap on both axes (tied); 3 is clearly slower and more accurate. 2 is faster than 1 by less
     # than their intervals and has more parameters: "fastest" must not choose it on that difference.
     pts = [
-        TrialPoint(1, "COMPLETE", 0.905, 1.00, {"family": "resnet"}, extra={"param_count": 1000},
+        TrialPoint(1, "COMPLETE", 0.905, 1.00, {"family": "resnet"}, param_count=1000,
                    acc_ci=(0.875, 0.935), latency_ci=(0.97, 1.03)),
-        TrialPoint(2, "COMPLETE", 0.900, 0.99, {"family": "regnet"}, extra={"param_count": 5000},
+        TrialPoint(2, "COMPLETE", 0.900, 0.99, {"family": "regnet"}, param_count=5000,
                    acc_ci=(0.87, 0.93), latency_ci=(0.96, 1.02)),
-        TrialPoint(3, "COMPLETE", 0.990, 3.00, {"family": "vit"}, extra={"param_count": 9000},
+        TrialPoint(3, "COMPLETE", 0.990, 3.00, {"family": "vit"}, param_count=9000,
                    acc_ci=(0.97, 0.997), latency_ci=(2.9, 3.1)),
     ]
     res = write_report(pts, tmp_path, title="ties", tolerance_pp=10.0)
@@ -197,11 +198,11 @@ def test_intervals_and_ties_in_every_report_file(tmp_path: Path) -> None:
 
 def test_int8_study_shows_fp32_and_int8_test_accuracy(tmp_path: Path) -> None:
     # A --latency-precision int8 study: study_report puts each front member's fp32 and INT8 test accuracy (ONNX
-    # Runtime) into extra; every report file shows them as their own columns. Without them, no such columns.
+    # Runtime) into its fields; every report file shows them as their own columns. Without them, no such columns.
     q = {"fp32_test_acc": 0.9125, "int8_test_acc": 0.9050}
-    pts = [TrialPoint(1, "COMPLETE", 0.90, 1.0, {"family": "resnet"}, 0.91, extra=dict(q)),
+    pts = [TrialPoint(1, "COMPLETE", 0.90, 1.0, {"family": "resnet"}, 0.91, **q),
            TrialPoint(2, "COMPLETE", 0.95, 2.0, {"family": "vit"}, 0.94,
-                      extra={"fp32_test_acc": 0.9375, "int8_test_acc": 0.875}),
+                      fp32_test_acc=0.9375, int8_test_acc=0.875),
            TrialPoint(3, "COMPLETE", 0.50, 3.0, {"family": "regnet"}, None)]  # dominated: not computed
     res = write_report(pts, tmp_path, title="int8")
     with open(tmp_path / "front.csv", newline="") as f:
@@ -222,3 +223,32 @@ def test_int8_study_shows_fp32_and_int8_test_accuracy(tmp_path: Path) -> None:
     plain = write_report([TrialPoint(1, "COMPLETE", 0.9, 1.0, {"family": "resnet"}, 0.91)], tmp_path / "p", title="p")
     assert "int8" not in (tmp_path / "p" / "front.csv").read_text() + (tmp_path / "p" / "summary.md").read_text()
     assert "int8" not in format_front_table(plain.front, plain.recommendations)
+
+
+def test_every_table_of_the_front_has_the_same_columns(report: tuple[ReportResult, Path]) -> None:
+    # One column definition drives them: the terminal and summary.md show the same headers; report.html's front table
+    # shows them too (plus its first measurement), one column per parameter in place of "params".
+    result, out = report
+    terminal = re.split(r"\s{2,}", format_front_table(result.front, result.recommendations).splitlines()[0].strip())
+    md_header = next(line for line in (out / "summary.md").read_text().splitlines() if line.startswith("| trial"))
+    markdown = [h.strip() for h in md_header.strip("|").split("|")]
+    page = (out / "report.html").read_text()
+    front_table = page.split("<h2>Pareto front")[1].split("</table>")[0]
+    html_headers = re.findall(r"<th>(.*?)</th>", front_table)
+    assert terminal == markdown and markdown[-1] == "params"
+    assert [h for h in html_headers if h != "first ms"][:len(markdown) - 1] == markdown[:-1]
+    assert "family" in html_headers[len(markdown):] and "first ms" in html_headers
+
+
+def test_ties_are_computed_once_per_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from autokd.report import render
+
+    calls = []
+    real = render.ties
+    monkeypatch.setattr(render, "ties", lambda front: calls.append(len(front)) or real(front))
+    pts = [TrialPoint(1, "COMPLETE", 0.905, 1.00, {}, acc_ci=(0.875, 0.935), latency_ci=(0.97, 1.03)),
+           TrialPoint(2, "COMPLETE", 0.900, 0.99, {}, acc_ci=(0.87, 0.93), latency_ci=(0.96, 1.02))]
+    res = write_report(pts, tmp_path, title="ties")
+    assert calls == [2] and res.ties == {1: [2], 2: [1]}
+    rows = format_front_table(res.front, res.recommendations, res.ties).splitlines()[2:]
+    assert calls == [2] and [r.split()[6] for r in rows] == ["1", "2"]  # the report's ties, not computed again

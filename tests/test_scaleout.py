@@ -6,6 +6,7 @@ worker is found by its missing heartbeats (1 s interval, 3 s grace period here i
 """
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import signal
@@ -17,15 +18,14 @@ from typing import Any, Iterator
 
 import optuna
 import pytest
+from conftest import repo_pythonpath
 from optuna.trial import TrialState
+from test_search import TINY_SPACE
 
 from autokd.cli import main
-from autokd.study import ask_with_heartbeat, budget_used, fail_stale_trials, make_storage
-from autokd.trials import REQUEUED_ATTR
-from test_search import TINY_SPACE
-from conftest import repo_pythonpath
+from autokd.study.record import REQUEUED_ATTR
+from autokd.study.store import ask_with_heartbeat, budget_used, fail_stale_trials, make_storage
 
-REPO = Path(__file__).resolve().parents[1]
 PG = {"host": "127.0.0.1", "port": 5432}
 FAST_HEARTBEAT = {"AUTOKD_HEARTBEAT_INTERVAL": "1", "AUTOKD_HEARTBEAT_GRACE": "3"}
 
@@ -81,6 +81,7 @@ def load(url: str, name: str) -> optuna.Study:
 # ----------------------------------------------------------------------------------------------------------
 
 @pytest.mark.postgres
+@pytest.mark.slow
 def test_stale_trial_is_failed_requeued_once(pg_url: str, fast_heartbeat: None,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AUTOKD_HEARTBEAT_GRACE", "2")
@@ -280,43 +281,45 @@ class _Study:
         self.user_attrs[key] = value
 
 
-def test_latency_device_is_pinned_and_mixing_needs_the_flag() -> None:
+def test_latency_device_is_pinned_and_mixing_needs_the_flag(caplog: pytest.LogCaptureFixture) -> None:
     from autokd.errors import UserError
-    from autokd.scaleout import check_latency_device
+    from autokd.latency.pinning import check_latency_device
 
-    study, said = _Study(), []
-    check_latency_device(study, "cpu-amd-epyc-t1", 1, allow_mixed=False, log=said.append)
+    caplog.set_level(logging.INFO, logger="autokd")
+    study = _Study()
+    check_latency_device(study, "cpu-amd-epyc-t1", 1, allow_mixed=False)
     assert study.user_attrs == {"latency_device": "cpu-amd-epyc-t1", "latency_batch": 1}
-    check_latency_device(study, "cpu-amd-epyc-t1", 1, allow_mixed=False, log=said.append)  # same kind: joins
+    check_latency_device(study, "cpu-amd-epyc-t1", 1, allow_mixed=False)  # same kind: joins
     for sig, batch in (("nvidia-h100-80gb-hbm3", 1), ("cpu-amd-epyc-t4", 1), ("cpu-amd-epyc-t1", 8)):
         with pytest.raises(UserError, match="not comparable in one Pareto front"):
-            check_latency_device(study, sig, batch, allow_mixed=False, log=said.append)
-    assert not said
-    check_latency_device(study, "nvidia-h100-80gb-hbm3", 1, allow_mixed=True, log=said.append)
-    assert study.user_attrs["latency_mixed"] is True and "--allow-mixed-latency" in said[0]
+            check_latency_device(study, sig, batch, allow_mixed=False)
+    assert not caplog.messages
+    check_latency_device(study, "nvidia-h100-80gb-hbm3", 1, allow_mixed=True)
+    assert study.user_attrs["latency_mixed"] is True and "--allow-mixed-latency" in caplog.messages[0]
     assert study.user_attrs["latency_device"] == "cpu-amd-epyc-t1"  # the study's device stays what it was
 
 
 
 def test_latency_precision_is_never_mixed() -> None:
-    # One precision per study, also with --allow-mixed-latency; a study from before the precision field is fp32.
+    # One precision per study, also with --allow-mixed-latency.
     from autokd.errors import UserError
-    from autokd.scaleout import check_latency_device
+    from autokd.latency.pinning import check_latency_device
 
     base = {"device": "cpu:AMD EPYC", "runtime": "onnxruntime", "threads": 1, "batch": 1}
-    older = _Study()
-    check_latency_device(older, "cpu-t1-onnxruntime", 1, allow_mixed=False, settings=base)
-    check_latency_device(older, "cpu-t1-onnxruntime", 1, allow_mixed=False, settings={**base, "precision": "fp32"})
+    fp32 = _Study()
+    check_latency_device(fp32, "cpu-t1-onnxruntime-fp32", 1, allow_mixed=False, settings={**base, "precision": "fp32"})
+    check_latency_device(fp32, "cpu-t1-onnxruntime-fp32", 1, allow_mixed=False, settings={**base, "precision": "fp32"})
     for allow in (False, True):
         with pytest.raises(UserError, match=r"times its students' fp32 ONNX models.*"
                                             r"resume it with --latency-precision fp32"):
-            check_latency_device(older, "cpu-t1-onnxruntime-int8", 1, allow_mixed=allow,
+            check_latency_device(fp32, "cpu-t1-onnxruntime-int8", 1, allow_mixed=allow,
                                  settings={**base, "precision": "int8"})
     int8 = _Study()
     check_latency_device(int8, "cpu-t1-onnxruntime-int8", 1, allow_mixed=False, settings={**base, "precision": "int8"})
     with pytest.raises(UserError, match="latency precision int8.*--latency-precision int8"):
-        check_latency_device(int8, "cpu-t1-onnxruntime", 1, allow_mixed=True, settings={**base, "precision": "fp32"})
-    assert "latency_mixed" not in older.user_attrs and "latency_mixed" not in int8.user_attrs
+        check_latency_device(int8, "cpu-t1-onnxruntime-fp32", 1, allow_mixed=True,
+                             settings={**base, "precision": "fp32"})
+    assert "latency_mixed" not in fp32.user_attrs and "latency_mixed" not in int8.user_attrs
 
 def test_workers_prints_one_line_per_machine(capsys: pytest.CaptureFixture[str]) -> None:
     url, tracking = "postgresql://ml@db.lan:5433/autokd", "http://mlflow.lan:5000"

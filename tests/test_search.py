@@ -12,12 +12,12 @@ import pytest
 from autokd.cli import main
 from autokd.config import SearchSettings
 from autokd.errors import UserError
-from autokd.objective import TrialOutcome
-from autokd.processes import SETTINGS_ENV
-from autokd.search import run_search
-from autokd.study import budget_used, make_storage
-from autokd.study_report import trial_points
-from autokd.worker_loop import SearchProgress
+from autokd.report.build import trial_points
+from autokd.search.objective import TrialOutcome
+from autokd.search.processes import SETTINGS_ENV
+from autokd.search.run import run_search
+from autokd.search.worker_loop import SearchProgress
+from autokd.study.store import budget_used, make_storage
 
 pytestmark = pytest.mark.slow
 
@@ -64,7 +64,7 @@ def load(tmp_path: Path, name: str = "digits-tiny") -> optuna.Study:
 
 def test_search_budget_states_pruning_and_top_up(tmp_path: Path, tiny_teacher: tuple[str, Path],
                                                  space_file: Path) -> None:
-    summary = run_search(settings(tmp_path, tiny_teacher, space_file), log=lambda msg: None)
+    summary = run_search(settings(tmp_path, tiny_teacher, space_file))
     study = load(tmp_path)
     finished = [t for t in study.trials if t.state.is_finished()]
     assert len(finished) == 8 == summary.finished_in_study
@@ -90,12 +90,12 @@ def test_search_budget_states_pruning_and_top_up(tmp_path: Path, tiny_teacher: t
     assert (report / "report.html").is_file() and (report / "front.csv").is_file()
 
     # Rerunning with a larger budget tops the same study up; it does not start a new one.
-    run_search(settings(tmp_path, tiny_teacher, space_file, budget=10), log=lambda msg: None)
+    run_search(settings(tmp_path, tiny_teacher, space_file, budget=10))
     study = load(tmp_path)
     assert len([t for t in study.trials if t.state.is_finished()]) == 10
     assert len(optuna.get_all_study_summaries(make_storage(None, tmp_path / "studies"))) == 1
     # Same budget again: nothing to do.
-    again = run_search(settings(tmp_path, tiny_teacher, space_file, budget=10), log=lambda msg: None)
+    again = run_search(settings(tmp_path, tiny_teacher, space_file, budget=10))
     assert again.outcomes == []
 
 
@@ -119,8 +119,7 @@ def test_in_process_search_with_two_jobs_spawns_a_worker(tmp_path: Path, tiny_te
             assert time.monotonic() < deadline, "the spawned worker never claimed a trial"
             time.sleep(0.2)
 
-    summary = run_search(settings(tmp_path, tiny_teacher, space_file, budget=4, jobs=2), log=lambda msg: None,
-                         on_trial=on_trial)
+    summary = run_search(settings(tmp_path, tiny_teacher, space_file, budget=4, jobs=2), on_trial=on_trial)
     study = optuna.load_study(study_name="digits-tiny", storage=storage)
     assert summary.finished_in_study == 4 == len(study.trials)
     assert all(t.state.is_finished() for t in study.trials) and budget_used(study) == 4
@@ -133,16 +132,16 @@ def test_in_process_search_with_two_jobs_spawns_a_worker(tmp_path: Path, tiny_te
 
 def test_resume_with_changed_space_is_refused(tmp_path: Path, tiny_teacher: tuple[str, Path],
                                               space_file: Path) -> None:
-    run_search(settings(tmp_path, tiny_teacher, space_file, budget=1), log=lambda msg: None)
+    run_search(settings(tmp_path, tiny_teacher, space_file, budget=1))
     space_file.write_text(TINY_SPACE.replace("epochs: 4", "epochs: 5"))
     with pytest.raises(UserError, match="different search space"):
-        run_search(settings(tmp_path, tiny_teacher, space_file, budget=2), log=lambda msg: None)
+        run_search(settings(tmp_path, tiny_teacher, space_file, budget=2))
     assert len(load(tmp_path).trials) == 1
 
 
 def test_max_latency_rejects_before_training(tmp_path: Path, tiny_teacher: tuple[str, Path],
                                              space_file: Path) -> None:
-    run_search(settings(tmp_path, tiny_teacher, space_file, budget=2, max_latency_ms=1e-6), log=lambda msg: None)
+    run_search(settings(tmp_path, tiny_teacher, space_file, budget=2, max_latency_ms=1e-6))
     study = load(tmp_path)
     points = trial_points(study)
     assert [p.state for p in points] == ["INFEASIBLE", "INFEASIBLE"]
@@ -210,7 +209,7 @@ def test_resume_with_another_latency_runtime_exits_2(tmp_path: Path, tiny_teache
                                                      space_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # A study never mixes runtimes: started with eager PyTorch, resuming with the CPU default (ONNX Runtime) is
     # refused before any trial runs, naming the runtimes and the option that matches the study.
-    run_search(settings(tmp_path, tiny_teacher, space_file, budget=1, latency_runtime="torch"), log=lambda msg: None)
+    run_search(settings(tmp_path, tiny_teacher, space_file, budget=1, latency_runtime="torch"))
     study = load(tmp_path)
     assert study.user_attrs["latency_settings"]["runtime"] == "torch"
     assert study.trials[0].user_attrs["latency"]["runtime"] == "torch"
@@ -229,18 +228,18 @@ def test_front_is_retimed_together_before_the_report(tmp_path: Path, tiny_teache
     # The default runtime on a CPU is ONNX Runtime; the report re-times the front candidates together and its
     # figures (with intervals) are what the front, the picks and `autokd export` read; the first stays beside.
     space_file.write_text(TINY_SPACE.replace("  width: 0.25\n", "  width: {low: 0.25, high: 0.5}\n"))
-    run_search(settings(tmp_path, tiny_teacher, space_file, budget=3, epochs=1), log=lambda msg: None)
+    run_search(settings(tmp_path, tiny_teacher, space_file, budget=3, epochs=1))
     study = load(tmp_path)
     assert study.user_attrs["latency_settings"]["runtime"] == "onnxruntime"
     retime = study.user_attrs["latency_retime"]
     assert retime["signature"] == study.user_attrs["latency_device"] and retime["archs"]
     points = {p.number: p for p in trial_points(study)}
-    retimed = [p for p in points.values() if p.extra.get("arch_key") in retime["archs"]]
+    retimed = [p for p in points.values() if p.arch_key in retime["archs"]]
     assert retimed
     for p in retimed:
-        fig = retime["archs"][p.extra["arch_key"]]
+        fig = retime["archs"][p.arch_key]
         assert p.latency_ms == fig["median_ms"] and p.latency_ci == (fig["low_ms"], fig["high_ms"])
-        assert p.extra["latency_first_ms"] == study.trials[p.number].user_attrs["latency"]["median_ms"]
+        assert p.latency_first_ms == study.trials[p.number].user_attrs["latency"]["median_ms"]
         assert p.acc_ci is not None and p.acc_ci[0] <= p.val_acc <= p.acc_ci[1]
     csv_text = (tmp_path / "studies" / "digits-tiny" / "report" / "front.csv").read_text()
     assert "latency_low_ms" in csv_text.splitlines()[0] and "extra.latency_first_ms" in csv_text.splitlines()[0]
@@ -259,11 +258,10 @@ def test_int8_latency_search_times_int8_models_and_reports_both_accuracies(
     # --latency-precision int8: every ONNX model the search times (each trial's, then the report's re-timing of
     # the front) is the student's INT8 model; the study pins the precision (resuming with fp32 is exit 2, study
     # unchanged); the report shows each front member's fp32 and int8 test accuracy.
-    from autokd.int8 import quantized_op_counts
+    from autokd.latency.quantize import quantized_op_counts
 
     timed = timed_onnx
-    run_search(settings(tmp_path, tiny_teacher, space_file, budget=2, epochs=1, latency_precision="int8"),
-               log=lambda msg: None)
+    run_search(settings(tmp_path, tiny_teacher, space_file, budget=2, epochs=1, latency_precision="int8"))
     study = load(tmp_path)
     assert study.user_attrs["latency_settings"]["precision"] == "int8"
     assert study.user_attrs["latency_device"].endswith("-int8")
@@ -297,7 +295,7 @@ def test_int8_latency_search_times_int8_models_and_reports_both_accuracies(
 
 def test_fp32_study_resumed_with_int8_exits_2(tmp_path: Path, tiny_teacher: tuple[str, Path], space_file: Path,
                                               capsys: pytest.CaptureFixture[str]) -> None:
-    run_search(settings(tmp_path, tiny_teacher, space_file, budget=1, epochs=1), log=lambda msg: None)
+    run_search(settings(tmp_path, tiny_teacher, space_file, budget=1, epochs=1))
     before = load(tmp_path).user_attrs
     assert before["latency_settings"]["precision"] == "fp32" and not before["latency_device"].endswith("-int8")
     capsys.readouterr()

@@ -4,11 +4,10 @@ from pathlib import Path
 
 import optuna
 import pytest
+from conftest import REPO_ROOT
 
 from autokd.errors import UserError
-from autokd.space import TrialParams, load_space, parse_param, sample
-
-REPO = Path(__file__).resolve().parent.parent
+from autokd.model.space import TrialParams, load_space, parse_param, sample
 
 MINIMAL = """
 name: tiny
@@ -28,9 +27,9 @@ def write(tmp_path: Path, text: str, name: str = "space.yaml") -> Path:
 
 @pytest.mark.parametrize("name", ["default.yaml", "cifar_gpu.yaml"])
 def test_shipped_spaces_are_valid(name: str) -> None:
-    space = load_space(REPO / "search_spaces" / name)
+    space = load_space(REPO_ROOT / "search_spaces" / name)
     assert space.students and space.losses
-    assert space.fingerprint == load_space(REPO / "search_spaces" / name).fingerprint
+    assert space.fingerprint == load_space(REPO_ROOT / "search_spaces" / name).fingerprint
 
 
 def test_minimal_space_defaults(tmp_path: Path) -> None:
@@ -96,7 +95,7 @@ def test_parse_param_forms() -> None:
 
 
 def test_sample_conditional_names_and_bounds() -> None:
-    space = load_space(REPO / "search_spaces" / "default.yaml")
+    space = load_space(REPO_ROOT / "search_spaces" / "default.yaml")
     study = optuna.create_study(directions=["maximize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=1))
     seen_losses = set()
     for _ in range(30):
@@ -115,6 +114,6 @@ def test_sample_conditional_names_and_bounds() -> None:
 
 
 def test_sample_max_epochs_override() -> None:
-    space = load_space(REPO / "search_spaces" / "default.yaml")
+    space = load_space(REPO_ROOT / "search_spaces" / "default.yaml")
     trial = optuna.create_study(directions=["maximize", "minimize"]).ask()
     assert sample(space, trial, max_epochs=2).epochs == 2

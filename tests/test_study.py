@@ -11,8 +11,9 @@ from pathlib import Path
 
 import optuna
 import pytest
+from conftest import repo_pythonpath
 
-from autokd.study import ask_with_heartbeat, fail_stale_trials, make_storage
+from autokd.study.store import ask_with_heartbeat, fail_stale_trials, make_storage
 
 DIRECTIONS = ["maximize", "minimize"]
 
@@ -47,7 +48,7 @@ def test_writes_survive_kill_9(tmp_path: Path) -> None:
         import os, signal
         from pathlib import Path
         import optuna
-        from autokd.study import make_storage
+        from autokd.study.store import make_storage
         study = optuna.create_study(study_name="s", storage=make_storage(None, Path({str(tmp_path)!r})),
                                     directions={DIRECTIONS!r})
         done = study.ask()
@@ -58,7 +59,8 @@ def test_writes_survive_kill_9(tmp_path: Path) -> None:
         trial.suggest_int("depth", 1, 4)
         os.kill(os.getpid(), signal.SIGKILL)
     """)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=repo_pythonpath()))
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     study = optuna.load_study(study_name="s", storage=make_storage(None, tmp_path))
     [done, trial] = study.get_trials(deepcopy=False)
@@ -75,14 +77,15 @@ def _journal_study(tmp_path: Path) -> optuna.Study:
 
 def _dead_worker() -> dict:
     """The identity of a real worker process that has exited (its pid no longer runs, or is someone else's)."""
-    script = "import json; from autokd.study import worker_identity; print(json.dumps(worker_identity()))"
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
+    script = "import json; from autokd.study.store import worker_identity; print(json.dumps(worker_identity()))"
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True,
+                          env=dict(os.environ, PYTHONPATH=repo_pythonpath()))
     return json.loads(proc.stdout)
 
 
 def test_requeue_queues_the_same_params_once_and_the_retry_takes_the_budget_slot(tmp_path: Path) -> None:
-    from autokd.study import budget_used
-    from autokd.trials import REQUEUED_ATTR, requeue_trial
+    from autokd.study.record import REQUEUED_ATTR, requeue_trial
+    from autokd.study.store import budget_used
 
     study = _journal_study(tmp_path)
     trial = study.ask()
@@ -104,7 +107,7 @@ def test_requeue_queues_the_same_params_once_and_the_retry_takes_the_budget_slot
 
 
 def test_requeue_of_a_trial_without_params_queues_nothing(tmp_path: Path) -> None:
-    from autokd.trials import requeue_trial
+    from autokd.study.record import requeue_trial
 
     study = _journal_study(tmp_path)
     trial = study.ask()
@@ -114,7 +117,7 @@ def test_requeue_of_a_trial_without_params_queues_nothing(tmp_path: Path) -> Non
 
 
 def test_budget_counts_finished_and_running_but_not_a_failed_trial_with_a_retry(tmp_path: Path) -> None:
-    from autokd.study import budget_used
+    from autokd.study.store import budget_used
 
     study = _journal_study(tmp_path)
     done = study.ask()
@@ -133,8 +136,8 @@ def test_budget_counts_finished_and_running_but_not_a_failed_trial_with_a_retry(
 
 
 def test_reaper_fails_and_requeues_the_trial_of_a_dead_worker_once(tmp_path: Path) -> None:
-    from autokd.study import reap_dead_trials, worker_identity
-    from autokd.trials import REQUEUED_ATTR
+    from autokd.study.record import REQUEUED_ATTR
+    from autokd.study.store import reap_dead_trials, worker_identity
 
     study = _journal_study(tmp_path)
     alive = study.ask()
@@ -166,7 +169,7 @@ def test_reaper_fails_and_requeues_the_trial_of_a_dead_worker_once(tmp_path: Pat
 
 
 def test_reaper_leaves_trials_of_workers_on_other_hosts_to_the_heartbeat(tmp_path: Path) -> None:
-    from autokd.study import reap_dead_trials
+    from autokd.study.store import reap_dead_trials
 
     study = _journal_study(tmp_path)
     trial = study.ask()
@@ -191,7 +194,7 @@ def test_heartbeat_keeps_a_running_trial_fresh_until_joined(tmp_path: Path, monk
     trial from being judged stale; once the thread stops, the trial is failed after the grace period."""
     import time
 
-    from autokd.study import HEARTBEAT_GRACE_ENV, HEARTBEAT_INTERVAL_ENV
+    from autokd.study.store import HEARTBEAT_GRACE_ENV, HEARTBEAT_INTERVAL_ENV
 
     monkeypatch.setenv(HEARTBEAT_INTERVAL_ENV, "1")
     monkeypatch.setenv(HEARTBEAT_GRACE_ENV, "2")

@@ -5,10 +5,11 @@ from pathlib import Path
 
 import optuna
 import pytest
+from conftest import Logged
 
 from autokd.errors import UserError
-from autokd.study import make_storage
-from autokd.study_report import build_report, report_command, resolve_study, study_data, trial_points
+from autokd.report.build import build_report, report_command, resolve_study, study_data, trial_points
+from autokd.study.store import make_storage
 
 DIRECTIONS = ["maximize", "minimize"]
 
@@ -53,29 +54,17 @@ def test_trial_points_carry_each_state_params_latency_and_intervals(tmp_path: Pa
     assert done.val_acc == 0.9 and done.latency_ms == 1.0 and done.latency_ci == (0.98, 1.02)
     assert done.params == {"family": "resnet", "width": 0.5, "kd.alpha": 0.3}
     assert done.acc_ci is not None and done.acc_ci[0] < 0.9 < done.acc_ci[1]  # Wilson on 200 images
-    assert done.extra["param_count"] == 1234 and done.extra["epochs"] == 2 and done.extra["last_val_acc"] == 0.7
+    assert done.param_count == 1234 and done.epochs == 2 and done.last_val_acc == 0.7
     assert points[numbers["PRUNED"]].val_acc is None  # only complete trials have an accuracy
-    assert points[numbers["FAIL"]].extra["reason"] == "oom"
+    assert points[numbers["FAIL"]].reason == "oom"
 
 
-def test_trial_points_read_params_of_studies_that_stored_them_one_by_one(tmp_path: Path) -> None:
-    study = _study(tmp_path)
-    trial = study.ask()
-    trial.set_user_attr("p.family", "mobilenetv3")
-    trial.set_user_attr("p.kd.temperature", 4.0)
-    study.tell(trial, [0.8, 2.0])
-    [point] = trial_points(study)
-    assert point.params == {"family": "mobilenetv3", "kd.temperature": 4.0}
-    assert point.acc_ci is None  # a study from before val_images was recorded: the report adds it from the data
-
-
-def test_resolve_study_picks_the_only_or_most_recent_and_names_typos(tmp_path: Path,
-                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+def test_resolve_study_picks_the_only_or_most_recent_and_names_typos(tmp_path: Path, logged: Logged) -> None:
     _trial(_study(tmp_path, "digits-default"), "COMPLETE", val_acc=0.9)
     assert resolve_study(None, None, tmp_path).study_name == "digits-default"
     _trial(_study(tmp_path, "cifar10-default"), "COMPLETE", val_acc=0.5)  # the most recently started trial
     assert resolve_study(None, None, tmp_path).study_name == "cifar10-default"
-    assert "others: digits-default" in capsys.readouterr().out
+    assert "others: digits-default" in logged()[-1]
     with pytest.raises(UserError, match=r"--study 'digits-defualt': no such study .*did you mean 'digits-default'"):
         resolve_study("digits-defualt", None, tmp_path)
 
@@ -100,12 +89,11 @@ def test_study_data_refuses_a_dataset_that_changed(tmp_path: Path) -> None:
         study_data(study)
 
 
-def test_no_report_without_a_completed_trial(tmp_path: Path) -> None:
+def test_no_report_without_a_completed_trial(tmp_path: Path, logged: Logged) -> None:
     study = _study(tmp_path)
     _trial(study, "PRUNED")
-    lines: list[str] = []
-    assert build_report(study, tmp_path, log=lines.append) is None
-    assert lines == ["study 'digits-default': no completed trial yet, no report"]
+    assert build_report(study, tmp_path) is None
+    assert logged() == ["study 'digits-default': no completed trial yet, no report"]
     assert not (tmp_path / "digits-default" / "report").exists()
 
 

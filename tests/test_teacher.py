@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from conftest import Logged
 
-from autokd.data import TrainViews, load_dataset
 from autokd.errors import UserError
-from autokd.losses import build_loss
-from autokd.teacher import (
+from autokd.model.data import TrainViews, load_dataset
+from autokd.model.losses import build_loss
+from autokd.model.teacher import (
     DEFAULT_TEACHERS,
     OnlineTeacherOutputs,
     Teacher,
@@ -20,7 +21,7 @@ from autokd.teacher import (
     get_teacher,
     teacher_outputs,
 )
-from autokd.train import TrainConfig, distill
+from autokd.model.train import TrainConfig, distill
 
 ARCH = "test_resnet"  # timm's tiny test network: keeps teacher training to a second or two
 RECIPE = TeacherRecipe(epochs=2, batch_size=32, lr=1e-2)
@@ -38,34 +39,33 @@ def teacher_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def teacher(data, teacher_dir: Path) -> Teacher:
-    t = get_teacher(data, arch=ARCH, cache_root=teacher_dir, recipe=RECIPE, log=lambda m: None)
+    t = get_teacher(data, arch=ARCH, cache_root=teacher_dir, recipe=RECIPE)
     assert t.trained
     return t
 
 
 def test_defaults_cover_builtin_datasets() -> None:
-    from autokd.data import available_datasets
+    from autokd.model.data import available_datasets
 
     assert set(available_datasets()) <= set(DEFAULT_TEACHERS)
     assert all(timm.is_model(a) for a in DEFAULT_TEACHERS.values())
 
 
-def test_trained_teacher_is_cached_and_reused(data, teacher: Teacher, teacher_dir: Path) -> None:
+def test_trained_teacher_is_cached_and_reused(data, teacher: Teacher, teacher_dir: Path, logged: Logged) -> None:
     assert teacher.path is not None and teacher.path.name == "model.safetensors"
     meta = json.loads((teacher.path.parent / "meta.json").read_text())
     assert meta["arch"] == ARCH and meta["data_fingerprint"] == data.fingerprint
     assert meta["recipe"]["epochs"] == 2 and meta["val_acc"] == teacher.val_acc
     assert not list(teacher.path.parent.glob("*.tmp"))
 
-    logs: list[str] = []
-    again = get_teacher(data, arch=ARCH, cache_root=teacher_dir, recipe=RECIPE, log=logs.append)
-    assert not again.trained and "cache" in logs[-1]
+    again = get_teacher(data, arch=ARCH, cache_root=teacher_dir, recipe=RECIPE)
+    assert not again.trained and "cache" in logged()[-1]
     assert again.fingerprint == teacher.fingerprint and again.val_acc == teacher.val_acc
     for a, b in zip(again.model.state_dict().values(), teacher.model.state_dict().values()):
         assert torch.equal(a, b)
     # The recipe is part of the key: another recipe is another teacher.
     other = TeacherRecipe(epochs=1, batch_size=32, lr=1e-2)
-    assert get_teacher(data, arch=ARCH, cache_root=teacher_dir, recipe=other, log=logs.append).trained
+    assert get_teacher(data, arch=ARCH, cache_root=teacher_dir, recipe=other).trained
 
 
 def test_concurrent_callers_train_once(data, tmp_path: Path) -> None:
@@ -73,7 +73,7 @@ def test_concurrent_callers_train_once(data, tmp_path: Path) -> None:
     recipe = TeacherRecipe(epochs=1, batch_size=48, lr=1e-2)
 
     def work() -> None:
-        results.append(get_teacher(data, arch=ARCH, cache_root=tmp_path, recipe=recipe, log=lambda m: None))
+        results.append(get_teacher(data, arch=ARCH, cache_root=tmp_path, recipe=recipe))
 
     threads = [threading.Thread(target=work) for _ in range(2)]
     for t in threads:
@@ -92,26 +92,26 @@ def test_fixed_input_size_teacher_is_built_for_the_data(data, tmp_path: Path) ->
     """A ViT (timm builds it for 224 px by default) is built for the data's size, trained, and reloaded; one
     whose patch is larger than the images is a user error naming the shape, before any training."""
     recipe = TeacherRecipe(epochs=1, batch_size=32, lr=1e-3)
-    vit = get_teacher(data, arch="test_vit", cache_root=tmp_path, recipe=recipe, log=lambda m: None)
+    vit = get_teacher(data, arch="test_vit", cache_root=tmp_path, recipe=recipe)
     assert vit.trained and vit.model.patch_embed.img_size == (16, 16)
-    again = get_teacher(data, arch="test_vit", checkpoint=str(vit.path), log=lambda m: None)
+    again = get_teacher(data, arch="test_vit", checkpoint=str(vit.path))
     assert again.val_acc == pytest.approx(vit.val_acc)
     tiny = load_dataset("digits", input_size=8, train_limit=96)
     with pytest.raises(UserError, match=r"'test_vit' cannot take 1x8x8 inputs.*--input-size"):
-        get_teacher(tiny, arch="test_vit", cache_root=tmp_path / "tiny", recipe=recipe, log=lambda m: None)
+        get_teacher(tiny, arch="test_vit", cache_root=tmp_path / "tiny", recipe=recipe)
     assert not list((tmp_path / "tiny").rglob("*.safetensors"))
 
 
 def test_load_checkpoint(data, teacher: Teacher, tmp_path: Path) -> None:
-    loaded = get_teacher(data, arch=ARCH, checkpoint=str(teacher.path), cache_root=tmp_path, log=lambda m: None)
+    loaded = get_teacher(data, arch=ARCH, checkpoint=str(teacher.path), cache_root=tmp_path)
     assert loaded.val_acc == pytest.approx(teacher.val_acc) and not loaded.trained
     assert loaded.fingerprint == hashlib.sha1(teacher.path.read_bytes()).hexdigest()
     pt = tmp_path / "teacher.pt"
     torch.save({"state_dict": teacher.model.state_dict()}, pt)
-    assert get_teacher(data, arch=ARCH, checkpoint=str(pt), log=lambda m: None).val_acc == pytest.approx(
+    assert get_teacher(data, arch=ARCH, checkpoint=str(pt)).val_acc == pytest.approx(
         teacher.val_acc)
     # The arch comes from meta.json when the checkpoint lives in an autokd teacher directory.
-    assert get_teacher(data, checkpoint=str(teacher.path), log=lambda m: None).arch == ARCH
+    assert get_teacher(data, checkpoint=str(teacher.path)).arch == ARCH
 
 
 @pytest.mark.faults
@@ -148,7 +148,7 @@ def test_pretrained_without_local_weights_is_a_user_error(data, tmp_path: Path, 
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))  # an empty hub cache
     with pytest.raises(UserError, match="not available locally"):
-        get_teacher(data, arch=ARCH, pretrained=True, cache_root=tmp_path, recipe=RECIPE, log=lambda m: None)
+        get_teacher(data, arch=ARCH, pretrained=True, cache_root=tmp_path, recipe=RECIPE)
 
 
 def test_pretrained_weights_come_from_the_local_hub_cache(data, tmp_path: Path, monkeypatch) -> None:
@@ -167,27 +167,26 @@ def test_pretrained_weights_come_from_the_local_hub_cache(data, tmp_path: Path, 
     save_file(dict(source), str(repo / "snapshots" / "0123abcd" / "model.safetensors"))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub))
     frozen = TeacherRecipe(epochs=1, batch_size=48, lr=0.0)  # lr 0: the weights stay the loaded ones
-    t = get_teacher(data, arch=ARCH, pretrained=True, cache_root=tmp_path / "t", recipe=frozen, log=lambda m: None)
+    t = get_teacher(data, arch=ARCH, pretrained=True, cache_root=tmp_path / "t", recipe=frozen)
     got = t.model.state_dict()
     assert got["fc.weight"].shape[0] == data.num_classes and got["conv1.0.weight"].shape[1] == data.in_chans
     assert torch.allclose(got["conv1.0.weight"].cpu(), source["conv1.0.weight"].sum(1, keepdim=True), atol=1e-6)
     assert torch.equal(got["layer1.0.conv1.weight"].cpu(), source["layer1.0.conv1.weight"])
 
 
-def test_corrupt_cache_entry_is_retrained(data, tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_corrupt_cache_entry_is_retrained(data, tmp_path: Path, logged: Logged) -> None:
     recipe = TeacherRecipe(epochs=1, batch_size=48, lr=1e-2)
-    first = get_teacher(data, arch=ARCH, cache_root=tmp_path, recipe=recipe, log=lambda m: None)
+    first = get_teacher(data, arch=ARCH, cache_root=tmp_path, recipe=recipe)
     first.path.write_bytes(b"garbage")
-    logs: list[str] = []
-    again = get_teacher(data, arch=ARCH, cache_root=tmp_path, recipe=recipe, log=logs.append)
-    assert again.trained and any("unreadable" in m for m in logs)
+    again = get_teacher(data, arch=ARCH, cache_root=tmp_path, recipe=recipe)
+    assert again.trained and any("unreadable" in m for m in logged())
 
 
-def test_cached_and_online_outputs_agree(data, teacher: Teacher, teacher_dir: Path) -> None:
+def test_cached_and_online_outputs_agree(data, teacher: Teacher, teacher_dir: Path, logged: Logged) -> None:
     views = TrainViews(num_views=3, seed=1, max_shift=2, hflip=True)
-    logs: list[str] = []
-    cached = teacher_outputs(teacher, data, views, cache_root=teacher_dir, need_features=True, log=logs.append)
-    assert cached.mode == "cached" and "computed" in logs[-1]
+    cached = teacher_outputs(teacher, data, views, cache_root=teacher_dir, need_features=True)
+    assert cached.mode == "cached" and "computed" in logged()[-1]
     files = list((teacher_dir / "outputs").glob("*.pt"))
     assert len(files) == 1
     stored = torch.load(files[0], weights_only=True)
@@ -205,13 +204,13 @@ def test_cached_and_online_outputs_agree(data, teacher: Teacher, teacher_dir: Pa
         s = torch.randn(len(idx), 10)
         assert torch.allclose(kd(s, c, data.y_train[idx]), kd(s, o, data.y_train[idx]), atol=1e-6)
 
-    again = teacher_outputs(teacher, data, views, cache_root=teacher_dir, need_features=True, log=logs.append)
-    assert "reusing" in logs[-1] and torch.equal(again.logits(None, idx, 2), cached.logits(None, idx, 2))
+    again = teacher_outputs(teacher, data, views, cache_root=teacher_dir, need_features=True)
+    assert "reusing" in logged()[-1] and torch.equal(again.logits(None, idx, 2), cached.logits(None, idx, 2))
 
 
 def test_distill_same_with_cached_or_online_teacher(data, teacher: Teacher, teacher_dir: Path) -> None:
     views = TrainViews(num_views=2, seed=0)
-    cached = teacher_outputs(teacher, data, views, cache_root=teacher_dir, log=lambda m: None)
+    cached = teacher_outputs(teacher, data, views, cache_root=teacher_dir)
     online = OnlineTeacherOutputs(teacher.model)
     cfg = TrainConfig(epochs=2, batch_size=32, lr=0.01)
 
@@ -226,18 +225,15 @@ def test_distill_same_with_cached_or_online_teacher(data, teacher: Teacher, teac
     assert run(cached) == pytest.approx(run(online), rel=1e-4)
 
 
-def test_feature_cache_over_limit_falls_back_to_online(data, teacher: Teacher, tmp_path: Path) -> None:
-    logs: list[str] = []
-    out = teacher_outputs(teacher, data, TrainViews(0), cache_root=tmp_path, need_features=True,
-                          log=logs.append, max_feature_bytes=1)
-    assert out.mode == "online" and "online" in logs[-1]
+def test_feature_cache_over_limit_falls_back_to_online(data, teacher: Teacher, tmp_path: Path, logged: Logged) -> None:
+    out = teacher_outputs(teacher, data, TrainViews(0), cache_root=tmp_path, need_features=True, max_feature_bytes=1)
+    assert out.mode == "online" and "online" in logged()[-1]
     assert not (tmp_path / "outputs").exists()
 
 
-def test_corrupt_outputs_cache_is_recomputed(data, teacher: Teacher, tmp_path: Path) -> None:
-    teacher_outputs(teacher, data, TrainViews(0), cache_root=tmp_path, log=lambda m: None)
+def test_corrupt_outputs_cache_is_recomputed(data, teacher: Teacher, tmp_path: Path, logged: Logged) -> None:
+    teacher_outputs(teacher, data, TrainViews(0), cache_root=tmp_path)
     (path,) = (tmp_path / "outputs").glob("*.pt")
     path.write_bytes(path.read_bytes()[:100])
-    logs: list[str] = []
-    out = teacher_outputs(teacher, data, TrainViews(0), cache_root=tmp_path, log=logs.append)
-    assert out.mode == "cached" and any("unreadable" in m for m in logs)
+    out = teacher_outputs(teacher, data, TrainViews(0), cache_root=tmp_path)
+    assert out.mode == "cached" and any("unreadable" in m for m in logged())

@@ -9,8 +9,7 @@ import torch
 from timm.models import EfficientNet, MobileNetV3, RegNet, RegNetCfg, model_entrypoint
 from torch import nn
 
-from autokd.students import autokd_efficientnet, autokd_mobilenetv3
-from autokd.timm_internals import (
+from autokd._internals.timm import (
     SqueezeExcite,
     StagedRegNet,
     StagedRegNetCfg,
@@ -20,6 +19,7 @@ from autokd.timm_internals import (
     resolve_bn_args,
     round_channels,
 )
+from autokd.model.students import autokd_efficientnet, autokd_mobilenetv3
 
 ARCH_DEF = [["ds_r1_k3_s1_e1_c16_se0.25_nre"], ["ir_r2_k5_s2_e4_c24"], ["cn_r1_k1_s1_c96"]]
 

@@ -14,6 +14,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import free_port, mlflow_rest, repo_pythonpath
 
 from autokd.errors import UserError
 from autokd.tracking import (
@@ -23,10 +24,7 @@ from autokd.tracking import (
     make_tracker,
     ui_command,
 )
-from autokd.trials import MLFLOW_STATUS
-from conftest import repo_pythonpath, free_port, mlflow_rest
-
-REPO = Path(__file__).resolve().parents[1]
+from autokd.tracking.base import MLFLOW_STATUS
 
 
 @pytest.fixture(scope="module")
@@ -176,7 +174,7 @@ _WORKER = textwrap.dedent("""
 
 def _spawn(args: list[str]) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=repo_pythonpath())
-    proc = subprocess.Popen([sys.executable, "-c", _WORKER, *args], cwd=REPO, env=env, stdin=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-c", _WORKER, *args], env=env, stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "ready", proc.stderr.read()[-3000:]
     return proc
@@ -187,6 +185,7 @@ def _go(proc: subprocess.Popen) -> None:
     proc.stdin.flush()
 
 
+@pytest.mark.slow
 def test_two_processes_on_a_fresh_local_store(tmp_path: Path) -> None:
     """Two workers open a brand-new SQLite store at the same instant (schema creation race) and log together."""
     from mlflow.tracking import MlflowClient
@@ -207,6 +206,7 @@ def test_two_processes_on_a_fresh_local_store(tmp_path: Path) -> None:
 
 
 @pytest.mark.faults
+@pytest.mark.slow
 def test_close_stale_runs_after_kill_9(studies: Path) -> None:
     from mlflow.tracking import MlflowClient
 

@@ -6,8 +6,9 @@ import pytest
 from optuna.distributions import FloatDistribution
 from optuna.trial import FrozenTrial, TrialState, create_trial
 
-from autokd import trials
-from autokd.trials import MLFLOW_STATUS, OPTUNA_STATE, State
+from autokd.study import record as trials
+from autokd.study.record import OPTUNA_STATE, State
+from autokd.tracking.base import MLFLOW_STATUS
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -23,8 +24,21 @@ def test_stored_names_never_change() -> None:
         "LATENCY_ATTR": "latency", "CURVE_ATTR": "curve", "CHECKPOINT_ATTR": "checkpoint", "WORKER_ATTR": "worker",
         "FAIL_REASON_ATTR": "fail_reason", "INFEASIBLE_REASON_ATTR": "infeasible_reason",
         "TRACEBACK_ATTR": "traceback", "PRUNED_AT_EPOCH_ATTR": "pruned_at_epoch", "RETRY_OF_ATTR": "retry_of",
-        "REQUEUED_ATTR": "requeued"}
-    assert trials.LEGACY_PARAM_PREFIX == "p."
+        "REQUEUED_ATTR": "requeued",
+        # study-level keys
+        "SPACE_FINGERPRINT_ATTR": "space_fingerprint", "DATASET_ATTR": "dataset",
+        "DATA_FINGERPRINT_ATTR": "data_fingerprint", "TEACHER_ATTR": "teacher", "EPOCHS_ATTR": "epochs",
+        "SPACE_ATTR": "space", "SPACE_PATH_ATTR": "space_path", "VERSION_ATTR": "autokd_version",
+        "BUDGET_ATTR": "budget", "DEVICE_ATTR": "device", "INPUT_SIZE_ATTR": "input_size",
+        "TRAIN_LIMIT_ATTR": "train_limit", "DATA_DIR_ATTR": "data_dir", "VAL_IMAGES_ATTR": "val_images",
+        "TEACHER_VAL_ACC_ATTR": "teacher_val_acc", "TEACHER_ARTIFACT_ATTR": "teacher_artifact",
+        "MLFLOW_PARENT_RUN_ATTR": "mlflow_parent_run_id", "MLFLOW_TRACKING_URI_ATTR": "mlflow_tracking_uri",
+        "WORKERS_STARTED_ATTR": "workers_started", "REPORT_FOR_FINISHED_ATTR": "report_for_finished",
+        "LATENCY_DEVICE_ATTR": "latency_device", "LATENCY_BATCH_ATTR": "latency_batch",
+        "LATENCY_SETTINGS_ATTR": "latency_settings", "LATENCY_RETIME_ATTR": "latency_retime",
+        "LATENCY_MIXED_ATTR": "latency_mixed"}
+    keys = [v for k, v in vars(trials).items() if k.endswith("_ATTR") and not k.startswith("_")]
+    assert len(keys) == len(set(keys))  # one name per stored key, one key per name
     assert [s.value for s in State] == ["COMPLETE", "PRUNED", "INFEASIBLE", "FAIL", "INTERRUPTED", "RUNNING"]
     assert all(s == s.value and str(s) == s.value and f"{s:<3}" == s.value for s in State)
 
@@ -206,11 +220,9 @@ def test_outcome_reason() -> None:
     assert trials.outcome_reason(frozen(TrialState.FAIL, fail_reason="oom", pruned_at_epoch=1)) == "oom"
 
 
-def test_sampled_params_current_and_legacy() -> None:
+def test_sampled_params() -> None:
     current = {"params": {"family": "resnet", "kd.alpha": 0.5}, "p.family": "ignored", "curve": [0.1]}
     assert trials.sampled_params(current) == {"family": "resnet", "kd.alpha": 0.5}
-    legacy = {"p.family": "resnet", "p.kd.alpha": 0.5, "arch_key": "k", "rung_1": {}}
-    assert trials.sampled_params(legacy) == {"family": "resnet", "kd.alpha": 0.5}
     assert trials.sampled_params({}) == {}
     found = trials.sampled_params(current)
     found["family"] = "changed"

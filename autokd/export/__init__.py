@@ -1,0 +1,1 @@
+"""Exporting a chosen student: safetensors, config, ONNX, TorchScript, INT8, with parity checks."""

@@ -1,0 +1,185 @@
+"""The ONNX Runtime timing protocol (autokd.latency.protocol): sessions, the shuffled rounds, the statistic and its
+interval, the host check, the device signature; on real ONNX Runtime sessions of tiny models."""
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from conftest import repo_pythonpath
+from onnx import TensorProto, helper, numpy_helper
+
+from autokd.latency import protocol as ort_timing
+
+FAST = {"rounds": 5, "runs": 2, "warmup": 1}  # the protocol's shape, small enough for a unit test
+
+
+def matmul_model(size: int = 16, seed: int = 0) -> bytes:
+    """A one-node ONNX model (``y = x @ W``, dynamic batch) with its weight inside the file."""
+    weight = numpy_helper.from_array(np.random.default_rng(seed).random((size, size), dtype=np.float32), "W")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", size])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", size])], [weight])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+
+
+def test_median_interval_is_the_order_statistic_interval() -> None:
+    # n = 15: the 4th and 12th smallest cover the median with probability 1 - 2 P(B(15, 1/2) <= 3) = 0.965
+    assert ort_timing.median_interval([float(x) for x in range(15, 0, -1)]) == (4.0, 12.0)
+    assert ort_timing.median_interval([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0]) == (2.0, 8.0)
+    assert ort_timing.median_interval([2.0, 1.0]) == (1.0, 2.0)  # too few for 95 %: the whole range
+    assert ort_timing.widen(1.0, 0.999, 1.001) == pytest.approx((0.98, 1.02))  # the reproducibility floor
+
+
+def test_ort_timing_imports_neither_torch_nor_timm() -> None:
+    # The latency server (issue 14) reuses this module on a target device without torch.
+    code = ("import sys, autokd.latency.protocol; bad = [m for m in ('torch', 'timm') if m in sys.modules]; "
+            "print(*bad); sys.exit(1 if bad else 0)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False,
+                          env=dict(os.environ, PYTHONPATH=repo_pythonpath()))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_median_interval_edges_and_widen_keeps_a_wide_interval() -> None:
+    assert all(math.isnan(x) for x in ort_timing.median_interval([]))
+    assert ort_timing.median_interval([3.0]) == (3.0, 3.0)
+    # Its coverage: the binomial probability of the order statistics it picks is at least the confidence asked.
+    for n in (6, 10, 15, 31):
+        xs = [float(x) for x in range(n)]
+        low, high = ort_timing.median_interval(xs)
+        k = int(low)
+        assert high == n - 1 - k
+        coverage = 1.0 - 2.0 * sum(math.comb(n, i) for i in range(k + 1)) / 2.0 ** n
+        assert coverage >= ort_timing.CONFIDENCE
+        assert ort_timing.median_interval(xs, confidence=0.5)[0] >= low  # less confidence, a narrower interval
+    assert ort_timing.widen(1.0, 0.5, 1.5) == (0.5, 1.5)  # wider than the floor: unchanged
+    assert ort_timing.widen(2.0, 1.99, 2.01, rel=0.1) == pytest.approx((1.8, 2.2))
+
+
+def test_timing_spread_is_the_interquartile_range() -> None:
+    assert ort_timing.Timing(3.0, 1.0, 5.0, rounds=[1.0, 2.0, 3.0, 4.0, 5.0]).spread_ms == pytest.approx(2.0)
+    assert ort_timing.Timing(3.0, 3.0, 3.0, rounds=[3.0]).spread_ms == 0.0
+
+
+def test_signature_names_device_runtime_version_provider_threads() -> None:
+    sig = ort_timing.signature(2)
+    assert sig == {"device": f"cpu:{ort_timing.cpu_model()}", "runtime": "onnxruntime",
+                   "version": ort_timing.ort.__version__, "provider": "CPUExecutionProvider", "threads": 2}
+    assert ort_timing.signature(1, device="cuda:NVIDIA H200")["device"] == "cuda:NVIDIA H200"
+    assert isinstance(ort_timing.cpu_model(), str) and ort_timing.cpu_model()
+    assert ort_timing.DEFAULT_PROVIDER in ort_timing.available_providers()
+
+
+def test_session_from_bytes_or_path_runs_the_model(tmp_path: Path) -> None:
+    blob = matmul_model()
+    path = tmp_path / "m.onnx"
+    path.write_bytes(blob)
+    weight = numpy_helper.to_array(onnx.load_from_string(blob).graph.initializer[0])
+    for source in (blob, path, str(path)):
+        session = ort_timing.make_session(source, threads=1)
+        feed = ort_timing.make_input(session, batch=3, seed=1)
+        [x] = feed.values()
+        assert x.shape == (3, 16) and x.dtype == np.float32  # the dynamic batch axis takes the batch asked
+        np.testing.assert_allclose(session.run(None, feed)[0], x @ weight, rtol=1e-5)
+    again = ort_timing.make_input(ort_timing.make_session(blob), batch=3, seed=1)
+    np.testing.assert_array_equal(next(iter(again.values())), x)  # the same seed, the same input
+    assert ort_timing.make_session(blob, threads=None).get_providers() == ["CPUExecutionProvider"]
+
+
+def test_an_unavailable_provider_is_refused_naming_the_available_ones() -> None:
+    with pytest.raises(ValueError, match=r"'NoSuchExecutionProvider' is not available here; available: .*"
+                                         r"CPUExecutionProvider"):
+        ort_timing.make_session(matmul_model(), provider="NoSuchExecutionProvider")
+
+
+def test_time_sessions_times_each_session_in_every_round() -> None:
+    sessions = {"small": ort_timing.make_session(matmul_model(8)), "large": ort_timing.make_session(matmul_model(256))}
+    out = ort_timing.time_sessions(sessions, batch=2, rounds=7, runs=3, warmup=1, host=None)
+    assert set(out) == {"small", "large"}
+    for timing in out.values():
+        assert len(timing.rounds) == 7 and timing.runs_per_round == 3
+        assert timing.median_ms == statistics.median(timing.rounds) > 0
+        assert timing.low_ms <= timing.median_ms <= timing.high_ms
+        assert (timing.low_ms, timing.high_ms) == pytest.approx(
+            ort_timing.widen(timing.median_ms, *ort_timing.median_interval(timing.rounds)))
+        assert timing.seconds > 0 and timing.attempts == 1 and timing.host_slowdown == 1.0
+    assert out["large"].median_ms > out["small"].median_ms  # a 256x256 matmul against an 8x8 one
+
+
+def test_time_onnx_times_one_model_from_bytes_or_path(tmp_path: Path) -> None:
+    path = tmp_path / "m.onnx"
+    path.write_bytes(matmul_model())
+    for source in (path.read_bytes(), path):
+        timing = ort_timing.time_onnx(source, threads=1, batch=2, host=None, **FAST)
+        assert len(timing.rounds) == 5 and timing.runs_per_round == 2 and timing.median_ms > 0
+
+
+@pytest.mark.parametrize("bad", [{"rounds": 0}, {"runs": 0}, {"warmup": -1}, {"batch": 0}])
+def test_protocol_settings_out_of_range_are_refused(bad: dict) -> None:
+    session = ort_timing.make_session(matmul_model())
+    with pytest.raises(ValueError, match="timing needs"):
+        ort_timing.time_sessions({"m": session}, **{**FAST, **bad})
+    if "batch" not in bad:
+        with pytest.raises(ValueError, match="timing needs"):
+            ort_timing.time_runners({"m": lambda: None}, **{**FAST, **bad})
+
+
+def test_rounds_visit_every_runner_once_in_a_shuffled_order_fixed_by_the_seed() -> None:
+    def order(seed: int) -> list[list[str]]:
+        calls: list[str] = []
+        runners = {name: (lambda name=name: calls.append(name)) for name in "abcd"}
+        ort_timing.time_runners(runners, rounds=12, runs=1, warmup=0, seed=seed, host=None)
+        return [calls[i:i + 4] for i in range(0, len(calls), 4)]
+
+    rounds = order(seed=3)
+    assert len(rounds) == 12 and all(sorted(r) == list("abcd") for r in rounds)  # each runner once per round
+    assert len({tuple(r) for r in rounds}) > 1  # shuffled: a slow phase of the host does not hit one runner only
+    assert order(seed=3) == rounds and order(seed=4) != rounds
+
+
+def test_a_round_takes_the_fastest_of_its_runs() -> None:
+    # The first run of each round sleeps, the others do not: the minimum per round ignores the slow one.
+    state = {"n": 0}
+
+    def sometimes_slow() -> None:
+        state["n"] += 1
+        if state["n"] % 3 == 1:
+            time.sleep(0.02)
+
+    timing = ort_timing.time_runners({"m": sometimes_slow}, rounds=4, runs=3, warmup=0, host=None)["m"]
+    assert timing.median_ms < 10.0 and max(timing.rounds) < 20.0
+    slow = ort_timing.time_runners({"m": lambda: time.sleep(0.002)}, rounds=3, runs=2, warmup=0, host=None)["m"]
+    assert min(slow.rounds) >= 2.0  # milliseconds
+
+
+def test_host_check_baseline_and_slowdown() -> None:
+    host = ort_timing.HostCheck(calibrate_s=0.05)
+    assert host.reference(3) > 0
+    base = host.calibrate()
+    assert base > 0 and host.calibrate() == base  # calibrated once
+    assert host.slowdown(base * 2) == pytest.approx(2.0) and host.baseline == base
+    assert host.slowdown(base / 2) == pytest.approx(0.5) and host.baseline == base / 2  # a faster phase lowers it
+
+
+def test_a_measurement_in_a_slow_phase_is_taken_again() -> None:
+    # A baseline far below anything the reference can reach: every attempt looks slow, so the protocol retries
+    # as often as allowed and keeps the attempt with the fastest reference.
+    host = ort_timing.HostCheck(tolerance=0.05, retries=2, pause_s=0.0, calibrate_s=0.05)
+    host.calibrate()
+    host.baseline = 1e-9
+    session = ort_timing.make_session(matmul_model())
+    timing = ort_timing.time_sessions({"m": session}, host=host, **FAST)["m"]
+    assert timing.attempts == 3 and timing.host_slowdown > 1.0 + host.tolerance
+    assert len(timing.rounds) == 5  # one attempt's rounds, not all of them
+    # A quiet host (any slowdown tolerated) measures once.
+    calm = ort_timing.HostCheck(tolerance=1e9, retries=2, pause_s=0.0, calibrate_s=0.05)
+    once = ort_timing.time_sessions({"m": session}, host=calm, **FAST)["m"]
+    assert once.attempts == 1 and once.host_slowdown > 0
