@@ -53,7 +53,8 @@ def _positive_float(text: str) -> float:
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default="digits",
                    help="digits (built in, default), cifar10, cifar100, mnist, fashion-mnist, or folder:PATH")
-    p.add_argument("--data-dir", help="where torchvision datasets are (or are downloaded to with --download)")
+    p.add_argument("--data-dir", help="dataset files: mnist/fashion-mnist IDX files (in DIR or DIR/<Name>/raw; "
+                   "default: the system package, e.g. Debian's dataset-fashion-mnist), torchvision's for cifar")
     p.add_argument("--download", action="store_true", help="download a torchvision dataset if missing")
     p.add_argument("--input-size", type=positive_int, help="resize images to this side (default: dataset's)")
     p.add_argument("--teacher", help="timm architecture of the teacher (default: per dataset)")
@@ -110,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--devices", help="GPUs for workers: all (default with --device cuda/auto) or numbers, e.g. 0,1,3")
     s.add_argument("--jobs-per-device", type=positive_int, default=1,
                    help="worker processes on each GPU of --devices (default 1)")
-    s.add_argument("--train-limit", type=positive_int, help=argparse.SUPPRESS)
+    s.add_argument("--train-limit", type=positive_int, metavar="N",
+                   help="search on a stratified subset of N training images (validation and test splits unchanged)")
     s.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
 
     d = sub.add_parser("distill", help="distil one student from the (cached) teacher")
