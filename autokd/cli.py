@@ -23,6 +23,7 @@ from autokd.config import (
     SAMPLERS,
     DistillSettings,
     SearchSettings,
+    non_negative_int,
     positive_int,
     settings_from,
     studies_root,

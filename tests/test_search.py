@@ -310,7 +310,7 @@ def test_fp32_study_resumed_with_int8_exits_2(tmp_path: Path, tiny_teacher: tupl
 def test_distill_from_trial_trains_that_trial_again(tmp_path: Path, tiny_teacher: tuple[str, Path],
                                                     space_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
     arch, ckpt = tiny_teacher
-    run_search(settings(tmp_path, tiny_teacher, space_file, budget=2, prune=False), log=lambda msg: None)
+    run_search(settings(tmp_path, tiny_teacher, space_file, budget=2, prune=False))
     study = load(tmp_path)
     trial = study.trials[1]
     root = str(tmp_path / "studies")
