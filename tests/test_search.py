@@ -335,3 +335,24 @@ def test_distill_from_trial_trains_that_trial_again(tmp_path: Path, tiny_teacher
     assert "has no trial 7" in capsys.readouterr().err
     assert main(["--root", root, "distill", "--study", "digits-tiny"]) == 2
     assert "only apply with --from-trial" in capsys.readouterr().err
+
+
+REAL_FASHION = Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.mark.skipif(not (REAL_FASHION / "train-images-idx3-ubyte.gz").is_file(),
+                    reason="needs Debian's dataset-fashion-mnist package (apt-get install dataset-fashion-mnist)")
+def test_a_search_on_a_slice_of_real_fashion_mnist(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # The real files from the Debian package, no --data-dir: the built-in space, its default teacher, a slice.
+    root = str(tmp_path / "studies")
+    assert main(["--root", root, "search", "--dataset", "fashion-mnist", "--space", "fashion", "--train-limit",
+                 "300", "--budget", "2", "--epochs", "1", "--no-mlflow", "--device", "cpu"]) == 0
+    study = load(tmp_path, "fashion-mnist-fashion")
+    assert len([t for t in study.trials if t.state.is_finished()]) == 2
+    assert study.user_attrs["dataset"] == "fashion-mnist" and study.user_attrs["val_images"] == 6000
+    assert study.user_attrs["teacher"].startswith("resnet10t@")
+    capsys.readouterr()
+    # A wrong --data-dir names the ways to get the files.
+    assert main(["--root", root, "search", "--dataset", "fashion-mnist", "--data-dir", str(tmp_path / "nope"),
+                 "--budget", "1", "--no-mlflow"]) == 2
+    assert "apt-get install dataset-fashion-mnist" in capsys.readouterr().err
