@@ -23,6 +23,7 @@ from autokd.config import (
     SAMPLERS,
     DistillSettings,
     SearchSettings,
+    non_negative_int,
     positive_int,
     settings_from,
     studies_root,
@@ -53,7 +54,8 @@ def _positive_float(text: str) -> float:
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default="digits",
                    help="digits (built in, default), cifar10, cifar100, mnist, fashion-mnist, or folder:PATH")
-    p.add_argument("--data-dir", help="where torchvision datasets are (or are downloaded to with --download)")
+    p.add_argument("--data-dir", help="dataset files: mnist/fashion-mnist IDX files (in DIR or DIR/<Name>/raw; "
+                   "default: the system package, e.g. Debian's dataset-fashion-mnist), torchvision's for cifar")
     p.add_argument("--download", action="store_true", help="download a torchvision dataset if missing")
     p.add_argument("--input-size", type=positive_int, help="resize images to this side (default: dataset's)")
     p.add_argument("--teacher", help="timm architecture of the teacher (default: per dataset)")
@@ -110,23 +112,33 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--devices", help="GPUs for workers: all (default with --device cuda/auto) or numbers, e.g. 0,1,3")
     s.add_argument("--jobs-per-device", type=positive_int, default=1,
                    help="worker processes on each GPU of --devices (default 1)")
-    s.add_argument("--train-limit", type=positive_int, help=argparse.SUPPRESS)
+    s.add_argument("--train-limit", type=positive_int, metavar="N",
+                   help="search on a stratified subset of N training images (validation and test splits unchanged)")
     s.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
 
     d = sub.add_parser("distill", help="distil one student from the (cached) teacher")
-    d.add_argument("--family", default="resnet")
-    d.add_argument("--width", type=_positive_float, default=0.5)
-    d.add_argument("--depth", type=_positive_float, default=0.5)
-    d.add_argument("--loss", default="kd")
+    d.add_argument("--from-trial", type=non_negative_int, metavar="N",
+                   help="train trial N of --study again with its exact student and KD settings (every training "
+                   "image unless --train-limit; its own epochs unless --epochs)")
+    d.add_argument("--study", help="with --from-trial: the study (default: the only or most recent one)")
+    d.add_argument("--storage", help="with --from-trial: the study's storage (default: the local journal)")
+    d.add_argument("--train-limit", type=positive_int, metavar="N",
+                   help="train on a stratified subset of N training images")
+    # Defaults None: with --from-trial a given option is told apart from the trial's value; the settings'
+    # defaults (family resnet, width/depth 0.5, loss kd, 10 epochs, ...) apply otherwise.
+    d.add_argument("--family")
+    d.add_argument("--width", type=_positive_float)
+    d.add_argument("--depth", type=_positive_float)
+    d.add_argument("--loss")
     d.add_argument("--temperature", type=float)
     d.add_argument("--alpha", type=float)
     d.add_argument("--beta", type=float)
     d.add_argument("--warmup", type=float)
-    d.add_argument("--epochs", type=positive_int, default=10)
-    d.add_argument("--batch-size", type=positive_int, default=64)
-    d.add_argument("--lr", type=_positive_float, default=0.01)
-    d.add_argument("--weight-decay", type=float, default=5e-4)
-    d.add_argument("--optimizer", choices=OPTIMIZERS, default=OPTIMIZERS[0])
+    d.add_argument("--epochs", type=positive_int)
+    d.add_argument("--batch-size", type=positive_int)
+    d.add_argument("--lr", type=_positive_float)
+    d.add_argument("--weight-decay", type=float)
+    d.add_argument("--optimizer", choices=OPTIMIZERS)
     d.add_argument("--out", type=Path, help="where to save the student (default studies/distill/<name>)")
     _add_data_args(d)
 
@@ -255,9 +267,20 @@ def _next_steps(args: argparse.Namespace, summary: SearchSummary) -> str:
 
 def _distill_settings(args: argparse.Namespace, root: Path) -> DistillSettings:
     """The settings of `autokd distill` from its options: each field from the option of its name, but these."""
-    loss_params = {k: getattr(args, k) for k in ("temperature", "alpha", "beta", "warmup")
-                   if getattr(args, k) is not None}
-    return settings_from(DistillSettings, vars(args), loss_params=loss_params, root=root)
+    given = {k: v for k, v in vars(args).items() if v is not None and v is not False}
+    if args.from_trial is not None:
+        from autokd.search.retrain import TRIAL_FIELDS, settings_from_trial
+
+        clash = [f"--{k.replace('_', '-')}" for k in TRIAL_FIELDS if k in given]
+        if clash:
+            raise UserError(f"{', '.join(clash)} cannot be given with --from-trial: the trial fixes the student, "
+                            "its distillation settings, data and teacher (--epochs, --seed, --train-limit, "
+                            "--data-dir, --teacher-checkpoint, --device and --out may change)")
+        return settings_from_trial(args.study, args.storage, root, args.from_trial, given)
+    if args.study is not None or args.storage is not None:
+        raise UserError("--study and --storage only apply with --from-trial N (train a trial's student again)")
+    loss_params = {k: given[k] for k in ("temperature", "alpha", "beta", "warmup") if k in given}
+    return settings_from(DistillSettings, given, loss_params=loss_params, root=root)
 
 
 def _distill(args: argparse.Namespace, root: Path) -> int:

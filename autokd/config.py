@@ -34,6 +34,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    """argparse type of an option that takes an integer >= 0 (a trial number)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
+    return value
+
+
 def studies_root() -> Path:
     """Directory under which every study, the teacher cache and the shared stores live."""
     return Path(os.environ.get(STUDIES_ENV, "studies"))
@@ -174,6 +185,8 @@ class DistillSettings:
     teacher_pretrained: bool = False
     device: str = "auto"
     seed: int = 0
+    views: int = 0  # replayable augmented views per training image (a search space's `views`)
+    from_trial: str | None = None  # "<study>#<trial>" when the settings are a trial's (autokd distill --from-trial)
     out: Path | None = None  # None: <root>/distill/<student>-<loss>-s<seed>
     root: Path = field(default_factory=studies_root)
 

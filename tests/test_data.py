@@ -166,3 +166,84 @@ def test_views_epochs_and_fingerprint() -> None:
     assert views.fingerprint != TrainViews(num_views=3, hflip=True).fingerprint
     with pytest.raises(ValueError):
         views.apply(torch.zeros(1, 1, 4, 4), torch.zeros(1, dtype=torch.long), 3)
+
+
+def _write_idx(folder: Path, n_train: int = 60, n_test: int = 20, gz: bool = True) -> None:
+    """The four MNIST-format IDX files (random pixels, labels cycling through 10 classes)."""
+    import gzip
+    import struct
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        files = {f"{prefix}-images-idx3-ubyte": struct.pack(">IIII", 0x803, n, 28, 28)
+                 + rng.integers(0, 256, n * 28 * 28, dtype=np.uint8).tobytes(),
+                 f"{prefix}-labels-idx1-ubyte": struct.pack(">II", 0x801, n) + (np.arange(n) % 10).astype(np.uint8).tobytes()}
+        for name, blob in files.items():
+            if gz:
+                (folder / f"{name}.gz").write_bytes(gzip.compress(blob))
+            else:
+                (folder / name).write_bytes(blob)
+
+
+@pytest.mark.parametrize("layout", ["flat", "torchvision"])
+def test_fashion_mnist_reads_gzipped_idx_files_in_either_layout(tmp_path: Path, layout: str) -> None:
+    folder = tmp_path if layout == "flat" else tmp_path / "FashionMNIST" / "raw"
+    _write_idx(folder, gz=True)
+    d = load_dataset("fashion-mnist", data_dir=str(tmp_path))
+    assert d.name == "fashion-mnist" and (d.num_classes, d.in_chans, d.input_size) == (10, 1, 28)
+    assert d.x_train.shape == (54, 1, 28, 28) and len(d.y_val) == 6 and len(d.y_test) == 20
+    assert d.class_names[0] == "T-shirt/top" and d.class_names[-1] == "Ankle boot"
+
+
+def test_idx_files_give_the_same_data_as_torchvision(tmp_path: Path) -> None:
+    # Plain IDX files in torchvision's layout: our reader and torchvision's must see the same tensors, so that a
+    # study's data fingerprint does not depend on which one read them.
+    from autokd.model import data as data_module
+
+    _write_idx(tmp_path / "FashionMNIST" / "raw", gz=False)
+    ours = data_module._load_idx_set("fashion-mnist", str(tmp_path), seed=0, download=False)
+    theirs = data_module._load_torchvision("fashion-mnist", str(tmp_path), seed=0, download=False)
+    for a, b in zip(ours, theirs):
+        assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+
+
+def test_missing_fashion_mnist_names_the_package_and_download(tmp_path: Path) -> None:
+    with pytest.raises(UserError) as e:
+        load_dataset("fashion-mnist", data_dir=str(tmp_path / "nowhere"))
+    text = str(e.value)
+    assert "apt-get install dataset-fashion-mnist" in text and "--download" in text and "nowhere" in text
+    assert "train-images-idx3-ubyte.gz" in text
+
+
+def test_default_fashion_mnist_location_is_the_debian_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    from autokd.model.data import idx_folders
+
+    monkeypatch.setenv("AUTOKD_DATA_DIR", "/tmp/autokd-data")
+    assert idx_folders("fashion-mnist", None)[0] == Path("/usr/share/datasets/fashion-mnist")
+    assert Path("/tmp/autokd-data/FashionMNIST/raw") in idx_folders("fashion-mnist", None)
+    assert idx_folders("fashion-mnist", "/d") == [Path("/d"), Path("/d/FashionMNIST/raw")]  # --data-dir only
+
+
+@pytest.mark.parametrize("damage", ["magic", "truncated", "not-gzip"])
+def test_a_corrupt_idx_file_is_a_user_error_naming_it(tmp_path: Path, damage: str) -> None:
+    _write_idx(tmp_path, gz=damage == "not-gzip")
+    name = "train-images-idx3-ubyte" + (".gz" if damage == "not-gzip" else "")
+    path = tmp_path / name
+    blob = path.read_bytes()
+    path.write_bytes({"magic": b"\x12\x34" + blob[2:], "truncated": blob[:-100], "not-gzip": b"plain bytes"}[damage])
+    with pytest.raises(UserError, match=name):
+        load_dataset("fashion-mnist", data_dir=str(tmp_path))
+
+
+REAL_FASHION = Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (REAL_FASHION / "train-images-idx3-ubyte.gz").is_file(),
+                    reason="needs Debian's dataset-fashion-mnist package (apt-get install dataset-fashion-mnist)")
+def test_real_fashion_mnist_from_the_debian_package() -> None:
+    d = load_dataset("fashion-mnist", train_limit=1000)
+    assert len(d.y_train) == 1000 and len(d.y_val) == 6000 and len(d.y_test) == 10000
+    assert torch.bincount(d.y_test).tolist() == [1000] * 10  # the official test split: 1,000 images per class
+    assert torch.bincount(d.y_train).tolist() == [100] * 10  # the stratified subset

@@ -33,7 +33,7 @@ def test_space_accepts_a_name_or_a_file(tmp_path: Path) -> None:
     own = tmp_path / "mine.yaml"
     own.write_text("students: {families: [resnet]}\nlosses: {ce: {}}\n")
     assert resolve_space(str(own)) == own
-    with pytest.raises(UserError, match=r"--space 'defualt'.*did you mean 'default'.*cifar_gpu, default"):
+    with pytest.raises(UserError, match=r"--space 'defualt'.*did you mean 'default'.*cifar_gpu, default, fashion"):
         resolve_space("defualt")
 
 
@@ -61,7 +61,8 @@ def test_wheel_installs_and_searches_from_an_empty_directory(tmp_path: Path, tin
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "-q", "--target", str(site),
                     str(wheel)], check=True, cwd=tmp_path, timeout=300)
     shutil.rmtree(src)
-    assert sorted(p.name for p in (site / "autokd" / "spaces").glob("*.yaml")) == ["cifar_gpu.yaml", "default.yaml"]
+    assert sorted(p.name for p in (site / "autokd" / "spaces").glob("*.yaml")) == ["cifar_gpu.yaml", "default.yaml",
+                                                                                           "fashion.yaml"]
 
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -305,3 +305,54 @@ def test_fp32_study_resumed_with_int8_exits_2(tmp_path: Path, tiny_teacher: tupl
     assert "latency precision fp32" in err and "resume it with --latency-precision fp32" in err, err
     study = load(tmp_path)
     assert len(study.trials) == 1 and study.user_attrs == before
+
+
+def test_distill_from_trial_trains_that_trial_again(tmp_path: Path, tiny_teacher: tuple[str, Path],
+                                                    space_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    arch, ckpt = tiny_teacher
+    run_search(settings(tmp_path, tiny_teacher, space_file, budget=2, prune=False))
+    study = load(tmp_path)
+    trial = study.trials[1]
+    root = str(tmp_path / "studies")
+    out = tmp_path / "again"
+    assert main(["--root", root, "distill", "--from-trial", "1", "--epochs", "1", "--teacher-checkpoint", str(ckpt),
+                 "--out", str(out), "--device", "cpu", "--seed", "5"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    params = trial.user_attrs["params"]
+    assert config["from_trial"] == "digits-tiny#1" and config["epochs"] == 1 and config["seed"] == 5
+    assert config["student"]["family"] == params["family"] and config["loss"] == params["loss"]
+    assert config["lr"] == pytest.approx(params["lr"]) and config["batch_size"] == params["batch_size"]
+    assert config["loss_params"] == {k.split(".", 1)[1]: v for k, v in params.items()
+                                     if k.startswith(params["loss"] + ".")}
+    assert config["student"]["key"] == trial.user_attrs["arch_key"]
+    # All the training images by default: the search used 160 (train_limit); the split has 1,078.
+    assert config["data_fingerprint"] != study.user_attrs["data_fingerprint"]
+    capsys.readouterr()
+    # The trial fixes the student: giving it as well is a contradiction; a trial that is not there is named.
+    assert main(["--root", root, "distill", "--from-trial", "1", "--family", "regnet"]) == 2
+    assert "--family cannot be given with --from-trial" in capsys.readouterr().err
+    assert main(["--root", root, "distill", "--from-trial", "7"]) == 2
+    assert "has no trial 7" in capsys.readouterr().err
+    assert main(["--root", root, "distill", "--study", "digits-tiny"]) == 2
+    assert "only apply with --from-trial" in capsys.readouterr().err
+
+
+REAL_FASHION = Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.mark.skipif(not (REAL_FASHION / "train-images-idx3-ubyte.gz").is_file(),
+                    reason="needs Debian's dataset-fashion-mnist package (apt-get install dataset-fashion-mnist)")
+def test_a_search_on_a_slice_of_real_fashion_mnist(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # The real files from the Debian package, no --data-dir: the built-in space, its default teacher, a slice.
+    root = str(tmp_path / "studies")
+    assert main(["--root", root, "search", "--dataset", "fashion-mnist", "--space", "fashion", "--train-limit",
+                 "300", "--budget", "2", "--epochs", "1", "--no-mlflow", "--device", "cpu"]) == 0
+    study = load(tmp_path, "fashion-mnist-fashion")
+    assert len([t for t in study.trials if t.state.is_finished()]) == 2
+    assert study.user_attrs["dataset"] == "fashion-mnist" and study.user_attrs["val_images"] == 6000
+    assert study.user_attrs["teacher"].startswith("resnet10t@")
+    capsys.readouterr()
+    # A wrong --data-dir names the ways to get the files.
+    assert main(["--root", root, "search", "--dataset", "fashion-mnist", "--data-dir", str(tmp_path / "nope"),
+                 "--budget", "1", "--no-mlflow"]) == 2
+    assert "apt-get install dataset-fashion-mnist" in capsys.readouterr().err

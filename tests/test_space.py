@@ -25,7 +25,7 @@ def write(tmp_path: Path, text: str, name: str = "space.yaml") -> Path:
     return path
 
 
-@pytest.mark.parametrize("name", ["default.yaml", "cifar_gpu.yaml"])
+@pytest.mark.parametrize("name", ["default.yaml", "cifar_gpu.yaml", "fashion.yaml"])
 def test_shipped_spaces_are_valid(name: str) -> None:
     space = load_space(REPO_ROOT / "search_spaces" / name)
     assert space.students and space.losses

@@ -2,11 +2,13 @@
 
 Every dataset is loaded once into float32 tensors (normalized with the training split's per-channel mean/std)
 so that batching is plain indexing on the target device. Built-in names: ``digits`` (scikit-learn, no
-download), ``cifar10``, ``cifar100``, ``mnist``, ``fashion-mnist`` (torchvision files in ``data_dir``) and
-``folder:PATH`` (an image folder with ``train/``, ``val/`` and optional ``test/`` subfolders of class dirs).
+download), ``mnist`` and ``fashion-mnist`` (their IDX files, gzipped or not, read directly: see
+:func:`find_idx_files`), ``cifar10``, ``cifar100`` (torchvision files in ``data_dir``) and ``folder:PATH`` (an
+image folder with ``train/``, ``val/`` and optional ``test/`` subfolders of class dirs).
 """
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import os
@@ -31,6 +33,17 @@ _TORCHVISION = {  # name -> (torchvision class name, default input size, validat
     "mnist": ("MNIST", 28, 0.1),
     "fashion-mnist": ("FashionMNIST", 28, 0.1),
 }
+# MNIST-format sets are read from their IDX files (the format their authors publish) wherever they are found:
+# a folder of the four files, torchvision's layout below a data dir, or a system package's folder.
+_IDX_SETS = {  # name -> (torchvision folder name, folders a system package installs the files to, class names)
+    "mnist": ("MNIST", (), ["0 - zero", "1 - one", "2 - two", "3 - three", "4 - four", "5 - five", "6 - six",
+                           "7 - seven", "8 - eight", "9 - nine"]),
+    "fashion-mnist": ("FashionMNIST", ("/usr/share/datasets/fashion-mnist",),  # Debian: dataset-fashion-mnist
+                      ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                       "Ankle boot"]),
+}
+_IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+              "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 _DEFAULT_INPUT_SIZE = {"digits": 32, **{k: v[1] for k, v in _TORCHVISION.items()}, "folder": 32}
 
 
@@ -98,6 +111,8 @@ def load_dataset(name: str = "digits", data_dir: str | None = None, input_size: 
         x_tr, y_tr, x_va, y_va, x_te, y_te, classes = _load_digits(seed)
     elif key == "folder":
         x_tr, y_tr, x_va, y_va, x_te, y_te, classes, extra = _load_folder(name[len("folder:"):], input_size, seed)
+    elif key in _IDX_SETS:
+        x_tr, y_tr, x_va, y_va, x_te, y_te, classes = _load_idx_set(key, data_dir, seed, download)
     else:
         x_tr, y_tr, x_va, y_va, x_te, y_te, classes = _load_torchvision(key, data_dir, seed, download)
 
@@ -168,7 +183,7 @@ def _load_torchvision(key: str, data_dir: str | None, seed: int, download: bool)
     import torchvision.datasets as tvd
 
     cls_name, _, val_fraction = _TORCHVISION[key]
-    root = Path(os.path.expanduser(data_dir or os.environ.get("AUTOKD_DATA_DIR", DEFAULT_DATA_DIR)))
+    root = _data_root(data_dir)
     cls = getattr(tvd, cls_name)
     try:
         train = cls(str(root), train=True, download=download)
@@ -190,6 +205,91 @@ def _load_torchvision(key: str, data_dir: str | None, seed: int, download: bool)
     keep, val = _split(y.numpy(), val_fraction, seed)
     keep, val = torch.from_numpy(keep), torch.from_numpy(val)
     return x[keep], y[keep], x[val], y[val], x_te, y_te, list(train.classes)
+
+
+def _data_root(data_dir: str | None) -> Path:
+    return Path(os.path.expanduser(data_dir or os.environ.get("AUTOKD_DATA_DIR", DEFAULT_DATA_DIR)))
+
+
+def idx_folders(key: str, data_dir: str | None) -> list[Path]:
+    """Where the IDX files of ``key`` are looked for, in order: ``data_dir`` itself and its torchvision layout
+    (``DIR/FashionMNIST/raw``) when given; else the system package's folder, then the default data dir (both
+    layouts)."""
+    tv_name, system, _ = _IDX_SETS[key]
+    if data_dir:
+        root = Path(os.path.expanduser(data_dir))
+        return [root, root / tv_name / "raw"]
+    root = _data_root(None)
+    return [*(Path(p) for p in system), root, root / tv_name / "raw"]
+
+
+def find_idx_files(key: str, data_dir: str | None) -> dict[str, Path] | None:
+    """The four IDX files of ``key`` (``train-images``, ``train-labels``, ``t10k-images``, ``t10k-labels``; each
+    gzipped or not) from the first folder of :func:`idx_folders` that holds all four, or None."""
+    for folder in idx_folders(key, data_dir):
+        found = {}
+        for stem in (*_IDX_FILES["train"], *_IDX_FILES["test"]):
+            path = next((folder / f"{stem}{ext}" for ext in (".gz", "") if (folder / f"{stem}{ext}").is_file()), None)
+            if path is None:
+                break
+            found[stem] = path
+        else:
+            return found
+    return None
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An IDX file of unsigned bytes (the MNIST format: magic 0x0000_08_<ndim>, big-endian int32 sizes, then
+    the data) as a uint8 array of its shape; gzipped files are read through gzip. A file that is not one is a
+    UserError naming it."""
+    try:
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+        raise UserError(f"{path}: cannot read the IDX file ({exc})") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08 or not 1 <= raw[3] <= 4:
+        raise UserError(f"{path}: not an IDX file of unsigned bytes (magic {raw[:4].hex() or 'missing'}, "
+                        "expected 000008 then the number of dimensions)")
+    ndim = raw[3]
+    if len(raw) < 4 + 4 * ndim:
+        raise UserError(f"{path}: truncated IDX header")
+    shape = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
+    size = int(np.prod(shape))
+    body = raw[4 + 4 * ndim:]
+    if len(body) != size:
+        raise UserError(f"{path}: the header declares {shape} ({size} bytes) but the file holds {len(body)}: "
+                        "truncated or corrupt; get the file again")
+    return np.frombuffer(body, dtype=np.uint8).reshape(shape)
+
+
+def _idx_split(files: dict[str, Path], split: str) -> tuple[Tensor, Tensor]:
+    images, labels = (read_idx(files[stem]) for stem in _IDX_FILES[split])
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        raise UserError(f"{files[_IDX_FILES[split][0]]}: {len(images)} images of shape {images.shape[1:]} and "
+                        f"{len(labels)} labels: expected N 2-D images and N labels")
+    x = torch.from_numpy(images.copy())[:, None].float().div_(255.0)
+    return x, torch.from_numpy(labels.astype(np.int64))
+
+
+def _load_idx_set(key: str, data_dir: str | None, seed: int, download: bool):
+    """MNIST-format sets from their IDX files; with ``download`` and no files, torchvision fetches them."""
+    files = find_idx_files(key, data_dir)
+    if files is None and download:
+        _load_torchvision(key, data_dir, seed, download=True)  # fetches into DIR/<Name>/raw, then read as IDX
+        files = find_idx_files(key, data_dir or str(_data_root(None)))
+    if files is None:
+        looked = ", ".join(str(p) for p in idx_folders(key, data_dir))
+        names = ", ".join(f"{stem}.gz" for stem in (*_IDX_FILES["train"], *_IDX_FILES["test"]))
+        system = _IDX_SETS[key][1]
+        package = (f"install Debian's package (`apt-get install dataset-{key}`, files in {system[0]}), "
+                   if system else "")
+        raise UserError(f"dataset {key!r}: its IDX files ({names}; gzipped or not) are not in {looked}. To get them: "
+                        f"{package}pass --download to fetch them (needs internet), or give --data-dir DIR holding "
+                        f"the four files (in DIR or in DIR/{_IDX_SETS[key][0]}/raw).")
+    x, y = _idx_split(files, "train")
+    x_te, y_te = _idx_split(files, "test")
+    keep, val = _split(y.numpy(), _TORCHVISION[key][2], seed)
+    keep, val = torch.from_numpy(keep), torch.from_numpy(val)
+    return x[keep], y[keep], x[val], y[val], x_te, y_te, list(_IDX_SETS[key][2])
 
 
 def _load_folder(path: str, size: int, seed: int):

@@ -41,7 +41,7 @@ def run_distill(s: DistillSettings) -> dict[str, Any]:
         t = get_teacher(data, arch=s.teacher, checkpoint=s.teacher_checkpoint, cache_root=root / "teachers",
                         device=device, pretrained=s.teacher_pretrained)
         teacher_arch = t.arch
-        outputs = teacher_outputs(t, data, TrainViews(0), cache_root=root / "teachers", device=device,
+        outputs = teacher_outputs(t, data, TrainViews(s.views), cache_root=root / "teachers", device=device,
                                   need_features=loss_fn.uses_features)
     student = build_from_spec(spec)
     cfg = TrainConfig(epochs=s.epochs, batch_size=s.batch_size, lr=s.lr, weight_decay=s.weight_decay,
@@ -55,12 +55,14 @@ def run_distill(s: DistillSettings) -> dict[str, Any]:
 
     started = time.perf_counter()
     data = data.to(device)
-    result = distill(student, loss_fn, data, cfg, teacher=outputs, views=None, on_epoch=on_epoch)
+    # The views the teacher's outputs were computed for (a trial's: its space's `views`), as the search shows them.
+    result = distill(student, loss_fn, data, cfg, teacher=outputs, views=TrainViews(s.views), on_epoch=on_epoch)
     test_acc = float(evaluate(student, data.x_test, data.y_test))
     config = {
         "student": spec.to_dict(), "loss": s.loss, "loss_params": s.loss_params, "teacher": teacher_arch,
         "epochs": s.epochs, "batch_size": s.batch_size, "lr": s.lr, "weight_decay": s.weight_decay,
-        "optimizer": s.optimizer, "seed": s.seed, "dataset": data.name, "data_fingerprint": data.fingerprint,
+        "optimizer": s.optimizer, "seed": s.seed, "views": s.views, "from_trial": s.from_trial,
+        "dataset": data.name, "data_fingerprint": data.fingerprint,
         "val_acc": float(result.val_acc), "test_acc": test_acc, "seconds": time.perf_counter() - started,
     }
     out = s.out or root / "distill" / f"{spec.key}-{s.loss}-s{s.seed}"
