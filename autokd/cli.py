@@ -477,7 +477,7 @@ class _ConsoleHandler(logging.Handler):
 
 
 @contextlib.contextmanager
-def _console_logging() -> Iterator[None]:
+def console_logging() -> Iterator[None]:
     """Print the library's INFO-and-above messages while one command runs, then restore the ``autokd`` logger
     (``main`` may run several times in one process: tests, a program that wraps the CLI)."""
     logger = logging.getLogger("autokd")
@@ -496,7 +496,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     root = args.root or studies_root()
-    with _console_logging():
+    with console_logging():
         try:
             return COMMANDS[args.command](args, root)
         except UserError as exc:

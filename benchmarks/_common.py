@@ -2,14 +2,12 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import resource
 import shutil
-import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,21 +33,12 @@ def fresh_root(prefix: str, latency_cache: Path | None = None) -> Path:
     return root
 
 
-@contextlib.contextmanager
-def printed_messages() -> Iterator[None]:
-    """While the block runs, print the library's messages (the ``autokd`` loggers, INFO and up) bare on stdout,
-    as the `autokd` command does."""
-    logger = logging.getLogger("autokd")
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    try:
-        yield
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
+def printed_messages() -> contextlib.AbstractContextManager[None]:
+    """While the block runs, print the library's messages (the ``autokd`` loggers, INFO and up) bare, as the
+    `autokd` command does (its own handler)."""
+    from autokd.cli import console_logging
+
+    return console_logging()
 
 
 def run_search(root: Path, quiet: bool = False, after_trial: Callable[[], None] | None = None,

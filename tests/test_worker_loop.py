@@ -16,6 +16,7 @@ import pytest
 import torch
 from conftest import Logged
 from optuna.trial import TrialState
+from test_objective import SPACE  # one tiny architecture, one epoch, no teacher: the cheapest trial that trains
 
 from autokd.config import SearchSettings
 from autokd.errors import FatalSearchError
@@ -31,23 +32,6 @@ from autokd.tracking import Tracker
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
-# One tiny architecture, one epoch, no teacher (plain cross-entropy): the cheapest trial that trains.
-SPACE = """
-name: unit
-epochs: 1
-input_size: 16
-students:
-  width: 0.25
-  depth: 0.25
-  families: [resnet]
-losses:
-  ce: {}
-optimizer:
-  name: adamw
-  lr: {low: 0.001, high: 0.01, log: true}
-  weight_decay: 0.0001
-batch_size: 32
-"""
 
 
 @pytest.fixture(autouse=True)
