@@ -22,27 +22,25 @@ STUDIES_ENV = "AUTOKD_STUDIES"
 OPTIMIZERS = ("adamw", "sgd")
 
 
-def positive_int(text: str) -> int:
-    """argparse type of an option that takes an integer >= 1 (shared by the CLI and the latency server's own
-    entry point, which must not import the CLI's dependencies)."""
+def _int_at_least(text: str, minimum: int) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be >= 1")
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"{text!r} must be >= {minimum}")
     return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type of an option that takes an integer >= 1 (shared by the CLI and the latency server's own
+    entry point, which must not import the CLI's dependencies)."""
+    return _int_at_least(text, 1)
 
 
 def non_negative_int(text: str) -> int:
     """argparse type of an option that takes an integer >= 0 (a trial number)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
-    return value
+    return _int_at_least(text, 0)
 
 
 def studies_root() -> Path:
