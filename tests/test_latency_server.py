@@ -22,7 +22,7 @@ from onnx import TensorProto, helper, numpy_helper
 from autokd.errors import UserError
 from autokd.latency.remote.client import RemoteLatencyError, RemoteTarget, validate_target_url
 from autokd.latency.remote.guard import external_data_reason
-from autokd.latency.remote.server import LatencyHTTPServer
+from autokd.latency.remote.server import RUNTIME_FAILURE, LatencyHTTPServer
 
 TOKEN = "s3cret-token"
 
@@ -117,10 +117,11 @@ def test_body_over_the_limit_is_413(server: str) -> None:
 
 def test_a_file_that_is_not_onnx_is_400_with_its_reason(server: str) -> None:
     status, payload = post(server, b"this is not an onnx model" * 10)
-    assert status == 400 and "ONNX" in payload["error"]
-    # A well-formed protobuf that ONNX Runtime still cannot load: its own error comes back.
+    assert status == 400 and "ONNX" in payload["error"] and payload["category"] == "malformed"
+    # A well-formed protobuf that ONNX Runtime still cannot load: a fixed reason, never ONNX Runtime's own text
+    # (it can quote what the runtime read on the server); the details go to the server's log.
     status, payload = post(server, helper.make_model(helper.make_graph([], "empty", [], [])).SerializeToString())
-    assert status == 400 and "ONNX Runtime" in payload["error"]
+    assert status == 400 and payload == {"error": RUNTIME_FAILURE, "category": "runtime"}
 
 
 def test_a_model_with_external_data_is_refused(server: str, tmp_path: Path) -> None:
@@ -129,8 +130,16 @@ def test_a_model_with_external_data_is_refused(server: str, tmp_path: Path) -> N
     body = path.read_bytes()
     assert external_data_reason(body) is not None
     status, payload = post(server, body)
-    assert status == 400 and "external data" in payload["error"]
+    assert status == 400 and "external data" in payload["error"] and payload["category"] == "external-data"
     assert external_data_reason(matmul_model().SerializeToString()) is None
+
+
+def test_declared_inputs_over_the_limit_are_refused(server: str) -> None:
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "huge",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 1 << 30])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 1 << 30])])
+    status, payload = post(server, helper.make_model(graph).SerializeToString())
+    assert status == 400 and payload["category"] == "input-too-large"
 
 
 def test_bad_query_parameters_are_400(server: str) -> None:

@@ -1,6 +1,6 @@
 """`autokd latency-server`: times uploaded ONNX students on the device that will run them, over HTTP.
 
-Runs on the target with ONNX Runtime and numpy only: this module and what it imports must never import torch
+Runs on the target with ONNX Runtime, onnx and numpy only: this module and what it imports must never import torch
 or timm (a test pins that). One model is timed at a time, with the protocol of a local measurement
 (:mod:`autokd.latency.protocol`). Contract: docs/latency.md, "Latency on a target device"; security model:
 docs/reliability.md, "Security".
@@ -11,6 +11,7 @@ import argparse
 import hmac
 import ipaddress
 import json
+import logging
 import os
 import socket
 import sys
@@ -21,7 +22,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from autokd.config import positive_int
 from autokd.errors import UserError
-from autokd.latency.remote.guard import external_data_reason
+from autokd.latency.remote.guard import RefusedModel, inspect_upload
 
 DEFAULT_PORT = 8765
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
@@ -30,6 +31,10 @@ TOKEN_ENV = "AUTOKD_LATENCY_TOKEN"
 SERVICE = "autokd-latency-server"
 #: A client that stalls mid-upload must not hold the one measurement slot forever.
 SOCKET_TIMEOUT_S = 60.0
+#: What a client hears when ONNX Runtime fails on a checked model: its message can quote server-side data.
+RUNTIME_FAILURE = "ONNX Runtime could not load or run this model (the details are in the server's log)"
+
+logger = logging.getLogger(__name__)
 
 MeasureFn = Callable[[bytes, int, int], dict[str, Any]]
 SignatureFn = Callable[[int], dict[str, Any]]
@@ -157,18 +162,19 @@ class _Handler(BaseHTTPRequestHandler):
         if len(body) != length:
             self._error(400, f"body ended after {len(body)} of {length} bytes", close=True)
             return
-        reason = external_data_reason(body)
-        if reason is not None:
-            self._error(400, reason)
+        try:
+            checked = inspect_upload(body, batch=batch)
+        except RefusedModel as refused:
+            self._send(400, {"error": refused.reason, "category": refused.category})
             return
         with self.server.measure_lock:  # never two models at once: they would slow each other down
             self.server.busy = True
             try:
-                result = self.server.measure_fn(body, batch, threads)
+                result = self.server.measure_fn(checked.canonical, batch, threads)
                 self.server.measured += 1
-            except Exception as exc:  # noqa: BLE001 - ONNX Runtime's own error is the useful reason
-                self._error(400, f"ONNX Runtime cannot load or run this model: {exc.__class__.__name__}: "
-                                 f"{str(exc)[:2000]}")
+            except Exception:  # noqa: BLE001 - any failure of the runtime on an upload is the client's 400
+                logger.warning("ONNX Runtime failed on a model from %s", self.address_string(), exc_info=True)
+                self._send(400, {"error": RUNTIME_FAILURE, "category": "runtime"})
                 return
             finally:
                 self.server.busy = False
@@ -249,8 +255,8 @@ def serve(server: LatencyHTTPServer) -> None:
 
 
 #: What `autokd latency-server --help` (and `python -m autokd.latency.remote.server --help`) says it is for.
-DESCRIPTION = ("Run on the device that will run the students (needs onnxruntime and numpy, not torch). A search "
-               "points at it with --latency-target http://HOST:PORT --latency-token T.")
+DESCRIPTION = ("Run on the device that will run the students (needs onnxruntime, onnx and numpy, not torch). A "
+               "search points at it with --latency-target http://HOST:PORT --latency-token T.")
 
 
 def add_server_args(p: argparse.ArgumentParser) -> None:
