@@ -178,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--tracking-uri", help="store to browse (default: the local store under studies/); for a "
                    "tracking server, prints the study's page on it")
     u.add_argument("--study", help="study whose runs page to print (default: the most recent study)")
+    u.add_argument("--start-timeout", type=_positive_float, default=180.0, metavar="SECONDS",
+                   help="how long to wait for the UI to answer before giving up (default 180)")
 
     y = sub.add_parser("sync-mlflow", help="send the MLflow calls kept on disk while the tracking server was down")
     y.add_argument("--study", help="study name (default: the only/most recent study)")
@@ -321,10 +323,12 @@ def _export(args: argparse.Namespace, root: Path) -> int:
 
 def _ui(args: argparse.Namespace, root: Path) -> int:
     import os
+    import shlex
     import signal
     import subprocess
 
     from autokd.tracking import default_tracking_uri, ui_command
+    from autokd.tracking.ui import OutputTail, port_in_use, wait_until_answering
 
     if args.tracking_uri is None and not (Path(root) / "mlflow.db").is_file():
         raise UserError(f"no MLflow store at {Path(root) / 'mlflow.db'}: run `autokd search` first (or pass --root "
@@ -337,23 +341,46 @@ def _ui(args: argparse.Namespace, root: Path) -> int:
         print(f"MLflow UI of {uri}: {page}")
         return 0
     cmd = ui_command(uri, host="127.0.0.1", port=args.port)
-    print(f"MLflow UI for {uri}: {page}  (Ctrl-C to stop)", flush=True)
+    if port_in_use("127.0.0.1", args.port):
+        raise UserError(f"--port {args.port}: something already listens on 127.0.0.1:{args.port} (another "
+                        "`autokd ui`?); stop it or pass another --port")
+    print(f"starting the MLflow UI for {uri} on port {args.port} (it can take a minute)...", file=sys.stderr,
+          flush=True)
     # The UI is a process tree (mlflow -> uvicorn). It gets its own process group, stopped below however we
     # are stopped (Ctrl-C, SIGTERM from a service manager): otherwise it outlives us, holding the port.
     posix = hasattr(os, "killpg")
-    proc = subprocess.Popen(cmd, start_new_session=posix)
+    proc = subprocess.Popen(cmd, start_new_session=posix, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    output = OutputTail(proc.stdout)  # type: ignore[arg-type]
 
     def stop(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, stop)
     try:
-        return proc.wait()
+        # The address is printed once the server answers: printed earlier, it opened on "connection refused".
+        problem = wait_until_answering(f"{base}/health", proc, args.start_timeout)
+        if problem is None:
+            print(f"MLflow UI for {uri}: {page}  (Ctrl-C to stop)", flush=True)
+            output.forward(_to_stderr)
+            return proc.wait()
+        if proc.poll() is None:  # still starting when the time was up
+            problem += " (on a slow or busy machine, pass a larger --start-timeout)"
     except KeyboardInterrupt:
         return 0
     finally:
         signal.signal(signal.SIGTERM, previous)
         _stop_process_group(proc, posix)
+    output.join(timeout=5)  # the group is gone: its output ends
+    tail = output.tail().rstrip() or "(nothing)"
+    print(f"autokd ui: error: the MLflow UI ({shlex.join(cmd)}) {problem}; its last output:\n{tail}",
+          file=sys.stderr)
+    return 1
+
+
+def _to_stderr(line: str) -> None:
+    sys.stderr.write(line)
+    sys.stderr.flush()
 
 
 def _study_page(uri: str, base: str, study: str | None, root: Path) -> str:

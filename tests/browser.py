@@ -123,6 +123,21 @@ class Browser:
         result = self.call("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
         return result.get("result", {}).get("value")
 
+    def set_viewport(self, width: int, height: int) -> None:
+        """Lay the page out in a ``width`` x ``height`` CSS-pixel viewport, whatever the window's size."""
+        self.call("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1, mobile=False)
+
+    def wait_for(self, expression: str, timeout: float = 60) -> Any:
+        """The value of ``expression`` once it is truthy (or its last value after ``timeout`` seconds)."""
+        deadline = time.monotonic() + timeout
+        value = None
+        while time.monotonic() < deadline:
+            value = self.evaluate(expression)
+            if value:
+                return value
+            time.sleep(0.25)
+        return value
+
     def wait_for_text(self, needle: str, timeout: float = 60) -> str:
         """The page's text once it contains ``needle`` (or whatever it has after ``timeout`` seconds)."""
         deadline = time.monotonic() + timeout

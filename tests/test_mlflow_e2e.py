@@ -331,7 +331,11 @@ def test_autokd_ui_serves_the_local_store(tmp_path: Path) -> None:
         assert {r["info"]["run_name"] for r in found["runs"]} == {"ui-study", "trial-0"}
         listed = mlflow_rest(uri, "artifacts/list", query={"run_id": parent, "path": "report"})
         assert [f["path"] for f in listed["files"]] == ["report/report.md"]
+        # Its link, printed once, once the server answered (autokd polls on its own: the line may trail ours).
+        while "MLflow UI for" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.2)
         assert f"{default_tracking_uri(root)}" in log.read_text()
+        assert log.read_text().count(f"{uri}/") == 1, log.read_text()[-3000:]
     finally:
         proc.terminate()  # SIGTERM to autokd only: the MLflow server it started must go with it
         try:

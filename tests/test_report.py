@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import csv
+import html
 import os
 import re
 import shutil
@@ -8,9 +9,19 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from browser import Browser, chromium
 
-from autokd.report.render import ReportResult, format_front_table, write_report
-from autokd.select.pareto import TrialPoint
+from autokd.report.render import (
+    FAMILY_SYMBOLS,
+    FRONT_COLOR,
+    ReportResult,
+    format_front_table,
+    outside_view,
+    png_figure,
+    write_report,
+    zoom_ranges,
+)
+from autokd.select.pareto import TrialPoint, front_points, recommend
 
 FILES = ["report.html", "pareto.png", "front.csv", "summary.md"]
 
@@ -77,6 +88,26 @@ def test_html_lists_every_trial_and_is_offline(report: tuple[ReportResult, Path]
     assert "table.sortable" in text  # the inline sorting script
     assert "Not plotted" in text and "trial 108 (PRUNED)" in text and "trial 110 (INFEASIBLE)" in text
     assert "trial 107" not in text.split("Not plotted")[1].split("</p>")[0]  # drawn at its last accuracy
+    # The page opens on the zoomed plot, then the picks, then the front's table; the full view after them.
+    order = [text.index(s) for s in ('id="pareto-zoom"', 'id="recommendations"', "<h2>Pareto front",
+                                     'id="pareto-plot"', "<summary>All trials")]
+    assert order == sorted(order)
+    assert text.count("Plotly.newPlot") == 2 and text.count("window.PlotlyConfig") == 1  # plotly.js inlined once
+
+
+def test_recommendations_table_has_one_row_per_pick(report: tuple[ReportResult, Path]) -> None:
+    _, out = report
+    text = (out / "report.html").read_text()
+    picks = text.split('<table class="picks">')[1].split("</table>")[0]
+    rows = re.findall(r"<tr>(.*?)</tr>", picks.split("<tbody>")[1])
+    cells = [[html.unescape(re.sub(r"<[^>]+>", "", c)).strip() for c in re.findall(r"<td[^>]*>(.*?)</td>", r)]
+             for r in rows]
+    assert [c[0][2:] for c in cells] == ["knee", "best under latency", "fastest within tolerance"]
+    knee, best, fastest = cells
+    assert knee[1:5] == ["102", "resnet", "91.00", "90.00"]  # no intervals in these points: the bare figures
+    assert knee[6] == "largest distance to the line between the front's extremes"
+    assert best[1] == "103" and best[6] == "most accurate with latency <= 5 ms"
+    assert fastest[1] == "103" and fastest[6] == "fastest within 1.5 pp of the best 94.00%"
 
 
 def test_csv_has_front_rows(report: tuple[ReportResult, Path]) -> None:
@@ -252,3 +283,90 @@ def test_ties_are_computed_once_per_report(tmp_path: Path, monkeypatch: pytest.M
     assert calls == [2] and res.ties == {1: [2], 2: [1]}
     rows = format_front_table(res.front, res.recommendations, res.ties).splitlines()[2:]
     assert calls == [2] and [r.split()[6] for r in rows] == ["1", "2"]  # the report's ties, not computed again
+
+
+def _points_outside_the_zoom() -> list[TrialPoint]:
+    """make_points plus a student pruned at 10 % (below the front's band) and a slow dominated one (past 3x the
+    front's slowest member): the zoomed view leaves exactly these two out."""
+    return [*make_points(), TrialPoint(120, "PRUNED", None, 2.0, {"family": "regnet"}, last_val_acc=0.10),
+            TrialPoint(121, "COMPLETE", 0.90, 30.0, {"family": "efficientnet"})]
+
+
+def test_zoom_stays_within_0_and_100_percent() -> None:
+    wide = [TrialPoint(1, "COMPLETE", 0.10, 1.0, {}), TrialPoint(2, "COMPLETE", 0.995, 2.0, {})]
+    _, (y_lo, y_hi) = zoom_ranges(wide, front_points(wide))
+    assert -0.01 <= y_lo < 0.10 and 0.995 < y_hi <= 1.01
+
+
+def test_png_is_the_zoomed_view_with_a_shape_per_family(tmp_path: Path) -> None:
+    import numpy as np
+    from matplotlib.colors import to_rgba
+    from matplotlib.markers import MarkerStyle
+
+    points = _points_outside_the_zoom()
+    front = front_points(points)
+    ranges = zoom_ranges(points, front)
+    assert sorted(p.number for p in outside_view(points, ranges)) == [120, 121]
+    fig = png_figure(points, front, recommend(front), "t", None, "hv")
+    ax = fig.axes[0]
+    assert ax.get_xlim() == pytest.approx(ranges[0]) and ax.get_ylim() == pytest.approx(ranges[1])
+    assert "2 trial(s) outside this view (120, 121)" in " ".join(t.get_text() for t in fig.texts)
+
+    def marker_vertices(marker: str) -> np.ndarray:
+        style = MarkerStyle(marker)
+        return style.get_path().transformed(style.get_transform()).vertices
+
+    # Each front member is drawn in the front's colour with its family's marker, the shape the HTML plot gives it.
+    front_sets = [c for c in ax.collections if len(c.get_facecolors())
+                  and np.allclose(c.get_facecolors()[0], to_rgba(FRONT_COLOR))]
+    for p in front:
+        (drawn,) = [c for c in front_sets if any(np.allclose(o, (p.latency_ms, p.val_acc)) for o in c.get_offsets())]
+        assert np.allclose(drawn.get_paths()[0].vertices, marker_vertices(FAMILY_SYMBOLS[p.params["family"]][1]))
+    legend = {h.get_label(): h.get_marker() for h in ax.get_legend().legend_handles}
+    families = ("resnet", "mobilenetv3", "efficientnet", "regnet", "convnext", "vit")  # each has a trial drawn
+    assert {k: v for k, v in legend.items() if k.startswith("family: ")} == {
+        f"family: {f}": FAMILY_SYMBOLS[f][1] for f in families}
+    assert "Pareto front (shape = family)" in legend and "knee (trial 102)" in legend
+
+
+def _wide_points() -> list[TrialPoint]:
+    """make_points with a dozen long parameter names: the front's table is wider than a 1400-pixel page."""
+    points = make_points()
+    for p in points:
+        p.params.update({f"schedule.warmup_phase_{i}_fraction_of_steps": round(0.01 * i + p.number / 1e4, 4)
+                         for i in range(12)})
+    return points
+
+
+_LAYOUT = """(() => {
+  const d = document.documentElement, plot = document.getElementById('pareto-zoom');
+  const picks = document.getElementById('recommendations'), table = document.querySelector('table.sortable');
+  return {scrollWidth: d.scrollWidth, clientWidth: d.clientWidth, innerWidth: window.innerWidth,
+          innerHeight: window.innerHeight, tableWidth: table.scrollWidth,
+          plotFirst: Boolean(plot.compareDocumentPosition(picks) & Node.DOCUMENT_POSITION_FOLLOWING),
+          plotTop: plot.getBoundingClientRect().top,
+          picksBottom: document.querySelector('table.picks').getBoundingClientRect().bottom};
+})()"""
+
+
+@pytest.mark.slow
+def test_report_page_opens_on_the_plot_and_picks_without_sideways_scroll(tmp_path: Path) -> None:
+    if chromium() is None:
+        pytest.skip("chromium not installed: apt-get install chromium")
+    write_report(_wide_points(), tmp_path / "r", title="wide", max_latency_ms=5.0)
+    browser = Browser(tmp_path / "profile")
+    try:
+        browser.set_viewport(1400, 1000)
+        browser.goto((tmp_path / "r" / "report.html").resolve().as_uri())
+        assert browser.wait_for("document.querySelectorAll('#pareto-zoom .main-svg').length > 0"), "no plot drawn"
+        layout = browser.evaluate(_LAYOUT)
+        browser.evaluate("document.querySelector('details').open = true")  # every trial's table, as wide
+        opened = browser.evaluate("[document.documentElement.scrollWidth, document.documentElement.clientWidth]")
+    finally:
+        browser.close()
+    assert layout["innerWidth"] == 1400
+    assert layout["tableWidth"] > layout["clientWidth"]  # the front's table is wider than the page...
+    assert layout["scrollWidth"] <= layout["clientWidth"], layout  # ...yet the page does not scroll sideways
+    assert opened[0] <= opened[1], opened
+    assert layout["plotFirst"] and layout["plotTop"] < 150, layout  # the plot under the title
+    assert layout["picksBottom"] <= layout["innerHeight"], layout  # the picks in view without scrolling

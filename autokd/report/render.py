@@ -67,6 +67,8 @@ PICK_LABEL = {
     "best_under_latency": "best under latency",
     "fastest_within_tolerance": "fastest within tolerance",
 }
+# report.html's recommendations table marks each pick as the plot does (PICK_STYLE's shape, in its colour).
+PICK_GLYPH = {"knee": "\u2605", "best_under_latency": "\u25c7", "fastest_within_tolerance": "\u25a1"}
 
 
 @dataclass
@@ -183,8 +185,19 @@ def _hv_text(hv: float, ref: tuple[float, float], is_default: bool) -> str:
             f"latency {ref[1]:.4g} ms; {how}); compare hypervolumes across studies only at the same reference point")
 
 
+def _pick_rule(key: str, max_latency_ms: float | None, tolerance_pp: float, best_acc: float | None) -> str:
+    """How the pick ``key`` chooses, in the study's figures: one short line."""
+    if key == "best_under_latency":
+        return (f"most accurate with latency <= {max_latency_ms:g} ms" if max_latency_ms is not None
+                else "no latency budget given")
+    if key == "fastest_within_tolerance":
+        return f"fastest within {tolerance_pp:g} pp of the best {_pct(best_acc)}%"
+    return "largest distance to the line between the front's extremes"
+
+
 def _pick_text(key: str, p: TrialPoint | None, max_latency_ms: float | None, tolerance_pp: float,
                best_acc: float | None) -> str:
+    """summary.md's line for the pick ``key``: its rule, then its trial's figures and parameters."""
     if key == "best_under_latency":
         cond = f"latency <= {max_latency_ms:g} ms" if max_latency_ms is not None else "no latency budget given"
     elif key == "fastest_within_tolerance":
@@ -436,7 +449,8 @@ def zoom_ranges(points: Sequence[TrialPoint], front: Sequence[TrialPoint]) -> tu
 
     Pruned students stopped at low accuracy stretch a full view's accuracy axis over 0-100 %, which squeezes
     the front into a few pixels; this view spans the front's accuracies plus a margin below (half its spread,
-    at least 2 points) and its latencies plus a margin on both sides.
+    at least 3 points; never below 0 or above 100 % by more than a marker's room) and its latencies plus a margin
+    on both sides.
     """
     pts = [p for p in front if is_finite(p.val_acc) and is_finite(p.latency_ms)]
     if not pts:
@@ -445,7 +459,8 @@ def zoom_ranges(points: Sequence[TrialPoint], front: Sequence[TrialPoint]) -> tu
     lats = [float(p.latency_ms) for p in pts]  # type: ignore[arg-type]
     a_lo, a_hi, l_lo, l_hi = min(accs), max(accs), min(lats), max(lats)
     da = max(0.03, 0.5 * (a_hi - a_lo))
-    y = [a_lo - da, a_hi + 0.3 * da]
+    # Not past 0 or 100 %, but with room for a marker on either: a wide front would otherwise show negative accuracy.
+    y = [max(a_lo - da, min(a_lo, 0.0) - 0.01), min(a_hi + 0.3 * da, max(a_hi, 1.0) + 0.01)]
     # Students near the front: those in its accuracy band, up to 3x its slowest member's latency.
     near = [float(p.latency_ms) for p in points if is_finite(p.latency_ms) and (acc := _plot_acc(p)) is not None  # type: ignore[arg-type]
             and y[0] <= acc <= y[1] and float(p.latency_ms) <= 3 * l_hi]  # type: ignore[arg-type]
@@ -454,8 +469,12 @@ def zoom_ranges(points: Sequence[TrialPoint], front: Sequence[TrialPoint]) -> tu
     return [max(0.0, min([l_lo, *near]) - dl), right + dl], y
 
 
+# The page's first plot: short enough that the recommendations below it show in a 1000-pixel-high window.
+TOP_PLOT_HEIGHT = 540
+
+
 def _plotly_figure(points: Sequence[TrialPoint], front: list[TrialPoint], recs: Mapping[str, TrialPoint | None],
-                   title: str, max_latency_ms: float | None, zoom: bool = False) -> Any:
+                   title: str, max_latency_ms: float | None, zoom: bool = False, height: int = 620) -> Any:
     import plotly.graph_objects as go
 
     fig = go.Figure()
@@ -510,31 +529,66 @@ def _plotly_figure(points: Sequence[TrialPoint], front: list[TrialPoint], recs: 
         fig.update_xaxes(range=ranges[0])
         fig.update_yaxes(range=ranges[1])
     fig.update_layout(
-        title={"text": html.escape(title)}, template="plotly_white", height=620,
+        title={"text": html.escape(title)}, template="plotly_white", height=height,
         xaxis_title="latency (ms, batch 1) - lower is better", yaxis_title="validation accuracy - higher is better",
-        yaxis_tickformat=".1%", legend={"orientation": "v"}, hovermode="closest",
+        yaxis_tickformat=".1%", legend={"orientation": "v"}, hovermode="closest", margin={"t": 60, "b": 60},
     )
     return fig
 
 
-def _png(points: Sequence[TrialPoint], front: list[TrialPoint], recs: Mapping[str, TrialPoint | None],
-         title: str, max_latency_ms: float | None, hv_line: str) -> bytes:
+def outside_view(points: Sequence[TrialPoint], ranges: tuple[Sequence[float], Sequence[float]]) -> list[TrialPoint]:
+    """The plotted points (finite latency, an accuracy to draw) that fall outside ``ranges`` (latency, accuracy)."""
+    (x_lo, x_hi), (y_lo, y_hi) = ranges
+    return [p for p in points if is_finite(p.latency_ms) and (acc := _plot_acc(p)) is not None
+            and not (x_lo <= float(p.latency_ms) <= x_hi and y_lo <= acc <= y_hi)]  # type: ignore[arg-type]
+
+
+def _outside_text(outside: Sequence[TrialPoint]) -> str:
+    if not outside:
+        return "zoomed on the front: every plotted trial is in view"
+    listed = ", ".join(str(p.number) for p in sorted(outside, key=lambda p: p.number)[:12])
+    more = ", ..." if len(outside) > 12 else ""
+    return (f"zoomed on the front: {len(outside)} trial(s) outside this view ({listed}{more}); "
+            "report.html's full view shows every trial")
+
+
+def _family_groups(pts: Sequence[TrialPoint]) -> dict[str, list[TrialPoint]]:
+    """``pts`` by matplotlib marker of their family (one scatter call draws one marker)."""
+    groups: dict[str, list[TrialPoint]] = {}
+    for p in pts:
+        groups.setdefault(FAMILY_SYMBOLS.get(_family(p), OTHER_FAMILY_SYMBOL)[1], []).append(p)
+    return groups
+
+
+def png_figure(points: Sequence[TrialPoint], front: list[TrialPoint], recs: Mapping[str, TrialPoint | None],
+               title: str, max_latency_ms: float | None, hv_line: str) -> Any:
+    """pareto.png's matplotlib Figure: the HTML's zoomed view (:func:`zoom_ranges`), colour = state, marker shape =
+    family (the HTML's shapes), the picks, a legend beside the axes; every trial when there is no front."""
     # Figure + Agg canvas directly (not pyplot): no global backend switch inside the caller's process.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
     from matplotlib.ticker import PercentFormatter
 
-    fig = Figure(figsize=(11, 7), dpi=110)
+    fig = Figure(figsize=(12, 7), dpi=110)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
+    handles: list[Any] = []
+
+    def legend_marker(label: str, marker: str, color: str, **kw: Any) -> None:
+        handles.append(Line2D([], [], ls="none", marker=marker, color=color, label=label, **{"markersize": 8, **kw}))
+
     front_numbers = {p.number for p in front}
     for state in [*STATES, *sorted({p.state for p in points} - set(STATES))]:
         pts = [p for p in points if p.state == state and p.number not in front_numbers
                and is_finite(p.latency_ms) and _plot_acc(p) is not None]
-        if pts:
-            ax.scatter([p.latency_ms for p in pts], [_plot_acc(p) for p in pts], s=28,
-                       color=STATE_COLORS.get(state, "#8c564b"), alpha=0.85 if state == "COMPLETE" else 0.55,
-                       label=state if state != "PRUNED" else "PRUNED (at last accuracy)")
+        if not pts:
+            continue
+        color = STATE_COLORS.get(state, "#8c564b")
+        for marker, group in _family_groups(pts).items():
+            ax.scatter([p.latency_ms for p in group], [_plot_acc(p) for p in group], s=30, marker=marker,
+                       color=color, alpha=0.8 if state == "COMPLETE" else 0.5)
+        legend_marker(state if state != "PRUNED" else "PRUNED (at last accuracy)", "o", color)
     if front:
         xs, ys = [p.latency_ms for p in front], [p.val_acc for p in front]
         ax.step(xs, ys, where="post", color=FRONT_COLOR, lw=2)
@@ -543,9 +597,14 @@ def _png(points: Sequence[TrialPoint], front: list[TrialPoint], recs: Mapping[st
             ax.errorbar(xs, ys, xerr=[bars["error_x"]["arrayminus"], bars["error_x"]["array"]],
                         yerr=[bars["error_y"]["arrayminus"], bars["error_y"]["array"]], fmt="none",
                         ecolor=FRONT_COLOR, elinewidth=1, capsize=2, alpha=0.7)
-        ax.scatter(xs, ys, s=60, color=FRONT_COLOR, edgecolors="black", zorder=3, label="Pareto front")
+        for marker, group in _family_groups(front).items():
+            ax.scatter([p.latency_ms for p in group], [p.val_acc for p in group], s=70, marker=marker,
+                       color=FRONT_COLOR, edgecolors="black", zorder=3)
         for p in front:
-            ax.annotate(str(p.number), (p.latency_ms, p.val_acc), textcoords="offset points", xytext=(5, -11), fontsize=8)
+            ax.annotate(str(p.number), (p.latency_ms, p.val_acc), textcoords="offset points", xytext=(6, -12),
+                        fontsize=8, annotation_clip=True)
+        handles.append(Line2D([], [], color=FRONT_COLOR, lw=2, marker="o", markerfacecolor=FRONT_COLOR,
+                              markeredgecolor="black", label="Pareto front (shape = family)"))
     for key in RECOMMENDATION_KEYS:
         p = recs.get(key)
         if p is None:
@@ -553,21 +612,39 @@ def _png(points: Sequence[TrialPoint], front: list[TrialPoint], recs: Mapping[st
         _, marker, color, size = PICK_STYLE[key]
         open_ = marker != "*"
         ax.scatter([p.latency_ms], [p.val_acc], marker=marker, s=size * 14, zorder=4,
-                   facecolors="none" if open_ else color, edgecolors=color if open_ else "black", linewidths=2,
-                   label=f"{PICK_LABEL[key]} (trial {p.number})")
+                   facecolors="none" if open_ else color, edgecolors=color if open_ else "black", linewidths=2)
+        legend_marker(f"{PICK_LABEL[key]} (trial {p.number})", marker, color if not open_ else "none",
+                      markeredgecolor=color if open_ else "black", markeredgewidth=2, markersize=13)
+    for family in sorted({_family(p) for p in points if is_finite(p.latency_ms) and _plot_acc(p) is not None}):
+        legend_marker(f"family: {family}", FAMILY_SYMBOLS.get(family, OTHER_FAMILY_SYMBOL)[1], "#444")
+    ranges = zoom_ranges(points, front)
+    notes = [hv_line]
+    if ranges is not None:
+        ax.set_xlim(*ranges[0])
+        ax.set_ylim(*ranges[1])
+        title = f"{title}: the front and the students near it (zoomed)"
+        notes.insert(0, _outside_text(outside_view(points, ranges)))
     if max_latency_ms is not None:
-        ax.axvline(max_latency_ms, ls="--", color="#555", label=f"latency budget {max_latency_ms:g} ms")
+        beyond = ranges is not None and not ranges[0][0] <= max_latency_ms <= ranges[0][1]
+        ax.axvline(max_latency_ms, ls="--", color="#555")
+        handles.append(Line2D([], [], ls="--", color="#555", label=f"latency budget {max_latency_ms:g} ms"
+                              + (" (outside this view)" if beyond else "")))
     ax.set_xlabel("latency (ms, batch 1) - lower is better")
     ax.set_ylabel("validation accuracy - higher is better")
     ax.yaxis.set_major_formatter(PercentFormatter(1.0))
     ax.grid(alpha=0.3)
-    ax.set_title(title)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(loc="best", fontsize=8)
-    fig.text(0.01, 0.01, hv_line, fontsize=7, wrap=True)
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    ax.set_title(title, fontsize=11)
+    if handles:
+        ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, borderaxespad=0)
+    fig.text(0.01, 0.01, "\n".join(notes), fontsize=7, wrap=True)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    return fig
+
+
+def _png(points: Sequence[TrialPoint], front: list[TrialPoint], recs: Mapping[str, TrialPoint | None],
+         title: str, max_latency_ms: float | None, hv_line: str) -> bytes:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png")
+    png_figure(points, front, recs, title, max_latency_ms, hv_line).savefig(buf, format="png")
     return buf.getvalue()
 
 
@@ -595,23 +672,70 @@ document.querySelectorAll('table.sortable th').forEach(function (th) {
 """
 
 _CSS = """
-body { font-family: system-ui, -apple-system, Segoe UI, sans-serif; margin: 24px; color: #222; }
-table { border-collapse: collapse; font-size: 13px; margin: 8px 0 24px; }
-th, td { border: 1px solid #ddd; padding: 4px 8px; text-align: left; }
+body { font-family: system-ui, -apple-system, Segoe UI, sans-serif; margin: 16px 24px; color: #222; }
+h1 { font-size: 22px; margin: 0 0 2px; } h2 { font-size: 18px; margin: 20px 0 6px; }
+table { border-collapse: collapse; font-size: 13px; }
+th, td { border: 1px solid #ddd; padding: 4px 8px; text-align: left; white-space: nowrap; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
-th { background: #f3f3f3; cursor: pointer; user-select: none; }
+td.why { white-space: normal; min-width: 20em; }
+th { background: #f3f3f3; }
+table.sortable th { cursor: pointer; user-select: none; }
 th[data-dir=asc]::after { content: ' \\25B2'; } th[data-dir=desc]::after { content: ' \\25BC'; }
-.meta { color: #555; } code { background: #f6f6f6; padding: 1px 3px; }
+/* A wide table scrolls inside its box, never the page; its trial column stays in view. */
+.scroll { overflow-x: auto; max-width: 100%; margin: 6px 0 20px; }
+table.sortable td:first-child, table.sortable th:first-child { position: sticky; left: 0; z-index: 1;
+  box-shadow: inset -1px 0 #ddd; }
+table.sortable td:first-child { background: #fff; }
+.glyph { font-size: 15px; } .meta { color: #555; } code { background: #f6f6f6; padding: 1px 3px; }
 """
 
 
-def _html(points: Sequence[TrialPoint], front: list[TrialPoint], table: Table, title: str,
-          plot_div: str, counts: Mapping[str, int], hv_line: str, pick_lines: list[str]) -> str:
+def _with_interval(value: str, interval: str) -> str:
+    return value if interval == "-" else f"{value} ({interval})"
+
+
+def _picks_table(recs: Mapping[str, TrialPoint | None], tie_map: Mapping[int, list[int]],
+                 max_latency_ms: float | None, tolerance_pp: float, best_acc: float | None) -> str:
+    """report.html's recommendations: one row per pick, its trial's figures and one line on why it was picked."""
+    head = ("pick", "trial", "family", "val acc % (95% CI)", "test acc %", "latency ms (interval)", "why")
+    rows = []
+    for key in RECOMMENDATION_KEYS:
+        color = PICK_STYLE[key][2]
+        glyph = f'<span class="glyph" style="color:{color}">{PICK_GLYPH[key]}</span>'
+        cells = [f"<td>{glyph} {html.escape(PICK_LABEL[key])}</td>"]
+        rule = _pick_rule(key, max_latency_ms, tolerance_pp, best_acc)
+        p = recs.get(key)
+        if p is None:
+            why = ("not requested: pass --max-latency-ms" if key == "best_under_latency" and max_latency_ms is None
+                   else f"no front member fits ({rule})")
+            cells += ['<td class="num">-</td>', *["<td></td>"] * 4, f'<td class="why">{html.escape(why)}</td>']
+        else:
+            test = _pct(p.test_acc) + (f" (int8 {_pct(p.int8_test_acc)})" if is_finite(p.int8_test_acc) else "")
+            tied = tie_map.get(p.number)
+            why = rule + (f"; tied with trial {', '.join(map(str, tied))} (see Ties below)" if tied else "")
+            cells += [f'<td class="num" title="{html.escape(_params_text(p.params))}">{p.number}</td>',
+                      f"<td>{html.escape(_family(p))}</td>",
+                      f'<td class="num">{_with_interval(_pct(p.val_acc), _acc_ci(p.acc_ci))}</td>',
+                      f'<td class="num">{html.escape(test)}</td>',
+                      f'<td class="num">{_with_interval(_ms(p.latency_ms), _lat_ci(p.latency_ci))}</td>',
+                      f'<td class="why">{html.escape(why)}</td>']
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    return ('<table class="picks"><thead><tr>' + "".join(f"<th>{html.escape(h)}</th>" for h in head)
+            + "</tr></thead><tbody>" + "".join(rows) + "</tbody></table>")
+
+
+def _html(points: Sequence[TrialPoint], front: list[TrialPoint], table: Table, title: str, summary: str,
+          plots: tuple[str, str], picks: str, hv_line: str) -> str:
+    """The page: the front's plot first, then the recommendations, then the tables and the full view.
+
+    ``plots``: the top plot's HTML (it carries plotly.js) and the full view's below (empty when the top one is it).
+    """
+    top_plot, full_plot = plots
     unplotted = [p for p in points if not (is_finite(p.latency_ms) and _plot_acc(p) is not None)]
     unplotted_html = ("<p class=meta>Not plotted (no accuracy or latency): "
                       + ", ".join(f"trial {p.number} ({html.escape(p.state)})" for p in unplotted) + "</p>"
                       if unplotted else "")
-    picks = "".join(f"<li>{html.escape(t)}</li>" for t in pick_lines)
+    full_html = f"<h2>Every trial (full view)</h2>\n{full_plot}" if full_plot else ""
     # Every trial: its "tied with" stays empty (ties are among the front, whose table shows them).
     every = _html_table(sorted(points, key=lambda p: p.number), Table(table.recommendations), ALL_TRIALS)
     return f"""<!DOCTYPE html>
@@ -619,16 +743,18 @@ def _html(points: Sequence[TrialPoint], front: list[TrialPoint], table: Table, t
 <meta name="viewport" content="width=device-width, initial-scale=1"><style>{_CSS}</style></head>
 <body>
 <h1>{html.escape(title)}</h1>
-<p class="meta">{html.escape(_counts_text(counts))}</p>
-<p class="meta">{html.escape(hv_line)}</p>
-<h2>Recommendations</h2><ul>{picks}</ul>
-<p class="meta">Ties: {html.escape(TIE_RULE)}. Error bars are these intervals.</p>
-{plot_div}
-{unplotted_html}
+<p class="meta" id="summary">{html.escape(summary)}</p>
+{top_plot}
+<h2 id="recommendations">Recommendations</h2>
+<div class="scroll">{picks}</div>
 <h2>Pareto front ({len(front)} trials, click a header to sort)</h2>
-{_html_table(front, table, HTML)}
+<div class="scroll">{_html_table(front, table, HTML)}</div>
+<p class="meta">Ties: {html.escape(TIE_RULE)}. Error bars are these intervals.</p>
+<p class="meta">{html.escape(hv_line)}</p>
+{full_html}
+{unplotted_html}
 <details><summary>All trials ({len(points)})</summary>
-{every}
+<div class="scroll">{every}</div>
 </details>
 <script>{_SORT_JS}</script>
 </body></html>
@@ -680,17 +806,20 @@ def write_report(points: Sequence[TrialPoint], out_dir: Path, *, title: str, max
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    fig = _plotly_figure(points, front, recs, title, max_latency_ms)
-    plot_div = fig.to_html(full_html=False, include_plotlyjs=True, div_id="pareto-plot",
-                           config={"displaylogo": False, "responsive": True})
-    if zoom_ranges(points, front) is not None:  # the region that matters first, then every trial
-        zoomed = _plotly_figure(points, front, recs, title, max_latency_ms, zoom=True)
-        plot_div = plot_div.replace('<div id="pareto-plot"', zoomed.to_html(
-            full_html=False, include_plotlyjs=False, div_id="pareto-zoom",
-            config={"displaylogo": False, "responsive": True}) + '<div id="pareto-plot"', 1)
+    config = {"displaylogo": False, "responsive": True}
+    # The zoomed view of the front opens the page (it carries plotly.js); the full view of every trial comes below.
+    zoomed = zoom_ranges(points, front) is not None
+    top = _plotly_figure(points, front, recs, title, max_latency_ms, zoom=zoomed, height=TOP_PLOT_HEIGHT)
+    top_plot = top.to_html(full_html=False, include_plotlyjs=True, div_id="pareto-zoom" if zoomed else "pareto-plot",
+                           config=config)
+    full_plot = _plotly_figure(points, front, recs, title, max_latency_ms).to_html(
+        full_html=False, include_plotlyjs=False, div_id="pareto-plot", config=config) if zoomed else ""
     table = Table(recs, tie_map)
+    summary = (f"{_counts_text(counts)}; Pareto front: {len(front)} trials; hypervolume {hv:.4g} "
+               "(reference point below)")
+    picks = _picks_table(recs, tie_map, max_latency_ms, tolerance_pp, best_acc)
     outputs = {
-        "report.html": _html(points, front, table, title, plot_div, counts, hv_line, pick_lines).encode(),
+        "report.html": _html(points, front, table, title, summary, (top_plot, full_plot), picks, hv_line).encode(),
         "pareto.png": _png(points, front, recs, title, max_latency_ms, hv_line),
         "front.csv": _csv(front, table),
         "summary.md": _markdown(front, table, title, counts, hv_line, pick_lines).encode(),
