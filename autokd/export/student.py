@@ -382,8 +382,10 @@ def _build_config(model: nn.Module, cfg: dict[str, Any], ft: FrozenTrial, study:
 
 def export_trial(study: optuna.Study, number: int, root: Path, out: Path, formats: list[str] | str | None = None,
                  data: DataSplits | None = None, data_dir: str | None = None, why: str = "",
-                 storage: str | None = None, int8: Int8Options | None = None) -> ExportResult:
+                 storage: str | None = None, int8: Int8Options | None = None, force: bool = False) -> ExportResult:
     """Export COMPLETE trial ``number`` of ``study`` to ``out``; every written format is verified for parity.
+
+    ``out`` must be a new or empty folder unless ``force`` (:func:`check_out_dir`, before anything is loaded).
 
     Everything is written into a staging folder inside ``out`` first and checked there on a batch of the
     study's validation images: the weights reloaded through timm (:func:`load_student`), the ONNX file run by
@@ -399,6 +401,7 @@ def export_trial(study: optuna.Study, number: int, root: Path, out: Path, format
     from autokd.report.evaluation import test_accuracy
 
     formats = parse_formats(formats)
+    check_out_dir(Path(out), force, export_files(formats, int8 is not None))
     what = f"study {study.study_name!r} trial {number}"
     model, ckpt, ft = load_trial(study, number, root)
     if data is None:
@@ -416,8 +419,6 @@ def export_trial(study: optuna.Study, number: int, root: Path, out: Path, format
         raise UserError(f"{what}: the study's validation split is empty; no real inputs to check the export on")
 
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out}: exists and is not a directory")
     try:
         out.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=out, prefix=".autokd-export-"))
@@ -453,7 +454,7 @@ def export_trial(study: optuna.Study, number: int, root: Path, out: Path, format
                               f"nothing was written to {out}")
         int8_error = _int8_step(int8, staging, config, study, data, formats)
         atomic_write_json(staging / CONFIG_FILE, config)
-        result.files = _publish(staging, out, formats)
+        result.files = _publish(staging, out)
         result.config = config
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -480,26 +481,80 @@ def _int8_step(int8: Int8Options, staging: Path, config: dict[str, Any], study: 
     return None
 
 
-def _publish(staging: Path, out: Path, formats: list[str]) -> dict[str, Path]:
-    """Move the verified files into ``out``; config.json last, and no stale format file of an older export."""
+def _publish(staging: Path, out: Path) -> dict[str, Path]:
+    """Move the verified files into ``out``, config.json last; remove a format file this export did not write
+    only when an earlier autokd export in ``out`` wrote it (its config.json lists it), keep any other."""
+    from autokd.export.int8 import INT8_FILE
+
+    earlier = _earlier_export_files(out)
     (out / CONFIG_FILE).unlink(missing_ok=True)  # until the new config lands, the folder is not a complete export
     files: dict[str, Path] = {}
-    for fmt, name in FORMAT_FILES.items():
-        if fmt in formats:
+    for key, name in [*FORMAT_FILES.items(), ("int8", INT8_FILE)]:
+        if (staging / name).is_file():
             os.replace(staging / name, out / name)
-            files[fmt] = out / name
-        else:
+            files[key] = out / name
+        elif name in earlier:
+            # An INT8 or TorchScript file of the earlier export would sit beside a new model it was not made from.
             (out / name).unlink(missing_ok=True)
-    from autokd.export.int8 import INT8_FILE  # an INT8 file only ever sits beside the export it was made from
-
-    if (staging / INT8_FILE).is_file():
-        os.replace(staging / INT8_FILE, out / INT8_FILE)
-        files["int8"] = out / INT8_FILE
-    else:
-        (out / INT8_FILE).unlink(missing_ok=True)
+        elif (out / name).exists():
+            logger.warning(f"warning: kept {out / name}: this export did not write it and no config.json of an "
+                           f"earlier autokd export in {out} lists it, so it is not the exported student's; remove it "
+                           "if it is stale")
     os.replace(staging / CONFIG_FILE, out / CONFIG_FILE)
     files["config"] = out / CONFIG_FILE
     return files
+
+
+def _earlier_export_files(out: Path) -> set[str]:
+    """The file names autokd writes that ``out/config.json`` lists, when that config is an autokd export's."""
+    from autokd.export.int8 import INT8_FILE
+
+    try:
+        cfg = json.loads((out / CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        return set()
+    if not isinstance(cfg, dict) or cfg.get("format") != EXPORT_FORMAT or not isinstance(cfg.get("files"), dict):
+        return set()
+    # Only autokd's own names: a config.json naming other paths never makes export delete them.
+    return {name for name in cfg["files"].values() if isinstance(name, str)} & {*FORMAT_FILES.values(), INT8_FILE}
+
+
+def export_files(formats: list[str], int8: bool) -> list[str]:
+    """The names of the files an export of ``formats`` (and ``int8``) writes, config.json included."""
+    from autokd.export.int8 import INT8_FILE
+
+    return [FORMAT_FILES[f] for f in formats] + [CONFIG_FILE] + ([INT8_FILE] if int8 else [])
+
+
+def check_out_dir(out: Path, force: bool, files: list[str]) -> None:
+    """Refuse an ``--out`` an export cannot or should not write to, before anything is loaded (UserError).
+
+    ``out`` may be missing (its first existing parent must be a writable folder) or an empty folder; a folder
+    that holds anything only with ``force``, where the export replaces ``files`` and nothing else.
+    """
+    out = Path(out)
+    if os.path.lexists(out):
+        if not out.is_dir():
+            raise UserError(f"--out {out}: exists and is not a folder; an export writes a folder "
+                            f"({', '.join(files)}): give a new or empty folder")
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise UserError(f"--out {out}: the folder is not writable by this user")
+        entries = sorted(out.iterdir(), key=lambda p: p.name)
+        if entries and not force:
+            shown = ", ".join(p.name + ("/" if p.is_dir() else "") for p in entries[:5])
+            count = f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'}"
+            raise UserError(f"--out {out}: the folder is not empty, it holds {count} ({shown}"
+                            f"{', ...' if len(entries) > 5 else ''}); an export writes {', '.join(files)} there. Give "
+                            "a new or empty folder, or pass --force to replace those files (nothing else in the "
+                            "folder is changed).")
+        return
+    parent = out.parent
+    while not os.path.lexists(parent) and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"--out {out}: cannot create the folder: {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"--out {out}: cannot create the folder: {parent} is not writable by this user")
 
 
 def format_summary(result: ExportResult) -> str:
@@ -546,13 +601,15 @@ def _human(n: int) -> str:
 
 def export_command(study_name: str | None, storage: str | None, root: Path, trial: int | None, pick: str | None,
                    max_latency_ms: float | None, out: Path, formats: str | None, data_dir: str | None,
-                   int8: Int8Options | None = None) -> ExportResult:
-    """`autokd export`: choose the trial, export it, log the summary."""
+                   int8: Int8Options | None = None, force: bool = False) -> ExportResult:
+    """`autokd export`: choose the trial, export it, log the summary. A bad ``--format`` or ``--out`` (a file, a
+    folder that holds files without ``force``) fails before the study is opened."""
     from autokd.report.build import resolve_study
 
-    fmts = parse_formats(formats)  # a bad --format fails before anything is loaded
+    fmts = parse_formats(formats)
     if int8 is not None and "onnx" not in fmts:
         raise UserError(f"--int8 quantises model.onnx: add onnx to --format (got {','.join(fmts)})")
+    check_out_dir(Path(out), force, export_files(fmts, int8 is not None))
     try:
         study = resolve_study(study_name, storage, Path(root))
     except UserError as exc:
@@ -561,6 +618,6 @@ def export_command(study_name: str | None, storage: str | None, root: Path, tria
     number, why = select_trial(study, trial=trial, pick=pick, max_latency_ms=max_latency_ms)
     logger.info(f"exporting study {study.study_name!r} trial {number} ({why}) as {', '.join(fmts)} ...")
     result = export_trial(study, number, Path(root), Path(out), fmts, data_dir=data_dir, why=why, storage=storage,
-                          int8=int8)
+                          int8=int8, force=force)
     logger.info(format_summary(result))
     return result
