@@ -323,6 +323,10 @@ def _report(args: argparse.Namespace, root: Path) -> int:
 
 
 def _export(args: argparse.Namespace, root: Path) -> int:
+    from autokd.export.layout import check_out_dir, export_files, parse_formats
+
+    # Before torch is imported and the study opened: a wrong --out is refused at once, not after seconds.
+    check_out_dir(args.out, args.force, export_files(parse_formats(args.format), args.int8))
     from autokd.export.int8 import int8_options
     from autokd.export.student import ParityError, export_command
     from autokd.latency.quantize import QuantizationError

@@ -23,6 +23,17 @@ from optuna.trial import FrozenTrial, TrialState
 from torch import nn
 
 from autokd.errors import UserError, as_user_error, did_you_mean
+from autokd.export.layout import (
+    EXPORT_FORMAT,
+    FORMAT_FILES,
+    INT8_FILE,
+    ONNX_FILE,
+    TORCHSCRIPT_FILE,
+    check_out_dir,
+    earlier_export_files,
+    export_files,
+    parse_formats,
+)
 from autokd.latency.onnx_export import INPUT_NAME, ONNX_OPSET, OUTPUT_NAME, example_batch, export_onnx, quiet_exporter
 from autokd.model.checkpoint import (
     CONFIG_FILE,
@@ -53,14 +64,9 @@ if TYPE_CHECKING:
     from autokd.model.data import DataSplits
 
 
-FORMATS = ("safetensors", "onnx", "torchscript")
-ONNX_FILE = "model.onnx"
-TORCHSCRIPT_FILE = "model.torchscript.pt"
-FORMAT_FILES = {"safetensors": WEIGHTS_FILE, "onnx": ONNX_FILE, "torchscript": TORCHSCRIPT_FILE}
 PICKS = ("knee", "best", "fastest")
 PARITY_ATOL = 1e-4
 PARITY_BATCH = 32  # validation images used for the parity check
-EXPORT_FORMAT = "autokd-student/1"
 
 logger = logging.getLogger(__name__)
 
@@ -154,23 +160,6 @@ def _arch_from_config(cfg: dict[str, Any], cfg_path: Path) -> tuple[str, dict[st
 
 # ---------------------------------------------------------------------------------------------------------
 # Choosing and loading a trial
-
-
-def parse_formats(formats: str | list[str] | tuple[str, ...] | None) -> list[str]:
-    """`--format` comma list -> ordered list of formats; safetensors is always included."""
-    if formats is None:
-        return list(FORMATS)
-    items = formats.split(",") if isinstance(formats, str) else list(formats)
-    chosen = {"safetensors"}
-    for raw in items:
-        name = str(raw).strip().lower()
-        if not name:
-            continue
-        if name not in FORMATS:
-            raise UserError(f"--format {raw!r}: unknown export format{did_you_mean(name, FORMATS)}; valid: "
-                            f"{', '.join(FORMATS)} (safetensors + config.json are always written)")
-        chosen.add(name)
-    return [f for f in FORMATS if f in chosen]
 
 
 def select_trial(study: optuna.Study, trial: int | None = None, pick: str | None = None,
@@ -468,7 +457,7 @@ def _int8_step(int8: Int8Options, staging: Path, config: dict[str, Any], study: 
     """``model.int8.onnx`` into ``staging`` and its entry into ``config``; the QuantizationError if it fails."""
     if int8 is None:
         return None
-    from autokd.export.int8 import INT8_FILE, export_int8
+    from autokd.export.int8 import export_int8
     from autokd.latency.quantize import QuantizationError
     from autokd.report.evaluation import study_views
 
@@ -484,9 +473,7 @@ def _int8_step(int8: Int8Options, staging: Path, config: dict[str, Any], study: 
 def _publish(staging: Path, out: Path) -> dict[str, Path]:
     """Move the verified files into ``out``, config.json last; remove a format file this export did not write
     only when an earlier autokd export in ``out`` wrote it (its config.json lists it), keep any other."""
-    from autokd.export.int8 import INT8_FILE
-
-    earlier = _earlier_export_files(out)
+    earlier = earlier_export_files(out)
     (out / CONFIG_FILE).unlink(missing_ok=True)  # until the new config lands, the folder is not a complete export
     files: dict[str, Path] = {}
     for key, name in [*FORMAT_FILES.items(), ("int8", INT8_FILE)]:
@@ -503,58 +490,6 @@ def _publish(staging: Path, out: Path) -> dict[str, Path]:
     os.replace(staging / CONFIG_FILE, out / CONFIG_FILE)
     files["config"] = out / CONFIG_FILE
     return files
-
-
-def _earlier_export_files(out: Path) -> set[str]:
-    """The file names autokd writes that ``out/config.json`` lists, when that config is an autokd export's."""
-    from autokd.export.int8 import INT8_FILE
-
-    try:
-        cfg = json.loads((out / CONFIG_FILE).read_text())
-    except (OSError, ValueError):
-        return set()
-    if not isinstance(cfg, dict) or cfg.get("format") != EXPORT_FORMAT or not isinstance(cfg.get("files"), dict):
-        return set()
-    # Only autokd's own names: a config.json naming other paths never makes export delete them.
-    return {name for name in cfg["files"].values() if isinstance(name, str)} & {*FORMAT_FILES.values(), INT8_FILE}
-
-
-def export_files(formats: list[str], int8: bool) -> list[str]:
-    """The names of the files an export of ``formats`` (and ``int8``) writes, config.json included."""
-    from autokd.export.int8 import INT8_FILE
-
-    return [FORMAT_FILES[f] for f in formats] + [CONFIG_FILE] + ([INT8_FILE] if int8 else [])
-
-
-def check_out_dir(out: Path, force: bool, files: list[str]) -> None:
-    """Refuse an ``--out`` an export cannot or should not write to, before anything is loaded (UserError).
-
-    ``out`` may be missing (its first existing parent must be a writable folder) or an empty folder; a folder
-    that holds anything only with ``force``, where the export replaces ``files`` and nothing else.
-    """
-    out = Path(out)
-    if os.path.lexists(out):
-        if not out.is_dir():
-            raise UserError(f"--out {out}: exists and is not a folder; an export writes a folder "
-                            f"({', '.join(files)}): give a new or empty folder")
-        if not os.access(out, os.W_OK | os.X_OK):
-            raise UserError(f"--out {out}: the folder is not writable by this user")
-        entries = sorted(out.iterdir(), key=lambda p: p.name)
-        if entries and not force:
-            shown = ", ".join(p.name + ("/" if p.is_dir() else "") for p in entries[:5])
-            count = f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'}"
-            raise UserError(f"--out {out}: the folder is not empty, it holds {count} ({shown}"
-                            f"{', ...' if len(entries) > 5 else ''}); an export writes {', '.join(files)} there. Give "
-                            "a new or empty folder, or pass --force to replace those files (nothing else in the "
-                            "folder is changed).")
-        return
-    parent = out.parent
-    while not os.path.lexists(parent) and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise UserError(f"--out {out}: cannot create the folder: {parent} is not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f"--out {out}: cannot create the folder: {parent} is not writable by this user")
 
 
 def format_summary(result: ExportResult) -> str:
