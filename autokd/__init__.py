@@ -65,14 +65,15 @@ def build_report(study: str | None = None, *, root: str | Path | None = None, st
 
 def export_trial(study: str | None = None, *, out: str | Path, trial: int | None = None, pick: str | None = None,
                  max_latency_ms: float | None = None, formats: str | None = None, int8: bool = False,
-                 root: str | Path | None = None, storage: str | None = None) -> ExportResult:
+                 root: str | Path | None = None, storage: str | None = None, force: bool = False) -> ExportResult:
     """Export one trial's student to ``out`` as ``autokd export`` does (``trial=N``, ``pick="knee"|"best"|
-    "fastest"`` or ``max_latency_ms``); every written file is checked for parity before it is published."""
+    "fastest"`` or ``max_latency_ms``); every written file is checked for parity before it is published.
+    ``out`` must be new or empty unless ``force`` (then only the export's own files in it are replaced)."""
     from autokd.export.int8 import int8_options
     from autokd.export.student import export_command
 
     return export_command(study, storage, Path(root) if root is not None else studies_root(), trial, pick,
-                          max_latency_ms, Path(out), formats, None, int8_options(int8))
+                          max_latency_ms, Path(out), formats, None, int8_options(int8), force=force)
 
 
 def load_student(path: str | Path, int8: bool = False) -> nn.Module | OrtStudent:

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from autokd.search.worker_loop import SearchProgress
 
 EXIT_BAD_INPUT = 2
+EXIT_NO_RESULT = 1  # the command ran but produced nothing usable (a search without a completed trial)
 EXIT_INTERRUPTED = 130
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -161,7 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
     pick.add_argument("--trial", type=int, help="trial number")
     pick.add_argument("--pick", choices=("knee", "best", "fastest"), help="a recommendation of the front")
     pick.add_argument("--max-latency-ms", type=_positive_float, help="most accurate student under this latency")
-    e.add_argument("--out", type=Path, required=True, help="output directory")
+    e.add_argument("--out", type=Path, required=True,
+                   help="output folder: new or empty (a folder that holds files is refused unless --force)")
+    e.add_argument("--force", action="store_true",
+                   help="export into a folder that holds files: replace the files export writes, keep the others")
     e.add_argument("--format", default="safetensors,onnx,torchscript",
                    help="comma-separated: safetensors (always), onnx, torchscript")
     e.add_argument("--data-dir", help="data directory of the study's dataset (for the parity check inputs)")
@@ -216,10 +220,30 @@ def _search(args: argparse.Namespace, root: Path) -> int:
         settings = _search_settings(args, root)
     summary = run_search(settings, worker_index=args.worker_index, on_trial=_print_progress)
     if args.worker_index == 0:
+        if summary.completed_in_study == 0:  # no report and nothing to export: not a success
+            print(no_completed_trial(summary), file=sys.stderr)
+            return EXIT_NO_RESULT
         print(f"done: {summary.finished_in_study}/{summary.budget} trials in study {summary.study_name!r}; "
               f"files under {summary.study_dir}/")
         print(_next_steps(args, summary))
     return 0
+
+
+def no_completed_trial(summary: SearchSummary, shown: int = 8) -> str:
+    """What `autokd search` prints (on stderr, exit 1) when its study holds no completed trial at the end: the
+    distinct reasons its trials ended with, counted."""
+    reasons = list(summary.not_completed.items())
+    lines = [(f"autokd search: no completed trial: study {summary.study_name!r} used its budget "
+              f"({summary.finished_in_study}/{summary.budget} trials) and none of them completed, so there is no "
+              "Pareto front to report and no student to export. Its trials ended so:")]
+    lines += [f"  {n} {reason}" for reason, n in reasons[:shown]]  # "2 FAIL: error: ValueError: ..."
+    if len(reasons) > shown:
+        rest = sum(n for _, n in reasons[shown:])
+        lines.append(f"  ... {len(reasons) - shown} other reason(s), {rest} trial(s)")
+    lines.append("Fix the cause (each trial's fail_reason and traceback are in optuna-dashboard and MLflow), then run "
+                 "more trials with a larger --budget (this study keeps its trials), or start over with --study "
+                 "NEW_NAME.")
+    return "\n".join(lines)
 
 
 def _search_settings(args: argparse.Namespace, root: Path) -> SearchSettings:
@@ -304,6 +328,10 @@ def _report(args: argparse.Namespace, root: Path) -> int:
 
 
 def _export(args: argparse.Namespace, root: Path) -> int:
+    from autokd.export.layout import check_out_dir, export_files, parse_formats
+
+    # Before torch is imported and the study opened: a wrong --out is refused at once, not after seconds.
+    check_out_dir(args.out, args.force, export_files(parse_formats(args.format), args.int8))
     from autokd.export.int8 import int8_options
     from autokd.export.student import ParityError, export_command
     from autokd.latency.quantize import QuantizationError
@@ -312,7 +340,7 @@ def _export(args: argparse.Namespace, root: Path) -> int:
     try:
         export_command(study_name=args.study, storage=args.storage, root=root, trial=args.trial, pick=args.pick,
                        max_latency_ms=args.max_latency_ms, out=args.out, formats=args.format, data_dir=args.data_dir,
-                       int8=int8)
+                       int8=int8, force=args.force)
     # ParityError: export wrote nothing, its own files disagree with PyTorch. QuantizationError: the fp32
     # export is written, no INT8 file.
     except (ParityError, QuantizationError) as exc:

@@ -43,6 +43,21 @@ def non_negative_int(text: str) -> int:
     return _int_at_least(text, 0)
 
 
+MAX_PORT = 65535
+
+
+def port_number(text: str) -> int:
+    """argparse type of a TCP port to listen on: an integer 0-65535, 0 letting the system pick a free one."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= MAX_PORT:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port: valid 0-{MAX_PORT} (0: any free port, "
+                                         "printed once listening)")
+    return value
+
+
 def studies_root() -> Path:
     """Directory under which every study, the teacher cache and the shared stores live."""
     return Path(os.environ.get(STUDIES_ENV, "studies"))

@@ -79,3 +79,57 @@ def test_a_writer_that_writes_by_name_is_fsynced_too(tmp_path: Path, monkeypatch
         tmp.write_bytes(b"weights")
         assert synced == []
     assert len(synced) == 1 and (tmp_path / "w.bin").read_bytes() == b"weights"
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_written_files_get_the_permissions_of_the_umask(tmp_path: Path, umask: int, mode: int) -> None:
+    """As `open(path, "w")` creates a file, not `mkstemp`'s 0o600: a service account must be able to read an
+    exported model when the umask lets it."""
+    old = os.umask(umask)
+    try:
+        atomic_write_bytes(tmp_path / "b.bin", b"x")
+        atomic_write_json(tmp_path / "c.json", {})
+        with atomic_path(tmp_path / "w.safetensors") as tmp:
+            tmp.write_bytes(b"weights")
+        (tmp_path / "plain.txt").write_text("as open() does it")
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert modes == {"b.bin": mode, "c.json": mode, "w.safetensors": mode, "plain.txt": mode}
+
+
+def test_an_explicit_mode_keeps_a_secret_private(tmp_path: Path) -> None:
+    old = os.umask(0o022)
+    try:
+        atomic_write_bytes(tmp_path / "token", b"s3cret", mode=0o600)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "token").stat().st_mode & 0o777 == 0o600
+
+
+def test_a_symlink_at_the_temp_name_is_never_followed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The temp file is created exclusively: a name that already exists (a planted symlink) is skipped."""
+    from autokd.utils import atomic
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("untouched")
+    (tmp_path / ".f.bin.aaaa.tmp").symlink_to(victim)
+    names = iter(["aaaa", "bbbb"])
+    monkeypatch.setattr(atomic.secrets, "token_hex", lambda n: next(names))
+    atomic_write_bytes(tmp_path / "f.bin", b"new")
+    assert victim.read_text() == "untouched" and (tmp_path / "f.bin").read_bytes() == b"new"
+    assert (tmp_path / ".f.bin.aaaa.tmp").is_symlink()
+
+
+def test_a_writer_that_makes_its_own_private_file_still_gets_the_umask(tmp_path: Path) -> None:
+    """safetensors' save_file replaces the file it is given with a 0o600 one of its own."""
+    import torch
+    from safetensors.torch import save_file
+
+    old = os.umask(0o022)
+    try:
+        with atomic_path(tmp_path / "w.safetensors") as tmp:
+            save_file({"w": torch.zeros(2)}, str(tmp))
+    finally:
+        os.umask(old)
+    assert (tmp_path / "w.safetensors").stat().st_mode & 0o777 == 0o644

@@ -67,6 +67,8 @@ def test_an_unexpected_error_is_not_hidden(tmp_path: Path, monkeypatch: pytest.M
     (["search", "--budget", "many"], "'many' is not an integer"),
     (["search", "--max-latency-ms", "-1"], "'-1' must be > 0"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
+    (["latency-server", "--port", "70000"], "argument --port: '70000' is not a TCP port: valid 0-65535"),
+    (["latency-server", "--port", "-1"], "argument --port: '-1' is not a TCP port: valid 0-65535"),
     ([], "the following arguments are required: command"),
 ])
 def test_the_parser_refuses_bad_values_with_exit_2(argv: list[str], fragment: str,
@@ -75,6 +77,32 @@ def test_the_parser_refuses_bad_values_with_exit_2(argv: list[str], fragment: st
         cli.main(argv)
     assert exited.value.code == 2
     assert fragment in capsys.readouterr().err
+
+
+def test_latency_server_port_0_listens_on_a_free_port_and_says_which() -> None:
+    from autokd.latency.remote import server
+
+    args = cli.build_parser().parse_args(["latency-server", "--port", "0"])
+    listening = server.server_from_args(args)
+    try:
+        port = listening.server_address[1]
+        assert 0 < port <= 65535
+        assert f"on http://127.0.0.1:{port} " in server.listening_line(listening)
+    finally:
+        listening.server_close()
+
+
+def test_a_search_without_a_completed_trial_names_the_reasons_counted(tmp_path: Path) -> None:
+    reasons = {f"FAIL: error: E{i}" for i in range(9)}
+    summary = SimpleNamespace(study_name="s", finished_in_study=12, budget=12,
+                              not_completed={"INFEASIBLE: latency 3 ms > --max-latency-ms 1": 3,
+                                             **{r: 1 for r in sorted(reasons)}})
+    lines = cli.no_completed_trial(summary).splitlines()
+    assert lines[0].startswith("autokd search: no completed trial: study 's' used its budget (12/12 trials)")
+    assert lines[1] == "  3 INFEASIBLE: latency 3 ms > --max-latency-ms 1"
+    assert lines[2:9] == [f"  1 FAIL: error: E{i}" for i in range(7)]
+    assert lines[9] == "  ... 2 other reason(s), 2 trial(s)"
+    assert "--budget" in lines[10] and "export" not in "\n".join(lines[1:])
 
 
 def test_read_only_commands_on_a_missing_study_exit_2_and_create_nothing(tmp_path: Path,

@@ -5,6 +5,7 @@ The study is built directly (ask/tell with the user attributes the search sets) 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import warnings
 from pathlib import Path
@@ -385,3 +386,97 @@ def test_exported_onnx_is_the_one_a_search_times(study_root: Path, tmp_path: Pat
     shape = tuple(result.config["input_size"])
     timed = LatencyMeter("onnxruntime").export(model, shape)
     assert timed == (tmp_path / "out" / export.ONNX_FILE).read_bytes()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The output folder: refused when it holds files, --force replaces only export's own, permissions of the umask
+
+
+def _user_files(out: Path) -> dict[str, bytes]:
+    out.mkdir()
+    files = {"model.onnx": b"the user's own model, not autokd's", "notes.txt": b"unrelated notes",
+             "model.int8.onnx": b"an INT8 model autokd did not write"}
+    for name, blob in files.items():
+        (out / name).write_bytes(blob)
+    return files
+
+
+def test_export_into_a_folder_that_holds_files_is_refused_and_touches_nothing(
+        study_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "out"
+    files = _user_files(out)
+    rc = main(["--root", str(study_root), "export", "--study", STUDY, "--trial", "0", "--format", "onnx",
+               "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert f"--out {out}: the folder is not empty, it holds 3 entries (model.int8.onnx, model.onnx, notes.txt)" in err
+    assert "writes model.safetensors, model.onnx, config.json there" in err and "--force" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == files  # byte for byte, nothing added
+
+
+def test_force_replaces_only_the_exports_files(study_root: Path, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture) -> None:
+    import onnx
+
+    out = tmp_path / "out"
+    files = _user_files(out)
+    argv = ["--root", str(study_root), "export", "--study", STUDY, "--trial", "0", "--out", str(out), "--force"]
+    assert main([*argv, "--format", "onnx"]) == 0
+    text = capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.int8.onnx", "model.onnx",
+                                                     "model.safetensors", "notes.txt"]
+    onnx.checker.check_model(onnx.load(str(out / "model.onnx")))  # the user's model.onnx was replaced
+    assert (out / "notes.txt").read_bytes() == files["notes.txt"]
+    # An INT8 file no autokd export listed is not this student's, but it is not autokd's to delete either.
+    assert (out / "model.int8.onnx").read_bytes() == files["model.int8.onnx"]
+    assert f"warning: kept {out / 'model.int8.onnx'}: this export did not write it" in text
+
+    # Exported again without ONNX: the model.onnx the first export wrote (its config.json lists it) goes, the
+    # files autokd never wrote stay.
+    assert main([*argv, "--format", "safetensors"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.int8.onnx", "model.safetensors",
+                                                     "notes.txt"]
+    assert (out / "model.int8.onnx").read_bytes() == files["model.int8.onnx"]
+    assert (out / "notes.txt").read_bytes() == files["notes.txt"]
+
+
+def test_a_config_json_naming_other_files_never_gets_them_deleted(study_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (tmp_path / "precious.txt").write_text("keep me")
+    (out / "config.json").write_text(json.dumps({"format": export.EXPORT_FORMAT,
+                                                 "files": {"x": "../precious.txt", "onnx": "model.onnx"}}))
+    (out / "model.onnx").write_bytes(b"listed by an autokd config: an earlier export's")
+    _export(study_root, out, trial=0, formats="safetensors", force=True)
+    assert (tmp_path / "precious.txt").read_text() == "keep me"
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+
+
+@pytest.mark.parametrize("umask, mode, folder_mode", [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700)])
+def test_exported_files_get_the_permissions_of_the_umask(study_root: Path, tmp_path: Path, umask: int, mode: int,
+                                                         folder_mode: int) -> None:
+    old = os.umask(umask)
+    try:
+        result = _export(study_root, tmp_path / "out", trial=0, formats="safetensors,onnx")
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in result.out_dir.iterdir()}
+    assert modes == {"config.json": mode, "model.onnx": mode, "model.safetensors": mode}
+    assert result.out_dir.stat().st_mode & 0o777 == folder_mode
+
+
+@pytest.mark.parametrize("where", ["file", "below a file"])
+def test_an_out_that_cannot_be_a_folder_exits_2_before_the_study_is_opened(
+        tmp_path: Path, capsys: pytest.CaptureFixture, where: str) -> None:
+    file = tmp_path / "model.onnx"
+    file.write_bytes(b"the user's file")
+    out = file if where == "file" else file / "student"
+    root = tmp_path / "studies"
+    # The study does not exist: the --out message coming first shows nothing was opened or loaded before it.
+    rc = main(["--root", str(root), "export", "--study", "nosuch", "--pick", "knee", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2
+    expected = (f"--out {out}: exists and is not a folder" if where == "file"
+                else f"--out {out}: cannot create the folder: {file} is not a folder")
+    assert expected in err and "nosuch" not in err
+    assert file.read_bytes() == b"the user's file" and not root.exists()

@@ -453,6 +453,36 @@ def test_every_trial_failing_stops_the_search_with_exit_1(
     assert all(t.state == TrialState.FAIL for t in trials)
 
 
+def test_a_search_whose_trials_all_failed_under_the_stop_limit_exits_1_with_the_reasons(
+        tmp_path: Path, tiny_teacher: tuple[str, Path], faulty_family: Callable[[str], str],
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Fewer trials than MAX_CONSECUTIVE_FAILURES, all failed: no front, no student, so no success and no hint
+    to export one."""
+    family = faulty_family("boom")
+    space = write_space(tmp_path, SHORT_SPACE.replace("families: [resnet]", f"families: [{family}]"))
+    root = tmp_path / "studies"
+    code = main(cli_argv(root, space, tiny_teacher, "--budget", "2", "--study", "doomed2", "--no-mlflow"))
+    out, err = capsys.readouterr()
+    assert code == 1, err
+    assert "no completed trial: study 'doomed2' used its budget (2/2 trials)" in err
+    assert "  2 FAIL: error: ValueError: boom: the student's forward is broken" in err
+    assert "done:" not in out and "next:" not in out and "export" not in out
+    assert [t.state for t in load(root, "doomed2").trials] == [TrialState.FAIL, TrialState.FAIL]
+
+
+def test_a_search_whose_trials_were_all_infeasible_exits_1_with_the_counts(
+        tmp_path: Path, tiny_teacher: tuple[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    space = write_space(tmp_path, SHORT_SPACE)  # one architecture: its latency, and so the reason, repeats
+    root = tmp_path / "studies"
+    code = main(cli_argv(root, space, tiny_teacher, "--budget", "2", "--study", "tooslow", "--no-mlflow",
+                         "--max-latency-ms", "0.000001"))
+    out, err = capsys.readouterr()
+    assert code == 1, err
+    assert "no completed trial: study 'tooslow' used its budget (2/2 trials)" in err
+    assert "  2 INFEASIBLE: latency " in err and "> --max-latency-ms 1e-06" in err
+    assert "done:" not in out and "export" not in out
+
+
 # ----------------------------------------------------------------------------------------------------------
 # disk full while saving a checkpoint
 # ----------------------------------------------------------------------------------------------------------
@@ -634,7 +664,7 @@ def test_resume_with_other_data_is_refused(tmp_path: Path, tiny_teacher: tuple[s
     space = write_space(tmp_path, SHORT_SPACE)
     argv = cli_argv(root, space, tiny_teacher, "--budget", "1", "--study", name, "--no-mlflow",
                     "--max-latency-ms", "1e-6")  # INFEASIBLE at once: a trial without training
-    assert main(argv) == 0
+    assert main(argv) == 1  # the study exists, with no completed trial
     capsys.readouterr()
     for change in (["--train-limit", "120"], ["--input-size", "12"]):
         assert main([*argv, *change, "--budget", "2"]) == 2

@@ -221,13 +221,17 @@ def test_quantisation_failure_leaves_fp32_export(study_root: Path, tmp_path: Pat
                                                   capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "out"
     out.mkdir()
+    # An earlier export's INT8 file, listed by its config.json: the new export (with --force) removes it, as it
+    # belongs to another model; an INT8 file no autokd config lists would be kept (tests/test_export.py).
     (out / "model.int8.onnx").write_bytes(b"stale int8 file of an older export")
+    (out / "config.json").write_text(json.dumps({"format": export.EXPORT_FORMAT, "files": {
+        "safetensors": "model.safetensors", "onnx": "model.onnx", "int8": "model.int8.onnx"}}))
     real = export.export_onnx
     # The wrapper takes the student's mode: the exporter restores the wrapper's mode on all of it afterwards, and
     # a fresh wrapper (training) would leave the student the parity check then runs in training mode.
     monkeypatch.setattr(export, "export_onnx", lambda model, example: real(
         _GroupedConvTranspose(model).train(model.training), example))
-    rc = _cli(study_root, "--trial", "0", "--format", "onnx", "--int8", "--out", str(out))
+    rc = _cli(study_root, "--trial", "0", "--format", "onnx", "--int8", "--out", str(out), "--force")
     err = capsys.readouterr().err
     assert rc == 1
     assert "could not quantise the model at operator ConvTranspose" in err

@@ -145,7 +145,8 @@ def test_select_does_no_io_and_imports_no_torch() -> None:
 
 
 def test_config_and_the_latency_server_import_no_torch() -> None:
-    code = ("import sys, autokd.config, autokd.latency.remote.server, autokd.latency.protocol; "
+    # autokd.export.layout too: `autokd export` checks --out with it before torch is imported.
+    code = ("import sys, autokd.config, autokd.latency.remote.server, autokd.latency.protocol, autokd.export.layout; "
             "bad = [m for m in ('torch', 'timm') if m in sys.modules]; print(*bad); sys.exit(1 if bad else 0)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           env=dict(os.environ, PYTHONPATH=repo_pythonpath()))

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 from autokd.errors import UserError
+from autokd.export.layout import INT8_FILE
 from autokd.latency.protocol import make_session
 from autokd.latency.quantize import QUANT_SETTINGS, quantize_onnx, quantized_op_counts
 from autokd.report.evaluation import DEFAULT_CALIBRATION_IMAGES, calibration_images, test_accuracies
@@ -24,7 +25,6 @@ if TYPE_CHECKING:
     from autokd.model.data import DataSplits, TrainViews
 
 
-INT8_FILE = "model.int8.onnx"
 DEFAULT_MAX_DROP_PP = 1.0
 
 

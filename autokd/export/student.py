@@ -23,6 +23,17 @@ from optuna.trial import FrozenTrial, TrialState
 from torch import nn
 
 from autokd.errors import UserError, as_user_error, did_you_mean
+from autokd.export.layout import (
+    EXPORT_FORMAT,
+    FORMAT_FILES,
+    INT8_FILE,
+    ONNX_FILE,
+    TORCHSCRIPT_FILE,
+    check_out_dir,
+    earlier_export_files,
+    export_files,
+    parse_formats,
+)
 from autokd.latency.onnx_export import INPUT_NAME, ONNX_OPSET, OUTPUT_NAME, example_batch, export_onnx, quiet_exporter
 from autokd.model.checkpoint import (
     CONFIG_FILE,
@@ -53,14 +64,9 @@ if TYPE_CHECKING:
     from autokd.model.data import DataSplits
 
 
-FORMATS = ("safetensors", "onnx", "torchscript")
-ONNX_FILE = "model.onnx"
-TORCHSCRIPT_FILE = "model.torchscript.pt"
-FORMAT_FILES = {"safetensors": WEIGHTS_FILE, "onnx": ONNX_FILE, "torchscript": TORCHSCRIPT_FILE}
 PICKS = ("knee", "best", "fastest")
 PARITY_ATOL = 1e-4
 PARITY_BATCH = 32  # validation images used for the parity check
-EXPORT_FORMAT = "autokd-student/1"
 
 logger = logging.getLogger(__name__)
 
@@ -154,23 +160,6 @@ def _arch_from_config(cfg: dict[str, Any], cfg_path: Path) -> tuple[str, dict[st
 
 # ---------------------------------------------------------------------------------------------------------
 # Choosing and loading a trial
-
-
-def parse_formats(formats: str | list[str] | tuple[str, ...] | None) -> list[str]:
-    """`--format` comma list -> ordered list of formats; safetensors is always included."""
-    if formats is None:
-        return list(FORMATS)
-    items = formats.split(",") if isinstance(formats, str) else list(formats)
-    chosen = {"safetensors"}
-    for raw in items:
-        name = str(raw).strip().lower()
-        if not name:
-            continue
-        if name not in FORMATS:
-            raise UserError(f"--format {raw!r}: unknown export format{did_you_mean(name, FORMATS)}; valid: "
-                            f"{', '.join(FORMATS)} (safetensors + config.json are always written)")
-        chosen.add(name)
-    return [f for f in FORMATS if f in chosen]
 
 
 def select_trial(study: optuna.Study, trial: int | None = None, pick: str | None = None,
@@ -382,8 +371,10 @@ def _build_config(model: nn.Module, cfg: dict[str, Any], ft: FrozenTrial, study:
 
 def export_trial(study: optuna.Study, number: int, root: Path, out: Path, formats: list[str] | str | None = None,
                  data: DataSplits | None = None, data_dir: str | None = None, why: str = "",
-                 storage: str | None = None, int8: Int8Options | None = None) -> ExportResult:
+                 storage: str | None = None, int8: Int8Options | None = None, force: bool = False) -> ExportResult:
     """Export COMPLETE trial ``number`` of ``study`` to ``out``; every written format is verified for parity.
+
+    ``out`` must be a new or empty folder unless ``force`` (:func:`check_out_dir`, before anything is loaded).
 
     Everything is written into a staging folder inside ``out`` first and checked there on a batch of the
     study's validation images: the weights reloaded through timm (:func:`load_student`), the ONNX file run by
@@ -399,6 +390,7 @@ def export_trial(study: optuna.Study, number: int, root: Path, out: Path, format
     from autokd.report.evaluation import test_accuracy
 
     formats = parse_formats(formats)
+    check_out_dir(Path(out), force, export_files(formats, int8 is not None))
     what = f"study {study.study_name!r} trial {number}"
     model, ckpt, ft = load_trial(study, number, root)
     if data is None:
@@ -416,8 +408,6 @@ def export_trial(study: optuna.Study, number: int, root: Path, out: Path, format
         raise UserError(f"{what}: the study's validation split is empty; no real inputs to check the export on")
 
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out}: exists and is not a directory")
     try:
         out.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=out, prefix=".autokd-export-"))
@@ -453,7 +443,7 @@ def export_trial(study: optuna.Study, number: int, root: Path, out: Path, format
                               f"nothing was written to {out}")
         int8_error = _int8_step(int8, staging, config, study, data, formats)
         atomic_write_json(staging / CONFIG_FILE, config)
-        result.files = _publish(staging, out, formats)
+        result.files = _publish(staging, out)
         result.config = config
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -467,7 +457,7 @@ def _int8_step(int8: Int8Options, staging: Path, config: dict[str, Any], study: 
     """``model.int8.onnx`` into ``staging`` and its entry into ``config``; the QuantizationError if it fails."""
     if int8 is None:
         return None
-    from autokd.export.int8 import INT8_FILE, export_int8
+    from autokd.export.int8 import export_int8
     from autokd.latency.quantize import QuantizationError
     from autokd.report.evaluation import study_views
 
@@ -480,23 +470,23 @@ def _int8_step(int8: Int8Options, staging: Path, config: dict[str, Any], study: 
     return None
 
 
-def _publish(staging: Path, out: Path, formats: list[str]) -> dict[str, Path]:
-    """Move the verified files into ``out``; config.json last, and no stale format file of an older export."""
+def _publish(staging: Path, out: Path) -> dict[str, Path]:
+    """Move the verified files into ``out``, config.json last; remove a format file this export did not write
+    only when an earlier autokd export in ``out`` wrote it (its config.json lists it), keep any other."""
+    earlier = earlier_export_files(out)
     (out / CONFIG_FILE).unlink(missing_ok=True)  # until the new config lands, the folder is not a complete export
     files: dict[str, Path] = {}
-    for fmt, name in FORMAT_FILES.items():
-        if fmt in formats:
+    for key, name in [*FORMAT_FILES.items(), ("int8", INT8_FILE)]:
+        if (staging / name).is_file():
             os.replace(staging / name, out / name)
-            files[fmt] = out / name
-        else:
+            files[key] = out / name
+        elif name in earlier:
+            # An INT8 or TorchScript file of the earlier export would sit beside a new model it was not made from.
             (out / name).unlink(missing_ok=True)
-    from autokd.export.int8 import INT8_FILE  # an INT8 file only ever sits beside the export it was made from
-
-    if (staging / INT8_FILE).is_file():
-        os.replace(staging / INT8_FILE, out / INT8_FILE)
-        files["int8"] = out / INT8_FILE
-    else:
-        (out / INT8_FILE).unlink(missing_ok=True)
+        elif (out / name).exists():
+            logger.warning(f"warning: kept {out / name}: this export did not write it and no config.json of an "
+                           f"earlier autokd export in {out} lists it, so it is not the exported student's; remove it "
+                           "if it is stale")
     os.replace(staging / CONFIG_FILE, out / CONFIG_FILE)
     files["config"] = out / CONFIG_FILE
     return files
@@ -546,13 +536,15 @@ def _human(n: int) -> str:
 
 def export_command(study_name: str | None, storage: str | None, root: Path, trial: int | None, pick: str | None,
                    max_latency_ms: float | None, out: Path, formats: str | None, data_dir: str | None,
-                   int8: Int8Options | None = None) -> ExportResult:
-    """`autokd export`: choose the trial, export it, log the summary."""
+                   int8: Int8Options | None = None, force: bool = False) -> ExportResult:
+    """`autokd export`: choose the trial, export it, log the summary. A bad ``--format`` or ``--out`` (a file, a
+    folder that holds files without ``force``) fails before the study is opened."""
     from autokd.report.build import resolve_study
 
-    fmts = parse_formats(formats)  # a bad --format fails before anything is loaded
+    fmts = parse_formats(formats)
     if int8 is not None and "onnx" not in fmts:
         raise UserError(f"--int8 quantises model.onnx: add onnx to --format (got {','.join(fmts)})")
+    check_out_dir(Path(out), force, export_files(fmts, int8 is not None))
     try:
         study = resolve_study(study_name, storage, Path(root))
     except UserError as exc:
@@ -561,6 +553,6 @@ def export_command(study_name: str | None, storage: str | None, root: Path, tria
     number, why = select_trial(study, trial=trial, pick=pick, max_latency_ms=max_latency_ms)
     logger.info(f"exporting study {study.study_name!r} trial {number} ({why}) as {', '.join(fmts)} ...")
     result = export_trial(study, number, Path(root), Path(out), fmts, data_dir=data_dir, why=why, storage=storage,
-                          int8=int8)
+                          int8=int8, force=force)
     logger.info(format_summary(result))
     return result

@@ -16,13 +16,12 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from autokd.errors import UserError
+from autokd.model.files import CONFIG_FILE, WEIGHTS_FILE
 from autokd.utils.atomic import atomic_path, atomic_write_bytes, atomic_write_json, atomic_write_text
 
 __all__ = ["atomic_save_tensors", "atomic_write_bytes", "atomic_write_json", "atomic_write_text", "load_trial_student",
            "load_weights", "read_checkpoint", "read_weights", "write_checkpoint"]
 
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
 # Wrappers other training code saves a state dict in, and key prefixes of DDP / torch.compile modules.
 STATE_DICT_WRAPPERS = ("state_dict", "model", "model_state_dict")
 KEY_PREFIXES = ("module.", "_orig_mod.")

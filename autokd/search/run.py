@@ -71,6 +71,8 @@ class SearchSummary:
     finished_in_study: int = 0
     budget: int = 0
     report_files: list[Path] = field(default_factory=list)
+    completed_in_study: int = 0  # none: nothing to report or export, the CLI exits 1
+    not_completed: dict[str, int] = field(default_factory=dict)  # "STATE: reason" -> trials of the study
 
 
 @dataclass
@@ -312,6 +314,9 @@ def run_search(s: SearchSettings, worker_index: int = 0, on_trial: OnTrial | Non
                     _end_parent(study, tracker, parent_run_id, s, "KILLED")
             gc.unfreeze()  # a caller that goes on (tests, notebooks) gets its objects collectable again
     summary.finished_in_study = budget_used(study)
+    trials = study.get_trials(deepcopy=False)
+    summary.completed_in_study = sum(1 for t in trials if t.state == optuna.trial.TrialState.COMPLETE)
+    summary.not_completed = record.not_completed_reasons(trials)
     if worker_index == 0:
         summary.report_files = _final_report(study, s, ctx.data, tracker, parent_run_id)
     if parent_run_id:

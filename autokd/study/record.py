@@ -8,6 +8,7 @@ and `recorded_state` read them back. The attribute names are stored in studies: 
 from __future__ import annotations
 
 import enum
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
@@ -233,6 +234,17 @@ def outcome_reason(trial: FrozenTrial) -> str | None:
     attrs = trial.user_attrs
     return (attrs.get(INFEASIBLE_REASON_ATTR) or attrs.get(FAIL_REASON_ATTR)
             or (f"pruned at epoch {attrs[PRUNED_AT_EPOCH_ATTR]}" if PRUNED_AT_EPOCH_ATTR in attrs else None))
+
+
+def not_completed_reasons(trials: Sequence[FrozenTrial]) -> dict[str, int]:
+    """``"STATE: reason"`` -> number of trials, over the finished trials that did not complete, most frequent
+    first (a trial with no recorded reason counts under its state alone)."""
+    counts: Counter[str] = Counter()
+    for t in trials:
+        if t.state.is_finished() and t.state != TrialState.COMPLETE:
+            reason = outcome_reason(t)
+            counts[f"{recorded_state(t)}: {reason}" if reason else recorded_state(t)] += 1
+    return dict(counts.most_common())
 
 
 def sampled_params(user_attrs: Mapping[str, Any]) -> dict[str, Any]:

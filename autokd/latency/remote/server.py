@@ -20,7 +20,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
 from urllib.parse import parse_qs, urlsplit
 
-from autokd.config import positive_int
+from autokd.config import port_number, positive_int
 from autokd.errors import UserError
 from autokd.latency.remote.guard import RefusedModel, inspect_upload
 
@@ -264,7 +264,8 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     `python -m autokd.latency.remote.server` (which needs no torch)."""
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1; any other needs --token)")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
+    p.add_argument("--port", type=port_number, default=DEFAULT_PORT,
+                   help=f"port, 0-65535 (default {DEFAULT_PORT}; 0: any free port)")
     p.add_argument("--token", help=f"bearer token clients must send (default: ${TOKEN_ENV}; "
                    "required unless listening on loopback)")
     p.add_argument("--max-bytes", type=positive_int, default=DEFAULT_MAX_BYTES,
