@@ -15,8 +15,9 @@ import contextlib
 import logging
 import os
 import sys
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 from autokd.config import (
     OPTIMIZERS,
@@ -139,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--lr", type=_positive_float)
     d.add_argument("--weight-decay", type=float)
     d.add_argument("--optimizer", choices=OPTIMIZERS)
+    d.add_argument("--views", type=non_negative_int, metavar="N",
+                   help="replayable augmented views per training image, as a space's `views` (default 0: none)")
     d.add_argument("--out", type=Path, help="where to save the student (default studies/distill/<name>)")
     _add_data_args(d)
 
@@ -372,7 +375,7 @@ def _study_page(uri: str, base: str, study: str | None, root: Path) -> str:
         return base + "/"
     try:
         experiment_id = experiment_id_of(uri, name)
-    except Exception as exc:  # noqa: BLE001 - any failure to read the store
+    except Exception as exc:
         raise UserError(f"cannot read MLflow store {uri!r}: {str(exc).splitlines()[0] if str(exc) else exc}") from exc
     if experiment_id is None:
         if study is not None:

@@ -46,13 +46,22 @@ BASELINES = [("resnet18-shaped CE", "resnet", 2.0, 1.0, "ce"), ("resnet18-shaped
 
 
 def autokd(root: Path, *argv: str) -> tuple[float, str]:
-    """Run one `autokd` command (the CLI a user runs); returns (wall seconds, output). Fails loudly."""
+    """Run one `autokd` command (the CLI a user runs); returns (wall seconds, output). Fails loudly.
+
+    Its output also goes, as it comes, to ROOT/logs/NN-COMMAND.log, to follow a run of several hours."""
+    logs = root / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    log = logs / f"{len(list(logs.iterdir())):02d}-{argv[0]}.log"
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "autokd.cli", "--root", str(root), *argv], capture_output=True,
-                          text=True)
+    with log.open("w") as sink:
+        sink.write(f"$ autokd {' '.join(argv)}\n")
+        sink.flush()
+        done = subprocess.run([sys.executable, "-m", "autokd.cli", "--root", str(root), *argv], check=False, stdout=sink,
+                              stderr=subprocess.STDOUT, text=True)
+    output = log.read_text()
     if done.returncode != 0:
-        raise SystemExit(f"autokd {' '.join(argv)} exited {done.returncode}:\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
-    return time.perf_counter() - started, done.stdout
+        raise SystemExit(f"autokd {' '.join(argv)} exited {done.returncode}:\n{output[-6000:]}")
+    return time.perf_counter() - started, output
 
 
 def load(root: Path, name: str) -> optuna.Study:
@@ -111,7 +120,7 @@ def main() -> int:
 
     # (a) the search, teacher cached.
     name = "fashion-autokd"
-    search_s, out = autokd(root, "search", *data_args, "--space", "fashion", "--budget", str(args.budget), *subset,
+    search_s, _ = autokd(root, "search", *data_args, "--space", "fashion", "--budget", str(args.budget), *subset,
                            *teacher_args, "--study", name, "--no-mlflow", "--seed", "0")
     study = load(root, name)
     counts: dict[str, int] = {}
@@ -121,6 +130,7 @@ def main() -> int:
     trained = sum(len(t.user_attrs.get("curve", [])) for t in study.trials)
     finished = sum(counts.get(s, 0) for s in ("COMPLETE", "PRUNED", "FAIL"))
     longest = max(len(t.user_attrs.get("curve", [])) for t in study.trials)
+    views = int(study.user_attrs["space"].get("views", 0) or 0)
 
     # (b) the front, evaluated once on the test split (as `autokd report` does).
     from autokd import build_report
@@ -129,51 +139,7 @@ def main() -> int:
     front = sorted(report.front, key=lambda p: p.latency_ms)
     tied = set(report.ties)  # trial number -> the members it is tied with; untied members are not in it
 
-    # (c) baselines, trained by hand with `autokd distill`, then timed together with the front.
-    baselines = []
-    for label, family, width, depth, loss in BASELINES:
-        folder = root / "baselines" / label.replace(" ", "-")
-        kd = ["--temperature", "4", "--alpha", "0.9"] if loss == "kd" else []
-        seconds, _ = autokd(root, "distill", *data_args, *subset, *teacher_args, "--family", family, "--width",
-                            str(width), "--depth", str(depth), "--loss", loss, *kd, "--epochs", str(longest),
-                            "--out", str(folder))
-        cfg = json.loads((folder / "config.json").read_text())
-        baselines.append({"label": label, "family": family, "width": width, "depth": depth, "cfg": cfg,
-                          "seconds": seconds})
-    from autokd.latency.meter import LatencyMeter
-    from autokd.model.students import resolve_student
-
-    def spec(family: str, width: float, depth: float):  # noqa: ANN202
-        return resolve_student(family, width, depth, num_classes=10, in_chans=1, input_size=28)
-
-    specs = {f"front{p.number}": spec(p.params["family"], p.params["width"], p.params["depth"]) for p in front}
-    specs.update({b["label"]: spec(b["family"], b["width"], b["depth"]) for b in baselines})
-    timed = LatencyMeter("onnxruntime", "cpu", threads=1).retime(specs)
-
-    # (e) KD against CE on the front's most accurate architectures, same epochs, several seeds.
-    kd_rows = []
-    for p in sorted(front, key=lambda p: -(p.test_acc or 0))[:args.kd_archs]:
-        accs: dict[str, list[float]] = {"kd": [], "ce": []}
-        for seed in range(args.seeds):
-            for loss in ("kd", "ce"):
-                kd = ["--temperature", "4", "--alpha", "0.9"] if loss == "kd" else []
-                folder = root / "kd_vs_ce" / f"{p.number}-{loss}-{seed}"
-                autokd(root, "distill", *data_args, *subset, *teacher_args, "--family", p.params["family"],
-                       "--width", str(p.params["width"]), "--depth", str(p.params["depth"]), "--loss", loss, *kd,
-                       "--epochs", str(longest), "--seed", str(seed), "--lr", str(p.params["lr"]),
-                       "--batch-size", str(p.params["batch_size"]), "--out", str(folder))
-                accs[loss].append(json.loads((folder / "config.json").read_text())["test_acc"])
-        kd_rows.append((p, accs))
-
-    # (g) the plain alternative: random sampling, no pruning, same budget and data.
-    random_row = None
-    if not args.no_random:
-        random_s, _ = autokd(root, "search", *data_args, "--space", "fashion", "--budget", str(args.budget), *subset,
-                             *teacher_args, "--study", "fashion-random", "--no-mlflow", "--seed", "0",
-                             "--sampler", "random", "--no-prune")
-        random_row = (random_s, load(root, "fashion-random"))
-
-    # ---------------------------------------------------------------- print
+    # Each part is printed as soon as it is measured: a late failure keeps what came before.
     print(f"\n== real data: Fashion-MNIST, {time.strftime('%Y-%m-%d')}, budget {args.budget}, "
           f"train subset {args.train_limit or 'all'} ==")
     print(f"teacher: {teacher.arch} trained once on 54,000 images in {teacher_s / 60:.1f} min (target <= 30), "
@@ -185,15 +151,38 @@ def main() -> int:
     span = front[-1].latency_ms / front[0].latency_ms if front else 0.0
     untied = sum(p.number not in tied for p in front)
     print(f"(b) front: {len(front)} members (target >= 5), latency span {span:.1f}x (target >= 5x), "
-          f"{untied} not tied (target >= 3)")
+          f"{untied} not tied (target >= 3)", flush=True)
     for p in front:
-        t = timed.get(f"front{p.number}")
         print(f"    trial {p.number:>3} {p.params['family']:<12} w {p.params['width']:.2f} d {p.params['depth']:.2f} "
-              f"{p.params['loss']:<4} val {p.val_acc:.2%} test {p.test_acc:.2%} latency {p.latency_ms:.3f} ms "
-              f"(re-timed with the baselines {t.median_ms:.3f} ms)" if t else "")
+              f"{p.params['loss']:<4} val {p.val_acc:.2%} test {p.test_acc:.2%} latency {p.latency_ms:.3f} ms")
     best = max((p.test_acc or 0 for p in front), default=0)
-    print(f"    most accurate front member: {best:.2%} test (target >= 93 %)")
-    print("(c, d) hand-picked baselines (same epochs, same teacher, same test split, timed together with the front):")
+    print(f"    most accurate front member: {best:.2%} test (target >= 93 %)", flush=True)
+
+    # (c) baselines, trained by hand with `autokd distill`, then timed together with the front.
+    baselines = []
+    for label, family, width, depth, loss in BASELINES:
+        folder = root / "baselines" / label.replace(" ", "-")
+        kd = ["--temperature", "4", "--alpha", "0.9"] if loss == "kd" else []
+        seconds, _ = autokd(root, "distill", *data_args, *subset, *teacher_args, "--family", family, "--width",
+                            str(width), "--depth", str(depth), "--loss", loss, *kd, "--epochs", str(longest),
+                            "--views", str(views), "--lr", "0.003", "--batch-size", "128", "--out", str(folder))
+        cfg = json.loads((folder / "config.json").read_text())
+        baselines.append({"label": label, "family": family, "width": width, "depth": depth, "cfg": cfg,
+                          "seconds": seconds})
+    from autokd.latency.meter import LatencyMeter
+    from autokd.model.students import resolve_student
+
+    def spec(family: str, width: float, depth: float):
+        return resolve_student(family, width, depth, num_classes=10, in_chans=1, input_size=28)
+
+    specs = {f"front{p.number}": spec(p.params["family"], p.params["width"], p.params["depth"]) for p in front}
+    specs.update({b["label"]: spec(b["family"], b["width"], b["depth"]) for b in baselines})
+    timed = LatencyMeter("onnxruntime", "cpu", threads=1).retime(specs)
+
+    print("(c, d) hand-picked baselines (same epochs, views, teacher and test split; lr 3e-3, batch 128, the dataset's "
+          "teacher recipe), timed together with the front:")
+    print("    front re-timed with them: " + ", ".join(f"#{p.number} {timed[f'front{p.number}'].median_ms:.3f} ms"
+                                                   for p in front))
     dominated = 0
     for b in baselines:
         lat = timed[b["label"]].median_ms
@@ -207,14 +196,50 @@ def main() -> int:
               f"({(pick.test_acc - acc) * 100:+.2f} points) at {timed[f'front{pick.number}'].median_ms:.3f} ms"
               if pick else "no front member at or below its latency")
         print(f"    {b['label']:<24} test {acc:.2%} latency {lat:.3f} ms; {vs}; dominated: {'yes' if won else 'no'}")
-    print(f"    dominated: {dominated} of {len(baselines)} (target: all)")
+    print(f"    dominated: {dominated} of {len(baselines)} (target: all)", flush=True)
+
+    # (e) KD against CE on the front's most accurate architectures, same epochs, several seeds.
+    kd_rows = []
+    for p in sorted(front, key=lambda p: -(p.test_acc or 0))[:args.kd_archs]:
+        accs: dict[str, list[float]] = {"kd": [], "ce": []}
+        for seed in range(args.seeds):
+            for loss in ("kd", "ce"):
+                kd = ["--temperature", "4", "--alpha", "0.9"] if loss == "kd" else []
+                folder = root / "kd_vs_ce" / f"{p.number}-{loss}-{seed}"
+                autokd(root, "distill", *data_args, *subset, *teacher_args, "--family", p.params["family"],
+                       "--width", str(p.params["width"]), "--depth", str(p.params["depth"]), "--loss", loss, *kd,
+                       "--epochs", str(longest), "--seed", str(seed), "--lr", str(p.params["lr"]),
+                       "--batch-size", str(p.params["batch_size"]), "--views", str(views), "--out", str(folder))
+                accs[loss].append(json.loads((folder / "config.json").read_text())["test_acc"])
+        kd_rows.append((p, accs))
+
     print(f"(e) KD (T=4, alpha=0.9) vs CE, {args.seeds} seeds, {longest} epochs:")
     for p, accs in kd_rows:
         kd_m, ce_m = statistics.mean(accs["kd"]), statistics.mean(accs["ce"])
-        spread = lambda xs: (max(xs) - min(xs)) * 100  # noqa: E731
+        spread = lambda xs: (max(xs) - min(xs)) * 100
         print(f"    trial {p.number} {p.params['family']}: KD {kd_m:.2%} (spread {spread(accs['kd']):.2f}) "
               f"CE {ce_m:.2%} (spread {spread(accs['ce']):.2f}): {(kd_m - ce_m) * 100:+.2f} points (target >= +0.5)")
-    print("(f) published (test accuracy): " + "; ".join(f"{n} {a} %" for n, a in PUBLISHED))
+    print("(f) published (test accuracy): " + "; ".join(f"{n} {a} %" for n, a in PUBLISHED), flush=True)
+
+    # (h) the most accurate front member trained again on every training image (what a user does after a
+    # search on a subset): `autokd distill --from-trial N`, the trial's own epochs.
+    if front and args.train_limit:
+        top = max(front, key=lambda p: p.test_acc or 0)
+        folder = root / "from-trial" / str(top.number)
+        seconds, _ = autokd(root, "distill", "--from-trial", str(top.number), "--study", name, *data_args[2:],
+                            "--teacher-checkpoint", str(teacher_file), "--out", str(folder))
+        acc = json.loads((folder / "config.json").read_text())["test_acc"]
+        print(f"(h) trial {top.number} trained again on all 54,000 training images (autokd distill --from-trial): "
+              f"test {acc:.2%} (on the subset {top.test_acc:.2%}), {seconds / 60:.1f} min", flush=True)
+
+    # (g) the plain alternative: random sampling, no pruning, same budget and data.
+    random_row = None
+    if not args.no_random:
+        random_s, _ = autokd(root, "search", *data_args, "--space", "fashion", "--budget", str(args.budget), *subset,
+                             *teacher_args, "--study", "fashion-random", "--no-mlflow", "--seed", "0",
+                             "--sampler", "random", "--no-prune")
+        random_row = (random_s, load(root, "fashion-random"))
+
     if random_row is not None:
         random_s, random_study = random_row
         ref = max(t.values[1] for s in (study, random_study) for t in s.trials
@@ -223,7 +248,7 @@ def main() -> int:
         final = theirs[-1][1] if theirs else 0.0
         reach = next((s for s, hv in ours if hv >= final), None)
         at_equal = min(search_s, random_s)
-        hv_at = lambda curve, s: max([hv for t, hv in curve if t <= s], default=0.0)  # noqa: E731
+        hv_at = lambda curve, s: max([hv for t, hv in curve if t <= s], default=0.0)
         print(f"(g) random search (--sampler random --no-prune): {random_s / 60:.1f} min; hypervolume at equal wall "
               f"time ({at_equal / 60:.1f} min): autokd {hv_at(ours, at_equal):.4f}, random {hv_at(theirs, at_equal):.4f}; "
               + (f"autokd reaches random's final {final:.4f} after {reach:.0f} s = {reach / random_s:.0%} of random's "

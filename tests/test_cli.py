@@ -156,12 +156,12 @@ def test_distill_options_set_the_settings_fields_of_their_names(tmp_path: Path) 
             "--beta", "8", "--epochs", "3", "--batch-size", "32", "--lr", "0.1", "--weight-decay", "0", "--optimizer",
             "sgd", "--out", "o", "--dataset", "cifar10", "--data-dir", "d", "--download", "--input-size", "24",
             "--teacher", "resnet18", "--teacher-checkpoint", "t.pt", "--teacher-pretrained", "--device", "cpu",
-            "--seed", "5"]
+            "--seed", "5", "--views", "4"]
     assert cli._distill_settings(parse(argv), tmp_path) == DistillSettings(
         family="mobilenetv3", width=0.75, depth=1.0, loss="dkd", loss_params={"alpha": 1.0, "beta": 8.0}, epochs=3,
         batch_size=32, lr=0.1, weight_decay=0.0, optimizer="sgd", out=Path("o"),
         data=DataSettings(dataset="cifar10", data_dir="d", download=True, input_size=24), teacher="resnet18",
-        teacher_checkpoint="t.pt", teacher_pretrained=True, device="cpu", seed=5, root=tmp_path)
+        teacher_checkpoint="t.pt", teacher_pretrained=True, device="cpu", seed=5, views=4, root=tmp_path)
     with pytest.raises(TypeError, match="no field nonsense"):
         settings_from(DistillSettings, {}, nonsense=1)
 

@@ -331,6 +331,8 @@ def test_distill_from_trial_trains_that_trial_again(tmp_path: Path, tiny_teacher
     # The trial fixes the student: giving it as well is a contradiction; a trial that is not there is named.
     assert main(["--root", root, "distill", "--from-trial", "1", "--family", "regnet"]) == 2
     assert "--family cannot be given with --from-trial" in capsys.readouterr().err
+    assert main(["--root", root, "distill", "--from-trial", "1", "--views", "2"]) == 2  # the study's space sets it
+    assert "--views cannot be given with --from-trial" in capsys.readouterr().err
     assert main(["--root", root, "distill", "--from-trial", "7"]) == 2
     assert "has no trial 7" in capsys.readouterr().err
     assert main(["--root", root, "distill", "--study", "digits-tiny"]) == 2

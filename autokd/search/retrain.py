@@ -12,7 +12,7 @@ from autokd.study import record
 
 #: The options that --from-trial takes from the trial; giving one of them as well is a contradiction.
 TRIAL_FIELDS = ("family", "width", "depth", "loss", "temperature", "alpha", "beta", "warmup", "batch_size", "lr",
-                "weight_decay", "optimizer", "teacher", "teacher_pretrained", "input_size")
+                "weight_decay", "optimizer", "views", "teacher", "teacher_pretrained", "input_size")
 
 
 def settings_from_trial(study_name: str | None, storage: str | None, root: Path, number: int,

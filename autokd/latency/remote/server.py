@@ -1,6 +1,6 @@
 """`autokd latency-server`: times uploaded ONNX students on the device that will run them, over HTTP.
 
-Runs on the target with ONNX Runtime and numpy only: this module and what it imports must never import torch
+Runs on the target with ONNX Runtime, onnx and numpy only: this module and what it imports must never import torch
 or timm (a test pins that), and ONNX Runtime itself runs only in the measuring process
 (:mod:`autokd.latency.remote.worker`), under a time and a memory limit. One model is timed at a time, with the
 protocol of a local measurement (:mod:`autokd.latency.protocol`). Contract: docs/latency.md, "Latency on a target
@@ -26,13 +26,14 @@ from urllib.parse import parse_qs, urlsplit
 
 from autokd.config import positive_int
 from autokd.errors import UserError
-from autokd.latency.remote.guard import external_data_reason
-from autokd.latency.remote.worker import (DEFAULT_MAX_INPUT_MB, DEFAULT_MAX_MEASURE_SECONDS, DEFAULT_MAX_MEMORY_MB,
+from autokd.latency.remote.guard import DEFAULT_MAX_INPUT_BYTES, INPUT_TOO_LARGE, RefusedModel, inspect_upload
+from autokd.latency.remote.worker import (DEFAULT_MAX_MEASURE_SECONDS, DEFAULT_MAX_MEMORY_MB, RUNTIME_FAILURE,
                                           Limits, MeasuringProcess, Refusal)
 
 DEFAULT_PORT = 8765
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 DEFAULT_MAX_CONNECTIONS = 32
+DEFAULT_MAX_INPUT_MB = DEFAULT_MAX_INPUT_BYTES // 2**20
 MAX_BATCH = 1024
 TOKEN_ENV = "AUTOKD_LATENCY_TOKEN"
 SERVICE = "autokd-latency-server"
@@ -81,11 +82,13 @@ class Upload:
 def check_upload(body: bytes, *, batch: int, max_input_bytes: int) -> Upload:
     """The one place the server runs the upload guard (:mod:`autokd.latency.remote.guard`) on a body, before
     ONNX Runtime sees it; raises :class:`Refusal` for a model that must not be loaded. ``max_input_bytes`` is
-    --max-input-mb in bytes (the measuring process checks each input against it too, before building it)."""
-    reason = external_data_reason(body)
-    if reason is not None:
-        raise Refusal(400, "refused", reason)
-    return Upload(body)
+    --max-input-mb in bytes (the measuring process checks the inputs it builds against it too)."""
+    try:
+        checked = inspect_upload(body, batch=batch, max_input_bytes=max_input_bytes)
+    except RefusedModel as refused:
+        option = " (--max-input-mb)" if refused.category == INPUT_TOO_LARGE else ""
+        raise Refusal(400, refused.category, refused.reason + option) from None
+    return Upload(checked.canonical, [(spec.name, list(spec.shape), spec.dtype.str) for spec in checked.inputs])
 
 
 def _json_reply(code: int, payload: dict[str, Any], close: bool = False) -> bytes:
@@ -335,7 +338,7 @@ class LatencyHTTPServer(ThreadingHTTPServer):
         self.host = host
         self.token = token
         self.max_bytes = max_bytes
-        self.limits = limits or Limits()
+        self.limits = limits or Limits(max_input_bytes=DEFAULT_MAX_INPUT_BYTES)
         self.max_connections = max_connections
         self.max_threads = os.cpu_count() or 1
         self.measure_lock = threading.Lock()
@@ -440,7 +443,7 @@ def listening_line(server: LatencyHTTPServer) -> str:
     limits = server.limits
     return (f"autokd latency-server on http://{server.host}:{server.server_address[1]} "
             f"({'token required' if server.token else 'no token: loopback only'}; up to {server.max_bytes} bytes "
-            f"per model, {limits.max_input_bytes // 2**20} MiB per input, {limits.max_measure_seconds} s and "
+            f"per model, {limits.max_input_bytes // 2**20} MiB of inputs, {limits.max_measure_seconds} s and "
             f"{limits.max_memory_mb} MiB per measurement, {server.max_connections} connections)")
 
 
@@ -480,8 +483,8 @@ def serve(server: LatencyHTTPServer) -> None:
 
 
 #: What `autokd latency-server --help` (and `python -m autokd.latency.remote.server --help`) says it is for.
-DESCRIPTION = ("Run on the device that will run the students (needs onnxruntime and numpy, not torch). A search "
-               "points at it with --latency-target http://HOST:PORT --latency-token T.")
+DESCRIPTION = ("Run on the device that will run the students (needs onnxruntime, onnx and numpy, not torch). A "
+               "search points at it with --latency-target http://HOST:PORT --latency-token T.")
 
 
 def add_server_args(p: argparse.ArgumentParser) -> None:
@@ -495,7 +498,7 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-bytes", type=positive_int, default=DEFAULT_MAX_BYTES,
                    help=f"largest model accepted, in bytes (default {DEFAULT_MAX_BYTES // 2**20} MiB)")
     p.add_argument("--max-input-mb", type=positive_int, default=DEFAULT_MAX_INPUT_MB,
-                   help=f"largest input a model may declare at the batch asked, in MiB (default "
+                   help=f"largest inputs a model may declare, all together at the batch asked, in MiB (default "
                         f"{DEFAULT_MAX_INPUT_MB})")
     p.add_argument("--max-measure-seconds", type=positive_int, default=DEFAULT_MAX_MEASURE_SECONDS,
                    help=f"wall time one measurement may take, loading included (default "
@@ -543,7 +546,7 @@ if __name__ == "__main__":
 
 
 __all__ = [
-    "DEFAULT_MAX_BYTES", "DEFAULT_MAX_CONNECTIONS", "DEFAULT_PORT", "DESCRIPTION", "LatencyHTTPServer", "TOKEN_ENV",
-    "Upload", "add_server_args", "build_parser", "check_upload", "enter_empty_directory", "is_loopback",
-    "listening_line", "serve", "server_from_args",
+    "DEFAULT_MAX_BYTES", "DEFAULT_MAX_CONNECTIONS", "DEFAULT_MAX_INPUT_MB", "DEFAULT_PORT", "DESCRIPTION",
+    "LatencyHTTPServer", "RUNTIME_FAILURE", "TOKEN_ENV", "Upload", "add_server_args", "build_parser", "check_upload",
+    "enter_empty_directory", "is_loopback", "listening_line", "serve", "server_from_args",
 ]

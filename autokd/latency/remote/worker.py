@@ -36,7 +36,8 @@ from autokd.errors import UserError
 
 DEFAULT_MAX_MEASURE_SECONDS = 60
 DEFAULT_MAX_MEMORY_MB = 4096
-DEFAULT_MAX_INPUT_MB = 256
+#: What a client hears when ONNX Runtime fails on a checked model: its message can quote server-side data.
+RUNTIME_FAILURE = "ONNX Runtime could not load or run this model (the details are in the server's log)"
 #: How long a new measuring process may take to load ONNX Runtime and run its self-test.
 START_TIMEOUT_S = 120.0
 #: Address space a measuring process needs beyond what it maps with ONNX Runtime loaded, to run a small model.
@@ -49,12 +50,12 @@ _OUT_OF_MEMORY = ("Failed to allocate memory", "bad_alloc", "bad allocation", "C
 
 @dataclass(frozen=True)
 class Limits:
-    """What one measurement may use: wall time (from the request reaching the measuring process to its answer),
-    address space of the measuring process, and bytes of each input built for the model."""
+    """What one measurement may use: bytes of the inputs built for the model, wall time (from the request reaching
+    the measuring process to its answer) and address space of the measuring process."""
 
+    max_input_bytes: int  # the server's default is the guard's (guard.DEFAULT_MAX_INPUT_BYTES)
     max_measure_seconds: int = DEFAULT_MAX_MEASURE_SECONDS
     max_memory_mb: int = DEFAULT_MAX_MEMORY_MB
-    max_input_bytes: int = DEFAULT_MAX_INPUT_MB * 2**20
 
     def time_message(self) -> str:
         return (f"measurement exceeded this server's {self.max_measure_seconds} s time limit "
@@ -274,10 +275,9 @@ class MeasuringProcess:
         if category == "memory-limit":
             self._replace(proc, "exceeded the memory limit")
             raise Refusal(422, category, self.limits.memory_message())
-        if category in ("input-limit", "unsupported-input"):
-            raise Refusal(422, category, reply["message"])
-        raise Refusal(400, "runtime", "ONNX Runtime cannot load or run this model (the reason is in the server's "
-                                      "log)")
+        if category in ("input-too-large", "unsupported-input"):
+            raise Refusal(400, category, reply["message"])
+        raise Refusal(400, "runtime", RUNTIME_FAILURE)
 
     def close(self) -> None:
         """Kill the measuring process (a measurement in progress included); no successor is started."""
@@ -308,7 +308,7 @@ def _address_space_mb() -> float:
 
 def _tiny_model() -> bytes:
     """A one-node ONNX model (Identity on a float tensor of shape [1], IR 7, opset 13), written as protobuf by
-    hand: the latency server's device has no onnx package. The self-test of a new measuring process runs it."""
+    hand so that the measuring process does not load onnx. The self-test of a new measuring process runs it."""
     def varint(value: int) -> bytes:
         out = bytearray()
         while True:
@@ -370,12 +370,13 @@ def _measure(request: dict[str, Any], model: bytes, protocol: ModuleType, max_se
                      if request.get("inputs") is not None else protocol.input_specs(session, batch))
         except (ValueError, TypeError) as exc:
             return {"category": "unsupported-input", "message": str(exc)}
-        for name, shape, dtype in specs:  # refused before anything is allocated
-            nbytes = math.prod(shape) * dtype.itemsize
-            if nbytes > max_input_bytes:
-                return {"category": "input-limit",
-                        "message": f"input {name[:64]!r} of shape {list(shape)} ({dtype}) needs {nbytes} bytes, over "
-                                   f"this server's limit of {max_input_bytes} bytes per input (--max-input-mb)"}
+        # Refused before anything is allocated (the guard checked the declared shapes already: this is the
+        # same bound on what is actually built).
+        nbytes = sum(math.prod(shape) * dtype.itemsize for _, shape, dtype in specs)
+        if nbytes > max_input_bytes:
+            return {"category": "input-too-large",
+                    "message": f"the model's inputs at batch {batch} take {nbytes} bytes, over this server's limit "
+                               f"of {max_input_bytes} bytes (--max-input-mb)"}
         feed = protocol.make_inputs(specs)
         timing = protocol.time_runners({"model": functools.partial(session.run, None, feed)})["model"]
         return {"result": asdict(timing)}
@@ -444,5 +445,5 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["DEFAULT_MAX_INPUT_MB", "DEFAULT_MAX_MEASURE_SECONDS", "DEFAULT_MAX_MEMORY_MB", "HEADROOM_MB", "Limits",
+__all__ = ["DEFAULT_MAX_MEASURE_SECONDS", "DEFAULT_MAX_MEMORY_MB", "HEADROOM_MB", "RUNTIME_FAILURE", "Limits",
            "MeasuringProcess", "Refusal", "main"]
