@@ -94,6 +94,34 @@ def test_session_from_bytes_or_path_runs_the_model(tmp_path: Path) -> None:
     assert ort_timing.make_session(blob, threads=None).get_providers() == ["CPUExecutionProvider"]
 
 
+def test_every_input_is_built_once_in_its_own_dtype() -> None:
+    kinds = [("x", TensorProto.FLOAT16, ["batch", 4]), ("ids", TensorProto.INT64, ["batch", 3]),
+             ("mask", TensorProto.BOOL, ["batch", 2]), ("d", TensorProto.DOUBLE, ["batch", "n"])]
+    graph = helper.make_graph(
+        [helper.make_node("Identity", [name], [f"{name}_out"]) for name, _, _ in kinds], "g",
+        [helper.make_tensor_value_info(name, kind, shape) for name, kind, shape in kinds],
+        [helper.make_tensor_value_info(f"{name}_out", kind, shape) for name, kind, shape in kinds])
+    blob = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+    session = ort_timing.make_session(blob, threads=1)
+    specs = ort_timing.input_specs(session, batch=5)
+    assert specs == [("x", (5, 4), np.float16), ("ids", (5, 3), np.int64), ("mask", (5, 2), np.bool_),
+                     ("d", (5, 1), np.float64)]  # the first axis takes the batch, other dynamic axes 1
+    feed = ort_timing.make_input(session, batch=5)
+    assert {name: (a.shape, a.dtype) for name, a in feed.items()} == {n: (sh, np.dtype(dt)) for n, sh, dt in specs}
+    assert set(np.unique(feed["ids"])) <= {0, 1} and feed["x"].std() > 0
+    session.run(None, feed)
+    # Built in place: a float32 input never exists as float64 first (that took 3 times its size).
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        [big] = ort_timing.make_inputs([("x", (1, 4 * 2**20), np.dtype(np.float32))]).values()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert big.dtype == np.float32 and peak < 1.5 * big.nbytes
+
+
 def test_an_unavailable_provider_is_refused_naming_the_available_ones() -> None:
     with pytest.raises(ValueError, match=r"'NoSuchExecutionProvider' is not available here; available: .*"
                                          r"CPUExecutionProvider"):

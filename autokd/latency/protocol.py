@@ -95,11 +95,53 @@ def make_session(onnx: OnnxSource, threads: int | None = 1, provider: str = DEFA
     return ort.InferenceSession(source, opts, providers=[provider])
 
 
+#: numpy dtype of each ONNX Runtime input type the protocol can feed.
+INPUT_DTYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
+                "tensor(int8)": np.int8, "tensor(int16)": np.int16, "tensor(int32)": np.int32,
+                "tensor(int64)": np.int64, "tensor(uint8)": np.uint8, "tensor(uint16)": np.uint16,
+                "tensor(uint32)": np.uint32, "tensor(uint64)": np.uint64, "tensor(bool)": np.bool_}
+#: Elements generated at a time when an input's dtype has no direct generator (a bounded temporary).
+_FILL_CHUNK = 1 << 20
+
+
+def input_specs(session: ort.InferenceSession, batch: int = 1) -> list[tuple[str, tuple[int, ...], np.dtype]]:
+    """(name, shape, dtype) of every input of the session: the first axis takes ``batch``, other dynamic axes 1.
+    Nothing is allocated, so a caller can refuse an input too large before building it."""
+    specs = []
+    for arg in session.get_inputs():
+        if arg.type not in INPUT_DTYPES:
+            raise ValueError(f"input {arg.name[:64]!r} has type {arg.type}, which the latency protocol cannot "
+                             f"feed (it feeds {', '.join(INPUT_DTYPES)})")
+        shape = tuple(batch if i == 0 else d if isinstance(d, int) and d >= 0 else 1 for i, d in enumerate(arg.shape))
+        specs.append((arg.name, shape, np.dtype(INPUT_DTYPES[arg.type])))
+    return specs
+
+
+def make_inputs(specs: list[tuple[str, tuple[int, ...], np.dtype]], seed: int = 0) -> dict[str, np.ndarray]:
+    """Random inputs of the given (name, shape, dtype), each built once in its own dtype: standard normal
+    floats, 0/1 integers and booleans. A float64 array cast to float32 would need three times the input's size."""
+    rng = np.random.default_rng(seed)
+    feed = {}
+    for name, shape, dtype in specs:
+        dtype = np.dtype(dtype)
+        array = np.empty(shape, dtype)
+        if dtype in (np.float32, np.float64):
+            rng.standard_normal(dtype=dtype, out=array)
+        else:
+            flat = array.reshape(-1)  # a view: np.empty is contiguous
+            for start in range(0, flat.size, _FILL_CHUNK):
+                n = min(_FILL_CHUNK, flat.size - start)
+                if dtype.kind == "f":
+                    flat[start:start + n] = rng.standard_normal(n, dtype=np.float32)
+                else:
+                    flat[start:start + n] = rng.integers(0, 2, n, dtype=np.int8)
+        feed[name] = array
+    return feed
+
+
 def make_input(session: ort.InferenceSession, batch: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
-    """A random float32 input of batch ``batch`` for the session's single input (dynamic axes -> ``batch``)."""
-    spec = session.get_inputs()[0]
-    shape = [batch if i == 0 else int(d) if isinstance(d, int) else 1 for i, d in enumerate(spec.shape)]
-    return {spec.name: np.random.default_rng(seed).standard_normal(shape).astype(np.float32)}
+    """Random inputs of batch ``batch`` for every input of the session (dynamic axes: see :func:`input_specs`)."""
+    return make_inputs(input_specs(session, batch), seed)
 
 
 def median_interval(figures: list[float], confidence: float = CONFIDENCE) -> tuple[float, float]:
@@ -265,5 +307,6 @@ def time_onnx(onnx: OnnxSource, threads: int = 1, batch: int = 1, provider: str 
 
 
 __all__ = ["CONFIDENCE", "DEFAULT_PROVIDER", "DEFAULT_ROUNDS", "DEFAULT_RUNS", "DEFAULT_WARMUP", "HOST", "HostCheck",
-           "REPRODUCIBILITY", "RUNTIME", "Timing", "available_providers", "cpu_model", "make_input", "make_session",
-           "median_interval", "signature", "time_onnx", "time_runners", "time_sessions", "widen"]
+           "INPUT_DTYPES", "REPRODUCIBILITY", "RUNTIME", "Timing", "available_providers", "cpu_model", "input_specs",
+           "make_input", "make_inputs", "make_session", "median_interval", "signature", "time_onnx", "time_runners",
+           "time_sessions", "widen"]
