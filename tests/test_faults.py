@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import gc
 import hashlib
+import json
 import math
 import os
 import resource
@@ -560,6 +561,84 @@ def test_disk_full_while_saving_stops_the_search_and_keeps_checkpoints(
     for t in study.trials:
         if t.state == TrialState.COMPLETE:
             checkpoint.read_checkpoint(trials_dir / str(t.number))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# a torn last line of the Optuna journal (kill -9 or a full disk mid-append)
+# ----------------------------------------------------------------------------------------------------------
+
+def tear_journal(journal: Path, how: str) -> bytes:
+    """Leave the journal as a write cut short leaves it; returns the torn bytes now at its end."""
+    data = journal.read_bytes()
+    if how == "half-written line":  # a process killed while it appended a line
+        torn = b'{"op_code":8,"worker_id":"w","trial_id":1,"user_attr":{"curve":[0.5,0.'
+        journal.write_bytes(data + torn)
+        return torn
+    last = data[data.rindex(b"\n", 0, len(data) - 1) + 1:]  # the last line's write stopped before its end
+    assert json.loads(last).get("op_code") in STUDY_ATTR_OPS, last  # a write no finished trial depends on
+    journal.write_bytes(data[:len(data) - len(last) // 2])
+    return last[:len(last) - len(last) // 2]
+
+
+# Optuna's journal op codes that set a study attribute (the last writes of a search).
+STUDY_ATTR_OPS = (2, 3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["half-written line", "last line cut short"])
+def test_a_torn_journal_line_then_the_same_command_keeps_every_trial_and_report_and_export_work(
+        tmp_path: Path, tiny_teacher: tuple[str, Path], capsys: pytest.CaptureFixture[str], how: str) -> None:
+    root, name = tmp_path / "studies", "torn"
+    space = write_space(tmp_path, SHORT_SPACE)
+    argv = cli_argv(root, space, tiny_teacher, "--study", name, "--no-prune")  # local MLflow store
+    assert main([*argv, "--budget", "2"]) == 0, capsys.readouterr().err
+    before = [snapshot(t) for t in load(root, name).trials]
+    journal = root / "optuna.journal"
+    torn = tear_journal(journal, how)
+    capsys.readouterr()
+
+    assert main([*argv, "--budget", "3"]) == 0, capsys.readouterr().err  # the same command, one more trial
+    out, err = capsys.readouterr()
+    [kept] = root.glob("optuna.journal.torn-*")
+    assert kept.read_bytes() == torn
+    assert (out + err).count("torn last line") == 1 and str(kept) in out, out + err
+    assert "Traceback" not in out + err
+    study = load(root, name)
+    assert [snapshot(t) for t in study.trials[:2]] == before  # every finished trial kept, untouched
+    assert_settled(study, budget=3)
+
+    # `report` and `export` open the journal too: a line torn again is cut again, and they work.
+    tear_journal(journal, "half-written line")
+    assert main(["--root", str(root), "report", "--study", name]) == 0, capsys.readouterr().err
+    assert (root / name / "report" / "front.csv").is_file()
+    out_dir = tmp_path / "student"
+    assert main(["--root", str(root), "export", "--study", name, "--pick", "knee", "--format", "safetensors",
+                 "--out", str(out_dir)]) == 0, capsys.readouterr().err
+    assert (out_dir / "model.safetensors").is_file()
+    assert len(list(root.glob("optuna.journal.torn-*"))) == 2
+    assert [snapshot(t) for t in load(root, name).trials[:2]] == before
+    runs = mlflow_runs(root, name)
+    assert not [r.info.run_name for r in runs if r.info.status == "RUNNING"]
+
+
+@pytest.mark.slow
+def test_a_search_that_cannot_read_its_storage_ends_its_mlflow_parent_run(
+        tmp_path: Path, tiny_teacher: tuple[str, Path], no_report: None) -> None:
+    """A journal broken in its middle (not a torn last line: a whole line of garbage that another program wrote,
+    followed by Optuna's next write) stops the search with its error; its MLflow parent run is not left RUNNING."""
+    name = "broken"
+    root = tmp_path / "studies"
+
+    def break_journal(outcome: Any, progress: Any) -> None:
+        with open(root / "optuna.journal", "ab") as f:
+            f.write(b"not a journal line\n")
+
+    with pytest.raises(ValueError):  # json.JSONDecodeError from Optuna's reader
+        run_search(settings(tmp_path, tiny_teacher, write_space(tmp_path, SHORT_SPACE), budget=3, study=name,
+                            mlflow=True, prune=False), on_trial=break_journal)
+    parents = [r for r in mlflow_runs(root, name) if "autokd.trial" not in r.data.tags]
+    assert [r.info.status for r in parents] == ["FAILED"]
+    assert not [r.info.run_name for r in mlflow_runs(root, name) if r.info.status == "RUNNING"]
 
 
 # ----------------------------------------------------------------------------------------------------------

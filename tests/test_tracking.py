@@ -355,3 +355,73 @@ def test_tracking_server(mlflow_server: str, tmp_path: Path) -> None:
     assert not studies.exists()  # the server stores everything; nothing local
     with urllib.request.urlopen(mlflow_server + "/", timeout=30) as resp:
         assert resp.status == 200
+
+
+# --- a spool with lines that are not call records ------------------------------------------------------------
+
+_SPOOLING_WORKER = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+    from autokd.tracking import make_tracker
+    tracker = make_tracker(None, True, Path(sys.argv[1]), "spooled")
+    parent = tracker.create_parent_run("spooled", {}, {"budget": 3})
+
+    def down(*args, **kwargs):
+        raise ConnectionError("Connection refused")
+
+    for name in ("create_run", "log_batch", "set_terminated", "get_experiment", "search_runs"):
+        setattr(tracker._client, name, down)  # the store stops answering: every later call is spooled
+    for n in range(3):
+        run = tracker.start_trial(parent, n, {"lr": 0.1 * (n + 1)}, {})
+        for epoch in (1, 2):
+            run.log_epoch(epoch, {"val_acc": n + epoch / 10})
+        run.end("COMPLETE")
+    tracker.end_parent(parent)
+    print(parent)
+""")
+
+# What a crash, a disk or a hand can leave on a spool line: not UTF-8, JSON that is not a call, a torn record.
+BAD_SPOOL_LINES = [b"\xff\xfe\x00not utf-8 \xc3\x28", b"[1,2,3]", b"{}",
+                   b'{"op":"log_batch","key":"k","t":1,"metrics":[["val_acc",0.5,1,1',
+                   b'{"op":"set_terminated","key":"k","t":1,"status":"DONE"}']
+
+
+def test_a_spool_line_that_is_not_a_call_is_set_aside_and_the_calls_after_it_are_sent(
+        studies: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A spool an ended process left, with bad lines among its calls (and a torn last line): the next tracker
+    sends every call to the real store, sets the bad lines aside in `<spool>.rejected` and says so in one line."""
+    from mlflow.tracking import MlflowClient
+
+    proc = subprocess.run([sys.executable, "-c", _SPOOLING_WORKER, str(studies)], capture_output=True, text=True,
+                          check=False, timeout=300, env=dict(os.environ, PYTHONPATH=repo_pythonpath()))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    parent = proc.stdout.strip()
+    [spool] = list((studies / "spooled" / "mlflow_spool").glob("*.jsonl"))
+    calls = spool.read_bytes().splitlines()
+    assert len(calls) == 19  # per trial: create, params, two epochs, state tag, end; and the parent's end
+    # Bad lines first, between the calls of one run, and last (torn: no line end).
+    lines = [BAD_SPOOL_LINES[0], *calls[:3], *BAD_SPOOL_LINES[1:4], *calls[3:], BAD_SPOOL_LINES[4], b'{"op":"lo']
+    spool.write_bytes(b"\n".join(lines))
+
+    with caplog.at_level(logging.INFO, logger="autokd"):
+        tracker = make_tracker(None, True, studies, "spooled")  # the next search, report or sync-mlflow
+    assert not list(spool.parent.glob("*.jsonl")) and not list(spool.parent.glob("*.done"))
+    rejected = spool.with_name(spool.name + ".rejected")
+    assert rejected.read_bytes() == b"".join(line + b"\n" for line in [*BAD_SPOOL_LINES, b'{"op":"lo'])
+    notices = [r.getMessage() for r in caplog.records if "set aside" in r.getMessage()]
+    assert len(notices) == 1 and "set aside 6 line(s)" in notices[0] and str(rejected) in notices[0], notices
+    assert "1 not UTF-8" in notices[0] and "2 not JSON" in notices[0], notices
+    assert "sent 19 call(s)" in caplog.text and "not answering" not in caplog.text, caplog.text
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+
+    client = MlflowClient(tracking_uri=tracker.tracking_uri)
+    runs = {r.info.run_name: r for r in client.search_runs([tracker.experiment_id])}
+    assert sorted(runs) == ["spooled", "trial-0", "trial-1", "trial-2"]
+    assert {name: r.info.status for name, r in runs.items()} == dict.fromkeys(runs, "FINISHED")
+    assert runs["spooled"].info.run_id == parent
+    for n in range(3):
+        run = runs[f"trial-{n}"]
+        history = sorted(client.get_metric_history(run.info.run_id, "val_acc"), key=lambda m: m.step)
+        assert [(m.step, m.value) for m in history] == [(1, n + 0.1), (2, n + 0.2)]
+        assert run.data.params["lr"] == str(0.1 * (n + 1)) and run.data.tags["autokd.state"] == "COMPLETE"
+        assert run.data.tags["mlflow.parentRunId"] == parent

@@ -20,7 +20,7 @@ import torch
 
 from autokd._version import __version__
 from autokd.config import SAMPLERS, LatencySettings, SearchSettings
-from autokd.errors import UserError, close_matches
+from autokd.errors import FatalSearchError, Interrupted, UserError, close_matches
 from autokd.latency import pinning
 from autokd.latency.remote.server import TOKEN_ENV
 from autokd.search import processes
@@ -223,49 +223,57 @@ def prepare_search(s: SearchSettings, worker_index: int = 0) -> PreparedSearch:
         # The teacher is input too (a truncated or wrong checkpoint is exit 2): load it before any study exists.
         teacher = get_teacher(data, checkpoint=s.teacher_checkpoint, **teacher_kwargs)
     tracker = make_tracker(s.tracking.uri, s.tracking.mlflow, root, experiment_name=name)
-    with study_lock(s.storage, root, name):
-        # Held while the first worker trains the teacher: the others wait here, then fetch it and join.
-        study = _existing_study(name, storage, sampler)
-        created = study is None
-        if study is not None:
-            study, _ = open_study(name, storage, pinned, extra_attrs, sampler)  # checks space/data pins
-        if teacher is None:
-            if study is not None and shared:
-                scaleout.fetch_teacher(study, root / "teachers", tracker)
-            teacher = get_teacher(data, **teacher_kwargs)
-        if study is None:  # created only once the teacher is ready: a teacher that fails leaves no study
-            study, created = open_study(name, storage, pinned, extra_attrs, sampler)
-        teacher_id = f"{teacher.arch}@{teacher.fingerprint}"
-        stored_teacher = study.user_attrs.get(TEACHER_ATTR)
-        if stored_teacher is None:
-            study.set_user_attr(TEACHER_ATTR, teacher_id)
-            study.set_user_attr(TEACHER_VAL_ACC_ATTR, teacher.val_acc)
-        elif stored_teacher != teacher_id:
-            raise UserError(f"study {name!r} was created with teacher {stored_teacher}, now {teacher_id}; resume with "
-                            "the same --teacher/--teacher-checkpoint or start a new study with --study NEW_NAME")
-        pinning.check_latency_device(study, meter.signature(), s.latency.batch, s.latency.allow_mixed,
-                                      settings={**meter.signature_info(), "torch_device": meter.dev.type})
-        parent_run_id = _parent_run(study, tracker, s, name, teacher_id, shared)
-        if shared and s.teacher_checkpoint is None and teacher.path is not None:
-            scaleout.publish_teacher(study, teacher.path, teacher.arch, tracker, parent_run_id, worker_host())
-        joined = int(study.user_attrs.get(WORKERS_STARTED_ATTR, 0))
-        study.set_user_attr(WORKERS_STARTED_ATTR, joined + 1)
-    if worker_index == 0:
-        logger.info(f"study {name!r} ({'new' if created else 'resumed'}) — files under {sdir}/, "
-                    f"storage {storage_url(s.storage, root)}")
-    if created is False:
-        # A resumed or joined study's sampler must not replay the draws of another worker with the same seed
-        # (workers on other machines all have worker index 0): the join count makes each worker's seed its own.
-        study.sampler = make_sampler(s.sampler, _resumed_seed(s.seed, worker_index, len(study.trials), joined))
+    parent_run_id: str | None = None
+    try:
+        with study_lock(s.storage, root, name):
+            # Held while the first worker trains the teacher: the others wait here, then fetch it and join.
+            study = _existing_study(name, storage, sampler)
+            created = study is None
+            if study is not None:
+                study, _ = open_study(name, storage, pinned, extra_attrs, sampler)  # checks space/data pins
+            if teacher is None:
+                if study is not None and shared:
+                    scaleout.fetch_teacher(study, root / "teachers", tracker)
+                teacher = get_teacher(data, **teacher_kwargs)
+            if study is None:  # created only once the teacher is ready: a teacher that fails leaves no study
+                study, created = open_study(name, storage, pinned, extra_attrs, sampler)
+            teacher_id = f"{teacher.arch}@{teacher.fingerprint}"
+            stored_teacher = study.user_attrs.get(TEACHER_ATTR)
+            if stored_teacher is None:
+                study.set_user_attr(TEACHER_ATTR, teacher_id)
+                study.set_user_attr(TEACHER_VAL_ACC_ATTR, teacher.val_acc)
+            elif stored_teacher != teacher_id:
+                raise UserError(f"study {name!r} was created with teacher {stored_teacher}, now {teacher_id}; resume "
+                                "with the same --teacher/--teacher-checkpoint or start a new study with --study NEW_NAME")
+            pinning.check_latency_device(study, meter.signature(), s.latency.batch, s.latency.allow_mixed,
+                                          settings={**meter.signature_info(), "torch_device": meter.dev.type})
+            parent_run_id = _parent_run(study, tracker, s, name, teacher_id, shared)
+            if shared and s.teacher_checkpoint is None and teacher.path is not None:
+                scaleout.publish_teacher(study, teacher.path, teacher.arch, tracker, parent_run_id, worker_host())
+            joined = int(study.user_attrs.get(WORKERS_STARTED_ATTR, 0))
+            study.set_user_attr(WORKERS_STARTED_ATTR, joined + 1)
+        if worker_index == 0:
+            logger.info(f"study {name!r} ({'new' if created else 'resumed'}) — files under {sdir}/, "
+                        f"storage {storage_url(s.storage, root)}")
+        if created is False:
+            # A resumed or joined study's sampler must not replay the draws of another worker with the same seed
+            # (workers on other machines all have worker index 0): the join count makes each worker's seed its own.
+            study.sampler = make_sampler(s.sampler, _resumed_seed(s.seed, worker_index, len(study.trials), joined))
 
-    views = TrainViews(num_views=space.views, seed=0)
-    outputs = (teacher_outputs(teacher, data, views, cache_root=root / "teachers", device=device,
-                               need_features=space.uses_features()) if space.uses_teacher() else None)
-    context = TrialContext(
-        settings=s, space=space, data=data.to(device), teacher_outputs=outputs, teacher_arch=teacher.arch, views=views,
-        latency=pinning.StudyLatency(study, meter, lock=lambda: study_lock(s.storage, root, name)) if shared else meter,
-        tracker=tracker, parent_run_id=parent_run_id,
-        trials_dir=sdir / "trials", device=device, train_lock=train_gate.training)
+        views = TrainViews(num_views=space.views, seed=0)
+        outputs = (teacher_outputs(teacher, data, views, cache_root=root / "teachers", device=device,
+                                   need_features=space.uses_features()) if space.uses_teacher() else None)
+        context = TrialContext(
+            settings=s, space=space, data=data.to(device), teacher_outputs=outputs, teacher_arch=teacher.arch,
+            views=views,
+            latency=(pinning.StudyLatency(study, meter, lock=lambda: study_lock(s.storage, root, name)) if shared
+                     else meter),
+            tracker=tracker, parent_run_id=parent_run_id,
+            trials_dir=sdir / "trials", device=device, train_lock=train_gate.training)
+    except BaseException as exc:
+        if parent_run_id:  # started or resumed above: a search that stops before its trials does not leave it RUNNING
+            _end_parent(study, tracker, parent_run_id, s, _parent_end_status(exc))
+        raise
     return PreparedSearch(name=name, study_dir=sdir, study=study, workers=workers, shared=shared, context=context)
 
 
@@ -292,35 +300,37 @@ def run_search(s: SearchSettings, worker_index: int = 0, on_trial: OnTrial | Non
                     + (f", GPU {gpu}" if gpu is not None else ""))
     summary = SearchSummary(study_name=p.name, study_dir=p.study_dir, budget=s.budget)
     study, tracker, parent_run_id = p.study, ctx.tracker, ctx.parent_run_id
-    with processes.sigterm_interrupts():
-        # Everything built so far (torch, timm, MLflow, data, teacher) lives for the whole search: freezing it
-        # keeps the per-trial gc.collect (which releases the last trial's model and graphs) from rescanning it.
-        gc.freeze()
-        started = time.perf_counter()
-        stopped = True
-        try:
-            summary.outcomes = run_trials(
-                study, ctx, s.budget, lambda: study_lock(s.storage, root, p.name),
-                heartbeat_interval=heartbeat_settings()[0] if p.shared else 0, gpu=gpu, on_trial=on_trial)
-            stopped = False
-        finally:
-            summary.seconds = time.perf_counter() - started
-            for child in children:
-                processes.wait_worker(child)
-            tracker.flush()  # trial runs end without waiting for MLflow: everything is written before we go on
-            if parent_run_id:
-                tracker.close_stale_runs(parent_run_id, recorded_states(study))
-                if stopped:  # a signal, repeated failures: the search ends here
-                    _end_parent(study, tracker, parent_run_id, s, "KILLED")
-            gc.unfreeze()  # a caller that goes on (tests, notebooks) gets its objects collectable again
-    summary.finished_in_study = budget_used(study)
-    trials = study.get_trials(deepcopy=False)
-    summary.completed_in_study = sum(1 for t in trials if t.state == optuna.trial.TrialState.COMPLETE)
-    summary.not_completed = record.not_completed_reasons(trials)
-    if worker_index == 0:
-        summary.report_files = _final_report(study, s, ctx.data, tracker, parent_run_id)
-    if parent_run_id:
-        _end_parent(study, tracker, parent_run_id, s, "FINISHED")
+    parent_status = "FINISHED"  # how the parent run ends; whatever stops the search, it is not left RUNNING
+    try:
+        with processes.sigterm_interrupts():
+            # Everything built so far (torch, timm, MLflow, data, teacher) lives for the whole search: freezing it
+            # keeps the per-trial gc.collect (which releases the last trial's model and graphs) from rescanning it.
+            gc.freeze()
+            started = time.perf_counter()
+            try:
+                summary.outcomes = run_trials(
+                    study, ctx, s.budget, lambda: study_lock(s.storage, root, p.name),
+                    heartbeat_interval=heartbeat_settings()[0] if p.shared else 0, gpu=gpu, on_trial=on_trial)
+            finally:
+                summary.seconds = time.perf_counter() - started
+                gc.unfreeze()  # a caller that goes on (tests, notebooks) gets its objects collectable again
+                for child in children:
+                    processes.wait_worker(child)
+                tracker.flush()  # trial runs end without waiting for MLflow: everything is written before we go on
+                if parent_run_id:
+                    tracker.close_stale_runs(parent_run_id, recorded_states(study))
+        summary.finished_in_study = budget_used(study)
+        trials = study.get_trials(deepcopy=False)
+        summary.completed_in_study = sum(1 for t in trials if t.state == optuna.trial.TrialState.COMPLETE)
+        summary.not_completed = record.not_completed_reasons(trials)
+        if worker_index == 0:
+            summary.report_files = _final_report(study, s, ctx.data, tracker, parent_run_id)
+    except BaseException as exc:
+        parent_status = _parent_end_status(exc)
+        raise
+    finally:
+        if parent_run_id:
+            _end_parent(study, tracker, parent_run_id, s, parent_status)
     if tracker.spooling:
         logger.info(f"MLflow at {tracker.tracking_uri} does not answer: its calls are kept under "
                     f"{spool_dir(root, p.name)}/ and sent at the next start, or with `autokd sync-mlflow --study "
@@ -328,10 +338,24 @@ def run_search(s: SearchSettings, worker_index: int = 0, on_trial: OnTrial | Non
     return summary
 
 
+def _parent_end_status(exc: BaseException) -> str:
+    """How the parent run ends when the search stops with ``exc``: KILLED when it was stopped (a signal, Ctrl-C,
+    repeated failed trials), FAILED on anything else (a storage that cannot be read, a full disk, a bug)."""
+    return "KILLED" if isinstance(exc, (Interrupted, KeyboardInterrupt, FatalSearchError)) else "FAILED"
+
+
 def _end_parent(study: optuna.Study, tracker: Tracker, parent_run_id: str, s: SearchSettings, status: str) -> None:
-    """End the study's MLflow parent run, unless a trial still runs in another worker (which then ends it)."""
+    """End the study's MLflow parent run, unless a trial still runs in another worker (which then ends it).
+
+    When the study cannot be read (the error the search stops with), it is ended anyway: left RUNNING, nothing
+    would ever end it.
+    """
     with study_lock(s.storage, Path(s.root), study.study_name):
-        if study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        try:
+            running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+        except Exception:  # noqa: BLE001 - any storage error; the caller raises its own
+            running = []
+        if running:
             return
         tracker.end_parent(parent_run_id, status)
 

@@ -20,7 +20,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import optuna
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage
-from optuna.storages.journal import JournalFileBackend
+from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
 from optuna.trial import FrozenTrial, TrialState
 
 from autokd._internals.optuna import stale_trial_ids, storage_of, trial_id
@@ -35,6 +35,7 @@ from autokd.study.record import (
     fail_dead_worker_trial,
     queue_retry,
 )
+from autokd.utils.appendonly import cut_torn_tail, ends_with_line_end
 from autokd.utils.locks import file_lock
 
 DIRECTIONS = ["maximize", "minimize"]  # validation accuracy, latency (ms)
@@ -88,13 +89,14 @@ def make_storage(storage: str | None, root: Path) -> BaseStorage:
 
     The journal (`studies/optuna.journal`, one file for all studies) is safe for several worker processes on
     one machine (appends go under a file lock, where SQLite raises "database is locked") and
-    `optuna-dashboard studies/optuna.journal` opens it directly. An RDB storage gets heartbeats, so that a
-    trial of a worker that died on another machine is failed and retried.
+    `optuna-dashboard studies/optuna.journal` opens it directly. A journal's torn last line (a write cut short
+    by kill -9 or a full disk) is cut off before anything appends (see `TornTailJournalBackend`). An RDB
+    storage gets heartbeats, so that a trial of a worker that died on another machine is failed and retried.
     """
     path = _journal_file(storage, root)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        return JournalStorage(JournalFileBackend(str(path)))  # fsyncs every append, under its own file lock
+        return JournalStorage(TornTailJournalBackend(str(path)))
     if "://" not in storage:
         raise UserError(f"--storage {storage!r}: not a storage URL; valid: a path ending in .journal, "
                         "sqlite:///FILE.db, or postgresql://USER@HOST/DB")
@@ -113,6 +115,32 @@ def make_storage(storage: str | None, root: Path) -> BaseStorage:
         raise UserError(f"--storage {storage!r}: cannot open the study storage: {exc.__class__.__name__}: "
                         f"{str(exc).splitlines()[0] if str(exc) else ''}. Check the URL and that the database "
                         "server answers.") from exc
+
+
+class TornTailJournalBackend(JournalFileBackend):
+    """Optuna's journal file backend (fsync on every append, under its file lock) that never appends onto a torn
+    last line.
+
+    Optuna skips a torn last line when it reads, but its next append lands on it and leaves one broken line
+    inside the journal, which every later read fails on. So the last line is checked when the journal is
+    opened, and before each append that finds no line end at the end of the file (a write that a full disk
+    cut short, in a worker that went on), and a torn one is cut off under the lock Optuna appends under (its
+    bytes are kept beside the journal: `autokd.utils.appendonly.cut_torn_tail`).
+    """
+
+    def __init__(self, file_path: str) -> None:
+        # The lock Optuna's backend would make itself, made here so the cut goes under the very same lock
+        # (a symlink next to the journal: every process's lock object for this path is the same lock).
+        lock = JournalFileSymlinkLock(file_path)
+        super().__init__(file_path, lock_obj=lock)
+        self._journal, self._journal_lock = Path(file_path), lock
+        cut_torn_tail(self._journal, lock)
+
+    def append_logs(self, logs: list[dict[str, Any]]) -> None:
+        """Optuna's append, after cutting a torn last line that a write cut short may have left."""
+        if not ends_with_line_end(self._journal):
+            cut_torn_tail(self._journal, self._journal_lock)
+        super().append_logs(logs)
 
 
 # Optuna 4.9 renamed RDBStorage's failed_trial_callback (deprecated, removed in 6.0) to this.

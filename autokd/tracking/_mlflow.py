@@ -21,12 +21,13 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections import deque
+from collections import Counter, deque
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Callable, Iterator, TypeVar
 
 from autokd.errors import UserError
 from autokd.tracking.base import MLFLOW_STATUS, ArtifactReader, Tracker, TrialRun
+from autokd.utils.appendonly import append_line
 from autokd.utils.atomic import atomic_write_text
 
 if TYPE_CHECKING:
@@ -166,7 +167,7 @@ class _Sender:
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._spool_path: Path | None = None
-        self._spool_fh: IO[str] | None = None
+        self._spool_fh: IO[bytes] | None = None
         self._spooled = 0
         self._last_probe = 0.0
         atexit.register(self._drain_at_exit)
@@ -298,7 +299,7 @@ class _Sender:
         self._spool_path = self.spool_dir / name
         from autokd.utils.locks import try_lock  # fcntl: imported where a lock is taken, so `autokd ui` needs none
 
-        self._spool_fh = open(self._spool_path, "a", encoding="utf-8")  # noqa: SIM115 - held for the outage
+        self._spool_fh = open(self._spool_path, "ab")  # noqa: SIM115 - held for the outage
         try_lock(self._spool_fh)  # held while we live: the next start replays only spools of ended processes
         self._spooled = 0
         self._last_probe = time.monotonic()
@@ -311,8 +312,8 @@ class _Sender:
         if not out.get("run_id") and out["op"] != "create_run" and self.ids.get(out["key"]):
             out["run_id"] = self.ids[out["key"]]  # another process may replay it: it cannot know our keys
         assert self._spool_fh is not None  # only called while spooling
-        self._spool_fh.write(json.dumps(out, separators=(",", ":")) + "\n")
-        self._spool_fh.flush()
+        # A whole line or none: after a write that a full disk cut short, the next call must not land on it.
+        append_line(self._spool_fh, (json.dumps(out, separators=(",", ":")) + "\n").encode("utf-8"))
         self._spooled += 1
 
     def _probe(self) -> bool:
@@ -350,29 +351,126 @@ class _Sender:
     def replay(self, path: Path) -> tuple[int, bool]:
         """Send a spool file's calls in order from where an earlier replay stopped; (sent, whether all were).
 
-        A finished spool and its ``.done`` count are removed.
+        A line that is not a call record (not UTF-8, not JSON, not the shape of a call: a line torn by a crash,
+        a file edited by hand) is appended to ``<spool>.rejected`` and the replay goes on; one line says how
+        many were set aside. Only a store that does not answer stops it. A finished spool and its ``.done``
+        count are removed (a ``.rejected`` file stays, for whoever wants to look at it).
         """
         done_path = path.with_name(path.name + ".done")
         try:
-            start = int(done_path.read_text().strip() or 0) if done_path.exists() else 0
+            start = max(0, int(done_path.read_text().strip() or 0)) if done_path.exists() else 0
         except ValueError:
             start = 0
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_bytes().split(b"\n")
+        if lines and not lines[-1]:
+            lines.pop()  # the file's final line end
         sent = 0
-        for index in range(start, len(lines)):
-            try:
-                record = json.loads(lines[index])
-            except json.JSONDecodeError:
-                continue  # a line torn by a crash while it was written: the call never completed
-            if self._send(record, replay=True) is not None:
-                atomic_write_text(done_path, str(index))  # a torn count would replay the whole spool again
-                return sent, False
-            sent += 1
-            if sent % 50 == 0:
-                atomic_write_text(done_path, str(index + 1))
+        rejected: Counter[str] = Counter()  # why each line was set aside
+        try:
+            for index in range(start, len(lines)):
+                record, problem = _spooled_record(lines[index])
+                if record is None:
+                    _reject(path, lines[index])
+                    rejected[problem or "not a call record"] += 1
+                    atomic_write_text(done_path, str(index + 1))  # set aside once, even if the replay stops later
+                    continue
+                if self._send(record, replay=True) is not None:
+                    atomic_write_text(done_path, str(index))  # a torn count would replay the whole spool again
+                    return sent, False
+                sent += 1
+                if sent % 50 == 0:
+                    atomic_write_text(done_path, str(index + 1))
+        finally:
+            if rejected:
+                why = ", ".join(f"{count} {reason}" for reason, count in sorted(rejected.items()))
+                logger.warning("MLflow: set aside %d line(s) of %s that are not call records (%s) and went on "
+                               "with the calls after them; the lines are in %s", sum(rejected.values()), path, why,
+                               _rejected_path(path))
         path.unlink(missing_ok=True)
         done_path.unlink(missing_ok=True)
         return sent, True
+
+
+# What a spooled call record holds (as `_Sender` writes it), checked before a replay sends it.
+_RUN_STATUSES = frozenset({"RUNNING", "SCHEDULED", "FINISHED", "FAILED", "KILLED"})
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_rows(value: object, *checks: Callable[[object], bool]) -> bool:
+    """Whether ``value`` is a list of lists whose items pass ``checks``, one check per column."""
+    return isinstance(value, list) and all(
+        isinstance(row, list) and len(row) == len(checks) and all(check(v) for check, v in zip(checks, row))
+        for row in value)
+
+
+def _is_str(value: object) -> bool:
+    return isinstance(value, str)
+
+
+def _artifact_shape(record: dict[str, Any]) -> bool:
+    return _is_str(record.get("path")) and (record.get("artifact_path") is None or _is_str(record["artifact_path"]))
+
+
+def _status_shape(record: dict[str, Any]) -> bool:
+    return _is_str(record.get("status")) and record["status"] in _RUN_STATUSES
+
+
+_CALL_SHAPES: dict[str, Callable[[dict[str, Any]], bool]] = {
+    "create_run": lambda r: (_is_str(r.get("experiment_id")) and _is_str(r.get("name"))
+                             and isinstance(r.get("tags"), dict) and all(_is_str(v) for v in r["tags"].values())),
+    "log_batch": lambda r: (_is_rows(r.get("metrics", []), _is_str, _is_number, _is_int, _is_int)
+                            and _is_rows(r.get("params", []), _is_str, _is_str)
+                            and _is_rows(r.get("tags", []), _is_str, _is_str)),
+    "log_artifacts": _artifact_shape,
+    "log_artifact": _artifact_shape,
+    "set_terminated": _status_shape,
+    "set_status": _status_shape,
+}
+
+
+def _shape_problem(record: object) -> str | None:
+    """Why ``record`` is not a call record of the kind `_Sender` spools, or None when it is one."""
+    if not isinstance(record, dict):
+        return "not a JSON object"
+    op = record.get("op")
+    if not _is_str(op) or op not in _CALL_SHAPES:
+        return "not a known call"
+    run_id = record.get("run_id")
+    if (_is_str(record.get("key")) and _is_int(record.get("t")) and (run_id is None or _is_str(run_id))
+            and _CALL_SHAPES[op](record)):
+        return None
+    return "not the shape of its call"
+
+
+def _spooled_record(line: bytes) -> tuple[dict[str, Any] | None, str | None]:
+    """(the call record on one spool line, None) or (None, why the line is not one)."""
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError:
+        return None, "not UTF-8"
+    try:
+        record = json.loads(text)
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
+        return None, "not JSON"
+    problem = _shape_problem(record)
+    return (None, problem) if problem else (record, None)
+
+
+def _rejected_path(spool: Path) -> Path:
+    """Where the lines of a spool that are not call records are set aside: ``<spool>.rejected``."""
+    return spool.with_name(spool.name + ".rejected")
+
+
+def _reject(spool: Path, line: bytes) -> None:
+    with open(_rejected_path(spool), "ab") as handle:
+        append_line(handle, line + b"\n")
 
 
 def _describe(record: dict[str, Any]) -> str:

@@ -16,7 +16,7 @@ import fcntl
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 DEFAULT_SLICE_S = 0.25
 
@@ -33,7 +33,7 @@ def file_lock(path: Path, shared: bool = False) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def try_lock(handle: IO[str]) -> bool:
+def try_lock(handle: IO[Any]) -> bool:
     """Take an exclusive flock on the open file `handle` without waiting; False if another process holds one.
 
     The lock lasts until the handle is closed (or the process ends).
