@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import base64
+import http.client
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -20,11 +23,12 @@ import numpy as np
 import onnx
 import pytest
 from conftest import free_port, repo_pythonpath
+from hostile_onnx import SECRET, conv_net, flip, mutate, reshape_by_hidden_shape, splice, truncate
 from onnx import TensorProto, helper, numpy_helper
 
 from autokd.errors import UserError
 from autokd.latency.remote.client import TIMEOUT_MARGIN_S, RemoteLatencyError, RemoteTarget, validate_target_url
-from autokd.latency.remote.guard import DEFAULT_MAX_INPUT_BYTES, external_data_reason
+from autokd.latency.remote.guard import CATEGORIES, DEFAULT_MAX_INPUT_BYTES, EXTERNAL_DATA, external_data_reason
 from autokd.latency.remote.server import RUNTIME_FAILURE, LatencyHTTPServer
 from autokd.latency.remote.worker import _tiny_model
 
@@ -81,16 +85,19 @@ def huge_input_model() -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
-def start_server(port: int, *extra: str, token: str | None = TOKEN) -> subprocess.Popen:
-    """`python -m autokd.latency.remote.server` on 127.0.0.1:port, waited for until /health answers. Its output
-    goes to a file (``server_log(proc)`` reads it): a pipe nobody reads would fill and stop the server."""
-    cmd = [sys.executable, "-m", "autokd.latency.remote.server", "--port", str(port), *extra]
+def start_server(port: int, *extra: str, token: str | None = TOKEN, cwd: Path | None = None,
+                 cli: bool = False) -> subprocess.Popen:
+    """`python -m autokd.latency.remote.server` (``cli``: `autokd latency-server`) on 127.0.0.1:port, started in
+    ``cwd`` (default: the test's), waited for until /health answers. Its output goes to a file
+    (``server_log(proc)`` reads it): a pipe nobody reads would fill and stop the server."""
+    entry = ["autokd.cli", "latency-server"] if cli else ["autokd.latency.remote.server"]
+    cmd = [sys.executable, "-m", *entry, "--port", str(port), *extra]
     if token is not None:
         cmd += ["--token", token]
     env = dict(os.environ, PYTHONPATH=repo_pythonpath())
     log_path = Path(tempfile.mkdtemp(prefix="latency-server-log-")) / "server.log"
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd)
     proc.log_path = log_path  # type: ignore[attr-defined]
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -397,6 +404,69 @@ def test_a_model_with_external_data_is_refused(server: str, tmp_path: Path) -> N
     assert external_data_reason(matmul_model().SerializeToString()) is None
 
 
+def raw_exchange(url: str, body: bytes, batch: int, timeout: float) -> bytes:
+    """POST ``body`` to /measure over a plain socket and return every byte of the reply: status line, headers and
+    body, as the server sent them."""
+    host, port = url.rsplit("/", 1)[1].rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+        sock.sendall(f"POST /measure?batch={batch}&threads=1 HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {TOKEN}"
+                     f"\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
+        chunks = []
+        while chunk := sock.recv(1 << 16):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def echoes_of(secret: bytes) -> list[bytes]:
+    """The forms in which a file's bytes could come back in a reply: the bytes, each half, hex, base64, and the
+    numbers they make as int64 (both byte orders, as a shape ONNX Runtime prints), int32 and single bytes."""
+    numbers = [*np.frombuffer(secret, dtype="<i8"), *np.frombuffer(secret, dtype=">i8"),
+               *np.frombuffer(secret, dtype="<i4"), *np.frombuffer(secret, dtype="<u8")]
+    byte_lists = [sep.join(str(b) for b in secret[:6]) for sep in (",", ", ", " ")]
+    return [secret, secret[:8], secret[8:], secret.hex().encode(), secret.hex().upper().encode(),
+            base64.b64encode(secret), *(str(int(n)).encode() for n in numbers), *(t.encode() for t in byte_lists)]
+
+
+def test_the_external_data_attack_over_http_gets_400_and_never_a_byte_of_the_file(tmp_path: Path) -> None:
+    """The attack end to end: `autokd latency-server` started in a folder that holds a secret; models whose int64
+    Reshape shape reads that file (by a relative and an absolute path; behind 5-byte tags with bit 32 set, which
+    ONNX Runtime's protobuf truncates, and behind plain tags). Each is 400 with a category and the reply (status,
+    headers, body) holds the file's bytes in no form; the server then measures a valid model."""
+    secret_dir = tmp_path / "secret_dir"
+    secret_dir.mkdir()
+    secret = secret_dir / "secret.txt"
+    secret.write_bytes(SECRET)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = start_server(port, cwd=secret_dir, cli=True)
+    attacks = {
+        "over-long tags": reshape_by_hidden_shape(location="secret.txt"),
+        "plain tags": reshape_by_hidden_shape(location="secret.txt", tag_bits=0),
+        "absolute path, over-long tags": reshape_by_hidden_shape(location=str(secret)),
+        "absolute path, plain tags": reshape_by_hidden_shape(location=str(secret), tag_bits=0),
+    }
+    echoes = echoes_of(SECRET)
+    try:
+        for name, body in attacks.items():
+            # Batch 2: the input's declared first dimension, so that ONNX Runtime would get as far as the Reshape.
+            reply = raw_exchange(url, body, batch=2, timeout=MEASURE_S + TIMEOUT_MARGIN_S)
+            head, _, payload_bytes = reply.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 400 "), (name, reply)
+            payload = json.loads(payload_bytes)
+            assert set(payload) == {"error", "category"} and payload["category"] in CATEGORIES, (name, payload)
+            if "plain" in name:  # over-long tags may already fail the parse (malformed)
+                assert payload["category"] == EXTERNAL_DATA, (name, payload)
+            leaked = [echo for echo in echoes if echo in reply]
+            assert not leaked, (name, leaked, reply)
+        status, payload = post(url, matmul_model().SerializeToString())
+        assert status == 200 and payload["result"]["median_ms"] > 0
+    finally:
+        stop_server(proc)
+    log = server_log(proc).encode()
+    assert not [echo for echo in echoes if echo in log]  # ONNX Runtime never read the file, even for the log
+    assert secret.read_bytes() == SECRET
+
+
 def test_bad_query_parameters_are_400(server: str) -> None:
     status, payload = post(server, matmul_model().SerializeToString(), query="batch=0")
     assert status == 400 and "batch" in payload["error"]
@@ -483,6 +553,101 @@ def test_client_checks_the_token_at_start(server: str) -> None:
         RemoteTarget(server, "wrong").check(threads=1)
     signature = RemoteTarget(server, TOKEN).check(threads=1)
     assert signature["runtime"] == "onnxruntime"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Damaged models through a real server
+# ---------------------------------------------------------------------------------------------------------
+
+#: The fuzzed server's limits: a damaged model that hangs or allocates is stopped quickly.
+FUZZ_MEASURE_S, FUZZ_MEMORY_MB, FUZZ_INPUT_MB = 3, 768, 16
+FUZZ_UPLOADS = 200
+#: How far the server's and its measuring process's resident memory may grow over their baseline.
+FUZZ_MEMORY_GROWTH_MIB = 200
+
+
+def damage(body: bytes, donor: bytes, rng: random.Random) -> bytes:
+    """``body`` damaged one way, at random: bytes flipped in place (the damage that most often still parses and
+    reaches ONNX Runtime), edited (inserted, deleted, over-long tags), cut short, or spliced with ``donor``."""
+    kind = rng.random()
+    if kind < 0.4:
+        return flip(body, rng)
+    if kind < 0.6:
+        return mutate(body, rng)
+    if kind < 0.8:
+        return truncate(body, rng)
+    return splice(body, donor, rng)
+
+
+def exchange(url: str, body: bytes, timeout: float) -> tuple[int, dict]:
+    """POST ``body`` to /measure on a new connection: (status, JSON payload). A dropped connection, a reply that is
+    not JSON or no reply within ``timeout`` raises."""
+    host, port = url.rsplit("/", 1)[1].rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
+    try:
+        conn.request("POST", "/measure?batch=1&threads=1", body=body, headers={"Authorization": f"Bearer {TOKEN}"})
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read())
+    finally:
+        conn.close()
+
+
+def resident_mib(server_pid: int) -> dict[str, float]:
+    """VmRSS of the server and of its measuring process(es), in MiB."""
+    workers = [status_mib(pid, "VmRSS") for pid in child_pids(server_pid)]
+    return {"server": status_mib(server_pid, "VmRSS"), "worker": max(workers, default=0.0)}
+
+
+@pytest.mark.slow
+def test_damaged_models_are_answered_200_or_4xx_and_the_server_stays_bounded() -> None:
+    """Seeded damage to a valid model (flipped bytes, edits, truncations, splices), with a model that never ends and
+    one that allocates without bound among them, each uploaded to one real server with small limits: every upload
+    gets an answer within the time limit plus the client's margin, 200 or a 4xx with a category (or a clean 503
+    busy), never another 5xx or a dropped connection; afterwards /health answers, the server and its measuring
+    process have stayed within a bound over their resident memory after a first valid measurement, one measuring
+    process is left, and a valid model is measured."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = start_server(port, "--max-measure-seconds", str(FUZZ_MEASURE_S), "--max-memory-mb", str(FUZZ_MEMORY_MB),
+                        "--max-input-mb", str(FUZZ_INPUT_MB))
+    valid, donor = conv_net().SerializeToString(), matmul_model().SerializeToString()
+    rng = random.Random(2026_12_22)
+    answers: dict[tuple[int, str], int] = {}
+    try:
+        assert exchange(url, valid, timeout=FUZZ_MEASURE_S + TIMEOUT_MARGIN_S)[0] == 200
+        baseline = resident_mib(proc.pid)
+        bound = {name: mib + FUZZ_MEMORY_GROWTH_MIB for name, mib in baseline.items()}
+        peak = dict(baseline)
+        uploads = [damage(valid, donor, rng) for _ in range(FUZZ_UPLOADS)]
+        # The measuring process killed and replaced mid-fuzz: the bounds hold for its successors too.
+        uploads[FUZZ_UPLOADS // 3:FUZZ_UPLOADS // 3] = [loop_bomb().SerializeToString()]
+        uploads[2 * FUZZ_UPLOADS // 3:2 * FUZZ_UPLOADS // 3] = [expand_bomb().SerializeToString()]
+        for number, body in enumerate(uploads):
+            try:
+                status, payload = exchange(url, body, timeout=FUZZ_MEASURE_S + TIMEOUT_MARGIN_S)
+            except (OSError, http.client.HTTPException, ValueError) as exc:
+                pytest.fail(f"upload {number} ({body.hex()}) got no answer: {exc!r}\n{server_log(proc)[-3000:]}")
+            category = payload.get("category", "") if status != 200 else ""
+            assert (status == 200 and payload["result"]["median_ms"] > 0
+                    or 400 <= status < 500 and set(payload) == {"error", "category"}
+                    or status == 503 and category == "busy"), (number, body.hex(), status, payload)
+            answers[status, category] = answers.get((status, category), 0) + 1
+            for name, mib in resident_mib(proc.pid).items():
+                peak[name] = max(peak[name], mib)
+        assert health(url)["status"] == "ok"
+        for name, mib in resident_mib(proc.pid).items():
+            peak[name] = max(peak[name], mib)
+        assert all(peak[name] <= bound[name] for name in bound), (baseline, peak)
+        assert status_mib(proc.pid, "VmHWM") <= bound["server"]  # also between the samples
+        assert len(child_pids(proc.pid)) == 1  # each killed measuring process was reaped, none left behind
+        status, payload = exchange(url, valid, timeout=FUZZ_MEASURE_S + TIMEOUT_MARGIN_S)
+        assert status == 200 and payload["result"]["median_ms"] > 0
+    finally:
+        stop_server(proc)
+    # Every path was taken: uploads refused by the guard, run by ONNX Runtime, and stopped at a limit.
+    assert answers.get((400, "malformed")) and answers.get((200, "")), answers
+    assert sum(n for (status, _), n in answers.items() if status == 422) == 2, answers
+    assert proc.returncode == 0 and "Traceback" not in server_log(proc), server_log(proc)[-3000:]
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -17,6 +17,18 @@ import onnxruntime as ort
 import pytest
 from conftest import repo_pythonpath
 from google.protobuf.message import Message
+from hostile_onnx import (
+    SECRET,
+    conv_net,
+    field,
+    hidden_external_int64,
+    model_of,
+    mutate,
+    reshape_by_hidden_shape,
+    secret_texts,
+    varint,
+    with_initializer,
+)
 from onnx import TensorProto, helper, numpy_helper
 from onnx.external_data_helper import set_external_data, uses_external_data
 
@@ -32,7 +44,7 @@ from autokd.latency.remote.guard import (
     inspect_upload,
 )
 
-# --- models -------------------------------------------------------------------------------------------------------
+# --- models (the shared builders are in tests/hostile_onnx.py) -------------------------------------------------
 
 def weight(name: str = "W", size: int = 4) -> TensorProto:
     return numpy_helper.from_array(np.random.default_rng(0).random((size, size), dtype=np.float32), name)
@@ -58,26 +70,6 @@ def matmul_graph(initializers: list[TensorProto] | None = None, nodes: list[onnx
         [weight()] if initializers is None else initializers)
 
 
-def model_of(graph: onnx.GraphProto, **fields: object) -> onnx.ModelProto:
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], **fields)
-
-
-def conv_net() -> onnx.ModelProto:
-    """A tiny image classifier (Conv, Relu, GlobalAveragePool, Flatten, Gemm) with a dynamic batch."""
-    rng = np.random.default_rng(1)
-    tensors = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
-               for name, shape in (("conv_w", (4, 3, 3, 3)), ("conv_b", (4,)), ("fc_w", (4, 2)), ("fc_b", (2,)))]
-    nodes = [helper.make_node("Conv", ["x", "conv_w", "conv_b"], ["c"], pads=[1, 1, 1, 1]),
-             helper.make_node("Relu", ["c"], ["r"]), helper.make_node("GlobalAveragePool", ["r"], ["p"]),
-             helper.make_node("Flatten", ["p"], ["f"]), helper.make_node("Gemm", ["f", "fc_w", "fc_b"], ["logits"])]
-    graph = helper.make_graph(nodes, "convnet",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 8, 8])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 2])], tensors)
-    model = model_of(graph)
-    onnx.checker.check_model(model, full_check=True)
-    return model
-
-
 def external_tensors(model: onnx.ModelProto) -> list[str]:
     """Names of the tensors anywhere in ``model`` that use external data (the test's own walk)."""
     found: list[str] = []
@@ -87,75 +79,13 @@ def external_tensors(model: onnx.ModelProto) -> list[str]:
             if uses_external_data(message) or len(message.external_data):
                 found.append(message.name)
             return
-        for field, value in message.ListFields():
-            if field.message_type is not None:
+        for descriptor, value in message.ListFields():
+            if descriptor.message_type is not None:
                 for child in ([value] if isinstance(value, Message) else value):
                     visit(child)
 
     visit(model)
     return found
-
-
-# --- the protobuf wire format, by hand ----------------------------------------------------------------------------
-
-def varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
-
-
-def field(number: int, wire: int, payload: bytes, tag_bits: int = 0) -> bytes:
-    """One field; ``tag_bits`` are ORed into the tag (bit 32: a 5-byte tag that C++ protobuf truncates)."""
-    head = varint((number << 3 | wire) | tag_bits)
-    return head + (varint(len(payload)) + payload if wire == 2 else payload)
-
-
-BIT_32 = 1 << 32
-
-
-def with_initializer(model: onnx.ModelProto, tensor_bytes: bytes) -> bytes:
-    """``model`` serialised with one more graph initializer given as raw bytes (protobuf merges the two graphs)."""
-    head = onnx.ModelProto()
-    head.CopyFrom(model)
-    head.ClearField("graph")
-    return head.SerializeToString() + field(7, 2, model.graph.SerializeToString() + field(5, 2, tensor_bytes))
-
-
-def hidden_external_int64(name: str, location: str, count: int, hide: tuple[int, ...] = (13, 14)) -> bytes:
-    """An int64 tensor of ``count`` values whose ``external_data`` (field 13) and/or ``data_location = EXTERNAL``
-    (field 14) are written with 5-byte tags that have bit 32 set: ONNX Runtime keeps the low 32 bits and sees
-    the fields; a parser reading whole tags sees field numbers over 2**29."""
-    tensor = TensorProto(name=name, data_type=TensorProto.INT64, dims=[count])
-    raw = tensor.SerializeToString()
-    if 13 in hide:
-        raw += field(13, 2, field(1, 2, b"location") + field(2, 2, location.encode()), tag_bits=BIT_32)
-    if 14 in hide:
-        raw += field(14, 0, varint(TensorProto.EXTERNAL), tag_bits=BIT_32)
-    return raw
-
-
-SECRET = b"SECRET-KEY:12345"  # two int64 values when read as a tensor
-
-
-def secret_texts() -> list[str]:
-    """How the secret can show in an error: as text, or as the int64 values of a shape ONNX Runtime prints."""
-    values = np.frombuffer(SECRET, dtype="<i8")
-    return [SECRET.decode(), SECRET[:8].decode(), *(str(int(v)) for v in values)]
-
-
-def reshape_by_hidden_shape(hide: tuple[int, ...] = (13, 14)) -> bytes:
-    """Reshape whose shape is an int64 initializer hiding external data: ONNX Runtime reads the file as the shape
-    and prints it in its error. The shape is also a graph input, so it is not folded before the run."""
-    graph = helper.make_graph(
-        [helper.make_node("Reshape", ["x", "shape"], ["y"])], "leak",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3]),
-         helper.make_tensor_value_info("shape", TensorProto.INT64, [2])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
-    return with_initializer(model_of(graph), hidden_external_int64("shape", "secret.txt", 2, hide))
 
 
 def ort_error_texts(model: bytes) -> list[str]:
@@ -516,24 +446,6 @@ def test_a_bad_batch_or_limit_is_the_callers_error() -> None:
 
 
 # --- fuzz ---------------------------------------------------------------------------------------------------------
-
-def mutate(body: bytes, rng: random.Random) -> bytes:
-    data = bytearray(body)
-    for _ in range(rng.randint(1, 4)):
-        at = rng.randrange(len(data))
-        kind = rng.randrange(5)
-        if kind == 0:
-            data[at] = rng.randrange(256)
-        elif kind == 1:
-            data[at] ^= 1 << rng.randrange(8)
-        elif kind == 2:
-            data[at:at] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 6)))
-        elif kind == 3:
-            del data[at:at + rng.randint(1, 16)]
-        else:
-            data[at:at] = varint((rng.choice([13, 14]) << 3 | rng.choice([0, 2])) | BIT_32) + b"\x01"
-    return bytes(data)
-
 
 def test_random_damage_is_refused_or_yields_a_model_without_external_data() -> None:
     rng = random.Random(20261203)
