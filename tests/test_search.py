@@ -203,6 +203,12 @@ def test_distill_command_end_to_end(tmp_path: Path, tiny_teacher: tuple[str, Pat
     assert config["loss"] == "kd" and config["loss_params"] == {"temperature": 4.0, "alpha": 0.9}
     assert 0.0 <= config["test_acc"] <= 1.0 and config["val_acc"] > 0.2
     assert (out / "model.safetensors").stat().st_size > 0
+    # The same command and seed give the same student, initial weights included (on the CPU).
+    again = tmp_path / "again"
+    assert main(["--root", str(tmp_path / "studies"), "distill", "--family", "resnet", "--width", "0.25", "--depth",
+                 "0.25", "--loss", "kd", "--temperature", "4", "--alpha", "0.9", "--epochs", "2", "--teacher", arch,
+                 "--teacher-checkpoint", str(ckpt), "--out", str(again), "--input-size", "16", "--device", "cpu"]) == 0
+    assert (again / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
 
 
 def test_resume_with_another_latency_runtime_exits_2(tmp_path: Path, tiny_teacher: tuple[str, Path],

@@ -43,6 +43,9 @@ def run_distill(s: DistillSettings) -> dict[str, Any]:
         teacher_arch = t.arch
         outputs = teacher_outputs(t, data, TrainViews(s.views), cache_root=root / "teachers", device=device,
                                   need_features=loss_fn.uses_features)
+    import torch
+
+    torch.manual_seed(s.seed)  # the student's initial weights too: the same command and --seed, the same student
     student = build_from_spec(spec)
     cfg = TrainConfig(epochs=s.epochs, batch_size=s.batch_size, lr=s.lr, weight_decay=s.weight_decay,
                       optimizer=s.optimizer, seed=s.seed, device=device)
