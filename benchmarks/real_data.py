@@ -87,7 +87,7 @@ def hypervolume_over_time(study: optuna.Study, ref_ms: float) -> list[tuple[floa
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budget", type=int, default=50)
-    parser.add_argument("--train-limit", type=int, default=10000,
+    parser.add_argument("--train-limit", type=int, default=5000,
                         help="training images the searches see (0: all); the teacher always trains on all")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per arm of the KD-vs-CE comparison")
     parser.add_argument("--kd-archs", type=int, default=3, help="front architectures in the KD-vs-CE comparison")
