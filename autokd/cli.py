@@ -25,6 +25,7 @@ from autokd.config import (
     DistillSettings,
     SearchSettings,
     non_negative_int,
+    port_number,
     positive_int,
     settings_from,
     studies_root,
@@ -41,6 +42,14 @@ EXIT_BAD_INPUT = 2
 EXIT_NO_RESULT = 1  # the command ran but produced nothing usable (a search without a completed trial)
 EXIT_INTERRUPTED = 130
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def _ui_port(text: str) -> int:
+    """argparse type of `autokd ui --port`: a TCP port 1-65535 (the UI's link names the port, so 0 is refused)."""
+    value = port_number(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("'0' is not a port the UI can print a link to: valid 1-65535")
+    return value
 
 
 def _positive_float(text: str) -> float:
@@ -178,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="warn when the INT8 test accuracy is more than this many points below fp32 (default 1.0)")
 
     u = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1 for the local store")
-    u.add_argument("--port", type=int, default=5000)
+    u.add_argument("--port", type=_ui_port, default=5000)
     u.add_argument("--tracking-uri", help="store to browse (default: the local store under studies/); for a "
                    "tracking server, prints the study's page on it")
     u.add_argument("--study", help="study whose runs page to print (default: the most recent study)")

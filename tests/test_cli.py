@@ -69,6 +69,8 @@ def test_an_unexpected_error_is_not_hidden(tmp_path: Path, monkeypatch: pytest.M
     (["frobnicate"], "invalid choice: 'frobnicate'"),
     (["latency-server", "--port", "70000"], "argument --port: '70000' is not a TCP port: valid 0-65535"),
     (["latency-server", "--port", "-1"], "argument --port: '-1' is not a TCP port: valid 0-65535"),
+    (["ui", "--port", "70000"], "argument --port: '70000' is not a TCP port: valid 0-65535"),
+    (["ui", "--port", "0"], "argument --port: '0' is not a port the UI can print a link to: valid 1-65535"),
     ([], "the following arguments are required: command"),
 ])
 def test_the_parser_refuses_bad_values_with_exit_2(argv: list[str], fragment: str,
