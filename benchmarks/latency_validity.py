@@ -159,6 +159,98 @@ def part_b_and_c(budget: int) -> None:
         cleanup(root)
 
 
+def recorded_latencies(root: Path) -> tuple[dict[str, float], dict[str, object], dict[str, dict]]:
+    """arch_key -> the latency the search recorded for it (the trial's final ``latency`` figure, the one its
+    decisions and its told value used), arch_key -> its student spec, arch_key -> the whole record."""
+    from autokd.model.students import resolve_student
+    from autokd.study.record import sampled_params
+
+    study = load_study(root)
+    recorded: dict[str, float] = {}
+    specs: dict[str, object] = {}
+    records: dict[str, dict] = {}
+    for t in study.trials:
+        lat = t.user_attrs.get("latency")
+        if not lat or "arch_key" not in t.user_attrs:
+            continue
+        flat = sampled_params(t.user_attrs)
+        spec = resolve_student(flat["family"], float(flat["width"]), float(flat["depth"]), num_classes=10,
+                               in_chans=1, input_size=16)
+        if spec.key == t.user_attrs["arch_key"]:
+            recorded.setdefault(spec.key, lat["median_ms"])
+            records.setdefault(spec.key, lat)
+            specs[spec.key] = spec
+    return recorded, specs, records
+
+
+def _share(summary: object) -> tuple[float, float]:
+    trial_s = sum(o.seconds for o in summary.outcomes)  # type: ignore[attr-defined]
+    latency_s = sum(o.timings.get("latency_s", 0.0) for o in summary.outcomes)  # type: ignore[attr-defined]
+    return latency_s, trial_s
+
+
+def _compare(a: dict[str, float], b: dict[str, float]) -> tuple[float, float, float, int]:
+    keys = sorted(set(a) & set(b))
+    d = rel_diffs([a[k] for k in keys], [b[k] for k in keys])
+    return max(d), statistics.median(d), spearman([a[k] for k in keys], [b[k] for k in keys]), len(keys)
+
+
+def part_e_and_f(budget: int) -> None:
+    """(e) two identical searches, (f) the same with a process keeping one core busy during the second, and the
+    host's floor: an independent interleaved re-timing of the same students, done twice back to back."""
+    from autokd.latency import protocol
+    from autokd.latency.meter import LatencyMeter
+
+    overrides = dict(budget=budget, sampler="random", prune=False, seed=0, mlflow=False)
+    searches: list[dict[str, float]] = []
+    records: list[dict[str, dict]] = []
+    specs: dict[str, object] = {}
+    shares = []
+    for label in ("quiet 1", "quiet 2", "one core busy"):
+        protocol.GATE.reset()  # each search starts as in a new process: what it learnt of the host is not shared
+        busy = (subprocess.Popen([sys.executable, "-c", "while True: pass"]) if label == "one core busy" else None)
+        root = fresh_root("insearch")
+        try:
+            summary, wall = run_search(root, quiet=True, **overrides)
+            recorded, found, record = recorded_latencies(root)
+        finally:
+            if busy is not None:
+                busy.kill()
+                busy.wait()
+            cleanup(root)
+        searches.append(recorded)
+        records.append(record)
+        specs.update(found)
+        latency_s, trial_s = _share(summary)
+        shares.append(latency_s / trial_s)
+        print(f"    search {label}: {len(recorded)} architectures, wall {wall:.0f} s, latency bookkeeping "
+              f"{latency_s:.1f} s of {trial_s:.1f} s trial time = {latency_s / trial_s:.1%}", flush=True)
+    meter = LatencyMeter("onnxruntime")
+    protocol.GATE.reset()
+    retimed = [{k: r.median_ms for k, r in meter.retime(specs, seed=seed).items()} for seed in (7, 8)]
+    fw, fm, frho, n = _compare(retimed[0], retimed[1])
+    floor = f"host floor (the re-timing twice, back to back): worst {fw:.1%}, median {fm:.1%}, Spearman {frho:.3f}"
+    ew, em, _, n = _compare(searches[0], searches[1])
+    rho = min(_compare(search, retimed[0])[2] for search in searches[:2])
+    print(f"(e) two identical searches ({budget} trials, random sampler, no pruning, seed 0), {n} architectures: "
+          f"recorded latencies worst {ew:.1%}, median {em:.1%} apart (targets <= 10 %, <= 3 %); Spearman against "
+          f"an independent interleaved re-timing {rho:.3f} (the lower of the two; target >= 0.98); {floor}",
+          flush=True)
+    bw, bm, brho, n = _compare(searches[0], searches[2])
+    print(f"(f) the same search with a second process keeping one core busy, against the first quiet one: worst "
+          f"{bw:.1%}, median {bm:.1%} (target worst <= 15 %); Spearman against the re-timing "
+          f"{_compare(searches[2], retimed[0])[2]:.3f}", flush=True)
+    print(f"    latency bookkeeping in these searches: {', '.join(f'{x:.1%}' for x in shares)} of trial time",
+          flush=True)
+    keys = sorted(set(searches[0]) & set(searches[1]) & set(searches[2]),
+                  key=lambda k: -abs(searches[0][k] - searches[1][k]) / min(searches[0][k], searches[1][k]))
+    print("    per architecture (most apart in (e) first): recorded ms in quiet 1 / quiet 2 / busy (* provisional), "
+          "re-timed ms", flush=True)
+    for k in keys:
+        cells = " / ".join(f"{s[k]:.4f}{'' if r[k].get('settled', True) else '*'}" for s, r in zip(searches, records))
+        print(f"      {k:24s} {cells}   re-timed {retimed[0][k]:.4f} / {retimed[1][k]:.4f}", flush=True)
+
+
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         child(Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4]))
@@ -167,12 +259,18 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="20 architectures and a 12-trial search")
     parser.add_argument("--archs", type=int, help="architectures for (a) and (d) (default 30; --quick 20)")
     parser.add_argument("--budget", type=int, help="trials of the default search for (b) and (c) (default 50)")
+    parser.add_argument("--only", choices=("ad", "bc", "ef"), help="run only these parts")
+    parser.add_argument("--insearch-budget", type=int, default=16, help="trials of each search of (e) and (f)")
     args = parser.parse_args()
     archs = args.archs or (20 if args.quick else 30)
     budget = args.budget or (12 if args.quick else 50)
     started = time.perf_counter()
-    part_a_and_d(archs)
-    part_b_and_c(budget)
+    if args.only in (None, "ad"):
+        part_a_and_d(archs)
+    if args.only in (None, "bc"):
+        part_b_and_c(budget)
+    if args.only in (None, "ef"):
+        part_e_and_f(args.insearch_budget)
     print(f"total {time.perf_counter() - started:.0f} s", flush=True)
     return 0
 

@@ -16,6 +16,7 @@ import pytest
 from conftest import repo_pythonpath
 from onnx import TensorProto, helper, numpy_helper
 
+from autokd.latency import hostphase
 from autokd.latency import protocol as ort_timing
 
 FAST = {"rounds": 5, "runs": 2, "warmup": 1}  # the protocol's shape, small enough for a unit test
@@ -130,7 +131,7 @@ def test_an_unavailable_provider_is_refused_naming_the_available_ones() -> None:
 
 def test_time_sessions_times_each_session_in_every_round() -> None:
     sessions = {"small": ort_timing.make_session(matmul_model(8)), "large": ort_timing.make_session(matmul_model(256))}
-    out = ort_timing.time_sessions(sessions, batch=2, rounds=7, runs=3, warmup=1, host=None)
+    out = ort_timing.time_sessions(sessions, batch=2, rounds=7, runs=3, warmup=1, gate=None)
     assert set(out) == {"small", "large"}
     for timing in out.values():
         assert len(timing.rounds) == 7 and timing.runs_per_round == 3
@@ -138,7 +139,7 @@ def test_time_sessions_times_each_session_in_every_round() -> None:
         assert timing.low_ms <= timing.median_ms <= timing.high_ms
         assert (timing.low_ms, timing.high_ms) == pytest.approx(
             ort_timing.widen(timing.median_ms, *ort_timing.median_interval(timing.rounds)))
-        assert timing.seconds > 0 and timing.attempts == 1 and timing.host_slowdown == 1.0
+        assert timing.seconds > 0 and timing.settled and timing.slow_rounds == 0 and timing.host_slowdown == 1.0
     assert out["large"].median_ms > out["small"].median_ms  # a 256x256 matmul against an 8x8 one
 
 
@@ -146,7 +147,7 @@ def test_time_onnx_times_one_model_from_bytes_or_path(tmp_path: Path) -> None:
     path = tmp_path / "m.onnx"
     path.write_bytes(matmul_model())
     for source in (path.read_bytes(), path):
-        timing = ort_timing.time_onnx(source, threads=1, batch=2, host=None, **FAST)
+        timing = ort_timing.time_onnx(source, threads=1, batch=2, gate=None, **FAST)
         assert len(timing.rounds) == 5 and timing.runs_per_round == 2 and timing.median_ms > 0
 
 
@@ -164,7 +165,7 @@ def test_rounds_visit_every_runner_once_in_a_shuffled_order_fixed_by_the_seed() 
     def order(seed: int) -> list[list[str]]:
         calls: list[str] = []
         runners = {name: (lambda name=name: calls.append(name)) for name in "abcd"}
-        ort_timing.time_runners(runners, rounds=12, runs=1, warmup=0, seed=seed, host=None)
+        ort_timing.time_runners(runners, rounds=12, runs=1, warmup=0, seed=seed, gate=None)
         return [calls[i:i + 4] for i in range(0, len(calls), 4)]
 
     rounds = order(seed=3)
@@ -182,32 +183,74 @@ def test_a_round_takes_the_fastest_of_its_runs() -> None:
         if state["n"] % 3 == 1:
             time.sleep(0.02)
 
-    timing = ort_timing.time_runners({"m": sometimes_slow}, rounds=4, runs=3, warmup=0, host=None)["m"]
+    timing = ort_timing.time_runners({"m": sometimes_slow}, rounds=4, runs=3, warmup=0, gate=None)["m"]
     assert timing.median_ms < 10.0 and max(timing.rounds) < 20.0
-    slow = ort_timing.time_runners({"m": lambda: time.sleep(0.002)}, rounds=3, runs=2, warmup=0, host=None)["m"]
+    slow = ort_timing.time_runners({"m": lambda: time.sleep(0.002)}, rounds=3, runs=2, warmup=0, gate=None)["m"]
     assert min(slow.rounds) >= 2.0  # milliseconds
 
 
-def test_host_check_baseline_and_slowdown() -> None:
-    host = ort_timing.HostCheck(calibrate_s=0.05)
-    assert host.reference(3) > 0
-    base = host.calibrate()
-    assert base > 0 and host.calibrate() == base  # calibrated once
-    assert host.slowdown(base * 2) == pytest.approx(2.0) and host.baseline == base
-    assert host.slowdown(base / 2) == pytest.approx(0.5) and host.baseline == base / 2  # a faster phase lowers it
+def test_the_reference_model_is_a_fixed_onnx_model_that_runs() -> None:
+    blob = hostphase.reference_model()
+    assert blob == hostphase.reference_model() and onnx.load_from_string(blob).graph.node  # the same bytes
+    gate = hostphase.PhaseGate(ort_timing.reference_runner, calibrate_s=0.05)
+    assert gate.reference(3) > 0
+    base = gate.calibrate(3)
+    assert base > 0 and gate.is_fast(base) and not gate.is_fast(base * (1.0 + gate.tolerance) * 1.01)
 
 
-def test_a_measurement_in_a_slow_phase_is_taken_again() -> None:
-    # A baseline far below anything the reference can reach: every attempt looks slow, so the protocol retries
-    # as often as allowed and keeps the attempt with the fastest reference.
-    host = ort_timing.HostCheck(tolerance=0.05, retries=2, pause_s=0.0, calibrate_s=0.05)
-    host.calibrate()
-    host.baseline = 1e-9
-    session = ort_timing.make_session(matmul_model())
-    timing = ort_timing.time_sessions({"m": session}, host=host, **FAST)["m"]
-    assert timing.attempts == 3 and timing.host_slowdown > 1.0 + host.tolerance
-    assert len(timing.rounds) == 5  # one attempt's rounds, not all of them
-    # A quiet host (any slowdown tolerated) measures once.
-    calm = ort_timing.HostCheck(tolerance=1e9, retries=2, pause_s=0.0, calibrate_s=0.05)
-    once = ort_timing.time_sessions({"m": session}, host=calm, **FAST)["m"]
-    assert once.attempts == 1 and once.host_slowdown > 0
+class ScriptedHost:
+    """A host whose phases a test decides, on a simulated clock (``time.perf_counter`` is replaced): the reference
+    takes 1 ms a run in a fast phase, 2 ms in a slow one, the model 3 ms and 6 ms. ``play(phases, runs)`` starts
+    the script: one phase (True: fast) per reference round of ``runs`` runs; fast before and after it
+    (calibration sees the fast phase)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.fast = True
+        self.script: list[bool] = []
+        self.runs = 1
+        self.calls = 0
+        self.now = 0.0
+        monkeypatch.setattr(time, "perf_counter", lambda: self.now)
+
+    def play(self, phases: list[bool], runs: int) -> None:
+        self.script, self.runs, self.calls = phases, runs, 0
+
+    def reference(self) -> None:
+        i = self.calls // self.runs
+        self.fast = self.script[i] if i < len(self.script) else True
+        self.calls += 1
+        self.now += 0.001 if self.fast else 0.002
+
+    def model(self) -> None:
+        self.now += 0.003 if self.fast else 0.006
+
+
+def scripted(monkeypatch: pytest.MonkeyPatch, phases: list[bool], runs: int) -> tuple[ScriptedHost,
+                                                                                      hostphase.PhaseGate]:
+    host = ScriptedHost(monkeypatch)
+    gate = hostphase.PhaseGate(lambda: host.reference, calibrate_s=0.0)
+    gate.calibrate(runs)
+    host.play(phases, runs)
+    return host, gate
+
+
+def test_rounds_taken_in_a_slow_phase_are_set_aside(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Calibration sees the fast phase; then the reference is slow five times, then fast: a model figure counts
+    # only between two fast references, so the five taken after a slow one are set aside.
+    host, gate = scripted(monkeypatch, [False] * 5, runs=3)
+    timing = ort_timing.time_runners({"m": host.model}, rounds=4, runs=3, warmup=0, gate=gate, max_wait_s=30)["m"]
+    assert timing.settled and timing.slow_rounds == 5 and len(timing.rounds) == 4
+    assert timing.rounds == pytest.approx([3.0] * 4)  # milliseconds: none of the 6 ms slow-phase rounds
+    assert timing.waited_s > 0 and timing.host_slowdown < 1.0 + gate.tolerance
+
+
+def test_a_slow_phase_longer_than_the_wait_gives_an_unsettled_figure_that_refines_later(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    host, gate = scripted(monkeypatch, [False] * 12, runs=3)
+    measurement = ort_timing.Measurement({"m": host.model}, rounds=4, runs=3, warmup=0, gate=gate)
+    assert not measurement.take(max_wait_s=0.0)  # one pass of 4 rounds, all slow: no waiting
+    first = measurement.timings()["m"]
+    assert not first.settled and first.slow_rounds == 4 and first.median_ms == pytest.approx(6.0)
+    assert measurement.take(max_wait_s=30)  # goes on from there: 8 more slow rounds, then 4 fast ones
+    settled = measurement.timings()["m"]
+    assert settled.settled and settled.slow_rounds == 12 and settled.rounds == pytest.approx([3.0] * 4)

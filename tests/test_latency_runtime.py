@@ -135,7 +135,8 @@ def test_the_study_record_keeps_the_first_measurement_of_each_architecture(tmp_p
     wider = tiny_spec(width=0.5)
     theirs = dataclasses.replace(result, key=wider.key, median_ms=123.0)
 
-    def measured_while_another_recorded(spec: object, model: object = None) -> tuple[LatencyResult, bool]:
+    def measured_while_another_recorded(spec: object, model: object = None,
+                                        max_wait_s: object = None) -> tuple[LatencyResult, bool]:
         other.put(wider.key, theirs)  # another worker records its measurement meanwhile
         return dataclasses.replace(result, key=wider.key), False
 

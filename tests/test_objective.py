@@ -9,10 +9,10 @@ import pytest
 from optuna.trial import TrialState
 
 from autokd.config import SearchSettings
-from autokd.latency.meter import LatencyMeter
+from autokd.latency.meter import LatencyMeter, LatencyResult
 from autokd.model.data import TrainViews, load_dataset
 from autokd.model.space import load_space
-from autokd.search import objective
+from autokd.search import objective, trial_latency
 from autokd.search.objective import TrialContext, run_trial
 from autokd.study.record import sampled_params, trial_state
 from autokd.tracking import Tracker, TrialRun
@@ -96,6 +96,51 @@ def test_complete_trial(tmp_path: Path, data, timed_onnx: list) -> None:  # type
     assert ctx.tracker.runs[0].ended == [("COMPLETE", None)]
     assert len(timed_onnx) == 1
     assert {"sample_s", "build_s", "latency_s", "tracking_s", "train_s", "save_s"} <= set(outcome.timings)
+
+
+class ProvisionalLatency:
+    """A latency source whose first figure is provisional (taken in a slow phase of the host): still provisional
+    after each probe, settled by the wait before the trial's values are told."""
+
+    def __init__(self) -> None:
+        self.waits: list[tuple[str, float]] = []
+        self.forgotten: list[str] = []
+
+    def measure(self, spec, model=None, max_wait_s=None):  # type: ignore[no-untyped-def]
+        self.waits.append(("measure", max_wait_s))
+        return LatencyResult(median_ms=9.0, iqr_ms=0.0, runs=10, batch_size=1, threads=1, device="cpu", host="h",
+                             params=1, macs=1, key=spec.key, settled=False, slow_rounds=40), False
+
+    def refine(self, spec, max_wait_s, probe=False):  # type: ignore[no-untyped-def]
+        self.waits.append(("probe" if probe else "refine", max_wait_s))
+        settled = max_wait_s >= trial_latency.FINAL_WAIT_S
+        return LatencyResult(median_ms=5.0 if settled else 8.0, iqr_ms=0.0, runs=10, batch_size=1, threads=1,
+                             device="cpu", host="h", params=1, macs=1, key=spec.key, settled=settled)
+
+    def forget(self, spec) -> None:  # type: ignore[no-untyped-def]
+        self.forgotten.append(spec.key)
+
+
+def test_a_provisional_latency_is_probed_while_training_and_settled_before_the_values_are_told(
+        tmp_path: Path, data, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setattr(objective, "PROBE_EVERY_S", 1e9)  # probes at epoch ends only: a fixed sequence
+    path = tmp_path / "two.yaml"
+    path.write_text(SPACE.replace("epochs: 1", "epochs: 2") + "pruning:\n  min_epoch: 1\n  eta: 2\n")
+    source = ProvisionalLatency()
+    study = new_study()
+    ctx = context(tmp_path, data, space=load_space(path), latency=source)
+    outcome = run_trial(study, study.ask(), ctx)
+    ft = study.trials[0]
+    assert outcome.state == "COMPLETE" and outcome.epochs_trained == 2
+    # first measured briefly, probed after each epoch, then waited for before the tell
+    assert source.waits == [("measure", trial_latency.FIRST_WAIT_S), ("probe", 0.0), ("probe", 0.0),
+                            ("refine", trial_latency.FINAL_WAIT_S)]
+    # the rung's decision used the provisional figure of that moment, and says so
+    assert ft.user_attrs["rung_1"]["latency_ms"] == 8.0 and ft.user_attrs["rung_1"]["latency_settled"] is False
+    # the told value and the recorded figure are the settled one
+    assert ft.values[1] == outcome.latency_ms == 5.0
+    assert ft.user_attrs["latency"]["median_ms"] == 5.0 and ft.user_attrs["latency"]["settled"] is True
+    assert ft.user_attrs["latency"]["refinements"] == 3 and source.forgotten == [ft.user_attrs["arch_key"]]
 
 
 def test_infeasible_trial_is_measured_but_never_trained(tmp_path: Path, data,  # type: ignore[no-untyped-def]

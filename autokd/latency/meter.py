@@ -7,6 +7,7 @@ figure and the measuring lock.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import json
 import os
@@ -15,7 +16,7 @@ import socket
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -51,8 +52,10 @@ class LatencyResult:
     rounds: int = 0               # rounds of the protocol
     export_s: float = 0.0         # seconds spent exporting the student to ONNX for this measurement
     timing_s: float = 0.0         # seconds spent timing (sessions, warm-up, rounds)
-    host_slowdown: float = 1.0    # reference workload vs the process's fastest when timed (protocol.HostCheck)
-    attempts: int = 1             # measurements taken (more than 1: retaken after a slow phase of the host)
+    host_slowdown: float = 1.0    # reference model vs its fast-phase figure over the kept rounds (hostphase)
+    settled: bool = True          # all its rounds taken in a fast phase of the host; False: provisional
+    slow_rounds: int = 0          # rounds set aside because the host was in a slow phase
+    waited_s: float = 0.0         # seconds of rounds set aside
     precision: str = "fp32"       # what was timed: the fp32 ONNX model or its INT8 quantisation
     quantize_s: float = 0.0       # seconds spent quantising the exported student (--latency-precision int8)
 
@@ -175,7 +178,19 @@ def _torch_timings(models: dict[str, tuple[nn.Module, torch.Tensor]], dev: torch
 
     with torch.inference_mode():
         return protocol.time_runners({name: runner(m, x) for name, (m, x) in models.items()}, rounds=rounds,
-                                       runs=runs, warmup=warmup, seed=seed, host=None)
+                                       runs=runs, warmup=warmup, seed=seed, gate=None)
+
+
+@dataclass
+class _Pending:
+    """A provisional measurement kept for `LatencyMeter.refine`."""
+
+    measurement: protocol.Measurement
+    params: int
+    macs: int
+    timing_s: float
+    export_s: float = 0.0
+    quantize_s: float = 0.0
 
 
 #: Held while a measurement runs (`autokd.utils.locks.CpuGate.measuring`): no worker of this machine trains then.
@@ -197,7 +212,7 @@ class LatencyMeter:
                  batch: int = 1, cache: LatencyCache | None = None, lock: MeasureLock | None = None,
                  rounds: int = protocol.DEFAULT_ROUNDS, runs: int = protocol.DEFAULT_RUNS,
                  warmup: int = protocol.DEFAULT_WARMUP, precision: str | None = None,
-                 target: RemoteTarget | None = None) -> None:
+                 target: RemoteTarget | None = None, max_wait_s: float = protocol.DEFAULT_MAX_WAIT_S) -> None:
         from autokd.latency.quantize import validate_latency_precision
 
         self.target = target  # time on that device (an `autokd latency-server`) instead of this one
@@ -221,6 +236,10 @@ class LatencyMeter:
         self.threads, self.batch = int(threads), int(batch)
         self.rounds, self.runs, self.warmup = rounds, runs, warmup
         self.cache, self.lock = cache, lock
+        # How long a new measurement may wait out slow phases of the host; an unsettled one stays pending here
+        # (key -> what refine() needs) until refine() settles it.
+        self.max_wait_s = max_wait_s
+        self._pending: dict[str, _Pending] = {}
         self.provider = None
         self.target_info: dict[str, Any] | None = None
         if target is not None:  # the target answers with its own signature (exit 2 here if it cannot be reached)
@@ -266,17 +285,59 @@ class LatencyMeter:
                 f"{self.batch}{', int8 model' if self.precision == 'int8' else ''} on {where}")
 
     # -- one student ----------------------------------------------------------------------------------------
-    def measure(self, spec: StudentSpec, model: nn.Module | None = None) -> tuple[LatencyResult, bool]:
-        """(result, cache_hit) for ``spec``: this machine's cache, else measured now under the lock (and cached).
-        ``model`` is ``spec`` already built (a trial times the module it then trains)."""
+    def measure(self, spec: StudentSpec, model: nn.Module | None = None,
+                max_wait_s: float | None = None) -> tuple[LatencyResult, bool]:
+        """(result, cache_hit) for ``spec``: this machine's cache, else measured now under the lock (and cached
+        once settled; else pending for `refine`). ``model`` is ``spec`` already built (a trial times the module it
+        then trains); ``max_wait_s``: how long slow phases of the host may be waited out (default: the meter's)."""
         sig, key = self.signature(), _cache_key(spec, self.batch)
         hit = self.cache.get(key, sig) if self.cache is not None else None
         if hit is not None:
             return hit, True
-        result = self._measure_now(spec, model if model is not None else build_from_spec(spec), key)
-        if self.cache is not None:
+        result = self._measure_now(spec, model if model is not None else build_from_spec(spec), key,
+                                   self.max_wait_s if max_wait_s is None else max_wait_s)
+        if self.cache is not None and result.settled:  # a provisional figure is refined, not kept
             self.cache.put(result, sig)
         return result, False
+
+    def refine(self, spec: StudentSpec, max_wait_s: float, probe: bool = False) -> LatencyResult | None:
+        """Go on with ``spec``'s provisional measurement (more rounds, waiting at most ``max_wait_s`` seconds for
+        a fast phase of the host; ``probe``: only while the host is fast, see `protocol.Measurement.take`); the
+        result so far, cached once settled. None: nothing pending for ``spec``."""
+        key = _cache_key(spec, self.batch)
+        pending = self._pending.get(key)
+        if pending is None:
+            return None
+        t0 = time.perf_counter()
+        with self._quiet():
+            pending.measurement.take(max_wait_s, probe)
+        result = self._result(pending.measurement.timings()[key], key, pending.params, pending.macs,
+                              timing_s=pending.timing_s + time.perf_counter() - t0)
+        result.export_s, result.quantize_s = pending.export_s, pending.quantize_s
+        pending.timing_s = result.timing_s
+        if result.settled:
+            del self._pending[key]
+            if self.cache is not None:
+                self.cache.put(result, self.signature())
+        return result
+
+    def forget(self, spec: StudentSpec) -> None:
+        """Drop ``spec``'s pending measurement (its trial is over); the next trial of it measures anew."""
+        self._pending.pop(_cache_key(spec, self.batch), None)
+
+    @contextlib.contextmanager
+    def _quiet(self) -> Iterator[None]:
+        """Timing conditions: no collection mid-run, and no other worker of this machine training (the lock)."""
+        gc_was_enabled = gc.isenabled()
+        gc.disable()  # a collection in the middle of a timed run is noise, not model latency
+        try:
+            # A measurement taken while other workers train on the same cores is wrong. A target is another
+            # machine: its server serialises measurements itself, and training here is no noise.
+            with self.lock() if self.lock and self.target is None else contextlib.nullcontext():
+                yield
+        finally:
+            if gc_was_enabled:
+                gc.enable()
 
     def export(self, model: nn.Module, input_shape: tuple[int, int, int]) -> bytes:
         """The ONNX bytes ``autokd export`` would write for ``model`` (same function, same example batch)."""
@@ -313,7 +374,7 @@ class LatencyMeter:
         return blob
 
     def time_onnx(self, onnx: bytes | str | os.PathLike, key: str = "onnx", params: int = 0,
-                  macs: int = 0) -> LatencyResult:
+                  macs: int = 0, max_wait_s: float | None = None) -> LatencyResult:
         """Time an already-exported ONNX model (bytes or path) with this meter's runtime settings."""
         if self.runtime != "onnxruntime":
             raise ValueError("timing an ONNX file needs --latency-runtime onnxruntime")
@@ -321,9 +382,13 @@ class LatencyMeter:
             return self._time_remote(onnx, key, params, macs)
         t0 = time.perf_counter()
         session = protocol.make_session(onnx, self.threads, self.provider or protocol.DEFAULT_PROVIDER)
-        timing = protocol.time_sessions({key: session}, batch=self.batch, rounds=self.rounds, runs=self.runs,
-                                          warmup=self.warmup)[key]
-        return self._result(timing, key, params, macs, timing_s=time.perf_counter() - t0)
+        runner = functools.partial(session.run, None, protocol.make_input(session, self.batch))
+        measurement = protocol.Measurement({key: runner}, rounds=self.rounds, runs=self.runs, warmup=self.warmup)
+        measurement.take(self.max_wait_s if max_wait_s is None else max_wait_s)
+        result = self._result(measurement.timings()[key], key, params, macs, timing_s=time.perf_counter() - t0)
+        if not result.settled:
+            self._pending[key] = _Pending(measurement, params, macs, result.timing_s)
+        return result
 
     def _time_remote(self, onnx: bytes | str | os.PathLike, key: str, params: int, macs: int) -> LatencyResult:
         from autokd.latency.remote.client import RemoteLatencyError
@@ -342,28 +407,22 @@ class LatencyMeter:
         result.host, result.device = self.target.url, str(self.target_info["device"])
         return result
 
-    def _measure_now(self, spec: StudentSpec, model: nn.Module, key: str) -> LatencyResult:
+    def _measure_now(self, spec: StudentSpec, model: nn.Module, key: str, max_wait_s: float) -> LatencyResult:
         shape = (spec.in_chans, spec.input_size, spec.input_size)
         params = count_params(model)
         macs = count_macs(model, shape)
         blob, prep_s = None, {"export_s": 0.0, "quantize_s": 0.0}
         if self.runtime == "onnxruntime":  # exporting (and quantising) needs no quiet cores: done before the lock
             blob = self._onnx_for_timing(model, shape, prep_s)
-        gc_was_enabled = gc.isenabled()
-        gc.disable()  # a collection in the middle of a timed run is noise, not model latency
-        try:
-            # Timed serialised: a measurement taken while other workers train on the same cores is wrong. A
-            # target is another machine: its server serialises measurements itself, and training here is no noise.
-            with self.lock() if self.lock and self.target is None else contextlib.nullcontext():
-                if blob is not None:
-                    result = self.time_onnx(blob, key, params, macs)
-                    result.export_s, result.quantize_s = prep_s["export_s"], prep_s["quantize_s"]
-                    return result
-                timing = self.time_models({key: model}, {key: shape})[key]
-            return self._result(timing, key, params, macs, timing_s=timing.seconds)
-        finally:
-            if gc_was_enabled:
-                gc.enable()
+        with self._quiet():
+            if blob is not None:
+                result = self.time_onnx(blob, key, params, macs, max_wait_s)
+                result.export_s, result.quantize_s = prep_s["export_s"], prep_s["quantize_s"]
+                if key in self._pending:
+                    self._pending[key].export_s, self._pending[key].quantize_s = result.export_s, result.quantize_s
+                return result
+            timing = self.time_models({key: model}, {key: shape})[key]
+        return self._result(timing, key, params, macs, timing_s=timing.seconds)
 
     def _result(self, timing: protocol.Timing, key: str, params: int, macs: int, timing_s: float = 0.0) -> LatencyResult:
         return LatencyResult(
@@ -371,7 +430,8 @@ class LatencyMeter:
             batch_size=self.batch, threads=self.threads, device=_device_name(self.dev), host=socket.gethostname(),
             params=params, macs=macs, key=key, runtime=self.runtime, low_ms=timing.low_ms, high_ms=timing.high_ms,
             rounds=len(timing.rounds), timing_s=timing_s,
-            host_slowdown=round(timing.host_slowdown, 4), attempts=timing.attempts, precision=self.precision)
+            host_slowdown=round(timing.host_slowdown, 4), settled=timing.settled, slow_rounds=timing.slow_rounds,
+            waited_s=round(timing.waited_s, 4), precision=self.precision)
 
     # -- several students together --------------------------------------------------------------------------
     def time_models(self, models: dict[str, nn.Module], shapes: dict[str, tuple[int, int, int]],

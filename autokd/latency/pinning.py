@@ -34,14 +34,28 @@ class StudyLatency:
         self.study, self.meter, self.lock = study, meter, lock
         self.prefix = f"latency:{meter.signature()}:b{meter.batch}:"
 
-    def measure(self, spec: StudentSpec, model: nn.Module | None = None) -> tuple[LatencyResult, bool]:
+    def measure(self, spec: StudentSpec, model: nn.Module | None = None,
+                max_wait_s: float | None = None) -> tuple[LatencyResult, bool]:
         """(result, cache_hit) for ``spec`` as `LatencyMeter.measure`, but the study's figure when it has one (a hit),
         and a new measurement recorded in the study (unless another worker recorded one first, which then counts)."""
         found = self.get(spec.key)
         if found is not None:
             return found, True
-        result, hit = self.meter.measure(spec, model)
+        result, hit = self.meter.measure(spec, model, max_wait_s)
+        if not result.settled:  # provisional: recorded once `refine` settles it
+            return result, hit
         return self.put(spec.key, result), hit
+
+    def refine(self, spec: StudentSpec, max_wait_s: float, probe: bool = False) -> LatencyResult | None:
+        """`LatencyMeter.refine`, recording the figure in the study once settled (or the one recorded first)."""
+        result = self.meter.refine(spec, max_wait_s, probe)
+        if result is not None and result.settled:
+            return self.put(spec.key, result)
+        return result
+
+    def forget(self, spec: StudentSpec) -> None:
+        """`LatencyMeter.forget`."""
+        self.meter.forget(spec)
 
     def get(self, arch_key: str) -> LatencyResult | None:
         """The study's measurement of `arch_key` on this device kind, or None."""

@@ -20,6 +20,8 @@ from typing import Any, Callable, Union
 import numpy as np
 import onnxruntime as ort
 
+from autokd.latency.hostphase import PhaseGate, reference_model
+
 RUNTIME = "onnxruntime"
 DEFAULT_ROUNDS = 15
 DEFAULT_RUNS = 5
@@ -44,8 +46,10 @@ class Timing:
     rounds: list[float] = field(default_factory=list)  # per-round minima, in the order taken
     runs_per_round: int = DEFAULT_RUNS
     seconds: float = 0.0  # wall time of warm-up and timed runs
-    host_slowdown: float = 1.0  # the reference workload's figure relative to the process's fastest (HostCheck)
-    attempts: int = 1  # measurements taken (more than 1: the host was in a slow phase)
+    host_slowdown: float = 1.0  # the reference model's median over the kept rounds relative to its baseline
+    settled: bool = True  # every kept round was taken in a fast phase of the host (hostphase.PhaseGate)
+    slow_rounds: int = 0  # rounds set aside because the reference showed a slow phase
+    waited_s: float = 0.0  # seconds spent waiting for a slow phase to pass
 
     @property
     def spread_ms(self) -> float:
@@ -82,6 +86,10 @@ def signature(threads: int, provider: str = DEFAULT_PROVIDER, device: str | None
 def make_session(onnx: OnnxSource, threads: int | None = 1, provider: str = DEFAULT_PROVIDER) -> ort.InferenceSession:
     """An inference session on ``onnx`` (bytes or a path) on ``provider``, run sequentially with ``threads``
     intra-op threads (None: ONNX Runtime's default)."""
+    return _new_session(onnx, threads, provider)
+
+
+def _new_session(onnx: OnnxSource, threads: int | None, provider: str) -> ort.InferenceSession:
     if provider not in available_providers():
         raise ValueError(f"ONNX Runtime execution provider {provider!r} is not available here; available: "
                          f"{', '.join(available_providers())}")
@@ -179,125 +187,167 @@ def _run_round(run: Callable[[], object], runs: int) -> float:
     return best * 1000.0
 
 
-class HostCheck:
-    """Detects a slow phase of the host: a fixed reference workload (numpy, single-threaded) is timed in every
-    round beside the models; when its figure is more than ``tolerance`` above the process's baseline, the whole
-    measurement is taken again after a pause (at most ``retries`` times; the attempt with the fastest reference
-    is kept). A short measurement can fall entirely inside one slow phase, where the minimum per round does
-    not help; on a quiet host this costs one reference run per model run.
-
-    The baseline is the lowest reference figure seen in the process, first calibrated over ``calibrate_s``
-    seconds (so a process that starts in a slow phase still finds a fast one).
-    """
-
-    def __init__(self, tolerance: float = 0.05, retries: int = 4, pause_s: float = 0.1,
-                 calibrate_s: float = 0.5) -> None:
-        self.tolerance, self.retries, self.pause_s, self.calibrate_s = tolerance, retries, pause_s, calibrate_s
-        self.baseline: float | None = None
-        self._x = np.random.default_rng(0).random(16384).astype(np.float32)
-
-    def reference(self, runs: int) -> float:
-        """One round of the reference workload: the minimum of ``runs`` runs, in milliseconds."""
-        best = math.inf
-        x, clock = self._x, time.perf_counter
-        for _ in range(runs):
-            t0 = clock()
-            float(np.sqrt(x * x + 1.0).sum())
-            best = min(best, clock() - t0)
-        return best * 1000.0
-
-    def calibrate(self, runs: int = DEFAULT_RUNS) -> float:
-        """The baseline (calibrated on first use)."""
-        if self.baseline is None:
-            figures = []
-            until = time.perf_counter() + self.calibrate_s
-            while time.perf_counter() < until or len(figures) < 5:
-                figures.append(self.reference(runs))
-                time.sleep(self.calibrate_s / 20)
-            self.baseline = min(figures)
-        return self.baseline
-
-    def slowdown(self, reference_ms: float) -> float:
-        """``reference_ms`` relative to the baseline (1.0 = as fast as the fastest seen); lowers the baseline."""
-        base = self.calibrate()
-        self.baseline = min(base, reference_ms)
-        return reference_ms / base
+def reference_runner(threads: int = 1) -> Callable[[], object]:
+    """A function running the host-phase reference model (`hostphase.reference_model`) once in ONNX Runtime."""
+    session = _new_session(reference_model(), threads, DEFAULT_PROVIDER)
+    return functools.partial(session.run, None, make_input(session))
 
 
-HOST = HostCheck()  # one per process: the baseline holds across the measurements of a search
+GATE = PhaseGate(reference_runner)  # one per process: the baseline holds across the measurements of a search
+#: Seconds a measurement may spend in slow phases of the host (waiting, and rounds set aside) before it gives up
+#: waiting and returns an unsettled figure from all its rounds.
+DEFAULT_MAX_WAIT_S = 10.0
 
 
 def time_sessions(sessions: dict[str, ort.InferenceSession], batch: int = 1, rounds: int = DEFAULT_ROUNDS,
                   runs: int = DEFAULT_RUNS, warmup: int = DEFAULT_WARMUP, seed: int = 0,
-                  host: HostCheck | None = HOST) -> dict[str, Timing]:
+                  gate: PhaseGate | None = GATE, max_wait_s: float = DEFAULT_MAX_WAIT_S) -> dict[str, Timing]:
     """Time several sessions together: ``rounds`` rounds, each visiting every session once in a shuffled order
     for ``runs`` runs (its figure: the minimum); result per session: median over rounds and its interval.
 
-    Why: a round's minimum ignores a slow phase of a shared host that catches part of the round, and the
-    median over rounds ignores slow phases that catch whole rounds, as long as fewer than half are caught;
+    Why: a round's minimum ignores a short hiccup of a shared host that catches part of the round, and
     interleaving the sessions in shuffled order makes a slow phase hit them alike. The interval is
     :func:`median_interval` of the per-round figures, widened by :func:`widen`.
 
-    With ``host`` (default: the process's :data:`HOST`), the reference workload runs in every round too, and a
-    measurement taken in a slow phase of the host is taken again (see :class:`HostCheck`).
+    With ``gate`` (default: the process's :data:`GATE`), a reference model runs in every round too, and only
+    rounds taken in a fast phase of the host count (:mod:`autokd.latency.hostphase`): rounds in a slow phase are
+    set aside and the protocol waits for the phase to pass, at most ``max_wait_s`` seconds; after that it returns
+    the median of all its rounds, marked not ``settled``.
     """
     if rounds < 1 or runs < 1 or warmup < 0 or batch < 1:
         raise ValueError(f"timing needs rounds, runs, batch >= 1 and warmup >= 0; got rounds={rounds}, "
                          f"runs={runs}, batch={batch}, warmup={warmup}")
     runners = {name: functools.partial(s.run, None, make_input(s, batch)) for name, s in sessions.items()}
-    return time_runners(runners, rounds=rounds, runs=runs, warmup=warmup, seed=seed, host=host)
+    return time_runners(runners, rounds=rounds, runs=runs, warmup=warmup, seed=seed, gate=gate, max_wait_s=max_wait_s)
 
 
 def time_runners(runners: dict[str, Callable[[], object]], rounds: int = DEFAULT_ROUNDS, runs: int = DEFAULT_RUNS,
-                 warmup: int = DEFAULT_WARMUP, seed: int = 0, host: HostCheck | None = HOST) -> dict[str, Timing]:
+                 warmup: int = DEFAULT_WARMUP, seed: int = 0, gate: PhaseGate | None = GATE,
+                 max_wait_s: float = DEFAULT_MAX_WAIT_S) -> dict[str, Timing]:
     """The protocol of :func:`time_sessions` for any runtime: each runner runs its model once on its input and
     returns when the result is ready (a GPU runner synchronises the device)."""
-    if rounds < 1 or runs < 1 or warmup < 0:
-        raise ValueError(f"timing needs rounds, runs >= 1 and warmup >= 0; got rounds={rounds}, runs={runs}, "
-                         f"warmup={warmup}")
-    started = time.perf_counter()
-    if host is not None:
-        host.calibrate(runs)
-    for run in runners.values():
-        for _ in range(warmup):
-            run()
-    rng = random.Random(seed)
-    best: tuple[float, dict[str, list[float]]] | None = None
-    attempts = 0
-    for attempt in range((host.retries if host is not None else 0) + 1):
-        attempts = attempt + 1
-        if attempt and host is not None:
-            time.sleep(host.pause_s * attempt)
-        figures, reference = _rounds(runners, rounds, runs, rng, host)
-        slow = host.slowdown(statistics.median(reference)) if host is not None else 1.0
-        if best is None or slow < best[0]:
-            best = (slow, figures)
-        if host is None or slow <= 1.0 + host.tolerance:
-            break
-    assert best is not None
-    seconds = time.perf_counter() - started
-    out: dict[str, Timing] = {}
-    for name, xs in best[1].items():
-        low, high = widen(statistics.median(xs), *median_interval(xs))
-        out[name] = Timing(median_ms=statistics.median(xs), low_ms=low, high_ms=high, rounds=xs,
-                           runs_per_round=runs, seconds=seconds, host_slowdown=best[0], attempts=attempts)
-    return out
+    measurement = Measurement(runners, rounds=rounds, runs=runs, warmup=warmup, seed=seed, gate=gate)
+    measurement.take(max_wait_s)
+    return measurement.timings()
 
 
-def _rounds(runners: dict[str, Callable[[], object]], rounds: int, runs: int, rng: random.Random,
-            host: HostCheck | None) -> tuple[dict[str, list[float]], list[float]]:
-    ref = object()  # the reference workload's place in the shuffled order
-    order: list[Any] = [*runners, *([ref] if host is not None else [])]
-    figures: dict[str, list[float]] = {name: [] for name in runners}
-    reference: list[float] = []
-    for _ in range(rounds):
-        rng.shuffle(order)
-        for name in order:
-            if name is ref:
-                reference.append(host.reference(runs))  # type: ignore[union-attr]
-            else:
-                figures[name].append(_run_round(runners[name], runs))
-    return figures, reference or [1.0]
+class Measurement:
+    """The protocol of :func:`time_sessions`, resumable: :meth:`take` adds rounds until every runner has
+    ``rounds`` figures taken in a fast phase of the host, or its wait runs out; a later :meth:`take` (a trial
+    between two epochs) goes on from there. :meth:`timings` is the figure so far, ``settled`` once enough fast
+    rounds are in.
+
+    With a gate, the reference runs between groups of :data:`_MODELS_PER_REFERENCE` models, the sequence
+    continuing from round to round (reference, group, reference, group, ...): each model's figure is
+    bracketed by the reference run just before its group and the one just after, and counts when both were fast
+    (the phase may change at any moment; a figure between two fast references was taken in a fast phase).
+    """
+
+    def __init__(self, runners: dict[str, Callable[[], object]], rounds: int = DEFAULT_ROUNDS,
+                 runs: int = DEFAULT_RUNS, warmup: int = DEFAULT_WARMUP, seed: int = 0,
+                 gate: PhaseGate | None = GATE) -> None:
+        if rounds < 1 or runs < 1 or warmup < 0:
+            raise ValueError(f"timing needs rounds, runs >= 1 and warmup >= 0; got rounds={rounds}, runs={runs}, "
+                             f"warmup={warmup}")
+        self.runners, self.rounds, self.runs, self.warmup, self.gate = runners, rounds, runs, warmup, gate
+        self._rng = random.Random(seed)
+        # per runner, in the order taken: (the slower of the two references around it, its figure)
+        self._taken: dict[str, list[tuple[float, float]]] = {name: [] for name in runners}
+        self._last_reference: float | None = None
+        self.rounds_taken = 0
+        self.waited_s = 0.0  # seconds of rounds that gave some runner a figure it could not keep
+        self.seconds = 0.0  # seconds spent in take()
+        self._warm = False
+
+    def _kept(self, name: str) -> list[float]:
+        """``name``'s figures taken in a fast phase, judged against the latest baseline (a faster phase found
+        later disqualifies earlier figures)."""
+        gate = self.gate
+        return [figure for ref, figure in self._taken[name] if gate is None or gate.is_fast(ref)]
+
+    def _missing(self) -> int:
+        return sum(max(0, self.rounds - len(self._kept(name))) for name in self.runners)
+
+    @property
+    def settled(self) -> bool:
+        """Whether every runner has ``rounds`` figures taken in a fast phase."""
+        return self._missing() == 0
+
+    def take(self, max_wait_s: float, probe: bool = False) -> bool:
+        """Take rounds until settled, or until ``max_wait_s`` more seconds went to rounds in slow phases (0: one
+        pass of ``rounds`` rounds at most when the host is slow). ``probe``: stop at the first round taken in a
+        slow phase instead (a probe costs one round while the host is slow). Returns ``settled``."""
+        started = time.perf_counter()
+        gate = self.gate
+        if gate is not None:
+            gate.calibrate(self.runs)
+        if not self._warm:
+            for run in self.runners.values():
+                for _ in range(self.warmup):
+                    run()
+            self._warm = True
+        waited, taken_now = 0.0, 0
+        missing = self._missing()
+        while missing > 0:
+            t0 = time.perf_counter()
+            gained = self._round()
+            taken_now += 1
+            missing = self._missing() if gained else missing
+            if gained == len(self.runners):
+                continue
+            waited += time.perf_counter() - t0  # a slow phase (or part of one): go on, within the wait
+            if probe or (waited >= max_wait_s and taken_now >= self.rounds):
+                break
+        self.waited_s += waited
+        self.seconds += time.perf_counter() - started
+        return missing == 0
+
+    def _round(self) -> int:
+        """One round: every runner once, shuffled, a reference between groups. Returns how many figures count."""
+        names = list(self.runners)
+        self._rng.shuffle(names)
+        self.rounds_taken += 1
+        if self.gate is None:
+            for name in names:
+                self._taken[name].append((0.0, _run_round(self.runners[name], self.runs)))
+            return len(names)
+        gate, kept = self.gate, 0
+        before = self._last_reference if self._last_reference is not None else gate.reference(self.runs)
+        for start in range(0, len(names), _MODELS_PER_REFERENCE):
+            group = names[start:start + _MODELS_PER_REFERENCE]
+            figures = {name: _run_round(self.runners[name], self.runs) for name in group}
+            after = gate.reference(self.runs)
+            bracket = max(before, after)
+            fast = gate.is_fast(bracket)
+            for name, figure in figures.items():
+                self._taken[name].append((bracket, figure))
+                kept += fast
+            before = after
+        self._last_reference = before
+        return kept
+
+    def timings(self) -> dict[str, Timing]:
+        """Per runner: the median of its first ``rounds`` fast figures when it has them; else of the ``rounds``
+        figures with the fastest references around them (the closest to a fast phase the host came)."""
+        gate, out = self.gate, {}
+        for name in self.runners:
+            taken = self._taken[name]
+            kept = [(ref, figure) for ref, figure in taken if gate is None or gate.is_fast(ref)]
+            settled = len(kept) >= self.rounds
+            use = kept[:self.rounds] if settled else sorted(taken)[:self.rounds]
+            xs = [figure for _, figure in use]
+            slowdown = (statistics.median(ref for ref, _ in use) / gate.baseline
+                        if gate is not None and gate.baseline else 1.0)
+            low, high = widen(statistics.median(xs), *median_interval(xs))
+            out[name] = Timing(median_ms=statistics.median(xs), low_ms=low, high_ms=high, rounds=xs,
+                               runs_per_round=self.runs, seconds=self.seconds, host_slowdown=slowdown,
+                               settled=settled, slow_rounds=len(taken) - len(kept), waited_s=self.waited_s)
+        return out
+
+
+#: Models timed between two runs of the reference: a round of many models takes long enough for the host's
+#: phase to change within it, and each model's figure must sit between two reference figures close in time.
+_MODELS_PER_REFERENCE = 3
 
 
 def time_onnx(onnx: OnnxSource, threads: int = 1, batch: int = 1, provider: str = DEFAULT_PROVIDER,
@@ -306,7 +356,7 @@ def time_onnx(onnx: OnnxSource, threads: int = 1, batch: int = 1, provider: str 
     return time_sessions({"model": make_session(onnx, threads, provider)}, batch=batch, **protocol)["model"]
 
 
-__all__ = ["CONFIDENCE", "DEFAULT_PROVIDER", "DEFAULT_ROUNDS", "DEFAULT_RUNS", "DEFAULT_WARMUP", "HOST", "HostCheck",
+__all__ = ["CONFIDENCE", "DEFAULT_PROVIDER", "DEFAULT_ROUNDS", "DEFAULT_RUNS", "DEFAULT_MAX_WAIT_S", "DEFAULT_WARMUP", "GATE",
            "INPUT_DTYPES", "REPRODUCIBILITY", "RUNTIME", "Timing", "available_providers", "cpu_model", "input_specs",
-           "make_input", "make_inputs", "make_session", "median_interval", "signature", "time_onnx", "time_runners",
+           "Measurement", "make_input", "reference_runner", "make_inputs", "make_session", "median_interval", "signature", "time_onnx", "time_runners",
            "time_sessions", "widen"]

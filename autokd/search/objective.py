@@ -21,7 +21,7 @@ import torch
 
 from autokd.config import SearchSettings
 from autokd.errors import FatalSearchError, Interrupted
-from autokd.latency.meter import LatencyMeter, LatencyResult
+from autokd.latency.meter import LatencyMeter
 from autokd.latency.pinning import StudyLatency
 from autokd.model.checkpoint import write_checkpoint
 from autokd.model.data import DataSplits, TrainViews
@@ -30,6 +30,7 @@ from autokd.model.space import SearchSpace, TrialParams, sample
 from autokd.model.students import StudentSpec, build_from_spec, resolve_student
 from autokd.model.teacher import TeacherOutputs
 from autokd.model.train import EpochResult, NonFiniteLossError, TrainConfig, distill
+from autokd.search.trial_latency import PROBE_EVERY_S, TrialLatency
 from autokd.select import pruning
 from autokd.study import record as trials
 from autokd.study.record import State
@@ -122,6 +123,7 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, ctx: TrialContext) -> Tr
     outcome = TrialOutcome(number=trial.number, state=State.FAIL)
     run = None
     student = None
+    tracked: TrialLatency | None = None
     try:
         with watch.section("sample_s"):
             params = sample(ctx.space, trial, ctx.settings.epochs)
@@ -140,10 +142,11 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, ctx: TrialContext) -> Tr
             torch.manual_seed(ctx.settings.seed + trial.number)
             student = build_from_spec(spec)
 
+        tracked = TrialLatency(ctx.latency, spec)
         with watch.section("latency_s"):
-            latency, cache_hit = ctx.latency.measure(spec, student)
+            latency = tracked.measure(student)
         outcome.latency_ms = latency.median_ms
-        _record_latency(trial, latency, cache_hit)
+        _record_latency(trial, tracked)
 
         with watch.section("tracking_s"):
             run = ctx.tracker.start_trial(ctx.parent_run_id, trial.number, _run_params(params, spec, ctx),
@@ -156,13 +159,19 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, ctx: TrialContext) -> Tr
                          "params": float(latency.params), "macs": float(latency.macs)})
 
         max_latency_ms = ctx.settings.max_latency_ms
+        if max_latency_ms is not None and latency.median_ms > max_latency_ms and not tracked.settled:
+            with watch.section("latency_s"):  # infeasible is final: not on a provisional figure
+                tracked.settle()
+            latency = tracked.result
+            outcome.latency_ms = latency.median_ms
+            _record_latency(trial, tracked)
         if max_latency_ms is not None and latency.median_ms > max_latency_ms:
             outcome.state = State.INFEASIBLE
             outcome.reason = f"latency {latency.median_ms:.3f} ms > --max-latency-ms {max_latency_ms}"
             trials.finish(study, trial, State.INFEASIBLE, reason=outcome.reason, run=run)
             return outcome
 
-        outcome = _train(study, trial, ctx, params, spec, student, latency, run, outcome, watch)
+        outcome = _train(study, trial, ctx, params, spec, student, tracked, run, outcome, watch)
         return outcome
     except optuna.TrialPruned:
         outcome.state = State.PRUNED
@@ -183,6 +192,8 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, ctx: TrialContext) -> Tr
         trials.finish(study, trial, State.FAIL, reason=outcome.reason, traceback=traceback.format_exc(), run=run)
         return outcome
     finally:
+        if tracked is not None:
+            tracked.close()
         outcome.seconds = watch.elapsed()
         outcome.timings = watch.times
         student = None  # drop this frame's reference before the collection (and the CUDA allocator's purge)
@@ -214,8 +225,11 @@ class _TimedRun:
         return timed
 
 
-def _record_latency(trial: optuna.Trial, result: LatencyResult, hit: bool) -> None:
-    trial.set_user_attr(trials.LATENCY_ATTR, {**result.to_dict(), "cache_hit": hit})
+def _record_latency(trial: optuna.Trial, tracked: TrialLatency) -> None:
+    """The trial's latency figure now (refined figures replace it), with how it was obtained."""
+    assert tracked.result is not None
+    trial.set_user_attr(trials.LATENCY_ATTR, {**tracked.result.to_dict(), "cache_hit": tracked.cache_hit,
+                                              "refinements": tracked.refinements})
 
 
 def _run_params(params: TrialParams, spec: StudentSpec, ctx: TrialContext) -> dict[str, Any]:
@@ -228,7 +242,7 @@ def _run_params(params: TrialParams, spec: StudentSpec, ctx: TrialContext) -> di
 
 
 def _train(study: optuna.Study, trial: optuna.Trial, ctx: TrialContext, params: TrialParams, spec: StudentSpec,
-           student: torch.nn.Module, latency: LatencyResult, run: TrialRun, outcome: TrialOutcome,
+           student: torch.nn.Module, tracked: TrialLatency, run: TrialRun, outcome: TrialOutcome,
            watch: Stopwatch) -> TrialOutcome:
     loss_fn = build_loss(params.loss, **params.loss_params)
     cfg = TrainConfig(epochs=params.epochs, batch_size=params.batch_size, lr=params.lr,
@@ -236,8 +250,28 @@ def _train(study: optuna.Study, trial: optuna.Trial, ctx: TrialContext, params: 
                       seed=ctx.settings.seed + trial.number, device=ctx.device, compile=ctx.settings.compile)
     rungs = set(pruning.rung_epochs(params.epochs, ctx.space.pruning.min_epoch, ctx.space.pruning.eta))
     curve: list[float] = []
+    holding: list[TrainingHold] = []  # the training hold, while training
+
+    def probe_latency(every_s: float) -> None:
+        # A provisional figure is probed between two steps: out of the training hold (the measuring lock waits
+        # for every trainer, this one too), timed as latency, not as training or epoch bookkeeping.
+        if tracked.settled:
+            return
+        with watch.section("latency_s"), holding[0].released() if holding else contextlib.nullcontext():
+            changed = tracked.probe(every_s)
+        if changed and tracked.settled:  # recorded (and logged) once settled, not at every probe
+            _record_latency(trial, tracked)
+            outcome.latency_ms = tracked.result.median_ms
+            run.log_metrics({"latency_ms": tracked.result.median_ms})
+
+    def on_step() -> None:
+        if holding:
+            holding[0].pause_point()
+        probe_latency(PROBE_EVERY_S)
 
     def on_epoch(result: EpochResult) -> None:
+        probe_latency(0.0)
+        latency = tracked.result
         with watch.section("epoch_bookkeeping_s"):
             curve.append(result.val_acc)
             outcome.epochs_trained = result.epoch
@@ -246,7 +280,7 @@ def _train(study: optuna.Study, trial: optuna.Trial, ctx: TrialContext, params: 
                                          "lr": result.lr, "epoch_seconds": result.seconds})
             if result.epoch in rungs:
                 record = pruning.RungRecord(trial=trial.number, epoch=result.epoch, accuracy=result.val_acc,
-                                            latency_ms=latency.median_ms)
+                                            latency_ms=latency.median_ms, latency_settled=latency.settled)
                 trial.set_user_attr(*pruning.encode_rung(record))
                 if ctx.settings.prune:
                     peers = pruning.records_at(result.epoch, ((t.number, t.user_attrs)
@@ -262,12 +296,23 @@ def _train(study: optuna.Study, trial: optuna.Trial, ctx: TrialContext, params: 
     # Shared CPU gate: a worker measuring latency on this machine waits until no one trains. train_s includes
     # that wait and leaves out the epochs' bookkeeping (timed also when a pruned trial leaves from inside it).
     with watch.section("train_s"), ctx.train_lock() if ctx.train_lock else contextlib.nullcontext() as hold:
+        if hold is not None:
+            holding.append(hold)
         result = distill(student, loss_fn, ctx.data, cfg,
                          teacher=ctx.teacher_outputs if loss_fn.uses_teacher else None, views=ctx.views,
-                         on_epoch=on_epoch, on_step=hold.pause_point if hold is not None else None)
+                         on_epoch=on_epoch, on_step=on_step)
+    holding.clear()
     val_acc = float(result.val_acc)
     if not math.isfinite(val_acc):  # never let a non-finite value reach the study
         raise NonFiniteLossError(f"validation accuracy is not finite ({val_acc})")
+    if not tracked.settled:  # the told values are final: not on a provisional figure, if the host allows
+        with watch.section("latency_s"):
+            changed = tracked.settle()
+        if changed:
+            _record_latency(trial, tracked)
+            run.log_metrics({"latency_ms": tracked.result.median_ms})
+    latency = tracked.result
+    outcome.latency_ms = latency.median_ms
 
     with watch.section("save_s"):
         out_dir = ctx.trials_dir / str(trial.number)

@@ -37,6 +37,7 @@ class RungRecord:
     epoch: int
     accuracy: float
     latency_ms: float
+    latency_settled: bool = True  # False: the figure was provisional (taken in a slow phase of the host) then
 
 
 @dataclass(frozen=True)
@@ -161,7 +162,8 @@ def encode_rung(record: RungRecord) -> tuple[str, dict[str, float | None]]:
         x = float(x)
         return x if math.isfinite(x) else None
 
-    return rung_attr_key(record.epoch), {"accuracy": num(record.accuracy), "latency_ms": num(record.latency_ms)}
+    return rung_attr_key(record.epoch), {"accuracy": num(record.accuracy), "latency_ms": num(record.latency_ms),
+                                         "latency_settled": bool(record.latency_settled)}
 
 
 def decode_rungs(trial: int, user_attrs: Mapping[str, Any]) -> list[RungRecord]:
@@ -184,6 +186,7 @@ def decode_rungs(trial: int, user_attrs: Mapping[str, Any]) -> list[RungRecord]:
             trial=int(trial), epoch=int(suffix),
             accuracy=math.nan if acc is None else float(acc),
             latency_ms=math.nan if lat is None else float(lat),
+            latency_settled=value.get("latency_settled") is not False,
         ))
     out.sort(key=lambda r: r.epoch)
     return out

@@ -61,6 +61,16 @@ class TrainingHold:
     def _leave(self) -> None:
         fcntl.flock(self._gate, fcntl.LOCK_UN)
 
+    @contextlib.contextmanager
+    def released(self) -> Iterator[None]:
+        """Leave the gate for the block (a trainer measuring its own student between two epochs), then
+        re-enter through the turnstile."""
+        self._leave()
+        try:
+            yield
+        finally:
+            self._enter()
+
     def pause_point(self) -> None:
         """Called between training steps: after `slice_s` of holding, leave and re-enter through the turnstile.
 
