@@ -117,8 +117,9 @@ class ProvisionalLatency:
         return LatencyResult(median_ms=5.0 if settled else 8.0, iqr_ms=0.0, runs=10, batch_size=1, threads=1,
                              device="cpu", host="h", params=1, macs=1, key=spec.key, settled=settled)
 
-    def forget(self, spec) -> None:  # type: ignore[no-untyped-def]
+    def close(self, spec, result=None):  # type: ignore[no-untyped-def]
         self.forgotten.append(spec.key)
+        return result
 
 
 def test_a_provisional_latency_is_probed_while_training_and_settled_before_the_values_are_told(

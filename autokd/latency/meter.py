@@ -56,6 +56,7 @@ class LatencyResult:
     settled: bool = True          # all its rounds taken in a fast phase of the host; False: provisional
     slow_rounds: int = 0          # rounds set aside because the host was in a slow phase
     waited_s: float = 0.0         # seconds of rounds set aside
+    moments: int = 1              # separate takes its fast rounds came from (a trial refines it while it trains)
     precision: str = "fp32"       # what was timed: the fp32 ONNX model or its INT8 quantisation
     quantize_s: float = 0.0       # seconds spent quantising the exported student (--latency-precision int8)
 
@@ -300,10 +301,10 @@ class LatencyMeter:
             self.cache.put(result, sig)
         return result, False
 
-    def refine(self, spec: StudentSpec, max_wait_s: float, probe: bool = False) -> LatencyResult | None:
-        """Go on with ``spec``'s provisional measurement (more rounds, waiting at most ``max_wait_s`` seconds for
-        a fast phase of the host; ``probe``: only while the host is fast, see `protocol.Measurement.take`); the
-        result so far, cached once settled. None: nothing pending for ``spec``."""
+    def refine(self, spec: StudentSpec, max_wait_s: float, probe: int = 0) -> LatencyResult | None:
+        """Go on with ``spec``'s measurement (more rounds, waiting at most ``max_wait_s`` seconds for a fast phase
+        of the host; ``probe``: that many rounds while the host is fast, see `protocol.Measurement.take`); the
+        result so far, cached (again) when settled. None: no measurement of ``spec`` is open."""
         key = _cache_key(spec, self.batch)
         pending = self._pending.get(key)
         if pending is None:
@@ -314,16 +315,17 @@ class LatencyMeter:
         result = self._result(pending.measurement.timings()[key], key, pending.params, pending.macs,
                               timing_s=pending.timing_s + time.perf_counter() - t0)
         result.export_s, result.quantize_s = pending.export_s, pending.quantize_s
+        result.moments = pending.measurement.moments()
         pending.timing_s = result.timing_s
-        if result.settled:
-            del self._pending[key]
-            if self.cache is not None:
-                self.cache.put(result, self.signature())
+        if result.settled and self.cache is not None:
+            self.cache.put(result, self.signature())
         return result
 
-    def forget(self, spec: StudentSpec) -> None:
-        """Drop ``spec``'s pending measurement (its trial is over); the next trial of it measures anew."""
+    def close(self, spec: StudentSpec, result: LatencyResult | None = None) -> LatencyResult | None:
+        """Close ``spec``'s measurement (its trial is over, ``result`` its final figure, returned): a later trial
+        of it uses the cached figure if it settled, else measures anew."""
         self._pending.pop(_cache_key(spec, self.batch), None)
+        return result
 
     @contextlib.contextmanager
     def _quiet(self) -> Iterator[None]:
@@ -374,7 +376,7 @@ class LatencyMeter:
         return blob
 
     def time_onnx(self, onnx: bytes | str | os.PathLike, key: str = "onnx", params: int = 0,
-                  macs: int = 0, max_wait_s: float | None = None) -> LatencyResult:
+                  macs: int = 0, max_wait_s: float | None = None, keep_open: bool = False) -> LatencyResult:
         """Time an already-exported ONNX model (bytes or path) with this meter's runtime settings."""
         if self.runtime != "onnxruntime":
             raise ValueError("timing an ONNX file needs --latency-runtime onnxruntime")
@@ -386,7 +388,8 @@ class LatencyMeter:
         measurement = protocol.Measurement({key: runner}, rounds=self.rounds, runs=self.runs, warmup=self.warmup)
         measurement.take(self.max_wait_s if max_wait_s is None else max_wait_s)
         result = self._result(measurement.timings()[key], key, params, macs, timing_s=time.perf_counter() - t0)
-        if not result.settled:
+        result.moments = measurement.moments()
+        if keep_open:
             self._pending[key] = _Pending(measurement, params, macs, result.timing_s)
         return result
 
@@ -416,7 +419,7 @@ class LatencyMeter:
             blob = self._onnx_for_timing(model, shape, prep_s)
         with self._quiet():
             if blob is not None:
-                result = self.time_onnx(blob, key, params, macs, max_wait_s)
+                result = self.time_onnx(blob, key, params, macs, max_wait_s, keep_open=True)
                 result.export_s, result.quantize_s = prep_s["export_s"], prep_s["quantize_s"]
                 if key in self._pending:
                     self._pending[key].export_s, self._pending[key].quantize_s = result.export_s, result.quantize_s

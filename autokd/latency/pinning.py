@@ -41,21 +41,19 @@ class StudyLatency:
         found = self.get(spec.key)
         if found is not None:
             return found, True
-        result, hit = self.meter.measure(spec, model, max_wait_s)
-        if not result.settled:  # provisional: recorded once `refine` settles it
-            return result, hit
-        return self.put(spec.key, result), hit
+        return self.meter.measure(spec, model, max_wait_s)  # recorded in the study when its trial closes it
 
-    def refine(self, spec: StudentSpec, max_wait_s: float, probe: bool = False) -> LatencyResult | None:
-        """`LatencyMeter.refine`, recording the figure in the study once settled (or the one recorded first)."""
-        result = self.meter.refine(spec, max_wait_s, probe)
+    def refine(self, spec: StudentSpec, max_wait_s: float, probe: int = 0) -> LatencyResult | None:
+        """`LatencyMeter.refine`."""
+        return self.meter.refine(spec, max_wait_s, probe)
+
+    def close(self, spec: StudentSpec, result: LatencyResult | None = None) -> LatencyResult | None:
+        """`LatencyMeter.close`; ``result``, the trial's final figure, is recorded in the study when settled
+        (unless another worker recorded one first: that one is returned)."""
+        self.meter.close(spec)
         if result is not None and result.settled:
             return self.put(spec.key, result)
         return result
-
-    def forget(self, spec: StudentSpec) -> None:
-        """`LatencyMeter.forget`."""
-        self.meter.forget(spec)
 
     def get(self, arch_key: str) -> LatencyResult | None:
         """The study's measurement of `arch_key` on this device kind, or None."""

@@ -251,8 +251,9 @@ class Measurement:
                              f"warmup={warmup}")
         self.runners, self.rounds, self.runs, self.warmup, self.gate = runners, rounds, runs, warmup, gate
         self._rng = random.Random(seed)
-        # per runner, in the order taken: (the slower of the two references around it, its figure)
-        self._taken: dict[str, list[tuple[float, float]]] = {name: [] for name in runners}
+        # per runner, in the order taken: (the slower of the two references around it, its figure, which take)
+        self._taken: dict[str, list[tuple[float, float, int]]] = {name: [] for name in runners}
+        self.takes = 0  # calls of take(): a figure from several takes was measured at several moments
         self._last_reference: float | None = None
         self.rounds_taken = 0
         self.waited_s = 0.0  # seconds of rounds that gave some runner a figure it could not keep
@@ -263,7 +264,14 @@ class Measurement:
         """``name``'s figures taken in a fast phase, judged against the latest baseline (a faster phase found
         later disqualifies earlier figures)."""
         gate = self.gate
-        return [figure for ref, figure in self._taken[name] if gate is None or gate.is_fast(ref)]
+        return [figure for ref, figure, _ in self._taken[name] if gate is None or gate.is_fast(ref)]
+
+    def moments(self) -> int:
+        """Takes that gave every runner at least one fast figure: the moments the figure was measured at."""
+        gate, counts = self.gate, []
+        for name in self.runners:
+            counts.append(len({take for ref, _, take in self._taken[name] if gate is None or gate.is_fast(ref)}))
+        return min(counts, default=0)
 
     def _missing(self) -> int:
         return sum(max(0, self.rounds - len(self._kept(name))) for name in self.runners)
@@ -273,10 +281,11 @@ class Measurement:
         """Whether every runner has ``rounds`` figures taken in a fast phase."""
         return self._missing() == 0
 
-    def take(self, max_wait_s: float, probe: bool = False) -> bool:
+    def take(self, max_wait_s: float, probe: int = 0) -> bool:
         """Take rounds until settled, or until ``max_wait_s`` more seconds went to rounds in slow phases (0: one
-        pass of ``rounds`` rounds at most when the host is slow). ``probe``: stop at the first round taken in a
-        slow phase instead (a probe costs one round while the host is slow). Returns ``settled``."""
+        pass of ``rounds`` rounds at most when the host is slow). ``probe`` (a number of rounds): take up to that
+        many rounds while the host is fast, also when settled, and stop at the first round taken in a slow phase
+        (a probe costs one round while the host is slow). Returns ``settled``."""
         started = time.perf_counter()
         gate = self.gate
         if gate is not None:
@@ -287,8 +296,9 @@ class Measurement:
                     run()
             self._warm = True
         waited, taken_now = 0.0, 0
+        self.takes += 1
         missing = self._missing()
-        while missing > 0:
+        while (taken_now < probe) if probe else missing > 0:
             t0 = time.perf_counter()
             gained = self._round()
             taken_now += 1
@@ -309,7 +319,7 @@ class Measurement:
         self.rounds_taken += 1
         if self.gate is None:
             for name in names:
-                self._taken[name].append((0.0, _run_round(self.runners[name], self.runs)))
+                self._taken[name].append((0.0, _run_round(self.runners[name], self.runs), self.takes))
             return len(names)
         gate, kept = self.gate, 0
         before = self._last_reference if self._last_reference is not None else gate.reference(self.runs)
@@ -320,21 +330,21 @@ class Measurement:
             bracket = max(before, after)
             fast = gate.is_fast(bracket)
             for name, figure in figures.items():
-                self._taken[name].append((bracket, figure))
+                self._taken[name].append((bracket, figure, self.takes))
                 kept += fast
             before = after
         self._last_reference = before
         return kept
 
     def timings(self) -> dict[str, Timing]:
-        """Per runner: the median of its first ``rounds`` fast figures when it has them; else of the ``rounds``
+        """Per runner: the median of its fast figures when it has ``rounds`` of them; else of the ``rounds``
         figures with the fastest references around them (the closest to a fast phase the host came)."""
         gate, out = self.gate, {}
         for name in self.runners:
             taken = self._taken[name]
-            kept = [(ref, figure) for ref, figure in taken if gate is None or gate.is_fast(ref)]
+            kept = [(ref, figure) for ref, figure, _ in taken if gate is None or gate.is_fast(ref)]
             settled = len(kept) >= self.rounds
-            use = kept[:self.rounds] if settled else sorted(taken)[:self.rounds]
+            use = kept if settled else sorted((ref, figure) for ref, figure, _ in taken)[:self.rounds]
             xs = [figure for _, figure in use]
             slowdown = (statistics.median(ref for ref, _ in use) / gate.baseline
                         if gate is not None and gate.baseline else 1.0)

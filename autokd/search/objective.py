@@ -255,14 +255,15 @@ def _train(study: optuna.Study, trial: optuna.Trial, ctx: TrialContext, params: 
     def probe_latency(every_s: float) -> None:
         # A provisional figure is probed between two steps: out of the training hold (the measuring lock waits
         # for every trainer, this one too), timed as latency, not as training or epoch bookkeeping.
-        if tracked.settled:
+        if tracked.done:
             return
+        was_settled = tracked.settled
         with watch.section("latency_s"), holding[0].released() if holding else contextlib.nullcontext():
             changed = tracked.probe(every_s)
-        if changed and tracked.settled:  # recorded (and logged) once settled, not at every probe
-            _record_latency(trial, tracked)
+        if changed:
             outcome.latency_ms = tracked.result.median_ms
-            run.log_metrics({"latency_ms": tracked.result.median_ms})
+            if tracked.settled and not was_settled:  # recorded once settled and at the end, not at every probe
+                _record_latency(trial, tracked)
 
     def on_step() -> None:
         if holding:
@@ -307,10 +308,10 @@ def _train(study: optuna.Study, trial: optuna.Trial, ctx: TrialContext, params: 
         raise NonFiniteLossError(f"validation accuracy is not finite ({val_acc})")
     if not tracked.settled:  # the told values are final: not on a provisional figure, if the host allows
         with watch.section("latency_s"):
-            changed = tracked.settle()
-        if changed:
-            _record_latency(trial, tracked)
-            run.log_metrics({"latency_ms": tracked.result.median_ms})
+            tracked.settle()
+    if tracked.refinements:
+        _record_latency(trial, tracked)
+        run.log_metrics({"latency_ms": tracked.result.median_ms})
     latency = tracked.result
     outcome.latency_ms = latency.median_ms
 

@@ -1,14 +1,21 @@
-"""A trial's latency while it lives: measured when it starts, refined while it trains until it is settled.
+"""A trial's latency while it lives: measured when it starts, refined while it trains.
 
 A measurement is *settled* once enough of its rounds were taken in a fast phase of the host
-(:mod:`autokd.latency.hostphase`). A trial does not wait long for one before training: a slow phase can last
-many seconds, and the trial's own training time is better spent. So the first measurement waits at most
-:data:`FIRST_WAIT_S`; a figure still provisional then is *probed* while the trial trains, every
-:data:`PROBE_EVERY_S` seconds between two steps and at each epoch's end: one round when the host is slow (a
-fraction of a millisecond), rounds until settled when it is fast, so the figure comes from the fast moments of
-the trial's whole life. What is still provisional when a decision that cannot be undone comes (telling the study
-a COMPLETE trial's values, calling a trial infeasible) waits up to :data:`FINAL_WAIT_S`, then keeps the rounds
-closest to a fast phase. Every figure a decision used is recorded with whether it was settled.
+(:mod:`autokd.latency.hostphase`). Even then, some students (depthwise convolutions, say) run a few per cent
+faster or slower from one second to the next, so a figure from one burst of rounds does not repeat; one from
+rounds taken at several moments does. And a trial does not wait long for a fast phase before training: a slow
+phase can last many seconds, and the trial's training time is better spent. So:
+
+- the first measurement waits at most :data:`FIRST_WAIT_S`;
+- while the trial trains, every :data:`PROBE_EVERY_S` seconds between two steps and at each epoch's end, a
+  *probe* takes up to :data:`PROBE_ROUNDS` more rounds while the host is fast (one round, a fraction of a
+  millisecond, when it is slow), until the figure comes from :data:`MOMENTS` separate moments;
+- what is still unsettled when a decision that cannot be undone comes (telling the study a COMPLETE trial's
+  values, calling a trial infeasible) waits up to :data:`FINAL_WAIT_S`, then keeps the rounds closest to a fast
+  phase.
+
+The figure is the median of all fast rounds so far. Every figure a decision used is recorded with whether it was
+settled (rung records: ``latency_settled``; the trial's ``latency``: ``settled``, ``moments``).
 """
 from __future__ import annotations
 
@@ -24,8 +31,12 @@ if TYPE_CHECKING:
 
 #: Seconds a trial's first measurement may spend in slow phases of the host before training starts.
 FIRST_WAIT_S = 0.5
-#: Seconds of training between two probes of a provisional figure.
+#: Seconds of training between two probes.
 PROBE_EVERY_S = 0.2
+#: Fast rounds a probe may add.
+PROBE_ROUNDS = 5
+#: Separate moments (the first measurement and the probes that found the host fast) a figure is measured at.
+MOMENTS = 4
 #: Seconds a provisional figure may wait before an irreversible decision (the told values, infeasible).
 FINAL_WAIT_S = 3.0
 
@@ -51,20 +62,27 @@ class TrialLatency:
         """Whether the figure is settled (a cached or recorded figure is)."""
         return self.result is not None and self.result.settled
 
+    @property
+    def done(self) -> bool:
+        """Nothing more to measure: settled, from :data:`MOMENTS` moments (or a cached or recorded figure)."""
+        return self.result is not None and (self.cache_hit or (self.result.settled and self.result.moments >= MOMENTS))
+
     def probe(self, every_s: float = PROBE_EVERY_S) -> bool:
-        """A probe of a provisional figure, at most one per ``every_s`` seconds (0: now); True when it changed."""
-        if self.settled or time.monotonic() - self._last_probe < every_s:
+        """A probe, at most one per ``every_s`` seconds (0: now) until :attr:`done`; True when the figure changed."""
+        if self.done or time.monotonic() - self._last_probe < every_s:
             return False
-        changed = self._refine(0.0, probe=True)
+        changed = self._refine(0.0, probe=PROBE_ROUNDS)
         self._last_probe = time.monotonic()
         return changed
 
     def settle(self) -> bool:
-        """Wait up to :data:`FINAL_WAIT_S` for a provisional figure to settle; True when it changed."""
-        return self._refine(FINAL_WAIT_S, probe=False)
+        """Wait up to :data:`FINAL_WAIT_S` for an unsettled figure to settle; True when it changed."""
+        if self.settled:
+            return False
+        return self._refine(FINAL_WAIT_S, probe=0)
 
-    def _refine(self, max_wait_s: float, probe: bool) -> bool:
-        if self.result is None or self.result.settled:
+    def _refine(self, max_wait_s: float, probe: int) -> bool:
+        if self.result is None or self.cache_hit:
             return False
         found = self.source.refine(self.spec, max_wait_s, probe)
         if found is None:
@@ -74,8 +92,10 @@ class TrialLatency:
         return True
 
     def close(self) -> None:
-        """The trial is over: drop a measurement still pending."""
-        self.source.forget(self.spec)
+        """The trial is over: close its measurement (the source caches or records the final figure)."""
+        found = self.source.close(self.spec, None if self.cache_hit else self.result)
+        if found is not None:
+            self.result = found
 
 
-__all__ = ["FINAL_WAIT_S", "FIRST_WAIT_S", "PROBE_EVERY_S", "TrialLatency"]
+__all__ = ["FINAL_WAIT_S", "FIRST_WAIT_S", "MOMENTS", "PROBE_EVERY_S", "PROBE_ROUNDS", "TrialLatency"]
