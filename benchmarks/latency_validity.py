@@ -8,12 +8,18 @@ Prints, from one run (latency runtime: the CPU default, ONNX Runtime, 1 thread, 
     worst / median relative difference;
 (c) latency bookkeeping (ONNX export + timing, MACs and parameter count included) as a share of trial time in
     that search (target <= 5 %), with export and timing apart;
-(d) Spearman between eager PyTorch and ONNX Runtime latencies of the (a) architectures (information).
+(d) Spearman between eager PyTorch and ONNX Runtime latencies of the (a) architectures (information);
+(e) latency inside a search: two identical searches (16 trials, random sampler, no pruning, seed 0, no MLflow:
+    the same 15 architectures), worst and median difference of the latencies they recorded (targets <= 10 %,
+    <= 3 %) and Spearman against an independent interleaved re-timing (target >= 0.98), beside the host's own
+    floor: that re-timing done twice back to back;
+(f) the same search with a second process keeping one core busy, against the first quiet one (target worst
+    <= 15 %); with the latency bookkeeping share of each search's trial time and a per-architecture table.
 
-    python benchmarks/latency_validity.py [--quick] [--archs 30] [--budget 50]
+    python benchmarks/latency_validity.py [--quick] [--archs 30] [--budget 50] [--only ad|bc|ef]
 
 --quick: 20 architectures and a 12-trial search (about a minute or two); the full run: 30 and the default
-50-trial search (a few minutes).
+50-trial search (a few minutes); (e) and (f) take about ten minutes (the busy search trains slowly).
 """
 from __future__ import annotations
 
@@ -201,7 +207,7 @@ def part_e_and_f(budget: int) -> None:
     from autokd.latency import protocol
     from autokd.latency.meter import LatencyMeter
 
-    overrides = dict(budget=budget, sampler="random", prune=False, seed=0, mlflow=False)
+    overrides = {"budget": budget, "sampler": "random", "prune": False, "seed": 0, "mlflow": False}
     searches: list[dict[str, float]] = []
     records: list[dict[str, dict]] = []
     specs: dict[str, object] = {}
@@ -236,7 +242,7 @@ def part_e_and_f(budget: int) -> None:
           f"recorded latencies worst {ew:.1%}, median {em:.1%} apart (targets <= 10 %, <= 3 %); Spearman against "
           f"an independent interleaved re-timing {rho:.3f} (the lower of the two; target >= 0.98); {floor}",
           flush=True)
-    bw, bm, brho, n = _compare(searches[0], searches[2])
+    bw, bm, _, n = _compare(searches[0], searches[2])
     print(f"(f) the same search with a second process keeping one core busy, against the first quiet one: worst "
           f"{bw:.1%}, median {bm:.1%} (target worst <= 15 %); Spearman against the re-timing "
           f"{_compare(searches[2], retimed[0])[2]:.3f}", flush=True)

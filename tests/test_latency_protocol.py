@@ -254,3 +254,22 @@ def test_a_slow_phase_longer_than_the_wait_gives_an_unsettled_figure_that_refine
     assert measurement.take(max_wait_s=30)  # goes on from there: 8 more slow rounds, then 4 fast ones
     settled = measurement.timings()["m"]
     assert settled.settled and settled.slow_rounds == 12 and settled.rounds == pytest.approx([3.0] * 4)
+
+
+def test_the_gate_baseline_is_a_low_quantile_not_a_freak_round(monkeypatch: pytest.MonkeyPatch) -> None:
+    # 1 ms a reference round, except one freak 0.5 ms round: the baseline stays at 1 ms, so rounds of 1 ms keep
+    # counting as fast (with the minimum as baseline, none would again).
+    now = [0.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: now[0])
+    calls = [0]
+
+    def reference() -> None:
+        calls[0] += 1
+        now[0] += 0.0005 if calls[0] == 50 else 0.001
+
+    gate = hostphase.PhaseGate(lambda: reference, calibrate_s=0.0)
+    base = gate.calibrate(runs=1)
+    assert base == pytest.approx(1.0) and gate.is_fast(1.04) and not gate.is_fast(1.06)
+    assert gate.slowdown(1.5) == pytest.approx(1.5)
+    gate.reset()
+    assert gate.baseline is None

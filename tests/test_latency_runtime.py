@@ -171,3 +171,21 @@ def test_study_latency_records_one_figure_when_two_workers_put_at_once(tmp_path:
         t.join(timeout=60)
     assert len(results) == 2 and results[0].median_ms == results[1].median_ms
     assert StudyLatency(study, meter).get("arch").median_ms == results[0].median_ms
+
+
+def test_a_trial_measurement_stays_open_for_more_moments_until_closed(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every round counts here (the host-phase gate tolerates anything): what is tested is the bookkeeping.
+    monkeypatch.setattr(ort_timing.GATE, "tolerance", 1e9)
+    meter = LatencyMeter("onnxruntime", cache=LatencyCache(tmp_path), **FAST)
+    spec = tiny_spec()
+    first, hit = meter.measure(spec, max_wait_s=0.0)
+    assert not hit and first.settled and first.moments == 1 and first.runs == 5 * 2
+    assert meter.cache.get(spec.key, meter.signature()) == first  # settled: cached at once
+    refined = meter.refine(spec, 0.0, probe=3)  # a probe while the trial trains: 3 more rounds, a second moment
+    assert refined is not None and refined.settled and refined.moments == 2 and refined.runs == (5 + 3) * 2
+    assert meter.cache.get(spec.key, meter.signature()) == refined  # the cache follows the refined figure
+    assert meter.close(spec, refined) == refined
+    assert meter.refine(spec, 0.0, probe=3) is None  # closed: nothing more is taken
+    again, hit = meter.measure(spec)
+    assert hit and again == refined  # a later trial of the architecture uses the final figure

@@ -4,26 +4,27 @@ A shared or virtual machine alternates between fast and slow phases lasting seco
 runs markedly slower, by a different factor per model (docs/latency.md, "Host phases"). A measurement of a few
 milliseconds falls wholly inside one phase, so two measurements of one student can differ by that factor, and no
 statistic over its rounds sees it. Dividing by a reference's slowdown is biased, because models slow down by
-different factors. So the reference is used to *select*: a round counts only when the reference, timed in the
-same shuffled round, runs as fast as its fastest phase seen by this process (:class:`PhaseGate`); rounds taken in
-a slow phase are set aside and the measurement goes on, or waits, until enough fast rounds are in.
+different factors. So the reference is used to *select*: a model's figure counts only when the reference, timed
+just before and just after it, ran as fast as in the fast phase seen by this process (:class:`PhaseGate`; the
+bracketing is `autokd.latency.protocol.Measurement`'s); figures taken in a slow phase are set aside and the
+measurement goes on, or waits, until enough fast ones are in.
 
 The reference is a small convolutional network built here (onnx helper, fixed weights): the same kind of work as
-a student, so it sees the phases a student sees. Imports only numpy, onnx and onnxruntime (never torch).
+a student, so it sees the phases a student sees. Imports only numpy and onnx (never torch or onnxruntime:
+`autokd.latency.protocol` runs the reference).
 """
 from __future__ import annotations
 
 import collections
 import functools
 import math
-import statistics
 import time
 from typing import Callable
 
 import numpy as np
 
-#: A round counts as fast when the reference's figure is at most this much above its baseline. The phases seen
-#: on shared VMs differ by far more than this; within a phase the reference varies by far less.
+#: A reference figure counts as fast when it is at most this much above the baseline. The phases seen on shared
+#: VMs differ by far more than this; within the fast phase the reference varies by far less.
 DEFAULT_TOLERANCE = 0.05
 #: Seconds the gate samples the reference on first use, so that a process starting in a slow phase may still find
 #: a fast one before its first measurement.
@@ -141,11 +142,4 @@ class PhaseGate:
         return self.slowdown(figure) <= 1.0 + self.tolerance
 
 
-def median_slowdown(figures: list[float], baseline: float | None) -> float:
-    """Median of reference figures relative to ``baseline`` (1.0 when unknown)."""
-    if not figures or not baseline:
-        return 1.0
-    return statistics.median(figures) / baseline
-
-
-__all__ = ["BASELINE_QUANTILE", "DEFAULT_CALIBRATE_S", "DEFAULT_TOLERANCE", "PhaseGate", "median_slowdown", "reference_model"]
+__all__ = ["BASELINE_QUANTILE", "DEFAULT_CALIBRATE_S", "DEFAULT_TOLERANCE", "PhaseGate", "reference_model"]

@@ -366,7 +366,7 @@ def time_onnx(onnx: OnnxSource, threads: int = 1, batch: int = 1, provider: str 
     return time_sessions({"model": make_session(onnx, threads, provider)}, batch=batch, **protocol)["model"]
 
 
-__all__ = ["CONFIDENCE", "DEFAULT_PROVIDER", "DEFAULT_ROUNDS", "DEFAULT_RUNS", "DEFAULT_MAX_WAIT_S", "DEFAULT_WARMUP", "GATE",
-           "INPUT_DTYPES", "REPRODUCIBILITY", "RUNTIME", "Timing", "available_providers", "cpu_model", "input_specs",
-           "Measurement", "make_input", "reference_runner", "make_inputs", "make_session", "median_interval", "signature", "time_onnx", "time_runners",
-           "time_sessions", "widen"]
+__all__ = ["CONFIDENCE", "DEFAULT_MAX_WAIT_S", "DEFAULT_PROVIDER", "DEFAULT_ROUNDS", "DEFAULT_RUNS", "DEFAULT_WARMUP",
+           "GATE", "INPUT_DTYPES", "REPRODUCIBILITY", "RUNTIME", "Measurement", "Timing", "available_providers",
+           "cpu_model", "input_specs", "make_input", "make_inputs", "make_session", "median_interval",
+           "reference_runner", "signature", "time_onnx", "time_runners", "time_sessions", "widen"]

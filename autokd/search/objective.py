@@ -175,6 +175,8 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, ctx: TrialContext) -> Tr
         return outcome
     except optuna.TrialPruned:
         outcome.state = State.PRUNED
+        if tracked is not None and tracked.refinements:  # the figure as refined until the rung (the rung's own is
+            _record_latency(trial, tracked)              # in its record)
         trials.finish(study, trial, State.PRUNED, reason=outcome.reason, run=run)
         return outcome
     except (KeyboardInterrupt, Interrupted):

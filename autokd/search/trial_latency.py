@@ -38,12 +38,12 @@ PROBE_ROUNDS = 5
 #: Separate moments (the first measurement and the probes that found the host fast) a figure is measured at.
 MOMENTS = 6
 #: Seconds a provisional figure may wait before an irreversible decision (the told values, infeasible).
-FINAL_WAIT_S = 3.0
+FINAL_WAIT_S = 10.0
 
 
 class TrialLatency:
-    """The latency of one trial's student: ``result`` is the figure now; ``refine`` and ``settle`` improve it
-    while it is provisional. ``source`` is the worker's meter (or the study-wide record around it)."""
+    """The latency of one trial's student: ``result`` is the figure now; :meth:`probe` and :meth:`settle` improve
+    it while the trial trains. ``source`` is the worker's meter (or the study-wide record around it)."""
 
     def __init__(self, source: LatencyMeter | StudyLatency, spec: StudentSpec) -> None:
         self.source, self.spec = source, spec
@@ -51,6 +51,7 @@ class TrialLatency:
         self.cache_hit = False
         self.refinements = 0  # takes after the first measurement
         self._last_probe = time.monotonic()
+        self._open = True  # False once the source has nothing more to take (closed, remote, or eager PyTorch)
 
     def measure(self, model: nn.Module | None) -> LatencyResult:
         """The first measurement (the cache's or the study's figure when there is one)."""
@@ -65,7 +66,9 @@ class TrialLatency:
     @property
     def done(self) -> bool:
         """Nothing more to measure: settled, from :data:`MOMENTS` moments (or a cached or recorded figure)."""
-        return self.result is not None and (self.cache_hit or (self.result.settled and self.result.moments >= MOMENTS))
+        if self.result is None:
+            return False
+        return self.cache_hit or not self._open or (self.result.settled and self.result.moments >= MOMENTS)
 
     def probe(self, every_s: float = PROBE_EVERY_S) -> bool:
         """A probe, at most one per ``every_s`` seconds (0: now) until :attr:`done`; True when the figure changed."""
@@ -73,6 +76,7 @@ class TrialLatency:
             return False
         changed = self._refine(0.0, probe=PROBE_ROUNDS)
         self._last_probe = time.monotonic()
+        self._open = True  # False once the source has nothing more to take (closed, remote, or eager PyTorch)
         return changed
 
     def settle(self) -> bool:
@@ -86,6 +90,7 @@ class TrialLatency:
             return False
         found = self.source.refine(self.spec, max_wait_s, probe)
         if found is None:
+            self._open = False
             return False
         self.result = found
         self.refinements += 1
