@@ -125,30 +125,14 @@ def part_a_and_d(n: int) -> None:
 
 def part_b_and_c(budget: int) -> None:
     from autokd.latency.meter import LatencyMeter
-    from autokd.model.students import resolve_student
-    from autokd.study.record import sampled_params
 
     root = fresh_root("validity")
     try:
         summary, wall = run_search(root, quiet=True, budget=budget, mlflow=False)
-        study = load_study(root)
-        recorded: dict[str, float] = {}
-        specs = {}
-        export_s = timing_s = 0.0
-        for t in study.trials:
-            lat = t.user_attrs.get("latency")
-            if not lat or "arch_key" not in t.user_attrs:
-                continue
-            flat = sampled_params(t.user_attrs)
-            spec = resolve_student(flat["family"], float(flat["width"]), float(flat["depth"]), num_classes=10,
-                                   in_chans=1, input_size=16)
-            if spec.key != t.user_attrs["arch_key"]:
-                continue
-            if spec.key not in recorded and not lat.get("cache_hit"):
-                export_s += lat.get("export_s", 0.0)
-                timing_s += lat.get("timing_s", 0.0)
-            recorded.setdefault(spec.key, lat["median_ms"])
-            specs[spec.key] = spec
+        recorded, specs, records = recorded_latencies(root)
+        measured = [r for r in records.values() if not r.get("cache_hit")]
+        export_s = sum(r.get("export_s", 0.0) for r in measured)
+        timing_s = sum(r.get("timing_s", 0.0) for r in measured)
         again = LatencyMeter("onnxruntime").retime(specs, seed=7)
         keys = sorted(specs)
         a, b = [recorded[k] for k in keys], [again[k].median_ms for k in keys]

@@ -21,7 +21,7 @@ import torch
 
 from autokd.config import SearchSettings
 from autokd.errors import FatalSearchError, Interrupted
-from autokd.latency.meter import LatencyMeter
+from autokd.latency.meter import LatencyMeter, LatencyResult
 from autokd.latency.pinning import StudyLatency
 from autokd.model.checkpoint import write_checkpoint
 from autokd.model.data import DataSplits, TrainViews
@@ -153,10 +153,7 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, ctx: TrialContext) -> Tr
                                           {"autokd.arch_key": spec.key, "autokd.family": params.family,
                                            "autokd.loss": params.loss, "autokd.teacher": ctx.teacher_arch})
         run = _TimedRun(run, watch)
-        low, high = latency.interval
-        run.log_metrics({"latency_ms": latency.median_ms, "latency_iqr_ms": latency.iqr_ms,
-                         "latency_low_ms": low, "latency_high_ms": high,
-                         "params": float(latency.params), "macs": float(latency.macs)})
+        _log_latency(run, latency, {"params": float(latency.params), "macs": float(latency.macs)})
 
         max_latency_ms = ctx.settings.max_latency_ms
         if max_latency_ms is not None and latency.median_ms > max_latency_ms and not tracked.settled:
@@ -177,6 +174,8 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, ctx: TrialContext) -> Tr
         outcome.state = State.PRUNED
         if tracked is not None and tracked.refinements:  # the figure as refined until the rung (the rung's own is
             _record_latency(trial, tracked)              # in its record)
+            if run is not None:
+                _log_latency(run, tracked.result)
         trials.finish(study, trial, State.PRUNED, reason=outcome.reason, run=run)
         return outcome
     except (KeyboardInterrupt, Interrupted):
@@ -232,6 +231,13 @@ def _record_latency(trial: optuna.Trial, tracked: TrialLatency) -> None:
     assert tracked.result is not None
     trial.set_user_attr(trials.LATENCY_ATTR, {**tracked.result.to_dict(), "cache_hit": tracked.cache_hit,
                                               "refinements": tracked.refinements})
+
+
+def _log_latency(run: TrialRun, latency: LatencyResult, extra: dict[str, float] | None = None) -> None:
+    """The trial's latency figure and its interval in its MLflow run (again when refined: the last one counts)."""
+    low, high = latency.interval
+    run.log_metrics({"latency_ms": latency.median_ms, "latency_iqr_ms": latency.iqr_ms, "latency_low_ms": low,
+                     "latency_high_ms": high, **(extra or {})})
 
 
 def _run_params(params: TrialParams, spec: StudentSpec, ctx: TrialContext) -> dict[str, Any]:
@@ -313,7 +319,7 @@ def _train(study: optuna.Study, trial: optuna.Trial, ctx: TrialContext, params: 
             tracked.settle()
     if tracked.refinements:
         _record_latency(trial, tracked)
-        run.log_metrics({"latency_ms": tracked.result.median_ms})
+        _log_latency(run, tracked.result)
     latency = tracked.result
     outcome.latency_ms = latency.median_ms
 
