@@ -126,20 +126,23 @@ def test_the_study_record_keeps_the_first_measurement_of_each_architecture(tmp_p
 
     study = optuna.create_study(directions=["maximize", "minimize"])
     spec = tiny_spec()
-    first = StudyLatency(study, LatencyMeter("torch", cache=LatencyCache(tmp_path / "a"), **FAST))
-    result, hit = first.measure(spec)
-    assert not hit and first.get(spec.key) is None  # recorded when its trial closes it, with its final figure
-    assert first.close(spec, result) == result and first.get(spec.key) == result
+    result, hit = StudyLatency(study, LatencyMeter("torch", cache=LatencyCache(tmp_path / "a"), **FAST)).measure(spec)
+    assert not hit
     other = StudyLatency(study, LatencyMeter("torch", cache=LatencyCache(tmp_path / "b"), **FAST))
     again, hit = other.measure(spec)  # another machine of the same kind: the study's figure, nothing timed there
     assert hit and again == result and not (tmp_path / "b").exists()
 
-    # Another worker recorded the same architecture while this one measured it: the first record counts.
     wider = tiny_spec(width=0.5)
     theirs = dataclasses.replace(result, key=wider.key, median_ms=123.0)
-    mine, _ = other.measure(wider)
-    other.put(wider.key, theirs)
-    assert other.close(wider, mine) == theirs and other.get(wider.key) == theirs
+
+    def measured_while_another_recorded(spec: object, model: object = None,
+                                        max_wait_s: object = None) -> tuple[LatencyResult, bool]:
+        other.put(wider.key, theirs)  # another worker records its measurement meanwhile
+        return dataclasses.replace(result, key=wider.key), False
+
+    monkeypatch.setattr(other.meter, "measure", measured_while_another_recorded)
+    assert other.measure(wider) == (theirs, False)
+    assert other.refine(wider, 0.0, probe=3) is None  # recorded: not refined further on this worker
 
 
 def test_study_latency_records_one_figure_when_two_workers_put_at_once(tmp_path: Path) -> None:

@@ -41,19 +41,25 @@ class StudyLatency:
         found = self.get(spec.key)
         if found is not None:
             return found, True
-        return self.meter.measure(spec, model, max_wait_s)  # recorded in the study when its trial closes it
+        result, hit = self.meter.measure(spec, model, max_wait_s)
+        return self._record_if_settled(spec, result), hit
 
     def refine(self, spec: StudentSpec, max_wait_s: float, probe: int = 0) -> LatencyResult | None:
-        """`LatencyMeter.refine`."""
-        return self.meter.refine(spec, max_wait_s, probe)
+        """`LatencyMeter.refine` until the figure settles; then it is recorded (or the one recorded first is taken)."""
+        result = self.meter.refine(spec, max_wait_s, probe)
+        return None if result is None else self._record_if_settled(spec, result)
 
     def close(self, spec: StudentSpec, result: LatencyResult | None = None) -> LatencyResult | None:
-        """`LatencyMeter.close`; ``result``, the trial's final figure, is recorded in the study when settled
-        (unless another worker recorded one first: that one is returned)."""
+        """`LatencyMeter.close`."""
+        return self.meter.close(spec, result)
+
+    def _record_if_settled(self, spec: StudentSpec, result: LatencyResult) -> LatencyResult:
+        # One figure per architecture across machines: the first settled one is recorded at once and not refined
+        # further (the measurement is closed), so every worker's trials of it use the same figure.
+        if not result.settled:
+            return result
         self.meter.close(spec)
-        if result is not None and result.settled:
-            return self.put(spec.key, result)
-        return result
+        return self.put(spec.key, result)
 
     def get(self, arch_key: str) -> LatencyResult | None:
         """The study's measurement of `arch_key` on this device kind, or None."""

@@ -36,7 +36,7 @@ PROBE_EVERY_S = 0.2
 #: Fast rounds a probe may add.
 PROBE_ROUNDS = 5
 #: Separate moments (the first measurement and the probes that found the host fast) a figure is measured at.
-MOMENTS = 6
+MOMENTS = 12
 #: Seconds a provisional figure may wait before an irreversible decision (the told values, infeasible).
 FINAL_WAIT_S = 10.0
 
