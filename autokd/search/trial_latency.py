@@ -2,8 +2,8 @@
 
 A measurement is *settled* once enough of its rounds were taken in a fast phase of the host
 (:mod:`autokd.latency.hostphase`). Even then, some students (depthwise convolutions, say) run a few per cent
-faster or slower from one second to the next, so a figure from one burst of rounds does not repeat; one from
-rounds taken at several moments does. And a trial does not wait long for a fast phase before training: a slow
+faster or slower from one second to the next, so a figure from one burst of rounds repeats worse than one from
+rounds taken at several moments (docs/performance.md, "Latency inside a search"). And a trial does not wait long for a fast phase before training: a slow
 phase can last many seconds, and the trial's training time is better spent. So:
 
 - the first measurement waits at most :data:`FIRST_WAIT_S`;
