@@ -263,7 +263,7 @@ def _train(study: optuna.Study, trial: optuna.Trial, ctx: TrialContext, params: 
     def probe_latency(every_s: float) -> None:
         # A provisional figure is probed between two steps: out of the training hold (the measuring lock waits
         # for every trainer, this one too), timed as latency, not as training or epoch bookkeeping.
-        if tracked.done:
+        if not tracked.probe_due(every_s):  # on every step: nothing but a clock read until a probe is due
             return
         was_settled = tracked.settled
         with watch.section("latency_s"), holding[0].released() if holding else contextlib.nullcontext():

@@ -70,9 +70,14 @@ class TrialLatency:
             return False
         return self.cache_hit or not self._open or (self.result.settled and self.result.moments >= MOMENTS)
 
+    def probe_due(self, every_s: float = PROBE_EVERY_S) -> bool:
+        """Whether a probe is due: not :attr:`done`, and ``every_s`` seconds since the last one (0: now). Checked on
+        every training step, so it only reads the clock."""
+        return not self.done and time.monotonic() - self._last_probe >= every_s
+
     def probe(self, every_s: float = PROBE_EVERY_S) -> bool:
-        """A probe, at most one per ``every_s`` seconds (0: now) until :attr:`done`; True when the figure changed."""
-        if self.done or time.monotonic() - self._last_probe < every_s:
+        """A probe, when :meth:`probe_due`; True when the figure changed."""
+        if not self.probe_due(every_s):
             return False
         changed = self._refine(0.0, probe=PROBE_ROUNDS)
         self._last_probe = time.monotonic()
