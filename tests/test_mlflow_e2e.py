@@ -47,7 +47,8 @@ def _runs(client: Any, study_name: str) -> list[Any]:
 
 
 def _inject_faults(monkeypatch: pytest.MonkeyPatch, seed: int) -> None:
-    """A real search, except: trial FAIL_TRIAL raises after its first epoch (covers the FAIL mapping), and
+    """A real search, except: trial FAIL_TRIAL reports a perfect first epoch and then raises (covers the FAIL
+    mapping whatever the latencies at its rung), and
     trial STALLED_TRIAL reports 0 validation accuracy every epoch, so the pruner must stop it at its first rung
     (every peer there has the same latency and a higher accuracy) whatever the seed's trials learn."""
     real = objective.distill
@@ -67,6 +68,7 @@ def _inject_faults(monkeypatch: pytest.MonkeyPatch, seed: int) -> None:
                         on_step=on_step)
 
         def failing(result: Any) -> None:
+            result.val_acc = 1.0  # dominated by no peer, so its rung cannot prune it before the failure
             on_epoch(result)
             raise RuntimeError("injected failure after epoch 1")
 

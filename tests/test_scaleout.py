@@ -166,22 +166,29 @@ def _run_workers(tmp_path: Path, tag: str, argvs: list[list[str]], kill: dict[st
 
 def _kill_mid_trial(proc: subprocess.Popen, host: str, url: str, name: str, logs: list[Path]) -> Any:
     """kill -9 the worker once one of its trials has trained an epoch; returns that trial (as seen before)."""
+    # One storage for the whole poll: a storage per poll would leave its pooled connections open until the
+    # garbage collector ran, and PostgreSQL refuses clients past max_connections (seen in CI).
+    storage = make_storage(url, Path("unused"))
     deadline = time.monotonic() + 200
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"worker {host} exited before it was killed:\n" + "\n".join(
-                log.read_text()[-2000:] for log in logs))
-        try:
-            trials = load(url, name).get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-        except KeyError:
-            trials = []
-        mine = [t for t in trials if (t.user_attrs.get("worker") or {}).get("host") == host
-                and t.user_attrs.get("curve")]
-        if mine:
-            os.kill(proc.pid, signal.SIGKILL)
-            assert proc.wait(timeout=30) == -signal.SIGKILL
-            return mine[0]
-        time.sleep(0.1)
+    try:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                pytest.fail(f"worker {host} exited before it was killed:\n" + "\n".join(
+                    log.read_text()[-2000:] for log in logs))
+            try:
+                trials = optuna.load_study(study_name=name, storage=storage).get_trials(
+                    deepcopy=False, states=(TrialState.RUNNING,))
+            except KeyError:
+                trials = []
+            mine = [t for t in trials if (t.user_attrs.get("worker") or {}).get("host") == host
+                    and t.user_attrs.get("curve")]
+            if mine:
+                os.kill(proc.pid, signal.SIGKILL)
+                assert proc.wait(timeout=30) == -signal.SIGKILL
+                return mine[0]
+            time.sleep(0.1)
+    finally:
+        storage.engine.dispose()
     pytest.fail("the worker to kill never trained a trial:\n" + "\n".join(log.read_text()[-2000:] for log in logs))
 
 
