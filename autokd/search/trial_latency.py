@@ -81,7 +81,6 @@ class TrialLatency:
             return False
         changed = self._refine(0.0, probe=PROBE_ROUNDS)
         self._last_probe = time.monotonic()
-        self._open = True  # False once the source has nothing more to take (closed, remote, or eager PyTorch)
         return changed
 
     def settle(self) -> bool:
