@@ -27,7 +27,8 @@ def test_meter_times_a_tiny_student_in_each_runtime(runtime: str, tmp_path: Path
     result, hit = meter.measure(spec, model)
     assert not hit and model.training  # the trial's module is left as it was, and so is its random stream
     assert torch.equal(torch.random.get_rng_state(), rng_before)
-    assert result.runtime == runtime and result.rounds == 5 and result.runs == 10
+    # a settled figure uses every round taken in a fast phase: more than 5 when it waited out a slow one
+    assert result.runtime == runtime and result.rounds >= 5 and result.runs == 2 * result.rounds
     assert result.low_ms <= result.median_ms <= result.high_ms  # type: ignore[operator]
     assert result.high_ms - result.low_ms >= 0.03 * result.median_ms  # type: ignore[operator] - >= +-2 % floor
     assert result.params == sum(p.numel() for p in model.parameters()) and result.macs > 0
@@ -70,7 +71,7 @@ def test_retime_interleaves_several_students(runtime: str) -> None:
     out = LatencyMeter(runtime, **FAST).retime(specs)
     assert set(out) == {"small", "vit"}
     for name, r in out.items():
-        assert r.key == specs[name].key and r.rounds == 5 and r.runtime == runtime
+        assert r.key == specs[name].key and r.rounds >= 5 and r.runtime == runtime
         assert r.low_ms <= r.median_ms <= r.high_ms  # type: ignore[operator]
 
 
