@@ -232,6 +232,20 @@ def part_e_and_f(budget: int) -> None:
           f"{_compare(searches[2], retimed[0])[2]:.3f}", flush=True)
     print(f"    latency bookkeeping in these searches: {', '.join(f'{x:.1%}' for x in shares)} of trial time",
           flush=True)
+    # Information: how fast the host's fast phase was in each search (the gate's reference figure), and the
+    # comparison again with each figure rescaled by it (not what autokd records: models slow down by different
+    # factors than the reference).
+    refs = [{k: r[k].get("reference_ms", 0.0) for k in r} for r in records]
+    if all(v > 0 for ref in refs for v in ref.values()):
+        common = statistics.median(v for ref in refs for v in ref.values())
+        scaled = [{k: s[k] * common / ref[k] for k in s} for s, ref in zip(searches, refs)]
+        sw, sm, _, _ = _compare(scaled[0], scaled[1])
+        srho = min(_compare(x, retimed[0])[2] for x in scaled[:2])
+        bw2, bm2, _, _ = _compare(scaled[0], scaled[2])
+        print(f"    reference fast-phase figure per search (median over its architectures, ms): "
+              f"{', '.join(f'{statistics.median(ref.values()):.4f}' for ref in refs)}; rescaled by it: (e) worst "
+              f"{sw:.1%}, median {sm:.1%}, Spearman {srho:.3f}; (f) worst {bw2:.1%}, median {bm2:.1%} (information)",
+              flush=True)
     keys = sorted(set(searches[0]) & set(searches[1]) & set(searches[2]),
                   key=lambda k: -abs(searches[0][k] - searches[1][k]) / min(searches[0][k], searches[1][k]))
     print("    per architecture (most apart in (e) first): recorded ms in quiet 1 / quiet 2 / busy (* provisional), "

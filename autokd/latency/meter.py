@@ -59,6 +59,8 @@ class LatencyResult:
     moments: int = 1              # separate takes its fast rounds came from (a trial refines it while it trains)
     precision: str = "fp32"       # what was timed: the fp32 ONNX model or its INT8 quantisation
     quantize_s: float = 0.0       # seconds spent quantising the exported student (--latency-precision int8)
+    reference_ms: float = 0.0     # the host-phase reference's fast-phase figure it was judged against (0: none):
+                                  # how fast this host was at the time, to compare figures of two processes
 
     def to_dict(self) -> dict:
         """Plain JSON-serialisable dict."""
@@ -434,7 +436,7 @@ class LatencyMeter:
             params=params, macs=macs, key=key, runtime=self.runtime, low_ms=timing.low_ms, high_ms=timing.high_ms,
             rounds=len(timing.rounds), timing_s=timing_s,
             host_slowdown=round(timing.host_slowdown, 4), settled=timing.settled, slow_rounds=timing.slow_rounds,
-            waited_s=round(timing.waited_s, 4), precision=self.precision)
+            waited_s=round(timing.waited_s, 4), precision=self.precision, reference_ms=round(timing.reference_ms, 5))
 
     # -- several students together --------------------------------------------------------------------------
     def time_models(self, models: dict[str, nn.Module], shapes: dict[str, tuple[int, int, int]],

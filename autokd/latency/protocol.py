@@ -50,6 +50,7 @@ class Timing:
     settled: bool = True  # every kept round was taken in a fast phase of the host (hostphase.PhaseGate)
     slow_rounds: int = 0  # rounds set aside because the reference showed a slow phase
     waited_s: float = 0.0  # seconds spent waiting for a slow phase to pass
+    reference_ms: float = 0.0  # the reference's fast-phase figure the rounds were judged against (0: no gate)
 
     @property
     def spread_ms(self) -> float:
@@ -295,6 +296,15 @@ class Measurement:
                 for _ in range(self.warmup):
                     run()
             self._warm = True
+        else:
+            # A later take comes after a pause (a trial's training steps): the reference timed before the pause
+            # no longer tells this moment's phase, and the models' weights have left the caches.
+            self._last_reference = None
+            if self.warmup:
+                for run in self.runners.values():
+                    run()
+                if gate is not None:
+                    gate.reference(self.runs)  # the reference's own first round after a pause runs cold
         waited, taken_now = 0.0, 0
         self.takes += 1
         missing = self._missing()
@@ -351,7 +361,8 @@ class Measurement:
             low, high = widen(statistics.median(xs), *median_interval(xs))
             out[name] = Timing(median_ms=statistics.median(xs), low_ms=low, high_ms=high, rounds=xs,
                                runs_per_round=self.runs, seconds=self.seconds, host_slowdown=slowdown,
-                               settled=settled, slow_rounds=len(taken) - len(kept), waited_s=self.waited_s)
+                               settled=settled, slow_rounds=len(taken) - len(kept), waited_s=self.waited_s,
+                               reference_ms=gate.baseline if gate is not None and gate.baseline else 0.0)
         return out
 
 
