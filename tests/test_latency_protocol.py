@@ -242,6 +242,7 @@ def test_rounds_taken_in_a_slow_phase_are_set_aside(monkeypatch: pytest.MonkeyPa
     assert timing.settled and timing.slow_rounds == 5 and len(timing.rounds) == 4
     assert timing.rounds == pytest.approx([3.0] * 4)  # milliseconds: none of the 6 ms slow-phase rounds
     assert timing.waited_s > 0 and timing.host_slowdown < 1.0 + gate.tolerance
+    assert timing.reference_ms == pytest.approx(gate.baseline) == pytest.approx(1.0)  # a fast reference run: 1 ms
 
 
 def test_a_slow_phase_longer_than_the_wait_gives_an_unsettled_figure_that_refines_later(
@@ -251,11 +252,9 @@ def test_a_slow_phase_longer_than_the_wait_gives_an_unsettled_figure_that_refine
     assert not measurement.take(max_wait_s=0.0)  # one pass of 4 rounds, all slow: no waiting
     first = measurement.timings()["m"]
     assert not first.settled and first.slow_rounds == 4 and first.median_ms == pytest.approx(6.0)
-    # It goes on from there: a fresh reference first (the one before the pause tells nothing of this moment),
-    # then 7 more slow rounds and 4 fast ones.
-    assert measurement.take(max_wait_s=30)
+    assert measurement.take(max_wait_s=30)  # goes on from there: 8 more slow rounds, then 4 fast ones
     settled = measurement.timings()["m"]
-    assert settled.settled and settled.slow_rounds == 11 and settled.rounds == pytest.approx([3.0] * 4)
+    assert settled.settled and settled.slow_rounds == 12 and settled.rounds == pytest.approx([3.0] * 4)
 
 
 def test_the_gate_baseline_is_a_low_quantile_not_a_freak_round(monkeypatch: pytest.MonkeyPatch) -> None:

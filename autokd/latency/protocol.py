@@ -296,15 +296,6 @@ class Measurement:
                 for _ in range(self.warmup):
                     run()
             self._warm = True
-        else:
-            # A later take comes after a pause (a trial's training steps): the reference timed before the pause
-            # no longer tells this moment's phase, and the models' weights have left the caches.
-            self._last_reference = None
-            if self.warmup:
-                for run in self.runners.values():
-                    run()
-                if gate is not None:
-                    gate.reference(self.runs)  # the reference's own first round after a pause runs cold
         waited, taken_now = 0.0, 0
         self.takes += 1
         missing = self._missing()
