@@ -12,6 +12,7 @@ from autokd.config import SearchSettings
 from autokd.latency.meter import LatencyMeter, LatencyResult
 from autokd.model.data import TrainViews, load_dataset
 from autokd.model.space import load_space
+from autokd.model.students import resolve_student
 from autokd.search import objective, trial_latency
 from autokd.search.objective import TrialContext, run_trial
 from autokd.study.record import sampled_params, trial_state
@@ -226,3 +227,19 @@ def test_stopwatch_sections_leave_out_their_inner_sections(monkeypatch: pytest.M
         raise optuna.TrialPruned
     assert watch.times == {"train_s": 5.0, "epoch_bookkeeping_s": 2.0, "tracking_s": 1.5}
     assert watch.elapsed() == 8.5
+
+
+def test_a_probe_stops_once_its_source_has_nothing_more_to_take() -> None:
+    # A source with no open measurement (closed, remote, eager PyTorch) answers a refine with None: the trial
+    # stops probing it instead of asking on every training step.
+    class Closed(ProvisionalLatency):
+        def refine(self, spec, max_wait_s, probe=False):  # type: ignore[no-untyped-def]
+            self.waits.append(("probe" if probe else "refine", max_wait_s))
+
+    source = Closed()
+    spec = resolve_student("resnet", 0.25, 0.25, 10, 1, 8)
+    tracked = trial_latency.TrialLatency(source, spec)
+    tracked.measure(None)
+    assert tracked.probe_due(0.0) and not tracked.probe(0.0)
+    assert not tracked.probe_due(0.0) and tracked.done
+    assert source.waits == [("measure", trial_latency.FIRST_WAIT_S), ("probe", 0.0)]

@@ -227,7 +227,8 @@ def summary_lines(entry: dict[str, Any]) -> list[str]:
              f"1 thread, ONNX Runtime), size {entry['size_bytes'] / 1024:.1f} kB vs "
              f"{entry['fp32_size_bytes'] / 1024:.1f} kB",
              f"      calibrated on {entry['calibration']['images']} training images "
-             f"({entry['calibration']['views']} training view(s)); QDQ, per-channel int8 weights, uint8 activations"]
+             f"({entry['calibration']['views']} training view(s)); QDQ, per-channel int8 weights "
+             f"({'7-bit range' if entry.get('quantization', {}).get('reduce_range') else '8-bit'}), uint8 activations"]
     if entry.get("note"):
         lines.append(f"note: {entry['note']}")
     if entry.get("warning"):

@@ -84,10 +84,11 @@ def quantize_onnx(onnx_bytes: bytes, calibration: np.ndarray) -> bytes:
 
     The recipe: the quantiser's pre-processing (``quant_pre_process``: symbolic shape inference and graph
     optimisation), then ``quantize_static`` in QDQ format (QuantizeLinear/DequantizeLinear pairs that ONNX
-    Runtime fuses into integer kernels), per-channel int8 weights in the reduced (7-bit) range, uint8 activations (what ONNX Runtime's
-    documentation recommends for x86 CPUs), MinMax calibration. The result is loaded and run once by ONNX
-    Runtime before it is returned. Any failure raises :class:`QuantizationError` naming the operator ONNX
-    Runtime cannot quantise, isolated by quantising again without each operator type (when it can be).
+    Runtime fuses into integer kernels), per-channel int8 weights in the reduced (7-bit) range, uint8
+    activations (what ONNX Runtime's documentation recommends for x86 CPUs), MinMax calibration. The result is
+    loaded and run once by ONNX Runtime before it is returned. Any failure raises :class:`QuantizationError`
+    naming the operator ONNX Runtime cannot quantise, isolated by quantising again without each operator type
+    (when it can be).
     """
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
