@@ -246,6 +246,23 @@ def part_e_and_f(budget: int) -> None:
               f"{', '.join(f'{statistics.median(ref.values()):.4f}' for ref in refs)}; rescaled by it: (e) worst "
               f"{sw:.1%}, median {sm:.1%}, Spearman {srho:.3f}; (f) worst {bw2:.1%}, median {bm2:.1%} (information)",
               flush=True)
+    # Information: the anchored figures (autokd.latency.anchors) again, with the first search's panel figures in
+    # every search (what searches sharing one latency cache get), and the students' own unscaled figures.
+    anchored = [{k: r[k] for k in r if r[k].get("anchor")} for r in records]
+    if all(anchored):
+        panel = {r["anchor"]: r["anchor_panel_ms"] for r in anchored[0].values()}
+        shared = [{k: r["own_ms"] / r["anchor_ms"] * panel[r["anchor"]] for k, r in a.items() if r["anchor"] in panel}
+                  for a in anchored]
+        own = [{k: r["own_ms"] for k, r in a.items()} for a in anchored]
+        sw, sm, _, _ = _compare(shared[0], shared[1])
+        bw2, bm2, _, _ = _compare(shared[0], shared[2])
+        ow, om, orho, _ = _compare(own[0], own[1])
+        drift = max(abs(r["anchor_panel_ms"] / panel[r["anchor"]] - 1) for a in anchored[1:] for r in a.values()
+                    if r["anchor"] in panel)
+        print(f"    anchors: panel figures moved by up to {drift:.1%} from the first search to the others; with the "
+              f"first search's panel in all: (e) worst {sw:.1%}, median {sm:.1%}; (f) worst {bw2:.1%}, median "
+              f"{bm2:.1%}; the students' own figures (not scaled): (e) worst {ow:.1%}, median {om:.1%} "
+              "(information)", flush=True)
     keys = sorted(set(searches[0]) & set(searches[1]) & set(searches[2]),
                   key=lambda k: -abs(searches[0][k] - searches[1][k]) / min(searches[0][k], searches[1][k]))
     print("    per architecture (most apart in (e) first): recorded ms in quiet 1 / quiet 2 / busy (* provisional), "

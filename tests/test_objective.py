@@ -12,7 +12,7 @@ from autokd.config import SearchSettings
 from autokd.latency.meter import LatencyMeter, LatencyResult
 from autokd.model.data import TrainViews, load_dataset
 from autokd.model.space import load_space
-from autokd.model.students import resolve_student
+from autokd.model.students import available_families, resolve_student
 from autokd.search import objective, trial_latency
 from autokd.search.objective import TrialContext, run_trial
 from autokd.study.record import sampled_params, trial_state
@@ -95,7 +95,7 @@ def test_complete_trial(tmp_path: Path, data, timed_onnx: list) -> None:  # type
     assert len(ft.user_attrs["curve"]) == 1 and ft.user_attrs["latency"]["median_ms"] == outcome.latency_ms
     assert sampled_params(ft.user_attrs)["family"] == "resnet" and ft.user_attrs["arch_key"]
     assert ctx.tracker.runs[0].ended == [("COMPLETE", None)]
-    assert len(timed_onnx) == 1
+    assert len(timed_onnx) == len(available_families()) + 1  # the anchor panel, then the student once
     assert {"sample_s", "build_s", "latency_s", "tracking_s", "train_s", "save_s"} <= set(outcome.timings)
 
 
@@ -154,7 +154,8 @@ def test_infeasible_trial_is_measured_but_never_trained(tmp_path: Path, data,  #
     assert outcome.reason.endswith("ms > --max-latency-ms 1e-06")
     assert ft.state == TrialState.PRUNED and trial_state(ft) == "INFEASIBLE"
     assert ft.user_attrs["autokd_state"] == "INFEASIBLE" and ft.user_attrs["infeasible_reason"] == outcome.reason
-    assert "curve" not in ft.user_attrs and "latency" in ft.user_attrs and len(timed_onnx) == 1
+    assert "curve" not in ft.user_attrs and "latency" in ft.user_attrs
+    assert len(timed_onnx) == len(available_families()) + 1  # the anchor panel, then the student once
     assert not (tmp_path / "trials").exists()
     assert ctx.tracker.runs[0].ended == [("INFEASIBLE", outcome.reason)]
 

@@ -24,6 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from autokd.errors import UserError
 from autokd.latency import protocol
+from autokd.latency.anchors import Anchor, panel_specs, shape_of
 from autokd.model.students import StudentSpec, build_from_spec
 from autokd.utils.atomic import atomic_write_text
 from autokd.utils.devices import torch_device
@@ -61,6 +62,10 @@ class LatencyResult:
     quantize_s: float = 0.0       # seconds spent quantising the exported student (--latency-precision int8)
     reference_ms: float = 0.0     # the host-phase reference's fast-phase figure it was judged against (0: none):
                                   # how fast this host was at the time, to compare figures of two processes
+    anchor: str = ""              # key of the family anchor timed beside it (autokd.latency.anchors; "": none)
+    own_ms: float = 0.0           # with an anchor: the student's own median in those rounds (median_ms is
+    anchor_ms: float = 0.0        # own_ms / anchor_ms * anchor_panel_ms), the anchor's median in the same rounds
+    anchor_panel_ms: float = 0.0  # and the anchor's figure from the panel measurement
 
     def to_dict(self) -> dict:
         """Plain JSON-serialisable dict."""
@@ -194,6 +199,7 @@ class _Pending:
     timing_s: float
     export_s: float = 0.0
     quantize_s: float = 0.0
+    anchor: Anchor | None = None
 
 
 #: Held while a measurement runs (`autokd.utils.locks.CpuGate.measuring`): no worker of this machine trains then.
@@ -215,7 +221,8 @@ class LatencyMeter:
                  batch: int = 1, cache: LatencyCache | None = None, lock: MeasureLock | None = None,
                  rounds: int = protocol.DEFAULT_ROUNDS, runs: int = protocol.DEFAULT_RUNS,
                  warmup: int = protocol.DEFAULT_WARMUP, precision: str | None = None,
-                 target: RemoteTarget | None = None, max_wait_s: float = protocol.DEFAULT_MAX_WAIT_S) -> None:
+                 target: RemoteTarget | None = None, max_wait_s: float = protocol.DEFAULT_MAX_WAIT_S,
+                 anchored: bool = True) -> None:
         from autokd.latency.quantize import validate_latency_precision
 
         self.target = target  # time on that device (an `autokd latency-server`) instead of this one
@@ -243,6 +250,10 @@ class LatencyMeter:
         # (key -> what refine() needs) until refine() settles it.
         self.max_wait_s = max_wait_s
         self._pending: dict[str, _Pending] = {}
+        # Time each student beside its family's anchor (ONNX Runtime on this machine only): input shape -> family
+        # -> anchor, built on first use.
+        self.anchored = anchored and runtime == "onnxruntime" and target is None
+        self._panels: dict[tuple[int, int, int], dict[str, Anchor]] = {}
         self.provider = None
         self.target_info: dict[str, Any] | None = None
         if target is not None:  # the target answers with its own signature (exit 2 here if it cannot be reached)
@@ -314,8 +325,8 @@ class LatencyMeter:
         t0 = time.perf_counter()
         with self._quiet():
             pending.measurement.take(max_wait_s, probe)
-        result = self._result(pending.measurement.timings()[key], key, pending.params, pending.macs,
-                              timing_s=pending.timing_s + time.perf_counter() - t0)
+        result = self._result_of(pending.measurement, key, pending.params, pending.macs,
+                                 timing_s=pending.timing_s + time.perf_counter() - t0, anchor=pending.anchor)
         result.export_s, result.quantize_s = pending.export_s, pending.quantize_s
         result.moments = pending.measurement.moments()
         pending.timing_s = result.timing_s
@@ -378,8 +389,10 @@ class LatencyMeter:
         return blob
 
     def time_onnx(self, onnx: bytes | str | os.PathLike, key: str = "onnx", params: int = 0,
-                  macs: int = 0, max_wait_s: float | None = None, keep_open: bool = False) -> LatencyResult:
-        """Time an already-exported ONNX model (bytes or path) with this meter's runtime settings."""
+                  macs: int = 0, max_wait_s: float | None = None, keep_open: bool = False,
+                  anchor: Anchor | None = None) -> LatencyResult:
+        """Time an already-exported ONNX model (bytes or path) with this meter's runtime settings; with ``anchor``,
+        interleaved with it, the figure scaled by the anchor's (see :mod:`autokd.latency.anchors`)."""
         if self.runtime != "onnxruntime":
             raise ValueError("timing an ONNX file needs --latency-runtime onnxruntime")
         if self.target is not None:
@@ -387,13 +400,74 @@ class LatencyMeter:
         t0 = time.perf_counter()
         session = protocol.make_session(onnx, self.threads, self.provider or protocol.DEFAULT_PROVIDER)
         runner = functools.partial(session.run, None, protocol.make_input(session, self.batch))
-        measurement = protocol.Measurement({key: runner}, rounds=self.rounds, runs=self.runs, warmup=self.warmup)
+        runners = {key: runner} if anchor is None else {key: runner, anchor.key: anchor.run}
+        measurement = protocol.Measurement(runners, rounds=self.rounds, runs=self.runs, warmup=self.warmup)
         measurement.take(self.max_wait_s if max_wait_s is None else max_wait_s)
-        result = self._result(measurement.timings()[key], key, params, macs, timing_s=time.perf_counter() - t0)
-        result.moments = measurement.moments()
+        result = self._result_of(measurement, key, params, macs, timing_s=time.perf_counter() - t0, anchor=anchor)
         if keep_open:
-            self._pending[key] = _Pending(measurement, params, macs, result.timing_s)
+            self._pending[key] = _Pending(measurement, params, macs, result.timing_s, anchor=anchor)
         return result
+
+    def _result_of(self, measurement: protocol.Measurement, key: str, params: int, macs: int, timing_s: float,
+                   anchor: Anchor | None) -> LatencyResult:
+        """The result so far of a measurement of ``key`` (beside ``anchor``, when given)."""
+        timings = measurement.timings()
+        result = self._result(timings[key], key, params, macs, timing_s=timing_s)
+        result.moments = measurement.moments()
+        if anchor is not None:
+            own, beside = timings[key].median_ms, timings[anchor.key].median_ms
+            scale = anchor.panel_ms / beside
+            result.median_ms = own * scale
+            result.iqr_ms *= scale
+            if result.low_ms is not None and result.high_ms is not None:
+                result.low_ms, result.high_ms = result.low_ms * scale, result.high_ms * scale
+            result.anchor, result.own_ms, result.anchor_ms = anchor.key, own, beside
+            result.anchor_panel_ms = anchor.panel_ms
+        return result
+
+    # -- anchors (autokd.latency.anchors) -------------------------------------------------------------------
+    def anchor_for(self, spec: StudentSpec) -> Anchor | None:
+        """The anchor ``spec`` is timed beside (its panel built and timed on first use), or None: not anchored (the
+        meter does not anchor, or ``spec`` is its family's anchor itself)."""
+        if not self.anchored:
+            return None
+        shape = shape_of(spec)
+        if shape not in self._panels:
+            self._panels[shape] = self._time_panel(spec)
+        anchor = self._panels[shape].get(spec.family)
+        return None if anchor is None or anchor.key == _cache_key(spec, self.batch) else anchor
+
+    def _time_panel(self, like: StudentSpec) -> dict[str, Anchor]:
+        """Every family's anchor for students shaped like ``like``, with its panel figure: the cache's, else all
+        anchors timed together now (interleaved, like the front's re-timing), settled figures cached."""
+        specs = panel_specs(like)
+        sig = self.signature()
+        keys = {family: _cache_key(spec, self.batch) for family, spec in specs.items()}
+        runners, sizes = {}, {}
+        for family, spec in specs.items():
+            shape = (spec.in_chans, spec.input_size, spec.input_size)
+            with torch.random.fork_rng(devices=[]):  # fixed weights, and the trial's random stream left alone
+                torch.manual_seed(0)
+                model = build_from_spec(spec)
+            sizes[keys[family]] = count_params(model), count_macs(model, shape)  # also a student's: cached whole
+            session = protocol.make_session(self._onnx_for_timing(model, shape), self.threads,
+                                            self.provider or protocol.DEFAULT_PROVIDER)
+            runners[keys[family]] = functools.partial(session.run, None, protocol.make_input(session, self.batch))
+        cached = {key: self.cache.get(key, sig) for key in keys.values()} if self.cache is not None else {}
+        figures = {key: hit.median_ms for key, hit in cached.items() if hit is not None}
+        if len(figures) < len(keys):
+            with self._quiet():
+                measurement = protocol.Measurement(runners, rounds=self.rounds, runs=self.runs, warmup=self.warmup)
+                measurement.take(self.max_wait_s)
+            for family, spec in specs.items():
+                key = keys[family]
+                if key in figures:  # a cached figure stays: students measured against it are cached too
+                    continue
+                result = self._result(measurement.timings()[key], key, *sizes[key], timing_s=measurement.seconds)
+                figures[key] = result.median_ms
+                if self.cache is not None and result.settled:
+                    self.cache.put(result, sig)
+        return {family: Anchor(keys[family], runners[keys[family]], figures[keys[family]]) for family in specs}
 
     def _time_remote(self, onnx: bytes | str | os.PathLike, key: str, params: int, macs: int) -> LatencyResult:
         from autokd.latency.remote.client import RemoteLatencyError
@@ -419,9 +493,10 @@ class LatencyMeter:
         blob, prep_s = None, {"export_s": 0.0, "quantize_s": 0.0}
         if self.runtime == "onnxruntime":  # exporting (and quantising) needs no quiet cores: done before the lock
             blob = self._onnx_for_timing(model, shape, prep_s)
+        anchor = self.anchor_for(spec) if blob is not None else None  # exports the panel on first use
         with self._quiet():
             if blob is not None:
-                result = self.time_onnx(blob, key, params, macs, max_wait_s, keep_open=True)
+                result = self.time_onnx(blob, key, params, macs, max_wait_s, keep_open=True, anchor=anchor)
                 result.export_s, result.quantize_s = prep_s["export_s"], prep_s["quantize_s"]
                 if key in self._pending:
                     self._pending[key].export_s, self._pending[key].quantize_s = result.export_s, result.quantize_s

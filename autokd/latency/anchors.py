@@ -1,0 +1,50 @@
+"""Anchors: a fixed model of each student family, timed beside every student so its figure is a ratio.
+
+Within the fast phase of a shared host, a student's speed still moves by several per cent from one moment (or one
+process) to the next, and by a different amount per family: depthwise convolutions, attention and dense
+convolutions each react to the host's state, and to what the trial's training left in the caches, in their own
+way (docs/latency.md, "Anchors"). A model of the same family reacts the same way. So a student is timed
+interleaved with its family's *anchor* (the family at width and depth :data:`ANCHOR_MULTIPLIER`, same input
+shape), and its figure is its ratio to the anchor in those same rounds, times the anchor's own figure from a
+*panel* measurement: all families' anchors timed together, interleaved, once (and cached with the latencies,
+so every later search on the same latency cache uses the same panel figures).
+
+Torch-side (it builds and exports models); the timing itself is `autokd.latency.protocol`'s.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from autokd.model.students import StudentSpec, available_families, resolve_student
+
+#: Width and depth multiplier of every family's anchor: the middle of the usual ranges.
+ANCHOR_MULTIPLIER = 0.5
+
+
+def anchor_spec(family: str, like: StudentSpec) -> StudentSpec:
+    """The anchor of ``family`` for students shaped like ``like`` (classes, channels, input size)."""
+    return resolve_student(family, ANCHOR_MULTIPLIER, ANCHOR_MULTIPLIER, like.num_classes, like.in_chans,
+                           like.input_size)
+
+
+@dataclass
+class Anchor:
+    """One family's anchor: its cache key, a function running it once, and its panel figure (milliseconds)."""
+
+    key: str
+    run: Callable[[], object]
+    panel_ms: float
+
+
+def shape_of(spec: StudentSpec) -> tuple[int, int, int]:
+    """What an anchor panel is built for: (classes, channels, input size)."""
+    return spec.num_classes, spec.in_chans, spec.input_size
+
+
+def panel_specs(like: StudentSpec) -> dict[str, StudentSpec]:
+    """Family -> anchor spec, for every registered family."""
+    return {family: anchor_spec(family, like) for family in available_families()}
+
+
+__all__ = ["ANCHOR_MULTIPLIER", "Anchor", "anchor_spec", "panel_specs", "shape_of"]
