@@ -453,17 +453,16 @@ class LatencyMeter:
             session = protocol.make_session(self._onnx_for_timing(model, shape), self.threads,
                                             self.provider or protocol.DEFAULT_PROVIDER)
             runners[keys[family]] = functools.partial(session.run, None, protocol.make_input(session, self.batch))
-        cached = {key: self.cache.get(key, sig) for key in keys.values()} if self.cache is not None else {}
-        figures = {key: hit.median_ms for key, hit in cached.items() if hit is not None}
-        if len(figures) < len(keys):
-            with self._quiet():
+        with self._quiet():  # read under the lock: another worker of this machine may be timing the panel now
+            cached = {key: self.cache.get(key, sig) for key in keys.values()} if self.cache is not None else {}
+            figures = {key: hit.median_ms for key, hit in cached.items() if hit is not None}
+            missing = [key for key in keys.values() if key not in figures]
+            if missing:
                 measurement = protocol.Measurement(runners, rounds=self.rounds, runs=self.runs, warmup=self.warmup)
                 measurement.take(self.max_wait_s)
-            for family, spec in specs.items():
-                key = keys[family]
-                if key in figures:  # a cached figure stays: students measured against it are cached too
-                    continue
-                result = self._result(measurement.timings()[key], key, *sizes[key], timing_s=measurement.seconds)
+                timings = measurement.timings()
+            for key in missing:  # a cached figure stays: students measured against it are cached too
+                result = self._result(timings[key], key, *sizes[key], timing_s=measurement.seconds)
                 figures[key] = result.median_ms
                 if self.cache is not None and result.settled:
                     self.cache.put(result, sig)
