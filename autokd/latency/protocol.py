@@ -261,21 +261,30 @@ class Measurement:
         self.seconds = 0.0  # seconds spent in take()
         self._warm = False
 
-    def _kept(self, name: str) -> list[float]:
-        """``name``'s figures taken in a fast phase, judged against the latest baseline (a faster phase found
-        later disqualifies earlier figures)."""
+    def _fast(self) -> Callable[[float], bool]:
+        """Whether a figure's bracketing reference was fast, judged against the latest baseline (a faster phase
+        found later disqualifies earlier figures): `PhaseGate.is_fast` with the baseline read once, as this is
+        asked of every figure after every round."""
         gate = self.gate
-        return [figure for ref, figure, _ in self._taken[name] if gate is None or gate.is_fast(ref)]
+        if gate is None:
+            return lambda ref: True
+        baseline, bound = gate.calibrate(1), 1.0 + gate.tolerance
+        return lambda ref: ref / baseline <= bound
+
+    def _kept(self, name: str, fast: Callable[[float], bool] | None = None) -> list[float]:
+        """``name``'s figures taken in a fast phase."""
+        fast = fast or self._fast()
+        return [figure for ref, figure, _ in self._taken[name] if fast(ref)]
 
     def moments(self) -> int:
         """Takes that gave every runner at least one fast figure: the moments the figure was measured at."""
-        gate, counts = self.gate, []
-        for name in self.runners:
-            counts.append(len({take for ref, _, take in self._taken[name] if gate is None or gate.is_fast(ref)}))
+        fast = self._fast()
+        counts = [len({take for ref, _, take in self._taken[name] if fast(ref)}) for name in self.runners]
         return min(counts, default=0)
 
     def _missing(self) -> int:
-        return sum(max(0, self.rounds - len(self._kept(name))) for name in self.runners)
+        fast = self._fast()
+        return sum(max(0, self.rounds - len(self._kept(name, fast))) for name in self.runners)
 
     @property
     def settled(self) -> bool:
@@ -340,10 +349,10 @@ class Measurement:
     def timings(self) -> dict[str, Timing]:
         """Per runner: the median of its fast figures when it has ``rounds`` of them; else of the ``rounds``
         figures with the fastest references around them (the closest to a fast phase the host came)."""
-        gate, out = self.gate, {}
+        gate, out, fast = self.gate, {}, self._fast()
         for name in self.runners:
             taken = self._taken[name]
-            kept = [(ref, figure) for ref, figure, _ in taken if gate is None or gate.is_fast(ref)]
+            kept = [(ref, figure) for ref, figure, _ in taken if fast(ref)]
             settled = len(kept) >= self.rounds
             use = kept if settled else sorted((ref, figure) for ref, figure, _ in taken)[:self.rounds]
             xs = [figure for _, figure in use]
