@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from autokd.latency import protocol as ort_timing
-from autokd.latency.anchors import ANCHOR_MULTIPLIER, anchor_spec, panel_specs
+from autokd.latency.anchors import ANCHOR_MULTIPLIER, anchor_spec
 from autokd.latency.meter import LatencyCache, LatencyMeter, LatencyResult
 from autokd.model.students import available_families, build_from_spec, resolve_student
 
@@ -19,12 +19,10 @@ def tiny_spec(family: str = "resnet", width: float = 0.25):
 
 def test_every_registered_family_has_an_anchor_of_the_students_shape() -> None:
     like = tiny_spec()
-    specs = panel_specs(like)
-    assert sorted(specs) == sorted(available_families())
-    for family, spec in specs.items():
+    for family in available_families():
+        spec = anchor_spec(family, like)
         assert spec.family == family and spec.width == spec.depth == ANCHOR_MULTIPLIER
         assert (spec.num_classes, spec.in_chans, spec.input_size) == (3, 1, 16)
-    assert anchor_spec("vit", like).key == specs["vit"].key
 
 
 def test_a_student_is_timed_beside_its_family_anchor_and_scaled_by_the_panel(tmp_path: Path,
@@ -42,7 +40,8 @@ def test_a_student_is_timed_beside_its_family_anchor_and_scaled_by_the_panel(tmp
     assert len(timed_onnx) == len(available_families()) + 1
 
     # the panel's figures are cached like students': each anchor is also a student a trial may sample
-    for family, aspec in panel_specs(spec).items():
+    for family in available_families():
+        aspec = anchor_spec(family, spec)
         cached = meter.cache.get(aspec.key, meter.signature())
         assert cached is not None and cached.params > 0 and cached.macs > 0 and cached.anchor == ""
         if family == "vit":
@@ -94,3 +93,29 @@ def test_eager_pytorch_and_an_unanchored_meter_time_the_student_alone(how: str, 
              else LatencyMeter("onnxruntime", anchored=False, **FAST))
     result, _ = meter.measure(tiny_spec())
     assert result.anchor == "" and result.own_ms == 0.0 and not meter.anchored
+
+
+def test_the_panel_holds_the_given_families_only(tmp_path: Path, timed_onnx: list) -> None:
+    meter = LatencyMeter("onnxruntime", cache=LatencyCache(tmp_path), anchor_families=["resnet", "vit"], **FAST)
+    result, _ = meter.measure(tiny_spec("vit", 0.6))
+    assert result.anchor == anchor_spec("vit", tiny_spec()).key and len(timed_onnx) == 2 + 1
+    alone, _ = meter.measure(tiny_spec("convnext", 0.3))  # a family without an anchor in the panel
+    assert alone.anchor == "" and len(timed_onnx) == 2 + 2
+
+
+def test_a_family_whose_anchor_cannot_be_built_is_timed_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    import autokd.latency.meter as meter_module
+
+    def no_vit(family: str, like):  # type: ignore[no-untyped-def]
+        if family == "vit":
+            raise ValueError("no anchor here")
+        return anchor_spec(family, like)
+
+    monkeypatch.setattr(meter_module, "anchor_spec", no_vit)
+    meter = LatencyMeter("onnxruntime", cache=LatencyCache(tmp_path), anchor_families=["resnet", "vit"], **FAST)
+    with caplog.at_level("WARNING"):
+        result, _ = meter.measure(tiny_spec("vit", 0.6))
+    assert result.anchor == "" and result.median_ms > 0
+    assert "no latency anchor for family 'vit' (ValueError: no anchor here)" in caplog.text
+    assert meter.measure(tiny_spec("resnet", 0.4))[0].anchor == anchor_spec("resnet", tiny_spec()).key

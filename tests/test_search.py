@@ -85,6 +85,11 @@ def test_search_budget_states_pruning_and_top_up(tmp_path: Path, tiny_teacher: t
     # Latency measured once for the single architecture; every other trial is a cache hit.
     hits = [t.user_attrs["latency"]["cache_hit"] for t in sorted(finished, key=lambda t: t.number)]
     assert hits[0] is False and all(hits[1:])
+    # It was timed beside its family's anchor, and the anchor panel held the space's one family only.
+    first = min(finished, key=lambda t: t.number).user_attrs["latency"]
+    assert first["anchor"].startswith("resnet-") and first["anchor"] != first["key"]
+    cached = {p.stem for p in (tmp_path / "studies" / "latency_cache").glob("*/*.json")}
+    assert first["key"] in cached and cached <= {first["key"], first["anchor"]}
     # The report was written at the end of the search.
     report = tmp_path / "studies" / "digits-tiny" / "report"
     assert (report / "report.html").is_file() and (report / "front.csv").is_file()

@@ -6,7 +6,7 @@ convolutions each react to the host's state, and to what the trial's training le
 way (docs/latency.md, "Anchors"). A model of the same family reacts the same way. So a student is timed
 interleaved with its family's *anchor* (the family at width and depth :data:`ANCHOR_MULTIPLIER`, same input
 shape), and its figure is its ratio to the anchor in those same rounds, times the anchor's own figure from a
-*panel* measurement: all families' anchors timed together, interleaved, once (and cached with the latencies,
+*panel* measurement: the anchors of all the search's families timed together, interleaved, once (and cached with the latencies,
 so every later search on the same latency cache uses the same panel figures).
 
 Torch-side (it builds and exports models); the timing itself is `autokd.latency.protocol`'s.
@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from autokd.model.students import StudentSpec, available_families, resolve_student
+from autokd.model.students import StudentSpec, resolve_student
 
 #: Width and depth multiplier of every family's anchor: the middle of the usual ranges.
 ANCHOR_MULTIPLIER = 0.5
@@ -42,9 +42,4 @@ def shape_of(spec: StudentSpec) -> tuple[int, int, int]:
     return spec.num_classes, spec.in_chans, spec.input_size
 
 
-def panel_specs(like: StudentSpec) -> dict[str, StudentSpec]:
-    """Family -> anchor spec, for every registered family."""
-    return {family: anchor_spec(family, like) for family in available_families()}
-
-
-__all__ = ["ANCHOR_MULTIPLIER", "Anchor", "anchor_spec", "panel_specs", "shape_of"]
+__all__ = ["ANCHOR_MULTIPLIER", "Anchor", "anchor_spec", "shape_of"]

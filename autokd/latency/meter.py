@@ -10,13 +10,14 @@ import contextlib
 import functools
 import gc
 import json
+import logging
 import os
 import re
 import socket
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -24,13 +25,15 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from autokd.errors import UserError
 from autokd.latency import protocol
-from autokd.latency.anchors import Anchor, panel_specs, shape_of
-from autokd.model.students import StudentSpec, build_from_spec
+from autokd.latency.anchors import Anchor, anchor_spec, shape_of
+from autokd.model.students import StudentSpec, available_families, build_from_spec
 from autokd.utils.atomic import atomic_write_text
 from autokd.utils.devices import torch_device
 
 if TYPE_CHECKING:
     from autokd.latency.remote.client import RemoteTarget
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -222,7 +225,7 @@ class LatencyMeter:
                  rounds: int = protocol.DEFAULT_ROUNDS, runs: int = protocol.DEFAULT_RUNS,
                  warmup: int = protocol.DEFAULT_WARMUP, precision: str | None = None,
                  target: RemoteTarget | None = None, max_wait_s: float = protocol.DEFAULT_MAX_WAIT_S,
-                 anchored: bool = True) -> None:
+                 anchored: bool = True, anchor_families: Sequence[str] | None = None) -> None:
         from autokd.latency.quantize import validate_latency_precision
 
         self.target = target  # time on that device (an `autokd latency-server`) instead of this one
@@ -251,8 +254,9 @@ class LatencyMeter:
         self.max_wait_s = max_wait_s
         self._pending: dict[str, _Pending] = {}
         # Time each student beside its family's anchor (ONNX Runtime on this machine only): input shape -> family
-        # -> anchor, built on first use.
+        # -> anchor, built on first use for ``anchor_families`` (a search's: its space's; None: all registered).
         self.anchored = anchored and runtime == "onnxruntime" and target is None
+        self.anchor_families = None if anchor_families is None else tuple(anchor_families)
         self._panels: dict[tuple[int, int, int], dict[str, Anchor]] = {}
         self.provider = None
         self.target_info: dict[str, Any] | None = None
@@ -440,19 +444,24 @@ class LatencyMeter:
     def _time_panel(self, like: StudentSpec) -> dict[str, Anchor]:
         """Every family's anchor for students shaped like ``like``, with its panel figure: the cache's, else all
         anchors timed together now (interleaved, like the front's re-timing), settled figures cached."""
-        specs = panel_specs(like)
-        sig = self.signature()
+        specs, sig, runners, sizes = {}, self.signature(), {}, {}
+        for family in (available_families() if self.anchor_families is None else self.anchor_families):
+            try:
+                spec = anchor_spec(family, like)
+                key, shape = _cache_key(spec, self.batch), (spec.in_chans, spec.input_size, spec.input_size)
+                with torch.random.fork_rng(devices=[]):  # fixed weights, and the trial's random stream left alone
+                    torch.manual_seed(0)
+                    model = build_from_spec(spec)
+                session = protocol.make_session(self._onnx_for_timing(model, shape), self.threads,
+                                                self.provider or protocol.DEFAULT_PROVIDER)
+            except Exception as exc:  # noqa: BLE001 - a family without an anchor is timed alone, not a failed trial
+                logger.warning(f"warning: no latency anchor for family {family!r} ({type(exc).__name__}: {exc}); "
+                               "its students are timed alone")
+                continue
+            specs[family] = spec
+            sizes[key] = count_params(model), count_macs(model, shape)  # also a student's: cached whole
+            runners[key] = functools.partial(session.run, None, protocol.make_input(session, self.batch))
         keys = {family: _cache_key(spec, self.batch) for family, spec in specs.items()}
-        runners, sizes = {}, {}
-        for family, spec in specs.items():
-            shape = (spec.in_chans, spec.input_size, spec.input_size)
-            with torch.random.fork_rng(devices=[]):  # fixed weights, and the trial's random stream left alone
-                torch.manual_seed(0)
-                model = build_from_spec(spec)
-            sizes[keys[family]] = count_params(model), count_macs(model, shape)  # also a student's: cached whole
-            session = protocol.make_session(self._onnx_for_timing(model, shape), self.threads,
-                                            self.provider or protocol.DEFAULT_PROVIDER)
-            runners[keys[family]] = functools.partial(session.run, None, protocol.make_input(session, self.batch))
         with self._quiet():  # read under the lock: another worker of this machine may be timing the panel now
             cached = {key: self.cache.get(key, sig) for key in keys.values()} if self.cache is not None else {}
             figures = {key: hit.median_ms for key, hit in cached.items() if hit is not None}

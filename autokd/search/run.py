@@ -13,7 +13,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 import optuna
 import torch
@@ -205,7 +205,7 @@ def prepare_search(s: SearchSettings, worker_index: int = 0) -> PreparedSearch:
     root = Path(s.root)
     train_gate, measure_gate = _gates(root / ".locks", device, s.latency.device or device)
     # Built before the storage: a bad latency setting (e.g. int8 with torch) leaves no file behind.
-    meter = make_latency_meter(s.latency, device, root, measure_gate.measuring)
+    meter = make_latency_meter(s.latency, device, root, measure_gate.measuring, families=list(space.students))
     name = s.study or default_study_name(d.dataset, space.name)
     sdir = study_dir(root, name)
     storage = make_storage(s.storage, root)
@@ -400,11 +400,12 @@ def _parent_run(study: optuna.Study, tracker: Tracker, s: SearchSettings, name: 
     return run_id
 
 
-def make_latency_meter(latency: LatencySettings, device: str, root: Path, lock: MeasureLock) -> LatencyMeter:
+def make_latency_meter(latency: LatencySettings, device: str, root: Path, lock: MeasureLock,
+                       families: Sequence[str] | None = None) -> LatencyMeter:
     """The search's latency meter, built whole: runtime and device (``--latency-device``, else the training
     ``device``; or the `autokd latency-server` of ``--latency-target``), the cache under ``root`` and the lock that
-    keeps this machine's trainers out while it measures. Bad settings, and a target that does not answer, are
-    UserErrors."""
+    keeps this machine's trainers out while it measures; ``families``: the space's, the anchors timed beside
+    students (`autokd.latency.anchors`). Bad settings, and a target that does not answer, are UserErrors."""
     from autokd.latency.meter import LatencyCache, LatencyMeter
 
     target = None
@@ -418,7 +419,7 @@ def make_latency_meter(latency: LatencySettings, device: str, root: Path, lock: 
         raise UserError("--latency-token is only used with --latency-target URL")
     return LatencyMeter(latency.runtime, latency.device or device, latency.threads, latency.batch,
                         cache=LatencyCache(root / "latency_cache"), lock=lock, precision=latency.precision,
-                        target=target)
+                        target=target, anchor_families=families)
 
 
 def _gates(lock_dir: Path, device: str, latency_device: str) -> tuple[CpuGate, CpuGate]:
