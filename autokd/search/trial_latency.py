@@ -14,7 +14,8 @@ phase can last many seconds, and the trial's training time is better spent. So:
   values, calling a trial infeasible) waits up to :data:`FINAL_WAIT_S`, then keeps the rounds closest to a fast
   phase.
 
-The figure is the median of all fast rounds so far. Every figure a decision used is recorded with whether it was
+The figure is the median of all fast rounds so far, relative to the family's anchor timed in the same rounds
+(:mod:`autokd.latency.anchors`). Every figure a decision used is recorded with whether it was
 settled (rung records: ``latency_settled``; the trial's ``latency``: ``settled``, ``moments``).
 """
 from __future__ import annotations
