@@ -71,9 +71,50 @@ def test_the_anchor_architecture_itself_is_the_panel_figure(tmp_path: Path) -> N
     result, hit = meter.measure(spec)
     assert hit and result.anchor == "" and result.key == spec.key
 
-    uncached = LatencyMeter("onnxruntime", **FAST)  # no cache: measured as itself, not beside itself
+    # A search whose first trial samples an anchor: the panel is timed, the trial gets the anchor's panel figure
+    # (not a second, lone timing of it), and the cache keeps the panel's figure.
+    first = LatencyMeter("onnxruntime", cache=LatencyCache(tmp_path / "first"), **FAST)
+    result, hit = first.measure(spec)
+    panel = first.anchor_for(spec)
+    assert not hit and panel is not None and panel.key == spec.key and result.anchor == ""
+    assert result.median_ms == panel.panel_ms and result.params > 0 and result.macs > 0
+    assert first.cache.get(spec.key, first.signature()).median_ms == panel.panel_ms
+    assert first.refine(spec, 0.0, probe=3) is None  # nothing was left open to refine
+
+    uncached = LatencyMeter("onnxruntime", **FAST)  # no cache: the same
     alone, hit = uncached.measure(spec)
-    assert not hit and alone.anchor == ""
+    assert not hit and alone.median_ms == uncached.anchor_for(spec).panel_ms
+
+
+def test_an_unsettled_panel_is_cached_so_every_later_meter_uses_one_scale(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ort_timing.GATE, "tolerance", -1.0)  # no round counts: nothing settles
+    meter = LatencyMeter("onnxruntime", cache=LatencyCache(tmp_path), max_wait_s=0.0, **FAST)
+    result, _ = meter.measure(tiny_spec("resnet", 0.3), max_wait_s=0.0)
+    assert not result.settled and result.anchor
+    cached = meter.cache.get(result.anchor, meter.signature())
+    assert cached is not None and not cached.settled and cached.median_ms == result.anchor_panel_ms
+    later = LatencyMeter("onnxruntime", cache=LatencyCache(tmp_path), max_wait_s=0.0, **FAST)
+    again, _ = later.measure(tiny_spec("resnet", 0.4), max_wait_s=0.0)
+    assert again.anchor == result.anchor and again.anchor_panel_ms == result.anchor_panel_ms
+
+
+def test_a_panel_that_cannot_be_timed_leaves_students_timed_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    real_take = ort_timing.Measurement.take
+
+    def take(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if len(self.runners) > 2:  # the panel (three anchors), not a student beside one
+            raise RuntimeError("the panel broke")
+        return real_take(self, *args, **kwargs)
+
+    monkeypatch.setattr(ort_timing.Measurement, "take", take)
+    meter = LatencyMeter("onnxruntime", anchor_families=["resnet", "vit", "convnext"], **FAST)
+    with caplog.at_level("WARNING"):
+        first, _ = meter.measure(tiny_spec("vit", 0.6))
+        second, _ = meter.measure(tiny_spec("resnet", 0.4))
+    assert first.anchor == second.anchor == "" and first.median_ms > 0 and second.median_ms > 0
+    assert caplog.text.count("the latency anchors could not be timed (RuntimeError: the panel broke)") == 1
 
 
 def test_refined_figures_stay_anchored(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

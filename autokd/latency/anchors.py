@@ -14,9 +14,12 @@ Torch-side (it builds and exports models); the timing itself is `autokd.latency.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from autokd.model.students import StudentSpec, resolve_student
+
+if TYPE_CHECKING:
+    from autokd.latency.meter import LatencyResult
 
 #: Width and depth multiplier of every family's anchor: the middle of the usual ranges.
 ANCHOR_MULTIPLIER = 0.5
@@ -30,11 +33,13 @@ def anchor_spec(family: str, like: StudentSpec) -> StudentSpec:
 
 @dataclass
 class Anchor:
-    """One family's anchor: its cache key, a function running it once, and its panel figure (milliseconds)."""
+    """One family's anchor: its cache key, a function running it once, its panel figure (milliseconds) and the
+    panel's whole result for it (what a trial that samples the anchor itself gets)."""
 
     key: str
     run: Callable[[], object]
     panel_ms: float
+    result: LatencyResult
 
 
 def shape_of(spec: StudentSpec) -> tuple[int, int, int]:

@@ -332,7 +332,6 @@ class LatencyMeter:
         result = self._result_of(pending.measurement, key, pending.params, pending.macs,
                                  timing_s=pending.timing_s + time.perf_counter() - t0, anchor=pending.anchor)
         result.export_s, result.quantize_s = pending.export_s, pending.quantize_s
-        result.moments = pending.measurement.moments()
         pending.timing_s = result.timing_s
         if result.settled and self.cache is not None:
             self.cache.put(result, self.signature())
@@ -431,19 +430,19 @@ class LatencyMeter:
 
     # -- anchors (autokd.latency.anchors) -------------------------------------------------------------------
     def anchor_for(self, spec: StudentSpec) -> Anchor | None:
-        """The anchor ``spec`` is timed beside (its panel built and timed on first use), or None: not anchored (the
-        meter does not anchor, or ``spec`` is its family's anchor itself)."""
+        """The anchor of ``spec``'s family (its panel built and timed on first use), or None: not anchored (the
+        meter does not anchor, or the family has no anchor)."""
         if not self.anchored:
             return None
         shape = shape_of(spec)
         if shape not in self._panels:
             self._panels[shape] = self._time_panel(spec)
-        anchor = self._panels[shape].get(spec.family)
-        return None if anchor is None or anchor.key == _cache_key(spec, self.batch) else anchor
+        return self._panels[shape].get(spec.family)
 
     def _time_panel(self, like: StudentSpec) -> dict[str, Anchor]:
         """Every family's anchor for students shaped like ``like``, with its panel figure: the cache's, else all
-        anchors timed together now (interleaved, like the front's re-timing), settled figures cached."""
+        anchors timed together now (interleaved, like the front's re-timing) and cached. None at all (students timed
+        alone) when the panel cannot be timed."""
         specs, sig, runners, sizes = {}, self.signature(), {}, {}
         for family in (available_families() if self.anchor_families is None else self.anchor_families):
             try:
@@ -462,20 +461,28 @@ class LatencyMeter:
             sizes[key] = count_params(model), count_macs(model, shape)  # also a student's: cached whole
             runners[key] = functools.partial(session.run, None, protocol.make_input(session, self.batch))
         keys = {family: _cache_key(spec, self.batch) for family, spec in specs.items()}
-        with self._quiet():  # read under the lock: another worker of this machine may be timing the panel now
-            cached = {key: self.cache.get(key, sig) for key in keys.values()} if self.cache is not None else {}
-            figures = {key: hit.median_ms for key, hit in cached.items() if hit is not None}
-            missing = [key for key in keys.values() if key not in figures]
-            if missing:
-                measurement = protocol.Measurement(runners, rounds=self.rounds, runs=self.runs, warmup=self.warmup)
-                measurement.take(self.max_wait_s)
-                timings = measurement.timings()
-            for key in missing:  # a cached figure stays: students measured against it are cached too
-                result = self._result(timings[key], key, *sizes[key], timing_s=measurement.seconds)
-                figures[key] = result.median_ms
-                if self.cache is not None and result.settled:
-                    self.cache.put(result, sig)
-        return {family: Anchor(keys[family], runners[keys[family]], figures[keys[family]]) for family in specs}
+        results: dict[str, LatencyResult] = {}
+        try:
+            with self._quiet():  # read under the lock: another worker of this machine may be timing the panel now
+                for key in keys.values():
+                    hit = self.cache.get(key, sig) if self.cache is not None else None
+                    if hit is not None:  # a cached figure stays: students measured against it are cached too
+                        results[key] = hit
+                missing = [key for key in keys.values() if key not in results]
+                if missing:
+                    measurement = protocol.Measurement(runners, rounds=self.rounds, runs=self.runs, warmup=self.warmup)
+                    measurement.take(self.max_wait_s)
+                    timings = measurement.timings()
+                for key in missing:
+                    results[key] = self._result(timings[key], key, *sizes[key], timing_s=measurement.seconds)
+                    if self.cache is not None:  # also when unsettled: the panel is the folder's scale, and every
+                        self.cache.put(results[key], sig)  # later meter on it must use the same one
+        except Exception as exc:  # noqa: BLE001 - without a panel, students are timed alone; trials go on
+            logger.warning(f"warning: the latency anchors could not be timed ({type(exc).__name__}: {exc}); "
+                           "students are timed alone")
+            return {}
+        return {family: Anchor(keys[family], runners[keys[family]], results[keys[family]].median_ms,
+                               results[keys[family]]) for family in specs}
 
     def _time_remote(self, onnx: bytes | str | os.PathLike, key: str, params: int, macs: int) -> LatencyResult:
         from autokd.latency.remote.client import RemoteLatencyError
@@ -498,10 +505,12 @@ class LatencyMeter:
         shape = (spec.in_chans, spec.input_size, spec.input_size)
         params = count_params(model)
         macs = count_macs(model, shape)
+        anchor = self.anchor_for(spec)  # the panel is built and timed on first use
+        if anchor is not None and anchor.key == key:  # the family's anchor itself: its panel figure, as cached
+            return LatencyResult.from_dict(anchor.result.to_dict())
         blob, prep_s = None, {"export_s": 0.0, "quantize_s": 0.0}
         if self.runtime == "onnxruntime":  # exporting (and quantising) needs no quiet cores: done before the lock
             blob = self._onnx_for_timing(model, shape, prep_s)
-        anchor = self.anchor_for(spec) if blob is not None else None  # exports the panel on first use
         with self._quiet():
             if blob is not None:
                 result = self.time_onnx(blob, key, params, macs, max_wait_s, keep_open=True, anchor=anchor)
