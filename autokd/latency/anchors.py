@@ -9,17 +9,12 @@ shape), and its figure is its ratio to the anchor in those same rounds, times th
 *panel* measurement: the anchors of all the search's families timed together, interleaved, once (and cached with the latencies,
 so every later search on the same latency cache uses the same panel figures).
 
-Torch-side (it builds and exports models); the timing itself is `autokd.latency.protocol`'s.
+This module names the anchors; `autokd.latency.meter` builds, exports, times and caches them (`Anchor`), with the
+protocol of `autokd.latency.protocol`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
-
 from autokd.model.students import StudentSpec, resolve_student
-
-if TYPE_CHECKING:
-    from autokd.latency.meter import LatencyResult
 
 #: Width and depth multiplier of every family's anchor: the middle of the usual ranges.
 ANCHOR_MULTIPLIER = 0.5
@@ -31,20 +26,9 @@ def anchor_spec(family: str, like: StudentSpec) -> StudentSpec:
                            like.input_size)
 
 
-@dataclass
-class Anchor:
-    """One family's anchor: its cache key, a function running it once, its panel figure (milliseconds) and the
-    panel's whole result for it (what a trial that samples the anchor itself gets)."""
-
-    key: str
-    run: Callable[[], object]
-    panel_ms: float
-    result: LatencyResult
-
-
 def shape_of(spec: StudentSpec) -> tuple[int, int, int]:
     """What an anchor panel is built for: (classes, channels, input size)."""
     return spec.num_classes, spec.in_chans, spec.input_size
 
 
-__all__ = ["ANCHOR_MULTIPLIER", "Anchor", "anchor_spec", "shape_of"]
+__all__ = ["ANCHOR_MULTIPLIER", "anchor_spec", "shape_of"]

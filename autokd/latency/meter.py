@@ -25,7 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from autokd.errors import UserError
 from autokd.latency import protocol
-from autokd.latency.anchors import Anchor, anchor_spec, shape_of
+from autokd.latency.anchors import anchor_spec, shape_of
 from autokd.model.students import StudentSpec, available_families, build_from_spec
 from autokd.utils.atomic import atomic_write_text
 from autokd.utils.devices import torch_device
@@ -190,6 +190,17 @@ def _torch_timings(models: dict[str, tuple[nn.Module, torch.Tensor]], dev: torch
     with torch.inference_mode():
         return protocol.time_runners({name: runner(m, x) for name, (m, x) in models.items()}, rounds=rounds,
                                        runs=runs, warmup=warmup, seed=seed, gate=None)
+
+
+@dataclass
+class Anchor:
+    """One family's anchor (`autokd.latency.anchors`): its cache key, a function running it once, its panel figure
+    (milliseconds) and the panel's whole result for it (what a trial that samples the anchor itself gets)."""
+
+    key: str
+    run: Callable[[], object]
+    panel_ms: float
+    result: LatencyResult
 
 
 @dataclass
