@@ -194,13 +194,17 @@ def _torch_timings(models: dict[str, tuple[nn.Module, torch.Tensor]], dev: torch
 
 @dataclass
 class Anchor:
-    """One family's anchor (`autokd.latency.anchors`): its cache key, a function running it once, its panel figure
-    (milliseconds) and the panel's whole result for it (what a trial that samples the anchor itself gets)."""
+    """One family's anchor (`autokd.latency.anchors`): its cache key, a function running it once, and the panel's
+    result for it (what a trial that samples the anchor itself gets)."""
 
     key: str
     run: Callable[[], object]
-    panel_ms: float
     result: LatencyResult
+
+    @property
+    def panel_ms(self) -> float:
+        """The anchor's panel figure, milliseconds: what students beside it are scaled to."""
+        return self.result.median_ms
 
 
 @dataclass
@@ -454,11 +458,12 @@ class LatencyMeter:
         """Every family's anchor for students shaped like ``like``, with its panel figure: the cache's, else all
         anchors timed together now (interleaved, like the front's re-timing) and cached. None at all (students timed
         alone) when the panel cannot be timed."""
-        specs, sig, runners, sizes = {}, self.signature(), {}, {}
+        sig, shape = self.signature(), (like.in_chans, like.input_size, like.input_size)  # every anchor's input
+        built: dict[str, tuple[str, Callable[[], object]]] = {}  # family -> (key, runner)
+        sizes: dict[str, tuple[int, int]] = {}  # key -> params, MACs: each anchor is also a student a trial may sample
         for family in (available_families() if self.anchor_families is None else self.anchor_families):
             try:
                 spec = anchor_spec(family, like)
-                key, shape = _cache_key(spec, self.batch), (spec.in_chans, spec.input_size, spec.input_size)
                 with torch.random.fork_rng(devices=[]):  # fixed weights, and the trial's random stream left alone
                     torch.manual_seed(0)
                     model = build_from_spec(spec)
@@ -468,20 +473,20 @@ class LatencyMeter:
                 logger.warning(f"warning: no latency anchor for family {family!r} ({type(exc).__name__}: {exc}); "
                                "its students are timed alone")
                 continue
-            specs[family] = spec
-            sizes[key] = count_params(model), count_macs(model, shape)  # also a student's: cached whole
-            runners[key] = functools.partial(session.run, None, protocol.make_input(session, self.batch))
-        keys = {family: _cache_key(spec, self.batch) for family, spec in specs.items()}
+            key = _cache_key(spec, self.batch)
+            built[family] = key, functools.partial(session.run, None, protocol.make_input(session, self.batch))
+            sizes[key] = count_params(model), count_macs(model, shape)  # here, not under the lock
         results: dict[str, LatencyResult] = {}
         try:
             with self._quiet():  # read under the lock: another worker of this machine may be timing the panel now
-                for key in keys.values():
+                for key, _ in built.values():
                     hit = self.cache.get(key, sig) if self.cache is not None else None
                     if hit is not None:  # a cached figure stays: students measured against it are cached too
                         results[key] = hit
-                missing = [key for key in keys.values() if key not in results]
+                missing = [key for key, _ in built.values() if key not in results]
                 if missing:
-                    measurement = protocol.Measurement(runners, rounds=self.rounds, runs=self.runs, warmup=self.warmup)
+                    measurement = protocol.Measurement(dict(built.values()),
+                                                       rounds=self.rounds, runs=self.runs, warmup=self.warmup)
                     measurement.take(self.max_wait_s)
                     timings = measurement.timings()
                 for key in missing:
@@ -492,8 +497,7 @@ class LatencyMeter:
             logger.warning(f"warning: the latency anchors could not be timed ({type(exc).__name__}: {exc}); "
                            "students are timed alone")
             return {}
-        return {family: Anchor(keys[family], runners[keys[family]], results[keys[family]].median_ms,
-                               results[keys[family]]) for family in specs}
+        return {family: Anchor(key, run, results[key]) for family, (key, run) in built.items()}
 
     def _time_remote(self, onnx: bytes | str | os.PathLike, key: str, params: int, macs: int) -> LatencyResult:
         from autokd.latency.remote.client import RemoteLatencyError
